@@ -1,0 +1,363 @@
+"""Hugging Face Qwen2-VL safetensors <-> our parameter tree, without torch.
+
+Import streams tensor by tensor straight onto the target shards: a host holds at most one Hugging Face
+tensor plus the shards of the one stacked parameter it is assembling, never two copies of the model.
+Both on-disk layouts are read: the published one (`model.layers.*`, `visual.*`, `lm_head.weight`) and
+the one some transformers 4.x releases wrote for fine-tuned models (`model.language_model.*`,
+`model.visual.*`). Export always writes the published layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator
+
+import jax
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from clinkd_jax import sharding as sharding_lib
+from clinkd_jax.models.config import Qwen2VLConfig
+from clinkd_jax.models.qwen2vl import Qwen2VL, abstract_params
+
+INDEX_FILE = "model.safetensors.index.json"
+# Files that travel with the weights (tokenizer, chat template, processors, generation defaults).
+ASSET_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
+    "video_preprocessor_config.json", "generation_config.json",
+)
+# Keys some checkpoints carry that hold no parameters.
+IGNORED_KEYS = re.compile(r".*(rotary_emb\.inv_freq|rotary_pos_emb\.inv_freq)$")
+# Fine-tuned checkpoints saved by some transformers 4.x releases nest the modules one level deeper.
+LEGACY_PREFIXES = (("model.language_model.", "model."), ("model.visual.", "visual."))
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that does not hold the Qwen2-VL the config describes."""
+
+
+# ---------------------------------------------------------------------------------- name table
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One parameter: where it lives in our tree, its Hugging Face name, and how the layouts differ."""
+
+    path: tuple[str, ...]  # our tree path
+    hf: str  # Hugging Face key; "{i}" for stacked layers
+    to_ours: Callable[[np.ndarray], np.ndarray]  # one HF tensor -> one (per-layer) leaf
+    to_hf: Callable[[np.ndarray], np.ndarray]  # the inverse
+    stacked: int = 0  # number of layers stacked on axis 0 (0 = not stacked)
+
+
+def _same(x):
+    return x
+
+
+def _t(x):
+    return np.ascontiguousarray(x.T)
+
+
+def rules_for(cfg: Qwen2VLConfig) -> list[Rule]:
+    t, v = cfg.text, cfg.vision
+    n, k, hd, d = t.num_attention_heads, t.num_key_value_heads, t.head_dim, t.hidden_size
+    L, V = t.num_hidden_layers, v.depth
+    patch_shape = (v.embed_dim, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+
+    def heads_in(h):  # (h*hd, d) -> (d, h, hd)
+        return lambda x: np.ascontiguousarray(x.T.reshape(d, h, hd))
+
+    def heads_in_back(h):
+        return lambda x: np.ascontiguousarray(x.reshape(d, h * hd).T)
+
+    rules = [
+        Rule(("visual", "patch_embed", "proj", "kernel"), "visual.patch_embed.proj.weight",
+             lambda x: np.ascontiguousarray(x.reshape(v.embed_dim, -1).T), lambda x: np.ascontiguousarray(x.T.reshape(patch_shape))),
+        Rule(("visual", "merger", "ln_q", "scale"), "visual.merger.ln_q.weight", _same, _same),
+        Rule(("visual", "merger", "ln_q", "bias"), "visual.merger.ln_q.bias", _same, _same),
+        Rule(("visual", "merger", "mlp_0", "kernel"), "visual.merger.mlp.0.weight", _t, _t),
+        Rule(("visual", "merger", "mlp_0", "bias"), "visual.merger.mlp.0.bias", _same, _same),
+        Rule(("visual", "merger", "mlp_2", "kernel"), "visual.merger.mlp.2.weight", _t, _t),
+        Rule(("visual", "merger", "mlp_2", "bias"), "visual.merger.mlp.2.bias", _same, _same),
+        Rule(("model", "embed_tokens", "embedding"), "model.embed_tokens.weight", _same, _same),
+        Rule(("model", "norm", "scale"), "model.norm.weight", _same, _same),
+    ]
+    for norm in ("norm1", "norm2"):
+        rules += [
+            Rule(("visual", "blocks", norm, "scale"), f"visual.blocks.{{i}}.{norm}.weight", _same, _same, V),
+            Rule(("visual", "blocks", norm, "bias"), f"visual.blocks.{{i}}.{norm}.bias", _same, _same, V),
+        ]
+    for mod, hf in (("attn", "qkv"), ("attn", "proj"), ("mlp", "fc1"), ("mlp", "fc2")):
+        rules += [
+            Rule(("visual", "blocks", mod, hf, "kernel"), f"visual.blocks.{{i}}.{mod}.{hf}.weight", _t, _t, V),
+            Rule(("visual", "blocks", mod, hf, "bias"), f"visual.blocks.{{i}}.{mod}.{hf}.bias", _same, _same, V),
+        ]
+    for proj, h in (("q_proj", n), ("k_proj", k), ("v_proj", k)):
+        rules += [
+            Rule(("model", "layers", "self_attn", proj, "kernel"), f"model.layers.{{i}}.self_attn.{proj}.weight",
+                 heads_in(h), heads_in_back(h), L),
+            Rule(("model", "layers", "self_attn", proj, "bias"), f"model.layers.{{i}}.self_attn.{proj}.bias",
+                 lambda x, h=h: x.reshape(h, hd), lambda x, h=h: x.reshape(h * hd), L),
+        ]
+    rules.append(Rule(("model", "layers", "self_attn", "o_proj", "kernel"), "model.layers.{i}.self_attn.o_proj.weight",
+                      lambda x: np.ascontiguousarray(x.T.reshape(n, hd, d)),
+                      lambda x: np.ascontiguousarray(x.reshape(n * hd, d).T), L))
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        rules.append(Rule(("model", "layers", "mlp", proj, "kernel"), f"model.layers.{{i}}.mlp.{proj}.weight", _t, _t, L))
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        rules.append(Rule(("model", "layers", norm, "scale"), f"model.layers.{{i}}.{norm}.weight", _same, _same, L))
+    if not t.tie_word_embeddings:
+        rules.append(Rule(("lm_head", "kernel"), "lm_head.weight", _t, _t))
+    return rules
+
+
+def _hf_keys(rule: Rule) -> list[str]:
+    return [rule.hf.format(i=i) for i in range(rule.stacked)] if rule.stacked else [rule.hf]
+
+
+# ------------------------------------------------------------------------------------- reading
+class SafetensorsDir:
+    """Lazy access to every tensor of a checkpoint directory (header reads only until a tensor is asked for)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        index = os.path.join(path, INDEX_FILE)
+        if os.path.isfile(index):
+            with open(index) as f:
+                try:
+                    weight_map = json.load(f)["weight_map"]
+                except (json.JSONDecodeError, KeyError) as e:
+                    raise CheckpointError(f"{index}: unreadable index ({e!r})") from None
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
+            if missing:
+                raise CheckpointError(f"{index} names shard file(s) that are missing from {path}: {', '.join(missing)}")
+        else:
+            files = sorted(os.path.basename(f) for f in glob.glob(os.path.join(path, "*.safetensors")))
+            if not files:
+                raise CheckpointError(f"{path}: no *.safetensors files and no {INDEX_FILE}")
+        self._handles = {}
+        self.where: dict[str, str] = {}  # normalised key -> file
+        self.raw_key: dict[str, str] = {}  # normalised key -> key as stored
+        for fname in files:
+            try:
+                handle = safe_open(os.path.join(path, fname), framework="np")
+            except Exception as e:  # safetensors raises its own error types for corrupt headers
+                raise CheckpointError(f"{os.path.join(path, fname)}: not a readable safetensors file ({e})") from None
+            self._handles[fname] = handle
+            for key in handle.keys():
+                norm = normalise_key(key)
+                if norm in self.where:
+                    raise CheckpointError(f"{path}: tensor {norm!r} is stored twice ({self.where[norm]} and {fname})")
+                self.where[norm], self.raw_key[norm] = fname, key
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._handles[self.where[key]].get_slice(self.raw_key[key]).get_shape())
+
+    def dtype(self, key: str) -> np.dtype:
+        return _np_dtype(self._handles[self.where[key]].get_slice(self.raw_key[key]).get_dtype())
+
+    def read(self, key: str) -> np.ndarray:
+        return self._handles[self.where[key]].get_tensor(self.raw_key[key])
+
+
+def normalise_key(key: str) -> str:
+    for old, new in LEGACY_PREFIXES:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def _np_dtype(st_dtype: str) -> np.dtype:
+    table = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64}
+    if st_dtype not in table:
+        raise CheckpointError(f"unsupported tensor dtype {st_dtype}")
+    return np.dtype(table[st_dtype])
+
+
+def _check(cfg: Qwen2VLConfig, store: SafetensorsDir, rules: list[Rule], expected_leaf: dict) -> None:
+    """Every expected tensor present with the right shape, nothing unexpected: or one clear error."""
+    expected = {key: rule for rule in rules for key in _hf_keys(rule)}
+    present = {k for k in store.where if not IGNORED_KEYS.match(k)}
+    if cfg.text.tie_word_embeddings:
+        present.discard("lm_head.weight")  # some tools save the tied head anyway; the embedding is used
+    missing = sorted(set(expected) - present)
+    unexpected = sorted(present - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing tensor(s): {_few(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensor(s): {_few(unexpected)}")
+    for key in sorted(set(expected) & present):
+        rule = expected[key]
+        want = expected_leaf[rule.path][1:] if rule.stacked else expected_leaf[rule.path]
+        dummy = np.zeros(store.shape(key), np.int8)
+        try:
+            got = rule.to_ours(dummy).shape
+        except ValueError:
+            got = None
+        if got != tuple(want):
+            want_hf = rule.to_hf(np.zeros(want, np.int8)).shape
+            problems.append(f"{key} in {store.where[key]} has shape {store.shape(key)}, expected {want_hf}")
+    if problems:
+        raise CheckpointError(f"{store.path} does not match its config.json:\n  " + "\n  ".join(problems))
+
+
+def _few(keys, n=5):
+    return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def _assemble(shape, dtype, sharding, read_layer: Callable[[int], np.ndarray], stacked: int) -> jax.Array:
+    """Build one sharded array from per-layer host tensors, one layer at a time."""
+    index_map = sharding.addressable_devices_indices_map(shape)
+    norm = lambda idx: tuple((s.start or 0, s.stop if s.stop is not None else dim) for s, dim in zip(idx, shape))
+    buffers: dict[tuple, np.ndarray] = {}
+    for idx in index_map.values():
+        key = norm(idx)
+        if key not in buffers:
+            buffers[key] = np.empty([b - a for a, b in key], dtype)
+    for layer in range(max(stacked, 1)):
+        full = read_layer(layer).astype(dtype, copy=False)
+        for key, buf in buffers.items():
+            if stacked:
+                (l0, l1), rest = key[0], key[1:]
+                if l0 <= layer < l1:
+                    buf[layer - l0] = full[tuple(slice(a, b) for a, b in rest)]
+            else:
+                buf[...] = full[tuple(slice(a, b) for a, b in key)]
+        del full
+    arrays = [jax.device_put(buffers[norm(idx)], dev) for dev, idx in index_map.items()]
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
+def load_hf_checkpoint(
+    path: str,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    rules=None,
+    dtype=None,
+    config: Qwen2VLConfig | None = None,
+) -> tuple[Qwen2VLConfig, dict]:
+    """Read a Hugging Face Qwen2-VL directory into (config, params sharded on `mesh`).
+
+    `dtype`: None keeps each tensor's stored dtype; otherwise every parameter is cast to it.
+    """
+    cfg = config or Qwen2VLConfig.from_hf_dir(path)
+    mesh = mesh or sharding_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    rules = rules or sharding_lib.DEFAULT_RULES
+    store = SafetensorsDir(path)
+    table = rules_for(cfg)
+    boxed = abstract_params(Qwen2VL(cfg))
+    shapes = {r.path: _get(boxed, r.path).value.shape for r in table}
+    _check(cfg, store, table, shapes)
+    shardings = sharding_lib.tree_shardings(boxed, mesh, rules)
+    params: dict = {}
+    for rule in table:
+        keys = _hf_keys(rule)
+        leaf_dtype = np.dtype(dtype) if dtype is not None else store.dtype(keys[0])
+        array = _assemble(
+            shapes[rule.path], leaf_dtype, _get(shardings, rule.path),
+            lambda layer, keys=keys, rule=rule: rule.to_ours(store.read(keys[layer])), rule.stacked,
+        )
+        _set(params, rule.path, array)
+    return cfg, params
+
+
+# ------------------------------------------------------------------------------------- writing
+def _host(x) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
+
+
+def iter_hf_tensors(cfg: Qwen2VLConfig, params: dict, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
+    """(Hugging Face key, host tensor) pairs, one parameter leaf on the host at a time."""
+    for rule in rules_for(cfg):
+        leaf = _host(_get(params, rule.path))
+        if dtype is not None:
+            leaf = leaf.astype(dtype)
+        if rule.stacked:
+            for i in range(rule.stacked):
+                yield rule.hf.format(i=i), rule.to_hf(leaf[i])
+        else:
+            yield rule.hf, rule.to_hf(leaf)
+
+
+def save_hf_checkpoint(
+    params: dict,
+    cfg: Qwen2VLConfig,
+    path: str,
+    *,
+    dtype=None,
+    max_shard_bytes: int = 4 * 1024**3,
+    assets_from: str | None = None,
+) -> None:
+    """Write the published layout: config.json, model.safetensors or model-0000k-of-0000n + index.
+
+    Only process 0 writes (every process takes part in gathering sharded leaves). Tokenizer, chat
+    template and processor files are copied from `assets_from` when given.
+    """
+    writer = jax.process_index() == 0
+    if writer:
+        os.makedirs(path, exist_ok=True)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size, stored = 0, None
+    for key, tensor in iter_hf_tensors(cfg, params, dtype):
+        stored = stored or tensor.dtype
+        if size and size + tensor.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        if writer:
+            shards[-1][key] = tensor
+        size += tensor.nbytes
+    if not writer:
+        return
+    total = sum(t.nbytes for s in shards for t in s.values())
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(path, "model.safetensors"), metadata=meta)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(path, name), metadata=meta)
+            weight_map.update({k: name for k in shard})
+        with open(os.path.join(path, INDEX_FILE), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    hf_config = cfg.to_hf_dict()
+    hf_config["torch_dtype"] = {"bfloat16": "bfloat16", "float16": "float16"}.get(str(stored), "float32")
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+    if assets_from:
+        copy_assets(assets_from, path)
+
+
+def copy_assets(src: str, dst: str) -> list[str]:
+    """Copy tokenizer / chat template / processor files; returns the names copied."""
+    copied = []
+    os.makedirs(dst, exist_ok=True)
+    for name in ASSET_FILES:
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+            copied.append(name)
+    return copied
+
+
+def _get(tree, path):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def _set(tree, path, value):
+    for p in path[:-1]:
+        tree = tree.setdefault(p, {})
+    tree[path[-1]] = value

@@ -1,0 +1,76 @@
+"""The one attention function every module calls, so the kernel is a config switch.
+
+`impl`:
+  * "xla"    — plain einsums with a float32 softmax, grouped-query heads without repeating K/V.
+               Runs everywhere (CPU included) and matches transformers' eager attention.
+  * "jax"    — `jax.nn.dot_product_attention` with its default backend choice.
+  * "cudnn"  — `jax.nn.dot_product_attention(implementation="cudnn")`: cuDNN flash attention on
+               NVIDIA GPUs (bf16/fp16 inputs).
+  * "splash" — Pallas splash attention on TPU (see `clinkd_jax.models.splash`), driven by segment ids.
+
+Masks are boolean, True = may attend, broadcastable to (B, 1, T, S).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IMPLS = ("xla", "jax", "cudnn", "splash")
+
+
+def dot_product_attention(
+    q_btnh: jax.Array,
+    k_bskh: jax.Array,
+    v_bskh: jax.Array,
+    mask_b1ts: jax.Array,
+    *,
+    impl: str = "xla",
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    causal: bool = False,
+) -> jax.Array:
+    """Scaled dot-product attention; K/V may have fewer heads than Q (grouped-query attention).
+
+    q (B, T, N, H); k, v (B, S, K, H) with N % K == 0; returns (B, T, N, H) in q's dtype.
+    `q_segment_ids`/`kv_segment_ids`/`causal` describe the same mask for kernels that take
+    segment ids instead of a dense mask (splash).
+    """
+    if impl == "xla":
+        return _xla_attention(q_btnh, k_bskh, v_bskh, mask_b1ts)
+    if impl in ("jax", "cudnn"):
+        return jax.nn.dot_product_attention(
+            q_btnh, k_bskh, v_bskh, mask=mask_b1ts, implementation=None if impl == "jax" else "cudnn"
+        )
+    if impl == "splash":
+        from clinkd_jax.models import splash  # TPU only; imported lazily
+
+        if q_segment_ids is None or kv_segment_ids is None:
+            raise ValueError("splash attention needs q_segment_ids and kv_segment_ids")
+        return splash.attention(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, causal=causal)
+    raise ValueError(f"attention impl {impl!r} is not one of {IMPLS}")
+
+
+def _xla_attention(q, k, v, mask):
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    g = n // kv_heads
+    q = q.reshape(b, t, kv_heads, g, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k) * (h**-0.5)
+    scores = scores.astype(jnp.float32)
+    mask = jnp.broadcast_to(mask, (b, 1, t, k.shape[1]))[:, :, None]  # (B, 1, 1, T, S)
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+def segment_mask(q_segments_bt: jax.Array, kv_segments_bs: jax.Array) -> jax.Array:
+    """(B, 1, T, S): True where query and key share a segment id (vision: one image each)."""
+    return (q_segments_bt[:, :, None] == kv_segments_bs[:, None, :])[:, None]
+
+
+def causal_mask(q_slots_bt: jax.Array, kv_valid_bs: jax.Array) -> jax.Array:
+    """(B, 1, T, S): key slot s is visible from query slot t when s <= t and s holds a real token."""
+    s = jnp.arange(kv_valid_bs.shape[1])
+    return ((s[None, None, :] <= q_slots_bt[:, :, None]) & kv_valid_bs[:, None, :])[:, None]

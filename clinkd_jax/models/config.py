@@ -1,0 +1,285 @@
+"""Model configuration: frozen dataclasses, kept apart from the run config (ml_collections).
+
+`Qwen2VLConfig.from_hf_dict` reads every `config.json` layout Qwen2-VL checkpoints are found in:
+the flat layout of the published Qwen2-VL-2B/7B-Instruct files (text fields at the root,
+`rope_scaling`, `in_chans`) and the nested layout transformers 5 writes (`text_config`,
+`rope_parameters`, `in_channels`). `to_hf_dict` writes the published (flat) layout, which every
+transformers release since 4.45 loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+# Special token ids shared by every Qwen2-VL size (clinkd-spec §1.2).
+IMAGE_TOKEN_ID = 151655
+VIDEO_TOKEN_ID = 151656
+VISION_START_TOKEN_ID = 151652
+VISION_END_TOKEN_ID = 151653
+
+
+class ConfigError(ValueError):
+    """A model configuration that cannot describe a working Qwen2-VL."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """The ViT tower and patch merger (unchanged by ClinKD)."""
+
+    depth: int = 32
+    embed_dim: int = 1280
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    hidden_act: str = "quick_gelu"
+    in_channels: int = 3
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    rope_theta: float = 10000.0
+    layer_norm_eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
+
+    @property
+    def patch_dim(self) -> int:
+        """Values in one flattened patch: channels x temporal x patch x patch (1176 for Qwen2-VL)."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    @property
+    def merge_tokens(self) -> int:
+        """Patches merged into one LLM token (4 for a 2x2 merge)."""
+        return self.spatial_merge_size**2
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    """The Qwen2 decoder with multimodal rotary embedding."""
+
+    vocab_size: int = 152064
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 28
+    num_key_value_heads: int = 4
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    mrope_section: tuple[int, ...] = (16, 24, 24)
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2VLConfig:
+    """A whole Qwen2-VL: vision tower + merger + Qwen2 LLM, and the ids that tie them together."""
+
+    vision: VisionConfig = VisionConfig()
+    text: TextConfig = TextConfig()
+    image_token_id: int = IMAGE_TOKEN_ID
+    video_token_id: int = VIDEO_TOKEN_ID
+    vision_start_token_id: int = VISION_START_TOKEN_ID
+    vision_end_token_id: int = VISION_END_TOKEN_ID
+    bos_token_id: int | None = 151643
+    eos_token_id: int | list[int] | None = 151645
+
+    def __post_init__(self):
+        validate(self)
+
+    def replace(self, **kw) -> "Qwen2VLConfig":
+        return dataclasses.replace(self, **kw)
+
+    # ---------------------------------------------------------------- Hugging Face
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], *, source: str = "config.json") -> "Qwen2VLConfig":
+        if d.get("model_type") not in (None, "qwen2_vl"):
+            raise ConfigError(f"{source}: model_type is {d.get('model_type')!r}, expected 'qwen2_vl'")
+        if "vision_config" not in d:
+            raise ConfigError(f"{source}: no 'vision_config' section; is this a Qwen2-VL checkpoint?")
+        t = dict(d.get("text_config") or {})
+        for key, value in d.items():  # flat (published) layout: text fields live at the root
+            if key not in ("text_config", "vision_config"):
+                t.setdefault(key, value)
+        rope = dict(t.get("rope_parameters") or t.get("rope_scaling") or {})
+        v = dict(d["vision_config"])
+        tie = bool(d.get("tie_word_embeddings", False) or t.get("tie_word_embeddings", False))
+        try:
+            text = TextConfig(
+                vocab_size=int(t["vocab_size"]),
+                hidden_size=int(t["hidden_size"]),
+                intermediate_size=int(t["intermediate_size"]),
+                num_hidden_layers=int(t["num_hidden_layers"]),
+                num_attention_heads=int(t["num_attention_heads"]),
+                num_key_value_heads=int(t.get("num_key_value_heads") or t["num_attention_heads"]),
+                hidden_act=t.get("hidden_act", "silu"),
+                rms_norm_eps=float(t.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(rope.get("rope_theta", t.get("rope_theta", 1_000_000.0))),
+                mrope_section=tuple(int(s) for s in rope.get("mrope_section", (16, 24, 24))),
+                max_position_embeddings=int(t.get("max_position_embeddings", 32768)),
+                tie_word_embeddings=tie,
+            )
+            vrope = v.get("rope_parameters") or {}
+            vision = VisionConfig(
+                depth=int(v["depth"]),
+                embed_dim=int(v["embed_dim"]),
+                num_heads=int(v["num_heads"]),
+                mlp_ratio=float(v.get("mlp_ratio", 4)),
+                hidden_act=v.get("hidden_act", "quick_gelu"),
+                in_channels=int(v.get("in_channels", v.get("in_chans", 3))),
+                patch_size=int(v.get("patch_size", 14)),
+                temporal_patch_size=int(v.get("temporal_patch_size", 2)),
+                spatial_merge_size=int(v.get("spatial_merge_size", 2)),
+                rope_theta=float(vrope.get("rope_theta", 10000.0)),
+            )
+        except KeyError as e:
+            raise ConfigError(f"{source}: missing field {e.args[0]!r}") from None
+        merger_out = v.get("hidden_size")
+        if merger_out is not None and int(merger_out) != text.hidden_size:
+            raise ConfigError(
+                f"{source}: vision_config.hidden_size={merger_out} (the merger's output) must equal the "
+                f"LLM hidden_size={text.hidden_size}"
+            )
+        return cls(
+            vision=vision,
+            text=text,
+            image_token_id=int(d.get("image_token_id", IMAGE_TOKEN_ID)),
+            video_token_id=int(d.get("video_token_id", VIDEO_TOKEN_ID)),
+            vision_start_token_id=int(d.get("vision_start_token_id", VISION_START_TOKEN_ID)),
+            vision_end_token_id=int(d.get("vision_end_token_id", VISION_END_TOKEN_ID)),
+            bos_token_id=t.get("bos_token_id", 151643),
+            eos_token_id=t.get("eos_token_id", 151645),
+        )
+
+    @classmethod
+    def from_hf_dir(cls, path: str) -> "Qwen2VLConfig":
+        file = os.path.join(path, "config.json")
+        if not os.path.isfile(file):
+            raise ConfigError(f"{path}: no config.json (expected a Hugging Face Qwen2-VL checkpoint directory)")
+        with open(file) as f:
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{file}: not valid JSON ({e})") from None
+        return cls.from_hf_dict(d, source=file)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The published (flat) config.json layout."""
+        t, v = self.text, self.vision
+        return {
+            "architectures": ["Qwen2VLForConditionalGeneration"],
+            "model_type": "qwen2_vl",
+            "vocab_size": t.vocab_size,
+            "hidden_size": t.hidden_size,
+            "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_hidden_layers,
+            "num_attention_heads": t.num_attention_heads,
+            "num_key_value_heads": t.num_key_value_heads,
+            "hidden_act": t.hidden_act,
+            "rms_norm_eps": t.rms_norm_eps,
+            "rope_theta": t.rope_theta,
+            "rope_scaling": {"type": "mrope", "mrope_section": list(t.mrope_section)},
+            "max_position_embeddings": t.max_position_embeddings,
+            "tie_word_embeddings": t.tie_word_embeddings,
+            "use_sliding_window": False,
+            "attention_dropout": 0.0,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "image_token_id": self.image_token_id,
+            "video_token_id": self.video_token_id,
+            "vision_start_token_id": self.vision_start_token_id,
+            "vision_end_token_id": self.vision_end_token_id,
+            "vision_config": {
+                "depth": v.depth,
+                "embed_dim": v.embed_dim,
+                "hidden_size": t.hidden_size,
+                "num_heads": v.num_heads,
+                "mlp_ratio": v.mlp_ratio,
+                "hidden_act": v.hidden_act,
+                "in_chans": v.in_channels,
+                "patch_size": v.patch_size,
+                "spatial_patch_size": v.patch_size,
+                "temporal_patch_size": v.temporal_patch_size,
+                "spatial_merge_size": v.spatial_merge_size,
+            },
+        }
+
+
+def validate(cfg: Qwen2VLConfig) -> None:
+    t, v = cfg.text, cfg.vision
+    if t.hidden_size % t.num_attention_heads:
+        raise ConfigError(f"text.hidden_size={t.hidden_size} is not divisible by num_attention_heads={t.num_attention_heads}")
+    if t.num_attention_heads % t.num_key_value_heads:
+        raise ConfigError(
+            f"text.num_attention_heads={t.num_attention_heads} is not a multiple of num_key_value_heads={t.num_key_value_heads}"
+        )
+    if t.head_dim % 2 or sum(t.mrope_section) * 2 != t.head_dim:
+        raise ConfigError(
+            f"text.mrope_section={list(t.mrope_section)} must sum to head_dim/2={t.head_dim // 2} (head_dim={t.head_dim})"
+        )
+    if len(t.mrope_section) != 3:
+        raise ConfigError(f"text.mrope_section must have 3 entries (t, h, w), got {list(t.mrope_section)}")
+    if v.embed_dim % v.num_heads:
+        raise ConfigError(f"vision.embed_dim={v.embed_dim} is not divisible by num_heads={v.num_heads}")
+    if v.head_dim % 4:
+        raise ConfigError(f"vision head_dim={v.head_dim} must be a multiple of 4 (2-D rotary over row and column)")
+    for name in ("hidden_act",):
+        if getattr(t, name) not in ("silu", "swish"):
+            raise ConfigError(f"text.{name}={getattr(t, name)!r} is not supported (Qwen2 uses 'silu')")
+    if v.hidden_act not in ("quick_gelu", "gelu", "gelu_pytorch_tanh", "silu"):
+        raise ConfigError(f"vision.hidden_act={v.hidden_act!r} is not supported")
+
+
+# ------------------------------------------------------------------------- presets
+def qwen2vl_7b() -> Qwen2VLConfig:
+    return Qwen2VLConfig()
+
+
+def qwen2vl_2b() -> Qwen2VLConfig:
+    return Qwen2VLConfig(
+        text=TextConfig(
+            vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+            num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True,
+        )
+    )
+
+
+def qwen2vl_72b() -> Qwen2VLConfig:
+    return Qwen2VLConfig(
+        text=TextConfig(
+            vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
+            num_attention_heads=64, num_key_value_heads=8,
+        )
+    )
+
+
+def tiny(**text_overrides) -> Qwen2VLConfig:
+    """A few-hundred-thousand-parameter model for tests and the CPU demo.
+
+    Special ids sit at the top of a 256-token vocabulary so random token ids below 240 never collide.
+    """
+    text = dict(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, mrope_section=(2, 3, 3), max_position_embeddings=4096,
+    )
+    text.update(text_overrides)
+    return Qwen2VLConfig(
+        vision=VisionConfig(depth=2, embed_dim=32, num_heads=2, mlp_ratio=2.0),
+        text=TextConfig(**text),
+        image_token_id=250, video_token_id=251, vision_start_token_id=252, vision_end_token_id=253,
+        bos_token_id=254, eos_token_id=255,
+    )
+
+
+PRESETS = {"qwen2vl_2b": qwen2vl_2b, "qwen2vl_7b": qwen2vl_7b, "qwen2vl_72b": qwen2vl_72b, "tiny": tiny}

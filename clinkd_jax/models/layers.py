@@ -1,0 +1,126 @@
+"""Small building blocks shared by the vision tower and the LLM: logically-named dense and norm layers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Dtype = Any
+INIT_STD = 0.02  # transformers' initializer_range for Qwen2-VL
+
+
+class NamedParam(nn.LogicallyPartitioned):
+    """A logically-named parameter box whose in-mesh constraint replicates axes the mesh does not divide."""
+
+    def unbox(self, apply_constraint=True):
+        if not apply_constraint:
+            return self.value
+        from clinkd_jax.sharding import constrain
+
+        return constrain(self.value, self.names)
+
+
+def named(init, names: Sequence[str | None]):
+    names = tuple(names)
+
+    def wrapped(*args, **kw):
+        return NamedParam(init(*args, **kw), names)
+
+    return wrapped
+
+
+class Dense(nn.Module):
+    """y = x . kernel (+ bias) contracting `axis` of x; kernel shape = contracted dims + features.
+
+    The kernel carries `names` (contracted axes then output axes); the bias gets the output names.
+    """
+
+    features: int | tuple[int, ...]
+    names: tuple[str | None, ...]
+    axis: int | tuple[int, ...] = -1
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        axis = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
+        axis = tuple(a % x.ndim for a in axis)
+        shape = tuple(x.shape[a] for a in axis) + features
+        kernel = self.param("kernel", named(nn.initializers.normal(INIT_STD), self.names), shape, self.param_dtype)
+        dims = ((axis, tuple(range(len(axis)))), ((), ()))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), dims)
+        if self.use_bias:
+            bias = self.param("bias", named(nn.initializers.zeros_init(), self.names[-len(features):]), features, self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def dense(
+    features,
+    names: Sequence[str | None],
+    *,
+    axis=-1,
+    use_bias: bool = True,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    name: str | None = None,
+) -> Dense:
+    return Dense(features, tuple(names), axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+def layer_norm(eps: float, *, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=eps,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        scale_init=named(nn.initializers.ones_init(), ("norm",)),
+        bias_init=named(nn.initializers.zeros_init(), ("norm",)),
+        name=name,
+    )
+
+
+class RMSNorm(nn.Module):
+    """Qwen2 RMSNorm: normalise in float32, cast back, then scale (transformers' order of operations)."""
+
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", named(nn.initializers.ones_init(), ("norm",)), (x.shape[-1],), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * xf.astype(self.dtype)
+
+
+def activation(name: str):
+    if name in ("silu", "swish"):
+        return jax.nn.silu
+    if name == "quick_gelu":
+        return lambda x: x * jax.nn.sigmoid(1.702 * x)
+    if name == "gelu":
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    if name == "gelu_pytorch_tanh":
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    raise ValueError(f"unsupported activation {name!r}")
+
+
+def maybe_remat(module_cls, policy: str):
+    """Wrap a layer class in `nn.remat` with a named checkpoint policy ("none" keeps activations)."""
+    if policy == "none":
+        return module_cls
+    policies = {
+        "full": None,  # recompute everything
+        "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        "dots_saveable": jax.checkpoint_policies.checkpoint_dots,
+    }
+    if policy not in policies:
+        raise ValueError(f"remat policy {policy!r} is not one of {['none', *policies]}")
+    return nn.remat(module_cls, policy=policies[policy], prevent_cse=False)

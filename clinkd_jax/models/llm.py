@@ -1,0 +1,173 @@
+"""The Qwen2 decoder: RMSNorm, grouped-query attention with q/k/v bias, SwiGLU MLP, M-RoPE, KV cache.
+
+Layers are scanned (params stacked on a leading "layers" axis), which keeps compile time flat in depth.
+
+KV cache: one static-size buffer per layer, written at a shared slot index. Prompts of different
+lengths are left-padded, so every sample writes its next token at the same slot and `valid` marks
+which slots hold real tokens. A decode step's position ids are `slot + decode_offset` per sample
+(`clinkd_jax.data.positions`), which continues M-RoPE / MCG-RoPE positions correctly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from clinkd_jax.models import attention as attn_lib
+from clinkd_jax.models import rope
+from clinkd_jax.models.config import TextConfig
+from clinkd_jax.models.layers import INIT_STD, RMSNorm, activation, dense, maybe_remat, named
+from clinkd_jax.sharding import constrain
+
+Dtype = Any
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys/values of every layer plus slot bookkeeping. A plain pytree: jit-, scan- and shard-friendly.
+
+    k, v:   (layers, B, S, kv_heads, head_dim) in the compute dtype
+    valid:  (B, S) bool, slot holds a real (non-padding) token
+    index:  () int32, the next slot to write (shared by the batch)
+    """
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def init(cls, cfg: TextConfig, batch: int, max_length: int, dtype=jnp.bfloat16) -> "KVCache":
+        shape = (cfg.num_hidden_layers, batch, max_length, cfg.num_key_value_heads, cfg.head_dim)
+        return cls(
+            k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+            valid=jnp.zeros((batch, max_length), bool), index=jnp.zeros((), jnp.int32),
+        )
+
+    @property
+    def max_length(self) -> int:
+        return self.valid.shape[1]
+
+    logical_axes = ("layers", "batch", "cache_length", "act_kv_heads", "head_dim")
+
+
+class Qwen2Attention(nn.Module):
+    cfg: TextConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, x_btd, cos_bth, sin_bth, mask_b1ts, q_slots_bt, layer_cache, cache_index):
+        c = self.cfg
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        q = dense((c.num_attention_heads, c.head_dim), ("embed", "q_heads", "head_dim"), name="q_proj", **kw)(x_btd)
+        k = dense((c.num_key_value_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), name="k_proj", **kw)(x_btd)
+        v = dense((c.num_key_value_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), name="v_proj", **kw)(x_btd)
+        q = constrain(rope.apply_rotary(q, cos_bth, sin_bth), ("batch", "length", "act_heads", "head_dim"))
+        k = constrain(rope.apply_rotary(k, cos_bth, sin_bth), ("batch", "length", "act_kv_heads", "head_dim"))
+        v = constrain(v, ("batch", "length", "act_kv_heads", "head_dim"))
+        new_cache = None
+        if layer_cache is not None:  # write this chunk at [index, index + T) and attend over the whole buffer
+            ck, cv = layer_cache
+            zero = jnp.zeros((), jnp.int32)
+            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (zero, cache_index, zero, zero))
+            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (zero, cache_index, zero, zero))
+            new_cache = (k, v)
+        segments = None if self.attention_impl != "splash" else jnp.ones(q.shape[:2], jnp.int32)
+        out = attn_lib.dot_product_attention(
+            q, k.astype(q.dtype), v.astype(q.dtype), mask_b1ts, impl=self.attention_impl,
+            q_segment_ids=segments, kv_segment_ids=segments, causal=True,
+        )
+        out = dense(c.hidden_size, ("q_heads", "head_dim", "embed"), axis=(-2, -1), use_bias=False, name="o_proj", **kw)(out)
+        return out, new_cache
+
+
+class Qwen2MLP(nn.Module):
+    cfg: TextConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_btd):
+        c = self.cfg
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)
+        gate = dense(c.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x_btd)
+        up = dense(c.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x_btd)
+        h = constrain(activation(c.hidden_act)(gate) * up, ("batch", "length", "act_mlp"))
+        return dense(c.hidden_size, ("mlp", "embed"), name="down_proj", **kw)(h)
+
+
+class Qwen2DecoderLayer(nn.Module):
+    """Pre-norm block; a scan body with signature (x, per-layer cache) -> (x, new per-layer cache)."""
+
+    cfg: TextConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, x_btd, layer_cache, cos_bth, sin_bth, mask_b1ts, q_slots_bt, cache_index):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        eps = self.cfg.rms_norm_eps
+        h = RMSNorm(eps, name="input_layernorm", **kw)(x_btd)
+        h, new_cache = Qwen2Attention(self.cfg, attention_impl=self.attention_impl, name="self_attn", **kw)(
+            h, cos_bth, sin_bth, mask_b1ts, q_slots_bt, layer_cache, cache_index
+        )
+        x_btd = x_btd + h
+        h = RMSNorm(eps, name="post_attention_layernorm", **kw)(x_btd)
+        x_btd = x_btd + Qwen2MLP(self.cfg, name="mlp", **kw)(h)
+        return constrain(x_btd, ("batch", "length", "act_embed")), new_cache
+
+
+class Qwen2Model(nn.Module):
+    """`model.*`: token embedding, decoder layers (scanned, params stacked on "layers"), final norm."""
+
+    cfg: TextConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
+    remat: str = "none"
+
+    def setup(self):
+        c = self.cfg
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.embed_tokens = nn.Embed(
+            c.vocab_size, c.hidden_size, embedding_init=named(nn.initializers.normal(INIT_STD), ("vocab", "embed")), **kw
+        )
+        self.layers = nn.scan(
+            maybe_remat(Qwen2DecoderLayer, self.remat),
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=c.num_hidden_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(c, attention_impl=self.attention_impl, **kw)
+        self.norm = RMSNorm(c.rms_norm_eps, **kw)
+
+    def __call__(self, x_btd, position_ids_3bt, attention_mask_bt, cache: KVCache | None = None):
+        """Input embeddings (B, T, D) -> (final-normed hidden states (B, T, D), updated cache or None)."""
+        c = self.cfg
+        b, t, _ = x_btd.shape
+        cos, sin = rope.mrope_cos_sin(position_ids_3bt, c.head_dim, c.rope_theta, c.mrope_section)
+        if cache is None:
+            index = jnp.zeros((), jnp.int32)
+            valid = attention_mask_bt.astype(bool)
+            layer_caches = None
+        else:
+            index = cache.index
+            valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask_bt.astype(bool), (0, index))
+            layer_caches = (cache.k, cache.v)
+        q_slots = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
+        mask = attn_lib.causal_mask(q_slots, valid)
+        x_btd, new_layer_caches = self.layers(x_btd, layer_caches, cos, sin, mask, q_slots, index)
+        x_btd = self.norm(x_btd)
+        new_cache = None
+        if cache is not None:
+            k, v = new_layer_caches
+            new_cache = KVCache(k=k, v=v, valid=valid, index=index + t)
+        return x_btd, new_cache

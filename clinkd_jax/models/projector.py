@@ -1,0 +1,35 @@
+"""The alignment projector: Qwen2-VL's PatchMerger (LayerNorm -> 2x2 spatial merge -> MLP)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from clinkd_jax.models.config import VisionConfig
+from clinkd_jax.models.layers import dense, layer_norm
+from clinkd_jax.sharding import constrain
+
+Dtype = Any
+
+
+class PatchMerger(nn.Module):
+    """(B, N, embed_dim) patches in merge-window order -> (B, N / merge**2, out_dim) LLM tokens."""
+
+    cfg: VisionConfig
+    out_dim: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_bne: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        b, n, e = x_bne.shape
+        m = self.cfg.merge_tokens
+        x = layer_norm(self.cfg.layer_norm_eps, name="ln_q", **kw)(x_bne)
+        x = x.reshape(b, n // m, m * e)  # the m consecutive patches of one merge window side by side
+        x = dense(m * e, ("merger_in", "merger_mlp"), name="mlp_0", **kw)(x)
+        x = constrain(jax.nn.gelu(x, approximate=False), ("batch", "patches", "act_mlp"))
+        return dense(self.out_dim, ("merger_mlp", "embed"), name="mlp_2", **kw)(x)

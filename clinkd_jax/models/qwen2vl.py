@@ -1,0 +1,139 @@
+"""Qwen2-VL for conditional generation: vision tower -> patch merger -> scatter into <|image_pad|> -> Qwen2.
+
+Parameter tree (mirrors the Hugging Face module names, see `clinkd_jax.convert.hf`):
+    visual/{patch_embed, blocks (stacked), merger}
+    model/{embed_tokens, layers (stacked), norm}
+    lm_head            (absent when the embeddings are tied)
+
+Inputs (all static-shaped; positions are computed on the host, `clinkd_jax.data.positions`):
+    input_ids            (B, L) int32
+    attention_mask       (B, L) int/bool, 1 = real token
+    position_ids         (3, B, L) int32, M-RoPE / MCG-RoPE ids
+    pixel_values         (B, N, 1176) patches, merge-window order            [optional]
+    vision_position_ids  (B, N, 2) int32, (row, col) of each patch            [with pixel_values]
+    vision_segment_ids   (B, N) int32, image number of each patch, 0 = pad    [with pixel_values]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from clinkd_jax.models.config import Qwen2VLConfig
+from clinkd_jax.models.layers import dense
+from clinkd_jax.models.llm import KVCache, Qwen2Model
+from clinkd_jax.models.vision import VisionTransformer
+from clinkd_jax.sharding import constrain
+
+Dtype = Any
+
+
+def scatter_image_features(embeds_bld: jax.Array, is_image_bl: jax.Array, image_feats_bmd: jax.Array) -> jax.Array:
+    """Put the m-th merged image token of each sample into that sample's m-th <|image_pad|> position.
+
+    A cumsum-gather rather than a scatter: static shapes, no data-dependent indexing. The host
+    pipeline guarantees a sample has no more <|image_pad|> tokens than merged vision tokens.
+    """
+    idx = jnp.clip(jnp.cumsum(is_image_bl, axis=1) - 1, 0, image_feats_bmd.shape[1] - 1)
+    gathered = jnp.take_along_axis(image_feats_bmd, idx[..., None], axis=1)
+    return jnp.where(is_image_bl[..., None], gathered.astype(embeds_bld.dtype), embeds_bld)
+
+
+class Qwen2VL(nn.Module):
+    cfg: Qwen2VLConfig
+    dtype: Dtype = jnp.float32  # compute dtype (bfloat16 for training on accelerators)
+    param_dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
+    remat: str = "none"  # "none" | "full" | "dots" | "dots_saveable" (per scanned layer)
+
+    def setup(self):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl, remat=self.remat)
+        t = self.cfg.text
+        self.visual = VisionTransformer(self.cfg.vision, t.hidden_size, **kw)
+        self.model = Qwen2Model(t, **kw)
+        if not t.tie_word_embeddings:
+            self.lm_head = dense(t.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def __call__(
+        self,
+        input_ids,
+        attention_mask,
+        position_ids,
+        pixel_values=None,
+        vision_position_ids=None,
+        vision_segment_ids=None,
+        *,
+        cache: KVCache | None = None,
+        return_hidden: bool = False,
+    ):
+        """Returns {"logits" (B, L, V) float32 | "hidden" (B, L, D), "cache": KVCache | None}."""
+        x = self.embed(input_ids, pixel_values, vision_position_ids, vision_segment_ids)
+        hidden, cache = self.model(x, position_ids, attention_mask, cache)
+        if return_hidden:
+            return {"hidden": hidden, "cache": cache}
+        return {"logits": self.logits(hidden), "cache": cache}
+
+    def embed(self, input_ids, pixel_values=None, vision_position_ids=None, vision_segment_ids=None):
+        """Token embeddings with the merged image features scattered into the <|image_pad|> slots."""
+        x = self.model.embed_tokens(input_ids).astype(self.dtype)
+        if pixel_values is not None:
+            feats = self.visual(pixel_values, vision_position_ids, vision_segment_ids)
+            x = scatter_image_features(x, input_ids == self.cfg.image_token_id, feats)
+        return constrain(x, ("batch", "length", "act_embed"))
+
+    def logits(self, hidden_bld):
+        """LM head (tied or untied) in float32. Losses call this on sequence chunks, never on (B, L, V) at once."""
+        if self.cfg.text.tie_word_embeddings:
+            out = self.model.embed_tokens.attend(hidden_bld.astype(self.dtype))
+        else:
+            out = self.lm_head(hidden_bld)
+        return constrain(out.astype(jnp.float32), ("batch", "length", "act_vocab"))
+
+    def vision_features(self, pixel_values, vision_position_ids, vision_segment_ids):
+        """Merged vision tokens (B, N / merge**2, D): what the LLM receives for each image."""
+        return self.visual(pixel_values, vision_position_ids, vision_segment_ids)
+
+    def vision_tower(self, pixel_values, vision_position_ids, vision_segment_ids):
+        """ViT output before the merger (B, N, embed_dim), for parity checks and feature extraction."""
+        return self.visual.encode(pixel_values, vision_position_ids, vision_segment_ids)
+
+
+# ------------------------------------------------------------------------------ creating params
+def dummy_inputs(cfg: Qwen2VLConfig, batch: int = 1, length: int = 8) -> dict[str, jax.Array]:
+    """Smallest inputs that touch every parameter (used for shape inference and init)."""
+    n = cfg.vision.merge_tokens
+    return {
+        "input_ids": jnp.zeros((batch, length), jnp.int32),
+        "attention_mask": jnp.ones((batch, length), jnp.int32),
+        "position_ids": jnp.zeros((3, batch, length), jnp.int32),
+        "pixel_values": jnp.zeros((batch, n, cfg.vision.patch_dim), jnp.float32),
+        "vision_position_ids": jnp.zeros((batch, n, 2), jnp.int32),
+        "vision_segment_ids": jnp.ones((batch, n), jnp.int32),
+    }
+
+
+def abstract_params(model: Qwen2VL):
+    """The boxed (logically named) parameter tree as ShapeDtypeStructs; nothing is allocated."""
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), **dummy_inputs(model.cfg)))["params"]
+
+
+def param_shardings(model: Qwen2VL, mesh, rules=None):
+    """NamedShardings of the parameter tree on `mesh` under the logical `rules`."""
+    from clinkd_jax import sharding
+
+    return sharding.tree_shardings(abstract_params(model), mesh, rules or sharding.DEFAULT_RULES)
+
+
+def init_params(model: Qwen2VL, rng: jax.Array, mesh=None, rules=None):
+    """Random parameters created directly on their shards (jit with out_shardings; no host copy)."""
+    from clinkd_jax import sharding
+
+    mesh = mesh or sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    rules = rules or sharding.DEFAULT_RULES
+    shardings = param_shardings(model, mesh, rules)
+    init = lambda r: nn.unbox(model.init(r, **dummy_inputs(model.cfg))["params"])
+    with sharding.use_mesh(mesh, rules):
+        return jax.jit(init, out_shardings=shardings)(rng)

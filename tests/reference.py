@@ -1,0 +1,167 @@
+"""Shared test fixtures: tiny Qwen2-VL configs, the reference batch, and the transformers side.
+
+Everything torch-related is imported lazily so the Python 3.12 run (no torch) can import this module.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
+
+IMAGE, VIDEO, VSTART, VEND = 250, 251, 252, 253
+MERGE = 2
+
+# Tiny random configs that differ where implementations tend to go wrong: grouped-query ratio,
+# mrope_section, tied vs untied LM head, rope theta, vision width/heads/depth.
+CONFIGS = {
+    "gqa2_untied": dict(
+        text=dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, mrope_section=[2, 3, 3],
+                  rope_theta=1e6, tie=False),
+        vision=dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=2),
+    ),
+    "gqa4_tied": dict(
+        text=dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=1, mrope_section=[4, 2, 2],
+                  rope_theta=1e4, tie=True),
+        vision=dict(depth=1, embed_dim=48, num_heads=3, mlp_ratio=4),
+    ),
+    "mha_head32": dict(
+        text=dict(hidden_size=96, num_attention_heads=3, num_key_value_heads=3, mrope_section=[4, 6, 6],
+                  rope_theta=1e6, tie=False),
+        vision=dict(depth=2, embed_dim=64, num_heads=4, mlp_ratio=2),
+    ),
+}
+
+# The reference batch: sample 0 one 4x6-patch image, right padding; sample 1 two images (4x4, 6x4),
+# left padding; sample 2 text only. Image grids are in patches (t, h, w); each takes t*h*w/4 tokens.
+GRIDS = [[(1, 4, 6)], [(1, 4, 4), (1, 6, 4)], []]
+LENGTH = 24
+NUM_PATCHES = 40
+
+
+def hf_config(name: str):
+    from transformers import Qwen2VLConfig
+
+    c = CONFIGS[name]
+    t, v = c["text"], c["vision"]
+    return Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=256, hidden_size=t["hidden_size"], intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=t["num_attention_heads"], num_key_value_heads=t["num_key_value_heads"],
+            rope_parameters={"rope_type": "default", "mrope_section": t["mrope_section"], "rope_theta": t["rope_theta"]},
+            max_position_embeddings=4096, rms_norm_eps=1e-6, bos_token_id=254, eos_token_id=255, pad_token_id=0,
+        ),
+        vision_config=dict(
+            depth=v["depth"], embed_dim=v["embed_dim"], hidden_size=t["hidden_size"], num_heads=v["num_heads"],
+            mlp_ratio=v["mlp_ratio"], patch_size=14, temporal_patch_size=2, spatial_merge_size=MERGE, in_channels=3,
+        ),
+        image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VSTART, vision_end_token_id=VEND,
+        tie_word_embeddings=t["tie"],
+    )
+
+
+def build_hf_model(name: str, seed: int = 0):
+    """A random transformers Qwen2VLForConditionalGeneration with weights large enough to matter.
+
+    The default init (std 0.02) makes logits nearly constant, which would let a wrong rotary layout
+    or mask slip through; weights are redrawn from N(0, 0.1) and norm scales from N(1, 0.1).
+    """
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration._from_config(hf_config(name), attn_implementation="eager").eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            is_norm_scale = pname.endswith("weight") and ("norm" in pname or "ln_q" in pname)
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1 + (1.0 if is_norm_scale else 0.0))
+    return model
+
+
+def make_batch(seed: int = 0) -> dict[str, np.ndarray]:
+    """input_ids / attention_mask (B, L), flat pixel_values (sum of patches, 1176), image_grid_thw."""
+    rng = np.random.default_rng(seed)
+    rows, pads = [], ["right", "left", "right"]
+    text_lens = [[5, 4], [3, 2, 3], [9]]
+    for grids, lens in zip(GRIDS, text_lens):
+        ids = list(rng.integers(0, 240, lens[0]))
+        for k, g in enumerate(grids):
+            ids += [VSTART] + [IMAGE] * (int(np.prod(g)) // MERGE**2) + [VEND] + list(rng.integers(0, 240, lens[k + 1]))
+        rows.append(ids)
+    input_ids = np.zeros((len(rows), LENGTH), np.int64)
+    mask = np.zeros((len(rows), LENGTH), np.int64)
+    for i, (ids, pad) in enumerate(zip(rows, pads)):
+        sl = slice(0, len(ids)) if pad == "right" else slice(LENGTH - len(ids), LENGTH)
+        input_ids[i, sl], mask[i, sl] = ids, 1
+    grids = np.array([g for gs in GRIDS for g in gs], np.int64)
+    pixel_values = rng.standard_normal((int(np.prod(grids, axis=1).sum()), 3 * 2 * 14 * 14)).astype(np.float32)
+    return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": pixel_values, "image_grid_thw": grids}
+
+
+def hf_outputs(model, batch) -> dict[str, np.ndarray]:
+    """Reference outputs from transformers for `batch`."""
+    import torch
+
+    t = {k: torch.from_numpy(v) for k, v in batch.items()}
+    mm_types = (t["input_ids"] == IMAGE).int()
+    with torch.no_grad():
+        vis = model.model.visual(t["pixel_values"], grid_thw=t["image_grid_thw"])
+        out = model(
+            input_ids=t["input_ids"], attention_mask=t["attention_mask"], pixel_values=t["pixel_values"],
+            image_grid_thw=t["image_grid_thw"], mm_token_type_ids=mm_types,
+        )
+        pos, deltas = model.model.get_rope_index(
+            t["input_ids"], mm_types, t["image_grid_thw"], None, t["attention_mask"]
+        )
+    return {
+        "logits": out.logits.float().numpy(),
+        "vision_hidden": vis.last_hidden_state.float().numpy(),
+        "vision_merged": vis.pooler_output.float().numpy(),
+        "position_ids": pos.numpy(),
+        "rope_deltas": deltas.numpy().reshape(-1),
+    }
+
+
+# ------------------------------------------------------------------------------------ JAX side
+def jax_inputs(batch, gaps=(1, 1)) -> dict[str, np.ndarray]:
+    """The reference batch in our input format (host-computed positions, per-sample patch buffers)."""
+    from clinkd_jax.data import positions
+
+    pos, deltas = positions.get_rope_index(
+        batch["input_ids"], batch["image_grid_thw"], batch["attention_mask"],
+        image_token_id=IMAGE, spatial_merge_size=MERGE, gap_in=gaps[0], gap_out=gaps[1],
+    )
+    samples, at, k = [], 0, 0
+    for grids in GRIDS:
+        images = []
+        for g in grids:
+            n = int(np.prod(g))
+            images.append((batch["pixel_values"][at : at + n], g))
+            at, k = at + n, k + 1
+        samples.append(images)
+    vision = positions.pack_vision_inputs(samples, NUM_PATCHES, MERGE)
+    return {
+        "input_ids": batch["input_ids"].astype(np.int32),
+        "attention_mask": batch["attention_mask"].astype(np.int32),
+        "position_ids": pos,
+        **vision,
+    }, deltas
+
+
+def load_golden(name: str):
+    inputs = dict(np.load(os.path.join(GOLDEN, "inputs.npz")))
+    outputs = dict(np.load(os.path.join(GOLDEN, name, "outputs.npz")))
+    return inputs, outputs
+
+
+def per_sample_vision(flat: np.ndarray, per_token: int = 1) -> list[np.ndarray]:
+    """Split a flat (all images) vision output into per-sample arrays, in our buffer order."""
+    out, at = [], 0
+    for grids in GRIDS:
+        n = sum(int(np.prod(g)) for g in grids) // per_token
+        out.append(flat[at : at + n])
+        at += n
+    return out
