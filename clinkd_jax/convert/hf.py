@@ -299,11 +299,11 @@ def save_hf_checkpoint(
     dtype=None,
     max_shard_bytes: int = 4 * 1024**3,
     assets_from: str | None = None,
-) -> None:
+) -> list[str]:
     """Write the published layout: config.json, model.safetensors or model-0000k-of-0000n + index.
 
     Only process 0 writes (every process takes part in gathering sharded leaves). Tokenizer, chat
-    template and processor files are copied from `assets_from` when given.
+    template and processor files are copied from `assets_from` when given; returns their names.
     """
     writer = jax.process_index() == 0
     if writer:
@@ -319,7 +319,7 @@ def save_hf_checkpoint(
             shards[-1][key] = tensor
         size += tensor.nbytes
     if not writer:
-        return
+        return []
     total = sum(t.nbytes for s in shards for t in s.values())
     meta = {"format": "pt"}
     if len(shards) == 1:
@@ -336,8 +336,7 @@ def save_hf_checkpoint(
     hf_config["torch_dtype"] = {"bfloat16": "bfloat16", "float16": "float16"}.get(str(stored), "float32")
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2)
-    if assets_from:
-        copy_assets(assets_from, path)
+    return copy_assets(assets_from, path) if assets_from else []
 
 
 def copy_assets(src: str, dst: str) -> list[str]:

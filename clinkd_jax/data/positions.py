@@ -93,7 +93,7 @@ def _sample_positions(ids, grids, next_image, image_token_id, merge, gap_in, gap
         run = ids[j : j + count]
         if len(run) < count or not (run == image_token_id).all():
             have = int(np.argmin(np.append(is_image[j:], False)))
-            raise PositionError(f"image {next_image} with grid {tuple(grids[next_image])} needs {count} image tokens at index {j}, found {have}")
+            raise PositionError(f"image {next_image} with grid {(gt, gh * merge, gw * merge)} needs {count} image tokens at index {j}, found {have}")
         base = cur_max + gap_in
         tt, hh, ww = np.meshgrid(np.arange(gt), np.arange(gh), np.arange(gw), indexing="ij")
         out[:, j : j + count] = base + np.stack([tt.ravel(), hh.ravel(), ww.ravel()])

@@ -6,7 +6,8 @@
   * "jax"    — `jax.nn.dot_product_attention` with its default backend choice.
   * "cudnn"  — `jax.nn.dot_product_attention(implementation="cudnn")`: cuDNN flash attention on
                NVIDIA GPUs (bf16/fp16 inputs).
-  * "splash" — Pallas splash attention on TPU (see `clinkd_jax.models.splash`), driven by segment ids.
+  * "splash" — Pallas splash attention on TPU (see `clinkd_jax.models.splash`), driven by segment ids;
+               shapes it cannot take (single-token decode, reads of a longer KV cache) use "xla".
 
 Masks are boolean, True = may attend, broadcastable to (B, 1, T, S).
 """
@@ -43,11 +44,11 @@ def dot_product_attention(
             q_btnh, k_bskh, v_bskh, mask=mask_b1ts, implementation=None if impl == "jax" else "cudnn"
         )
     if impl == "splash":
-        from clinkd_jax.models import splash  # TPU only; imported lazily
+        from clinkd_jax.models import splash  # imported lazily: Pallas TPU kernels
 
-        if q_segment_ids is None or kv_segment_ids is None:
-            raise ValueError("splash attention needs q_segment_ids and kv_segment_ids")
-        return splash.attention(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, causal=causal)
+        if q_segment_ids is not None and splash.supported(q_btnh.shape[1], k_bskh.shape[1]):
+            return splash.attention(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, causal=causal)
+        return _xla_attention(q_btnh, k_bskh, v_bskh, mask_b1ts)  # decode steps, cache reads
     raise ValueError(f"attention impl {impl!r} is not one of {IMPLS}")
 
 

@@ -205,7 +205,7 @@ class Qwen2VLConfig:
                 "embed_dim": v.embed_dim,
                 "hidden_size": t.hidden_size,
                 "num_heads": v.num_heads,
-                "mlp_ratio": v.mlp_ratio,
+                "mlp_ratio": int(v.mlp_ratio) if float(v.mlp_ratio).is_integer() else v.mlp_ratio,
                 "hidden_act": v.hidden_act,
                 "in_chans": v.in_channels,
                 "patch_size": v.patch_size,

@@ -62,7 +62,7 @@ class Qwen2Attention(nn.Module):
     attention_impl: str = "xla"
 
     @nn.compact
-    def __call__(self, x_btd, cos_bth, sin_bth, mask_b1ts, q_slots_bt, layer_cache, cache_index):
+    def __call__(self, x_btd, cos_bth, sin_bth, mask_b1ts, segment_ids_bt, layer_cache, cache_index):
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         q = dense((c.num_attention_heads, c.head_dim), ("embed", "q_heads", "head_dim"), name="q_proj", **kw)(x_btd)
@@ -78,10 +78,9 @@ class Qwen2Attention(nn.Module):
             k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (zero, cache_index, zero, zero))
             v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (zero, cache_index, zero, zero))
             new_cache = (k, v)
-        segments = None if self.attention_impl != "splash" else jnp.ones(q.shape[:2], jnp.int32)
         out = attn_lib.dot_product_attention(
             q, k.astype(q.dtype), v.astype(q.dtype), mask_b1ts, impl=self.attention_impl,
-            q_segment_ids=segments, kv_segment_ids=segments, causal=True,
+            q_segment_ids=segment_ids_bt, kv_segment_ids=segment_ids_bt, causal=True,
         )
         out = dense(c.hidden_size, ("q_heads", "head_dim", "embed"), axis=(-2, -1), use_bias=False, name="o_proj", **kw)(out)
         return out, new_cache
@@ -111,12 +110,12 @@ class Qwen2DecoderLayer(nn.Module):
     attention_impl: str = "xla"
 
     @nn.compact
-    def __call__(self, x_btd, layer_cache, cos_bth, sin_bth, mask_b1ts, q_slots_bt, cache_index):
+    def __call__(self, x_btd, layer_cache, cos_bth, sin_bth, mask_b1ts, segment_ids_bt, cache_index):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         eps = self.cfg.rms_norm_eps
         h = RMSNorm(eps, name="input_layernorm", **kw)(x_btd)
         h, new_cache = Qwen2Attention(self.cfg, attention_impl=self.attention_impl, name="self_attn", **kw)(
-            h, cos_bth, sin_bth, mask_b1ts, q_slots_bt, layer_cache, cache_index
+            h, cos_bth, sin_bth, mask_b1ts, segment_ids_bt, layer_cache, cache_index
         )
         x_btd = x_btd + h
         h = RMSNorm(eps, name="post_attention_layernorm", **kw)(x_btd)
@@ -158,13 +157,15 @@ class Qwen2Model(nn.Module):
             index = jnp.zeros((), jnp.int32)
             valid = attention_mask_bt.astype(bool)
             layer_caches = None
+            segment_ids = valid.astype(jnp.int32)  # for segment-id kernels: padding = 0, tokens = 1
         else:
             index = cache.index
             valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask_bt.astype(bool), (0, index))
             layer_caches = (cache.k, cache.v)
+            segment_ids = None  # queries sit at an offset into the cache: dense mask only
         q_slots = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
         mask = attn_lib.causal_mask(q_slots, valid)
-        x_btd, new_layer_caches = self.layers(x_btd, layer_caches, cos, sin, mask, q_slots, index)
+        x_btd, new_layer_caches = self.layers(x_btd, layer_caches, cos, sin, mask, segment_ids, index)
         x_btd = self.norm(x_btd)
         new_cache = None
         if cache is not None:

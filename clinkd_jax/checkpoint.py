@@ -1,0 +1,65 @@
+"""Orbax checkpoints of model parameters (the converter's format; the trainer adds its state beside it).
+
+Layout of a params checkpoint directory:
+    params/            Orbax PyTree checkpoint of the parameter tree
+    model_config.json  the Qwen2-VL config in Hugging Face (published) form
+    hf_assets/         tokenizer, chat template and processor files carried along from the source
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from clinkd_jax import sharding as sharding_lib
+from clinkd_jax.models.config import Qwen2VLConfig
+from clinkd_jax.models.qwen2vl import Qwen2VL, param_shardings
+
+CONFIG_FILE = "model_config.json"
+ASSETS_DIR = "hf_assets"
+
+
+def save_params(path: str, params, cfg: Qwen2VLConfig) -> None:
+    path = os.path.abspath(path)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(path, "params"), params, force=True)
+        ckptr.wait_until_finished()
+    if jax.process_index() == 0:
+        with open(os.path.join(path, CONFIG_FILE), "w") as f:
+            json.dump(cfg.to_hf_dict(), f, indent=2)
+
+
+def load_config(path: str) -> Qwen2VLConfig:
+    file = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{path}: no {CONFIG_FILE}; not a clinkd_jax params checkpoint")
+    with open(file) as f:
+        return Qwen2VLConfig.from_hf_dict(json.load(f), source=file)
+
+
+def load_params(path: str, *, mesh=None, rules=None, dtype=None):
+    """(config, params) restored directly onto their shards for `mesh` (any mesh shape)."""
+    path = os.path.abspath(path)
+    cfg = load_config(path)
+    mesh = mesh or sharding_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    shardings = param_shardings(Qwen2VL(cfg), mesh, rules)
+    with ocp.StandardCheckpointer() as ckptr:
+        stored = ckptr.metadata(os.path.join(path, "params"))
+        stored = getattr(stored, "item_metadata", stored)
+        target = jax.tree.map(
+            lambda meta, s: jax.ShapeDtypeStruct(tuple(meta.shape), np.dtype(dtype or meta.dtype), sharding=s),
+            _plain(stored), shardings,
+        )
+        params = ckptr.restore(os.path.join(path, "params"), target)
+    return cfg, params
+
+
+def _plain(tree):
+    """Orbax metadata trees may be custom mappings; make them plain dicts so tree.map lines up."""
+    if hasattr(tree, "items") and not hasattr(tree, "shape"):
+        return {k: _plain(v) for k, v in tree.items()}
+    return tree

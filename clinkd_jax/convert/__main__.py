@@ -1,0 +1,71 @@
+"""Convert between a Hugging Face Qwen2-VL directory and a clinkd_jax (Orbax) params checkpoint.
+
+    python -m clinkd_jax.convert hf-to-orbax  --src Qwen2-VL-7B-Instruct/ --dst ckpt/qwen2vl7b [--dtype bfloat16]
+    python -m clinkd_jax.convert orbax-to-hf  --src ckpt/qwen2vl7b --dst exported/ [--dtype bfloat16]
+
+Tokenizer, chat template and processor files travel along in both directions (kept under
+`hf_assets/` in the Orbax directory), so the exported directory loads with transformers and serves
+with the usual tools. Runs on whatever devices JAX sees; `--mesh` shards the params while converting
+(e.g. `--mesh=1,-1,1` spreads a 72B model over all local devices with FSDP).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+
+from clinkd_jax import checkpoint, sharding
+from clinkd_jax.convert import hf
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m clinkd_jax.convert", description=__doc__.split("\n\n")[0])
+    p.add_argument("direction", choices=("hf-to-orbax", "orbax-to-hf"))
+    p.add_argument("--src", required=True, help="source directory")
+    p.add_argument("--dst", required=True, help="destination directory (created)")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="cast every parameter (default: keep stored dtype)")
+    p.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor mesh shape for the conversion (-1 = rest)")
+    p.add_argument("--max_shard_gb", type=float, default=4.0, help="safetensors shard size when writing HF")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if not os.path.isdir(args.src):
+        print(f"error: --src {args.src} is not a directory", file=sys.stderr)
+        return 2
+    mesh = sharding.make_mesh(tuple(int(x) for x in args.mesh.split(",")))
+    start = time.time()
+    try:
+        if args.direction == "hf-to-orbax":
+            cfg, params = hf.load_hf_checkpoint(args.src, mesh=mesh, dtype=args.dtype)
+            checkpoint.save_params(args.dst, params, cfg)
+            copied = hf.copy_assets(args.src, os.path.join(args.dst, checkpoint.ASSETS_DIR))
+        else:
+            cfg, params = checkpoint.load_params(args.src, mesh=mesh, dtype=args.dtype)
+            assets = os.path.join(args.src, checkpoint.ASSETS_DIR)
+            copied = hf.save_hf_checkpoint(
+                params, cfg, args.dst, max_shard_bytes=int(args.max_shard_gb * 1024**3),
+                assets_from=assets if os.path.isdir(assets) else None,
+            )
+    except (hf.CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    n = sum(x.size for x in jax.tree.leaves(params))
+    print(f"{args.direction}: {n / 1e6:.1f}M parameters -> {args.dst} in {time.time() - start:.1f}s"
+          f" (assets: {', '.join(copied) or 'none'})")
+    return 0
+
+
+def run():  # console script entry point
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()
