@@ -1,0 +1,130 @@
+"""The embedded demo data set: Med-GRIT-format train/test files over real medical images that ship
+inside installed packages (pydicom, pydicom-data, scikit-image), with SYNTHETIC labels.
+
+The images are real (CT head and spine, MR shoulder and abdomen, chest and leg radiographs, an
+ultrasound of a lymph node, a fundus photograph). The findings are not: each image gets one drawn
+marker — a "bright oval lesion" or a "dark round cyst" — at a random place, and every question and
+answer is generated from that marker and the image's modality and body part. A model can learn the
+four Med-GRIT tasks on it (grounding, naming the object in a box, region caption, whole-image
+description); nothing it learns is medicine.
+
+    python -m clinkd_jax.data.demo /tmp/demo      # writes images/, train.json, Test_{VG,RO,GC,MII}.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from clinkd_jax.data import image as image_lib
+
+# (pydicom test file or "skimage:retina", modality prefix, dataset tag, what the image shows)
+SOURCES = (
+    ("693_UNCI.dcm", "ct", "pydicom-data", "CT slice of the head"),
+    ("CT_small.dcm", "ct", "pydicom", "CT slice through a vertebra"),
+    ("MR2_UNCI.dcm", "mr", "pydicom-data", "MR image of the shoulder"),
+    ("examples_overlay.dcm", "mr", "pydicom", "MR slice of the abdomen"),
+    ("RG1_UNCI.dcm", "x", "pydicom-data", "chest radiograph"),
+    ("RG3_UNCI.dcm", "x", "pydicom-data", "radiograph of the lower leg"),
+    ("US1_UNCI.dcm", "ultrasound", "pydicom-data", "ultrasound image of a lymph node"),
+    ("skimage:retina", "fundus", "scikit-image", "fundus photograph of the retina"),
+)
+OBJECTS = ("bright oval lesion", "dark round cyst")
+TASK_FILES = {"VG": "Test_VG.json", "RO": "Test_RO.json", "GC": "Test_GC.json", "MII": "Test_MII.json"}
+
+
+def source_image(name: str, max_side: int) -> Image.Image:
+    if name.startswith("skimage:"):
+        from skimage import data as skdata
+
+        img = Image.fromarray(getattr(skdata, name.split(":", 1)[1])())
+    else:
+        from pydicom.data import get_testdata_file
+
+        path = get_testdata_file(name)
+        if path is None:
+            raise FileNotFoundError(f"{name} is not installed (pip install pydicom pydicom-data)")
+        img = image_lib.load_dicom(path)
+    img = img.convert("RGB")
+    scale = max_side / max(img.size)
+    if scale < 1:
+        img = img.resize((max(28, round(img.width * scale)), max(28, round(img.height * scale))), Image.BICUBIC)
+    return img
+
+
+def _where(cx: float, cy: float) -> str:
+    v = "upper" if cy < 1 / 3 else "lower" if cy > 2 / 3 else "middle"
+    h = "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else "center"
+    return "center" if (v, h) == ("middle", "center") else f"{v} {h}" if v != "middle" else f"middle {h}"
+
+
+def draw_marker(img: Image.Image, kind: int, rng: np.random.Generator):
+    """Draw one marker; returns (image, box on the 0-1000 scale, relative centre)."""
+    w, h = img.size
+    bw, bh = (rng.uniform(0.12, 0.3) * w, rng.uniform(0.12, 0.3) * h)
+    if kind == 1:
+        bh = bw * h / w  # round cyst: circle
+    x1, y1 = rng.uniform(0.05, 0.95 - bw / w) * w, rng.uniform(0.05, 0.95 - bh / h) * h
+    out = img.copy()
+    d = ImageDraw.Draw(out)
+    if kind == 0:
+        d.ellipse([x1, y1, x1 + bw, y1 + bh], fill=(245, 245, 245), outline=(255, 255, 255))
+    else:
+        d.ellipse([x1, y1, x1 + bw, y1 + bh], fill=(15, 15, 15), outline=(200, 200, 200), width=2)
+    box = tuple(int(round(v)) for v in (x1 / w * 1000, y1 / h * 1000, (x1 + bw) / w * 1000, (y1 + bh) / h * 1000))
+    return out, box, ((x1 + bw / 2) / w, (y1 + bh / 2) / h)
+
+
+def qa(task: str, image_file: str, obj: str, box, where: str, desc: str) -> tuple[str, str]:
+    tag, b = f"<img>{image_file}</img>", "<box>({},{}),({},{})</box>".format(*box)
+    if task == "VG":
+        return f"{tag} Where is the <ref>{obj}</ref> in this image?", f"<ref>{obj}</ref>{b}"
+    if task == "RO":
+        return f"{tag} What is the object in {b}?", obj
+    if task == "GC":
+        return f"{tag} Describe the region {b}.", f"A {obj} in the {where} of the {desc}."
+    return f"{tag} Describe this image.", f"This is a {desc}. There is a {obj} in the {where}."
+
+
+def generate(out_dir: str, *, train_per_image: int = 6, test_per_image: int = 2, max_side: int = 224, seed: int = 0) -> dict:
+    """Write the demo set to `out_dir`; returns counts. Deterministic for a seed."""
+    rng = np.random.default_rng(seed)
+    img_dir = os.path.join(out_dir, "images")
+    os.makedirs(img_dir, exist_ok=True)
+    train, tests = [], {t: [] for t in TASK_FILES}
+    for s, (name, modality, tag, desc) in enumerate(SOURCES):
+        base = source_image(name, max_side)
+        case = os.path.splitext(name.split(":")[-1])[0]
+        for v in range(train_per_image + test_per_image):
+            kind = int(rng.integers(len(OBJECTS)))
+            img, box, (cx, cy) = draw_marker(base, kind, rng)
+            stem = f"{modality}_00--{tag}--{case}--demo_{v:04d}"
+            img.save(os.path.join(img_dir, stem + ".png"))
+            obj, where = OBJECTS[kind], _where(cx, cy)
+            if v < train_per_image:
+                tasks = list(rng.permutation(list(TASK_FILES)))[: int(rng.integers(2, 5))]
+                conv = []
+                for k, task in enumerate(tasks):
+                    q, a = qa(task, stem + ".png", obj, box, where, desc)
+                    if k:  # only the first question names the image
+                        q = q.split("</img> ", 1)[1]
+                    conv += [{"from": "user", "value": q}, {"from": "assistant", "value": a}]
+                train.append({"id": stem, "conversations": conv})
+            else:
+                for task in TASK_FILES:
+                    tests[task].append({"id": stem, "conversations": [list(qa(task, stem + ".png", obj, box, where, desc))]})
+    with open(os.path.join(out_dir, "train.json"), "w") as f:
+        json.dump(train, f, indent=1)
+    for task, file in TASK_FILES.items():
+        with open(os.path.join(out_dir, file), "w") as f:
+            json.dump(tests[task], f, indent=1)
+    return {"images": len(os.listdir(img_dir)), "train": len(train), **{t: len(v) for t, v in tests.items()}}
+
+
+if __name__ == "__main__":
+    out = sys.argv[1] if len(sys.argv) > 1 else "demo_data"
+    print(out, generate(out))
