@@ -17,7 +17,8 @@ Each batch is a dict of NumPy arrays (B = batch size, L = text bucket, N = patch
     index                (B,)      int64   position of the sample in the (shuffled, repeated) stream, -1 = filler
 
 A whole epoch compiles at most once per (text bucket, patch bucket) pair. Bad items never stop an
-epoch: they are skipped, counted by reason (`SkipLog`) and reported; `strict=True` raises instead,
+epoch: they are skipped, counted by reason (`SkipLog`) and reported at the end of every epoch (logger
+"clinkd_jax.data"); `strict=True` raises instead,
 naming the file and item. The iterator's state (`get_state`/`set_state`) is small (indices, not
 arrays) and restores exactly, partially filled buckets included.
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 import bisect
 import copy
 import dataclasses
+import logging
 from collections.abc import Sequence
 
 import grain
@@ -36,6 +38,8 @@ from clinkd_jax.data import image as image_lib
 from clinkd_jax.data import positions
 from clinkd_jax.data import text as text_lib
 from clinkd_jax.data.records import Record, SkipLog
+
+log_ = logging.getLogger("clinkd_jax.data")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,12 +140,19 @@ class BatchIterator:
     counts. Restoring re-reads the waiting samples by index (random access), so no arrays are stored.
     """
 
-    def __init__(self, samples: grain.MapDataset, upstream: grain.IterDataset, cfg: PipelineConfig, log: SkipLog):
+    def __init__(self, samples: grain.MapDataset, upstream: grain.IterDataset, cfg: PipelineConfig, log: SkipLog,
+                 epoch_size: int):
         self._samples, self._upstream, self.cfg, self.log = samples, upstream, cfg, log
         self._it = iter(upstream)
         self._pending: dict[tuple[int, int], list[tuple[int, dict]]] = {}
         self._flushing: list[tuple[tuple[int, int], list]] | None = None
         self.batches = 0
+        self.epoch_size, self.epoch = epoch_size, 0
+
+    def _epoch_done(self):
+        self.epoch += 1
+        message = f"epoch {self.epoch} of this host's data: {self.log.report()}"
+        (log_.warning if self.log.total else log_.info)(message)
 
     def __iter__(self):
         return self
@@ -154,7 +165,10 @@ class BatchIterator:
             except StopIteration:
                 self._flushing = sorted(self._pending.items()) if not cfg.drop_remainder else []
                 self._pending = {}
+                self._epoch_done()
                 break
+            if index and index % self.epoch_size == 0:
+                self._epoch_done()
             if isinstance(sample, Skip):
                 self.log.skip(sample.reason, sample.where, sample.detail)
                 continue
@@ -181,6 +195,7 @@ class BatchIterator:
             "flushing": None if self._flushing is None else [[f"{k[0]}x{k[1]}", [i for i, _ in v]] for k, v in self._flushing],
             "skips": dict(self.log.counts),
             "batches": self.batches,
+            "epoch": self.epoch,
         }
 
     def set_state(self, state: dict) -> None:
@@ -196,6 +211,7 @@ class BatchIterator:
         self.log.counts.clear()
         self.log.merge(state["skips"])
         self.batches = state["batches"]
+        self.epoch = state["epoch"]
 
 
 def make_batches(
@@ -210,6 +226,7 @@ def make_batches(
     if len(records) < cfg.shard_count:
         raise ValueError(f"{len(records)} records cannot be shared by {cfg.shard_count} hosts")
     ds = grain.MapDataset.source(records)[cfg.shard_index :: cfg.shard_count]  # lazy: nothing read yet
+    epoch_size = len(ds)
     if cfg.shuffle:
         ds = ds.seed(cfg.seed).shuffle()
     ds = ds.repeat(cfg.num_epochs)
@@ -217,4 +234,4 @@ def make_batches(
     upstream = samples.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=2 * cfg.batch_size))
     if cfg.worker_count > 0:
         upstream = upstream.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
-    return BatchIterator(samples, upstream, cfg, log)
+    return BatchIterator(samples, upstream, cfg, log, epoch_size)

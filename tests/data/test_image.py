@@ -1,0 +1,88 @@
+"""Qwen2-VL image preprocessing against transformers' processor, and image/DICOM loading.
+
+Tolerance 1e-5 on normalised pixel values (range about -1.8..2.2): both sides do the same bicubic PIL
+resize on uint8 and differ only in float rounding of rescale/normalise (observed ~5e-7)."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clinkd_jax.data import image as I
+
+import pydicom  # noqa: E402
+from pydicom.data import get_testdata_file  # noqa: E402
+
+CASES = [((100, 120), (56 * 56, 112 * 112)), ((333, 517), (56 * 56, 28 * 28 * 1280)), ((40, 30), (256 * 256, 512 * 512)),
+         ((1024, 700), (512 * 512, 768 * 768)), ((57, 913), (56 * 56, 224 * 224))]
+
+
+@pytest.mark.parametrize("size, budget", CASES)
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
+def test_matches_transformers_processor(size, budget, mode):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    rng = np.random.default_rng(sum(size))
+    channels = {"RGB": 3, "L": 1, "RGBA": 4}[mode]
+    img = Image.fromarray(rng.integers(0, 256, (*size, channels), dtype=np.uint8).squeeze(), mode)
+    ref = Qwen2VLImageProcessorPil(min_pixels=budget[0], max_pixels=budget[1])(img, return_tensors="np")
+    patches, grid = I.preprocess(img, I.ImageConfig(min_pixels=budget[0], max_pixels=budget[1]))
+    assert [list(grid)] == ref["image_grid_thw"].tolist()
+    np.testing.assert_allclose(patches, ref["pixel_values"], atol=1e-5, rtol=0)
+    assert I.num_patches(*size, I.ImageConfig(min_pixels=budget[0], max_pixels=budget[1])) == len(patches)
+
+
+def test_smart_resize_matches_transformers():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    rng = np.random.default_rng(0)
+    for h, w in rng.integers(20, 3000, (200, 2)):
+        for lo, hi in ((56 * 56, 768 * 768), (512 * 512, 1024 * 1024)):
+            if max(h, w) / min(h, w) <= 200:
+                assert I.smart_resize(int(h), int(w), 28, lo, hi) == smart_resize(int(h), int(w), 28, lo, hi)
+    with pytest.raises(I.ImageError, match="aspect ratio 250 is above 200"):
+        I.smart_resize(10, 2500)
+
+
+def test_window():
+    x = np.array([-1000, 0, 40, 90, 1000], np.float32)
+    # DICOM linear window, center 40 / width 100: [c - 0.5 - (w-1)/2, c - 0.5 + (w-1)/2] = [-10, 89] -> 0..255
+    assert I.window_to_uint8(x, center=40, width=100).tolist() == [0, 26, 129, 255, 255]
+    ramp = np.arange(1000, dtype=np.float32)
+    out = I.window_to_uint8(ramp)  # no stored window: 1st..99th percentile
+    assert out[5] == 0 and out[995] == 255 and 120 < out[500] < 135
+
+
+def test_dicom_ct_mr_xray_us_multiframe():
+    ct = I.load_image(get_testdata_file("CT_small.dcm"))  # no window stored: percentile window
+    mr = I.load_image(get_testdata_file("MR_small.dcm"))  # stored window 600/1600
+    assert ct.mode == "L" and ct.size == (128, 128) and 0 < np.asarray(ct).mean() < 255
+    assert mr.size == (64, 64)
+    us = I.load_image(get_testdata_file("examples_rgb_color.dcm"))
+    assert us.mode == "RGB" and us.size == (320, 240)
+    multi = I.load_dicom(get_testdata_file("emri_small.dcm"))  # 10 frames: the middle one
+    assert multi.size == (64, 64)
+    patches, grid = I.preprocess(ct, I.ImageConfig(max_pixels=112 * 112))
+    assert grid == (1, 8, 8) and patches.shape == (64, 1176)
+
+
+def test_monochrome1_is_inverted():
+    """MONOCHROME1 stores bright as low values; after loading, bone must be bright as in MONOCHROME2."""
+    path = get_testdata_file("RG1_UNCI.dcm")
+    if path is None:
+        pytest.fail("pydicom-data is part of the test install (RG1_UNCI.dcm missing)")
+    ds = pydicom.dcmread(path)
+    assert ds.PhotometricInterpretation == "MONOCHROME1"
+    img = np.asarray(I.load_dicom(path), np.float32)
+    raw = ds.pixel_array.astype(np.float32)
+    assert np.corrcoef(img.ravel()[::97], raw.ravel()[::97])[0, 1] < -0.5
+
+
+def test_bad_files_name_the_file(tmp_path):
+    with pytest.raises(I.ImageError, match="nope.png: image file not found"):
+        I.load_image(str(tmp_path / "nope.png"))
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(I.ImageError, match="bad.png: cannot decode image"):
+        I.load_image(str(tmp_path / "bad.png"))
+    (tmp_path / "bad.dcm").write_bytes(b"\x00" * 200)
+    with pytest.raises(I.ImageError, match="bad.dcm: cannot decode DICOM"):
+        I.load_image(str(tmp_path / "bad.dcm"))
