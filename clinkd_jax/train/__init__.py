@@ -1,0 +1,1 @@
+"""Training: train state, losses, steps, checkpoints, the loop."""

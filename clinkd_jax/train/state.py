@@ -1,0 +1,108 @@
+"""Train state and optimizer: AdamW with warmup + cosine, global-norm clipping, gradient accumulation,
+and freezing by parameter path (frozen leaves get no optimizer state and no update).
+
+ClinKD's default (clinkd-spec §1.4): vision tower and merger frozen, the LLM trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import flax.linen
+
+from clinkd_jax.models.qwen2vl import Qwen2VL, abstract_params, param_shardings
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    learning_rate: float = 5e-5
+    schedule: str = "cosine"  # "cosine" | "constant"
+    warmup_steps: int = 0
+    total_steps: int = 1000  # optimizer updates, for the schedule
+    end_lr_ratio: float = 0.0  # cosine ends at learning_rate * end_lr_ratio
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # global norm; 0 = off
+    grad_accum: int = 1  # micro-batches per optimizer update
+    frozen: tuple[str, ...] = ("visual/.*",)  # regexes over "a/b/c" parameter paths
+
+
+@flax.struct.dataclass
+class TrainState:
+    """A plain pytree; the optimizer (`tx`) is passed to the step, not stored."""
+
+    step: jax.Array  # micro-steps taken
+    params: Any
+    opt_state: Any
+
+
+def path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def trainable_labels(params, frozen: tuple[str, ...]):
+    pats = [re.compile(p) for p in frozen]
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "frozen" if any(p.fullmatch(path_str(path)) for p in pats) else "trainable", params
+    )
+
+
+def schedule(cfg: OptimConfig):
+    if cfg.schedule == "constant":
+        return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1)),
+                                     optax.constant_schedule(cfg.learning_rate)], [cfg.warmup_steps])
+    if cfg.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0 if cfg.warmup_steps else cfg.learning_rate, cfg.learning_rate, cfg.warmup_steps,
+            max(cfg.total_steps, cfg.warmup_steps + 1), cfg.learning_rate * cfg.end_lr_ratio,
+        )
+    raise ValueError(f"optim.schedule={cfg.schedule!r} is not one of ('cosine', 'constant')")
+
+
+def make_optimizer(cfg: OptimConfig, params) -> optax.GradientTransformation:
+    inner = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip else []
+    inner.append(optax.adamw(schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))
+    labels = trainable_labels(params, cfg.frozen)
+    if "trainable" not in jax.tree.leaves(labels):
+        raise ValueError(f"optim.frozen={cfg.frozen} freezes every parameter")
+    tx = optax.multi_transform({"trainable": optax.chain(*inner), "frozen": optax.set_to_zero()}, labels)
+    return optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum) if cfg.grad_accum > 1 else tx
+
+
+def param_shapes(model: Qwen2VL):
+    return jax.tree.map(lambda b: b.value, abstract_params(model), is_leaf=lambda b: isinstance(b, flax.linen.Partitioned))
+
+
+def optimizer_for(model: Qwen2VL, cfg: OptimConfig) -> optax.GradientTransformation:
+    return make_optimizer(cfg, param_shapes(model))
+
+
+def create(params, tx: optax.GradientTransformation) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def abstract_state(model: Qwen2VL, tx) -> TrainState:
+    return jax.eval_shape(lambda: create(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), param_shapes(model)), tx))
+
+
+def state_shardings(model: Qwen2VL, tx, mesh, rules=None) -> TrainState:
+    """NamedShardings for every leaf of the TrainState: params by their logical names, optimizer moments
+    like their params, counters replicated."""
+    p_sh = param_shardings(model, mesh, rules)
+    abstract = abstract_state(model, tx)
+    replicated = NamedSharding(mesh, P())
+    opt_sh = optax.tree_map_params(
+        tx, lambda _, s: s, abstract.opt_state, p_sh,
+        transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, optax.MaskedNode),
+    )
+    return TrainState(step=replicated, params=p_sh, opt_state=opt_sh)

@@ -1,0 +1,46 @@
+"""Demo batches in a tiny model's vocabulary, shared by the training tests."""
+
+import functools
+
+import numpy as np
+import pytest
+
+from clinkd_jax.data import demo, pipeline, records, text
+from clinkd_jax.data.image import ImageConfig
+from clinkd_jax.models import config as mcfg
+
+TINY_VOCAB = 1024
+
+
+@functools.lru_cache(maxsize=None)
+def demo_batches(batch_size=4, num_epochs=1, seed=0):
+    """Demo-set batches whose token ids are compacted into a 1024-token vocabulary (the real Qwen2
+    tokenizer's ids go up to 151k; a tiny test model with that vocabulary would dominate test time)."""
+    import tempfile
+
+    d = tempfile.mkdtemp()
+    demo.generate(d, train_per_image=4, test_per_image=0, max_side=112)
+    recs = records.read_medgrit(f"{d}/train.json", f"{d}/images")
+    enc = text.ChatEncoder(text.load_tokenizer(text.bundled_qwen2_tokenizer_dir()), "qwen2vl")
+    cfg = pipeline.PipelineConfig(batch_size=batch_size, text_buckets=(160,), patch_buckets=(64,),
+                                  image=ImageConfig(max_pixels=112 * 112), num_epochs=num_epochs, seed=seed)
+    batches = list(pipeline.make_batches(recs, enc, cfg))
+    tiny = mcfg.tiny(vocab_size=TINY_VOCAB)
+    used = np.unique(np.concatenate([b["input_ids"].ravel() for b in batches]))
+    free = [i for i in range(TINY_VOCAB) if i not in range(250, 256)]
+    table = {int(t): free[k] for k, t in enumerate(u for u in used if u != cfg.image_token_id)}
+    table[cfg.image_token_id] = tiny.image_token_id
+    assert len(table) <= TINY_VOCAB - 6
+    lookup = np.vectorize(lambda t: table.get(int(t), t))
+    out = []
+    for b in batches:
+        b = dict(b)
+        b["input_ids"] = lookup(b["input_ids"]).astype(np.int32)
+        b["labels"] = np.where(b["labels"] == -100, -100, lookup(b["labels"])).astype(np.int32)
+        out.append(b)
+    return tiny, out
+
+
+@pytest.fixture(scope="session")
+def tiny_and_batches():
+    return demo_batches()
