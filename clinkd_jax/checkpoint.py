@@ -63,3 +63,52 @@ def _plain(tree):
     if hasattr(tree, "items") and not hasattr(tree, "shape"):
         return {k: _plain(v) for k, v in tree.items()}
     return tree
+
+
+# ------------------------------------------------------------------------- training checkpoints
+class TrainCheckpointer:
+    """Orbax CheckpointManager for training: train state + data-iterator state + run config, saved
+    asynchronously every `save_every` steps, the last `keep` kept. `restore` puts the state directly
+    onto the shardings of the abstract target, so a run can resume on another mesh shape."""
+
+    def __init__(self, directory: str, *, save_every: int = 1000, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, save_interval_steps=save_every, enable_async_checkpointing=async_save,
+            ),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_state: dict, config: dict, *, force: bool = False) -> bool:
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state),
+            config=ocp.args.JsonSave(config),
+        )
+        return self.manager.save(step, args=args, force=force)
+
+    def restore(self, abstract_state, step: int | None = None):
+        """(step, state, data_state) of the latest (or given) checkpoint, or None when there is none."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            return None
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore(),
+        ))
+        return step, out.state, out.data
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_with_shardings(abstract_tree, shardings):
+    """ShapeDtypeStructs carrying the target shardings: what `TrainCheckpointer.restore` fills in."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings)

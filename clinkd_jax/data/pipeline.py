@@ -14,6 +14,7 @@ Each batch is a dict of NumPy arrays (B = batch size, L = text bucket, N = patch
     vision_position_ids  (B, N, 2) int32   (row, col) of each patch
     vision_segment_ids   (B, N)    int32   image number of each patch, 0 = padding
     sample_mask          (B,)      int32   0 for the filler rows that complete a last partial batch
+    teacher_position_ids (3, B, L) int32   only with `teacher_mrope_gaps` (teacher on its own M-RoPE ids)
     index                (B,)      int64   position of the sample in the (shuffled, repeated) stream, -1 = filler
 
 A whole epoch compiles at most once per (text bucket, patch bucket) pair. Bad items never stop an
@@ -49,6 +50,7 @@ class PipelineConfig:
     patch_buckets: tuple[int, ...] = (256, 1024, 2304, 4096)  # per-sample patch slots (multiples of 4)
     image: image_lib.ImageConfig = image_lib.ImageConfig(max_pixels=768 * 768)  # ClinKD's training budget
     mrope_gaps: tuple[int, int] = positions.CLINKD_GAPS  # (1, 1) = plain Qwen2-VL
+    teacher_mrope_gaps: tuple[int, int] | None = None  # set: batches also carry teacher_position_ids
     image_token_id: int = 151655
     pad_token_id: int = 151643
     seed: int = 0
@@ -97,10 +99,15 @@ class Preprocess:
             enc.input_ids[None], np.asarray(grids).reshape(-1, 3), image_token_id=cfg.image_token_id,
             spatial_merge_size=cfg.image.merge_size, gap_in=cfg.mrope_gaps[0], gap_out=cfg.mrope_gaps[1],
         )
-        return index, {
-            "input_ids": enc.input_ids, "labels": enc.labels, "position_ids": pos[:, 0],
-            "images": list(zip(patches, grids)), "n_patches": n_patches, "dropped_turns": enc.turns_kept,
-        }
+        sample = {"input_ids": enc.input_ids, "labels": enc.labels, "position_ids": pos[:, 0],
+                  "images": list(zip(patches, grids)), "n_patches": n_patches}
+        if cfg.teacher_mrope_gaps is not None:
+            t_pos, _ = positions.get_rope_index(
+                enc.input_ids[None], np.asarray(grids).reshape(-1, 3), image_token_id=cfg.image_token_id,
+                spatial_merge_size=cfg.image.merge_size, gap_in=cfg.teacher_mrope_gaps[0], gap_out=cfg.teacher_mrope_gaps[1],
+            )
+            sample["teacher_position_ids"] = t_pos[:, 0]
+        return index, sample
 
 
 def bucket_of(sample, cfg: PipelineConfig) -> tuple[int, int]:
@@ -129,8 +136,14 @@ def collate(samples: Sequence[dict], indices: Sequence[int], bucket: tuple[int, 
     sample_mask[: len(samples)] = 1
     index = np.full((b,), -1, np.int64)
     index[: len(samples)] = indices
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "position_ids": pos,
-            "decode_offsets": offsets, **vision, "sample_mask": sample_mask, "index": index}
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels, "position_ids": pos,
+           "decode_offsets": offsets, **vision, "sample_mask": sample_mask, "index": index}
+    if samples and "teacher_position_ids" in samples[0]:
+        t_pos = np.zeros((3, b, length), np.int32)
+        for i, s in enumerate(samples):
+            t_pos[:, i, : len(s["input_ids"])] = s["teacher_position_ids"]
+        out["teacher_position_ids"] = t_pos
+    return out
 
 
 class BatchIterator:

@@ -282,4 +282,13 @@ def tiny(**text_overrides) -> Qwen2VLConfig:
     )
 
 
-PRESETS = {"qwen2vl_2b": qwen2vl_2b, "qwen2vl_7b": qwen2vl_7b, "qwen2vl_72b": qwen2vl_72b, "tiny": tiny}
+def tiny_qwen(**text_overrides) -> Qwen2VLConfig:
+    """`tiny` geometry with the real Qwen2-VL vocabulary and special ids (runs on the real tokenizer)."""
+    cfg = tiny(vocab_size=151936, **text_overrides)
+    return cfg.replace(image_token_id=IMAGE_TOKEN_ID, video_token_id=VIDEO_TOKEN_ID,
+                       vision_start_token_id=VISION_START_TOKEN_ID, vision_end_token_id=VISION_END_TOKEN_ID,
+                       bos_token_id=151643, eos_token_id=151645)
+
+
+PRESETS = {"qwen2vl_2b": qwen2vl_2b, "qwen2vl_7b": qwen2vl_7b, "qwen2vl_72b": qwen2vl_72b, "tiny": tiny,
+           "tiny_qwen": tiny_qwen}

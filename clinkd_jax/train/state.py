@@ -102,7 +102,7 @@ def state_shardings(model: Qwen2VL, tx, mesh, rules=None) -> TrainState:
     abstract = abstract_state(model, tx)
     replicated = NamedSharding(mesh, P())
     opt_sh = optax.tree_map_params(
-        tx, lambda _, s: s, abstract.opt_state, p_sh,
+        tx, lambda leaf, s: leaf if isinstance(leaf, optax.MaskedNode) else s, abstract.opt_state, p_sh,
         transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, optax.MaskedNode),
     )
     return TrainState(step=replicated, params=p_sh, opt_state=opt_sh)

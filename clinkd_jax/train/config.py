@@ -1,0 +1,91 @@
+"""Run-config validation: every inconsistency is reported before anything is compiled, naming the field."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+
+from clinkd_jax.models import config as model_config
+from clinkd_jax.models.attention import IMPLS
+from clinkd_jax.train import losses
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _source(c, name: str, required: bool) -> None:
+    src = c[name]
+    given = [k for k in ("hf_dir", "orbax_dir", "preset") if src.get(k)]
+    if len(given) > 1:
+        raise ConfigError(f"{name}: give exactly one of hf_dir / orbax_dir / preset, got {', '.join(f'{name}.{g}' for g in given)}")
+    if not given:
+        if required:
+            raise ConfigError(f"{name}: no source; set {name}.hf_dir, {name}.orbax_dir or {name}.preset")
+        return
+    if src.preset and src.preset not in model_config.PRESETS:
+        raise ConfigError(f"{name}.preset={src.preset!r} is not one of {sorted(model_config.PRESETS)}")
+    for key in ("hf_dir", "orbax_dir"):
+        if src.get(key) and not os.path.isdir(src[key]):
+            raise ConfigError(f"{name}.{key}={src[key]!r} is not a directory")
+
+
+def validate(c) -> None:
+    if c.stage not in ("sft", "kd"):
+        raise ConfigError(f"stage={c.stage!r} is not one of ('sft', 'kd')")
+    _source(c, "model", required=True)
+    _source(c, "teacher", required=c.stage == "kd")
+    if c.stage == "kd":
+        try:
+            losses.KDConfig(**c.kd.to_dict())
+        except (TypeError, ValueError) as e:
+            raise ConfigError(str(e)) from None
+        if c.teacher.positions not in ("shared", "own"):
+            raise ConfigError(f"teacher.positions={c.teacher.positions!r} is not one of ('shared', 'own')")
+    for field in ("model.dtype", "model.param_dtype", "teacher.dtype"):
+        section, key = field.split(".")
+        try:
+            np.dtype(c[section][key])
+        except TypeError:
+            raise ConfigError(f"{field}={c[section][key]!r} is not a dtype") from None
+    if c.model.attention not in IMPLS:
+        raise ConfigError(f"model.attention={c.model.attention!r} is not one of {IMPLS}")
+    if c.model.remat not in ("none", "full", "dots", "dots_saveable"):
+        raise ConfigError(f"model.remat={c.model.remat!r} is not one of none/full/dots/dots_saveable")
+    d = c.data
+    if d.format not in ("medgrit", "sharegpt", "demo"):
+        raise ConfigError(f"data.format={d.format!r} is not one of ('medgrit', 'sharegpt', 'demo')")
+    if d.format != "demo":
+        files = [f for f in d.train_files if f]
+        if not files:
+            raise ConfigError("data.train_files is empty")
+        for f in files:
+            if not os.path.isfile(f):
+                raise ConfigError(f"data.train_files: {f} does not exist")
+        if not os.path.isdir(d.image_dir):
+            raise ConfigError(f"data.image_dir={d.image_dir!r} is not a directory")
+    for key in ("text_buckets", "patch_buckets"):
+        b = list(d[key])
+        if not b or b != sorted(set(b)) or b[0] <= 0:
+            raise ConfigError(f"data.{key}={tuple(b)} must be increasing positive lengths")
+    if any(n % 4 for n in d.patch_buckets):
+        raise ConfigError(f"data.patch_buckets={tuple(d.patch_buckets)} must be multiples of 4 (2x2 merge)")
+    if d.batch_size <= 0 or d.batch_size % jax.process_count():
+        raise ConfigError(f"data.batch_size={d.batch_size} must be a positive multiple of the {jax.process_count()} hosts")
+    if len(d.mrope_gaps) != 2 or min(d.mrope_gaps) < 1:
+        raise ConfigError(f"data.mrope_gaps={tuple(d.mrope_gaps)} must be two gaps >= 1")
+    if c.optim.grad_accum < 1:
+        raise ConfigError(f"optim.grad_accum={c.optim.grad_accum} must be >= 1")
+    if c.optim.schedule not in ("cosine", "constant"):
+        raise ConfigError(f"optim.schedule={c.optim.schedule!r} is not one of ('cosine', 'constant')")
+    shape = list(c.mesh.shape)
+    if len(shape) != 3:
+        raise ConfigError(f"mesh.shape={tuple(shape)} must have 3 axes (data, fsdp, tensor)")
+    known = int(np.prod([s for s in shape if s != -1]))
+    n = jax.device_count()
+    if shape.count(-1) > 1 or (shape.count(-1) == 0 and known > n) or (shape.count(-1) == 1 and n % known):
+        raise ConfigError(f"mesh.shape={tuple(shape)} does not fit the {n} available devices")
+    if c.train.loss_chunk <= 0:
+        raise ConfigError(f"train.loss_chunk={c.train.loss_chunk} must be > 0")

@@ -1,0 +1,187 @@
+"""The training run: config -> mesh -> data -> model (+ teacher) -> jitted step -> loop -> checkpoints.
+
+Resumes exactly from the latest checkpoint in `<workdir>/checkpoints` (train state and the data
+iterator's state), saves on SIGTERM (preemptible TPU VMs), stops on a non-finite loss with the step
+number (the last good checkpoint is kept), and writes `metrics.jsonl`, TensorBoard events and
+`loss.png` to the workdir.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from clinkd_jax import checkpoint, sharding
+from clinkd_jax.convert import hf
+from clinkd_jax.data import demo, pipeline, records, text
+from clinkd_jax.data.image import ImageConfig
+from clinkd_jax.models import config as model_config
+from clinkd_jax.models.qwen2vl import Qwen2VL, abstract_params, init_params
+from clinkd_jax.train import losses, state as state_lib, steps
+from clinkd_jax.train.config import validate
+from clinkd_jax.train.report import MetricsWriter
+
+log = logging.getLogger("clinkd_jax.train")
+HOST_ONLY = ("index", "sample_mask", "decode_offsets")
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+def load_model(src, mesh, seed: int, *, vocab_hint: int | None = None):
+    """(Qwen2VLConfig, params) from src.hf_dir | src.orbax_dir | src.preset."""
+    dtype = None if src.get("param_dtype", "") in ("", None) else src.param_dtype
+    if src.hf_dir:
+        return hf.load_hf_checkpoint(src.hf_dir, mesh=mesh, dtype=dtype)
+    if src.orbax_dir:
+        return checkpoint.load_params(src.orbax_dir, mesh=mesh, dtype=dtype)
+    overrides = src.get("text_overrides")
+    cfg = model_config.PRESETS[src.preset]()
+    if overrides:
+        import dataclasses
+
+        cfg = cfg.replace(text=dataclasses.replace(cfg.text, **{k: tuple(v) if isinstance(v, list) else v
+                                                                 for k, v in overrides.to_dict().items()}))
+    return cfg, init_params(Qwen2VL(cfg, param_dtype=dtype or "float32"), jax.random.key(seed), mesh)
+
+
+def build_data(c, workdir, model_dir: str):
+    d = c.data
+    log_ = records.SkipLog(strict=d.strict)
+    if d.format == "demo":
+        root = os.path.join(workdir, "demo_data")
+        if not os.path.isfile(os.path.join(root, "train.json")):
+            demo.generate(root)
+        recs = records.read_medgrit(os.path.join(root, "train.json"), os.path.join(root, "images"), log=log_)
+    else:
+        reader = records.read_medgrit if d.format == "medgrit" else records.read_sharegpt
+        recs = [r for f in d.train_files for r in reader(f, d.image_dir, log=log_)]
+    tok_dir = d.tokenizer or model_dir or text.bundled_qwen2_tokenizer_dir()
+    encoder = text.ChatEncoder(text.load_tokenizer(tok_dir), d.chat_template or None)
+    per_host = d.batch_size // jax.process_count()
+    pcfg = pipeline.PipelineConfig(
+        batch_size=per_host, text_buckets=tuple(d.text_buckets), patch_buckets=tuple(d.patch_buckets),
+        image=ImageConfig(min_pixels=d.min_pixels, max_pixels=d.max_pixels), mrope_gaps=tuple(d.mrope_gaps),
+        seed=c.seed, shuffle=d.shuffle, num_epochs=d.num_epochs, worker_count=d.worker_count,
+        read_threads=d.read_threads, strict=d.strict, shard_index=jax.process_index(), shard_count=jax.process_count(),
+        teacher_mrope_gaps=(1, 1) if c.stage == "kd" and c.teacher.positions == "own" else None,
+    )
+    return recs, encoder, pcfg, log_
+
+
+def to_global(batch: dict, mesh) -> dict:
+    """Host-local NumPy batch -> global jax.Arrays sharded over the batch axes."""
+    out = {}
+    batch_axes = sharding.logical_to_spec(("batch",), (batch["input_ids"].shape[0] * jax.process_count(),),
+                                          dict(mesh.shape), sharding.DEFAULT_RULES)[0]
+    for k, v in batch.items():
+        if k in HOST_ONLY:
+            continue
+        spec = P(None, batch_axes) if k.endswith("position_ids") and v.ndim == 3 and k != "vision_position_ids" else P(batch_axes)
+        out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), v)
+    return out
+
+
+def run(c, workdir: str) -> dict:
+    """Train as `c` says; returns a summary (final metrics, steps, skips, paths)."""
+    validate(c)
+    os.makedirs(workdir, exist_ok=True)
+    shape = tuple(c.mesh.shape)
+    n_mesh = int(np.prod(shape)) if -1 not in shape else jax.device_count()
+    mesh = sharding.make_mesh(shape, devices=jax.devices()[:n_mesh])  # a smaller explicit mesh uses the first devices
+    rules = sharding.DEFAULT_RULES
+    cfg, params = load_model(c.model, mesh, c.seed)
+    model = Qwen2VL(cfg, dtype=c.model.dtype, param_dtype=c.model.param_dtype, attention_impl=c.model.attention,
+                    remat=c.model.remat)
+    teacher = teacher_params = None
+    if c.stage == "kd":
+        t_cfg, teacher_params = load_model(c.teacher, mesh, c.seed + 1)
+        teacher = Qwen2VL(t_cfg, dtype=c.teacher.dtype, attention_impl=c.model.attention)
+    recs, encoder, pcfg, skips = build_data(c, workdir, c.model.hf_dir)
+    data = pipeline.make_batches(recs, encoder, pcfg, skips)
+
+    opt = state_lib.OptimConfig(
+        learning_rate=c.optim.learning_rate, schedule=c.optim.schedule, warmup_steps=c.optim.warmup_steps,
+        total_steps=_total_updates(c, len(recs)), end_lr_ratio=c.optim.end_lr_ratio, b1=c.optim.b1, b2=c.optim.b2,
+        eps=c.optim.eps, weight_decay=c.optim.weight_decay, grad_clip=c.optim.grad_clip, grad_accum=c.optim.grad_accum,
+        frozen=tuple(c.optim.frozen),
+    )
+    tx = state_lib.optimizer_for(model, opt)
+    st_sh = state_lib.state_shardings(model, tx, mesh, rules)
+    t_sh = None if teacher is None else sharding.tree_shardings(abstract_params(teacher), mesh, rules)
+    ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"), save_every=c.checkpoint.save_every,
+                                        keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
+    with sharding.use_mesh(mesh, rules):
+        restored = ckpt.restore(checkpoint.abstract_with_shardings(state_lib.abstract_state(model, tx), st_sh))
+        if restored is None:
+            state = jax.jit(functools.partial(state_lib.create, tx=tx), out_shardings=st_sh)(params)
+            start = 0
+        else:
+            start, state, data_state = restored
+            data.set_state(data_state)
+            log.info("resumed from step %d", start)
+        del params
+        sched = state_lib.schedule(opt)
+        step_fn = steps.jit_train_step(
+            st_sh, t_sh, None, model=model, tx=tx, teacher=teacher,
+            kd=losses.KDConfig(**c.kd.to_dict()) if c.stage == "kd" else None, chunk=c.train.loss_chunk,
+            teacher_positions=c.teacher.positions, lr_schedule=lambda s: sched(s // opt.grad_accum),
+        )
+        writer = MetricsWriter(workdir, resume_from=start, progress=c.train.progress and jax.process_index() == 0,
+                               total=None if c.train.steps < 0 else c.train.steps)
+        stop = {"signal": None}
+        previous = signal.signal(signal.SIGTERM, lambda signum, _: stop.update(signal=signum))
+        step, metrics, t0 = start, {}, time.perf_counter()
+        try:
+            for batch in data:
+                if 0 <= c.train.steps <= step:
+                    break
+                state, metrics = step_fn(state, teacher_params, to_global(batch, mesh))
+                step += 1
+                if step % c.train.log_every == 0 or step == c.train.steps:
+                    metrics = jax.tree.map(float, metrics)
+                    if not math.isfinite(metrics["loss"]):
+                        raise NonFiniteLoss(f"non-finite loss {metrics['loss']} at step {step}; the last good "
+                                            f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+                    tokens = metrics["tokens"] * jax.process_count()
+                    metrics["tokens_per_s"] = tokens * c.train.log_every / max(time.perf_counter() - t0, 1e-9)
+                    t0 = time.perf_counter()
+                    writer.write(step, metrics)
+                ckpt.save(step, state, data.get_state(), c.to_dict())
+                if stop["signal"] is not None:
+                    log.warning("signal %s: saving step %d and stopping", stop["signal"], step)
+                    break
+            if ckpt.latest_step() != step:
+                ckpt.save(step, state, data.get_state(), c.to_dict(), force=True)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            ckpt.close()
+            writer.close()
+    if c.checkpoint.export_hf:
+        hf.save_hf_checkpoint(state.params, cfg, os.path.join(workdir, "export_hf"),
+                              assets_from=c.model.hf_dir or None)
+    summary = {"stage": c.stage, "steps": step, "start_step": start, "final": metrics,
+               "skipped": dict(skips.counts), "workdir": workdir, "preempted": stop["signal"] is not None}
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=float)
+    return {**summary, "state": state}
+
+
+def _total_updates(c, n_records: int) -> int:
+    if c.train.steps > 0:
+        micro = c.train.steps
+    elif c.data.num_epochs:
+        micro = math.ceil(n_records / c.data.batch_size) * c.data.num_epochs
+    else:
+        micro = c.train.total_steps_hint * c.optim.grad_accum
+    return max(1, micro // c.optim.grad_accum)

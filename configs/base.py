@@ -1,0 +1,90 @@
+"""Every knob of a clinkd_jax training run. Experiment configs import this and override fields;
+the command line overrides any field: --config.optim.learning_rate=1e-5 --config.kd.mask=aligned"""
+
+from ml_collections import ConfigDict
+
+
+def get_config() -> ConfigDict:
+    c = ConfigDict()
+    c.stage = "sft"  # "sft" (cross-entropy) | "kd" (ClinKD distillation from `teacher`)
+    c.seed = 0
+
+    # --- the student / the model being trained. Exactly one source: hf_dir, orbax_dir or preset.
+    c.model = ConfigDict()
+    c.model.hf_dir = ""  # a Hugging Face Qwen2-VL directory (config.json + *.safetensors)
+    c.model.orbax_dir = ""  # a clinkd_jax params checkpoint (python -m clinkd_jax.convert)
+    c.model.preset = ""  # build from scratch: tiny | tiny_qwen | qwen2vl_2b | qwen2vl_7b | qwen2vl_72b
+    c.model.text_overrides = ConfigDict()  # with a preset: LLM fields to change, e.g. {"hidden_size": 128}
+    c.model.dtype = "bfloat16"  # compute dtype
+    c.model.param_dtype = "float32"  # master weights (optimizer state is float32 too)
+    c.model.attention = "xla"  # xla | jax | cudnn (GPU) | splash (TPU)
+    c.model.remat = "none"  # none | full | dots | dots_saveable
+
+    # --- the teacher (stage "kd"): same sources; it shares the mesh, is never donated, has no optimizer state
+    c.teacher = ConfigDict()
+    c.teacher.hf_dir = ""
+    c.teacher.orbax_dir = ""
+    c.teacher.preset = ""
+    c.teacher.text_overrides = ConfigDict()
+    c.teacher.dtype = "bfloat16"
+    c.teacher.positions = "shared"  # "shared": the student's MCG-RoPE ids (released) | "own": gaps (1, 1)
+
+    # --- distillation loss (clinkd-spec §2.2 / §6); defaults reproduce the released code
+    c.kd = ConfigDict()
+    c.kd.alpha = 0.5
+    c.kd.temperature = 0.5
+    c.kd.mask = "released"  # released (unshifted labels) | aligned
+    c.kd.reduction = "sum"  # sum (released) | mean
+    c.kd.divergence = "forward"  # forward KL(teacher||student) | reverse
+    c.kd.use_ce = True  # False: L = L_KD only
+
+    # --- data
+    c.data = ConfigDict()
+    c.data.format = "medgrit"  # medgrit | sharegpt | demo (generate the bundled demo set into the workdir)
+    c.data.train_files = ("",)  # JSON files
+    c.data.image_dir = ""
+    c.data.tokenizer = ""  # directory; default: the model's hf_dir, else the bundled Qwen2 tokenizer
+    c.data.chat_template = "qwen2vl"  # "qwen2vl" (built in) | "" (the tokenizer's own)
+    c.data.batch_size = 2  # global batch (all hosts); per-device batch x data-parallel devices
+    c.data.text_buckets = (512, 1024, 2048)  # the last one is the cutoff (ClinKD: 2048)
+    c.data.patch_buckets = (1024, 2304, 3136)  # per-sample patch slots; 768^2 px -> <= 2916 patches
+    c.data.min_pixels = 32 * 32
+    c.data.max_pixels = 768 * 768  # ClinKD training budget
+    c.data.mrope_gaps = (2, 2)  # MCG-RoPE; (1, 1) = plain Qwen2-VL (the MCG ablation)
+    c.data.num_epochs = 3
+    c.data.shuffle = True
+    c.data.strict = False  # True: stop at the first bad item instead of skipping and counting
+    c.data.worker_count = 0
+    c.data.read_threads = 2
+
+    # --- optimizer (ClinKD SFT: AdamW, lr 5e-5 cosine, no warmup, clip 1.0, wd 0, accumulation 8)
+    c.optim = ConfigDict()
+    c.optim.learning_rate = 5e-5
+    c.optim.schedule = "cosine"
+    c.optim.warmup_steps = 0
+    c.optim.end_lr_ratio = 0.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.0
+    c.optim.grad_clip = 1.0
+    c.optim.grad_accum = 8
+    c.optim.frozen = ("visual/.*",)  # vision tower + merger frozen (clinkd-spec §1.4)
+
+    # --- loop
+    c.train = ConfigDict()
+    c.train.steps = -1  # micro-steps; -1 = until the data's epochs are done
+    c.train.total_steps_hint = 10000  # schedule length when steps = -1 (optimizer updates)
+    c.train.loss_chunk = 256  # sequence positions per LM-head chunk in the losses
+    c.train.log_every = 10
+    c.train.progress = True
+
+    c.checkpoint = ConfigDict()
+    c.checkpoint.save_every = 1000
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+    c.checkpoint.export_hf = False  # also write the final student in the Hugging Face layout
+
+    c.mesh = ConfigDict()
+    c.mesh.shape = (1, -1, 1)  # data, fsdp, tensor; -1 = the remaining devices (without -1: the first devices)
+    return c

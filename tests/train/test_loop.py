@@ -1,0 +1,164 @@
+"""The training run end to end: exact resume, restore onto another mesh, NaN stop, SIGTERM save,
+config validation and the command line."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from clinkd_jax import checkpoint, sharding
+from clinkd_jax.models import Qwen2VL
+from clinkd_jax.train import loop, state as state_lib
+from clinkd_jax.train.config import ConfigError, validate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+from configs import demo_train  # noqa: E402
+
+SMALL = {"hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 64}
+
+
+def small_config(**changes):
+    c = demo_train.get_config()
+    c.model.text_overrides = SMALL
+    c.data.batch_size = 2
+    c.data.text_buckets = (192,)
+    c.data.patch_buckets = (256,)
+    c.data.max_pixels = 112 * 112
+    c.checkpoint.save_every = 3
+    c.checkpoint.async_save = False
+    c.train.progress = False
+    c.train.total_steps_hint = 20
+    c.data.num_epochs = None
+    for key, value in changes.items():
+        section, field = key.split(".")
+        c[section][field] = value
+    return c
+
+
+def losses_of(workdir):
+    return {r["step"]: r["loss"] for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl")))}
+
+
+def test_resume_is_exact(tmp_path):
+    """6 steps straight == 3 steps, stop, resume, 3 more: same losses and bit-identical parameters."""
+    straight = loop.run(small_config(**{"train.steps": 6}), str(tmp_path / "a"))
+    loop.run(small_config(**{"train.steps": 3}), str(tmp_path / "b"))
+    resumed = loop.run(small_config(**{"train.steps": 6}), str(tmp_path / "b"))
+    assert resumed["start_step"] == 3 and resumed["steps"] == 6
+    assert losses_of(tmp_path / "a") == losses_of(tmp_path / "b")
+    for x, y in zip(jax.tree.leaves(straight["state"].params), jax.tree.leaves(resumed["state"].params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert os.path.isfile(tmp_path / "a" / "loss.png") and os.listdir(tmp_path / "a" / "tensorboard")
+
+
+def test_restore_onto_another_mesh(tmp_path):
+    c = small_config(**{"train.steps": 3})
+    saved = loop.run(c, str(tmp_path / "r"))["state"]
+    cfg, _ = loop.load_model(c.model, sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]), 0)
+    model = Qwen2VL(cfg)
+    tx = state_lib.optimizer_for(model, state_lib.OptimConfig(frozen=tuple(c.optim.frozen)))
+    mesh = sharding.make_mesh((2, 2, 2))
+    target = checkpoint.abstract_with_shardings(state_lib.abstract_state(model, tx), state_lib.state_shardings(model, tx, mesh))
+    ckpt = checkpoint.TrainCheckpointer(str(tmp_path / "r" / "checkpoints"))
+    step, restored, data_state = ckpt.restore(target)
+    ckpt.close()
+    assert step == 3 and data_state["batches"] == 3
+    up = restored.params["model"]["layers"]["mlp"]["up_proj"]["kernel"]
+    assert up.sharding.mesh.shape == mesh.shape and up.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    for x, y in zip(jax.tree.leaves(saved), jax.tree.leaves(restored)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_non_finite_loss_stops_with_the_step(tmp_path):
+    c = small_config(**{"train.steps": 8, "optim.learning_rate": 1e30, "optim.warmup_steps": 0, "optim.grad_clip": 0.0})
+    with pytest.raises(loop.NonFiniteLoss, match=r"non-finite loss .* at step \d+; the last good checkpoint is step"):
+        loop.run(c, str(tmp_path / "nan"))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"stage": "distil"}, "stage='distil' is not one of"),
+    ({"model.preset": "huge"}, "model.preset='huge' is not one of"),
+    ({"model.hf_dir": "/nonexistent"}, "give exactly one of hf_dir / orbax_dir / preset"),
+    ({"stage": "kd"}, "teacher: no source"),
+    ({"data.patch_buckets": (130,)}, "must be multiples of 4"),
+    ({"data.text_buckets": (512, 256)}, "must be increasing"),
+    ({"mesh.shape": (3, 3, 1)}, r"mesh.shape=\(3, 3, 1\) does not fit the 8 available devices"),
+    ({"model.attention": "flash"}, "model.attention='flash' is not one of"),
+    ({"data.format": "csv"}, "data.format='csv'"),
+])
+def test_config_errors_name_the_field(changes, message):
+    c = small_config()
+    for key, value in changes.items():
+        if "." in key:
+            section, field = key.split(".")
+            c[section][field] = value
+        else:
+            c[key] = value
+    with pytest.raises(ConfigError, match=message):
+        validate(c)
+
+
+def test_kd_switch_errors_name_the_field():
+    c = small_config(**{"teacher.preset": "tiny_qwen"})
+    c.stage = "kd"
+    c.kd.mask = "shifted"
+    with pytest.raises(ConfigError, match="kd.mask='shifted'"):
+        validate(c)
+
+
+def _cli(args, **kw):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    return subprocess.Popen([sys.executable, "-m", "clinkd_jax.main", "--config=configs/demo_train.py", *args],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_cli_rejects_bad_settings_before_compiling(tmp_path):
+    p = _cli([f"--workdir={tmp_path}", "--config.data.patch_buckets=(130,)"])
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 2 and "config error: data.patch_buckets=(130,) must be multiples of 4" in out
+    p = _cli([f"--workdir={tmp_path}", "--config.optim.nope=1"])
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode != 0 and "nope" in out
+
+
+def test_sigterm_saves_and_stops(tmp_path):
+    """A preemptible VM's SIGTERM: the run saves the step it is at and exits cleanly."""
+    workdir = tmp_path / "pre"
+    overrides = [f"--workdir={workdir}", "--config.train.steps=200", "--config.checkpoint.save_every=1000",
+                 "--config.train.progress=False", "--config.data.batch_size=2", "--config.data.text_buckets=(192,)",
+                 "--config.data.max_pixels=12544", "--config.data.patch_buckets=(256,)"]
+    p = _cli(overrides)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (workdir / "metrics.jsonl").exists():
+        time.sleep(1)
+    assert (workdir / "metrics.jsonl").exists(), "training never started"
+    time.sleep(2)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, out
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["preempted"] and 0 < summary["steps"] < 200
+    assert os.path.isdir(workdir / "checkpoints" / str(summary["steps"]))
+
+
+def test_kd_stage_runs_from_a_saved_teacher(tmp_path):
+    """Stage kd through the loop: the teacher comes from an Orbax params checkpoint (as `convert` writes),
+    on its own M-RoPE positions; both loss terms are logged."""
+    sft = loop.run(small_config(**{"train.steps": 2}), str(tmp_path / "t"))
+    cfg, _ = loop.load_model(small_config().model, sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]), 0)
+    checkpoint.save_params(str(tmp_path / "teacher"), sft["state"].params, cfg)
+    c = small_config(**{"train.steps": 2, "teacher.orbax_dir": str(tmp_path / "teacher"), "teacher.positions": "own",
+                        "teacher.dtype": "float32"})
+    c.stage = "kd"
+    out = loop.run(c, str(tmp_path / "kd"))
+    rows = [json.loads(line) for line in open(tmp_path / "kd" / "metrics.jsonl")]
+    assert len(rows) == 2 and all(r["loss_kd"] > 0 and r["loss_ce"] > 0 for r in rows)
+    np.testing.assert_allclose(rows[0]["loss"], (0.5 * rows[0]["loss_kd"] + rows[0]["loss_ce"]) / 1.5, rtol=1e-5)
+    assert out["final"]["loss_kd"] == rows[-1]["loss_kd"]
