@@ -37,6 +37,8 @@ def get_config() -> ConfigDict:
     c.kd.reduction = "sum"  # sum (released) | mean
     c.kd.divergence = "forward"  # forward KL(teacher||student) | reverse
     c.kd.use_ce = True  # False: L = L_KD only
+    c.kd.pseudo_labels = ""  # a cached teacher top-k file (python -m clinkd_jax.train.pseudo_labels): no teacher forward
+    c.kd.top_k = 64  # entries per token when writing pseudo-labels
 
     # --- data
     c.data = ConfigDict()
@@ -83,7 +85,8 @@ def get_config() -> ConfigDict:
     c.checkpoint.save_every = 1000
     c.checkpoint.keep = 3
     c.checkpoint.async_save = True
-    c.checkpoint.export_hf = False  # also write the final student in the Hugging Face layout
+    c.checkpoint.export_hf = False  # also write the final student in the Hugging Face layout (<workdir>/export_hf)
+    c.checkpoint.save_params = True  # also write the final params alone (<workdir>/params): a teacher.orbax_dir
 
     c.mesh = ConfigDict()
     c.mesh.shape = (1, -1, 1)  # data, fsdp, tensor; -1 = the remaining devices (without -1: the first devices)

@@ -16,6 +16,8 @@ Each batch is a dict of NumPy arrays (B = batch size, L = text bucket, N = patch
     sample_mask          (B,)      int32   0 for the filler rows that complete a last partial batch
     teacher_position_ids (3, B, L) int32   only with `teacher_mrope_gaps` (teacher on its own M-RoPE ids)
     index                (B,)      int64   position of the sample in the (shuffled, repeated) stream, -1 = filler
+    record_index         (B,)      int64   position of the sample's record in the input list, -1 = filler
+    teacher_topk_ids / _logp (B, L, k), teacher_topk_valid (B, L): only with `pseudo_labels`
 
 A whole epoch compiles at most once per (text bucket, patch bucket) pair. Bad items never stop an
 epoch: they are skipped, counted by reason (`SkipLog`) and reported at the end of every epoch (logger
@@ -51,6 +53,7 @@ class PipelineConfig:
     image: image_lib.ImageConfig = image_lib.ImageConfig(max_pixels=768 * 768)  # ClinKD's training budget
     mrope_gaps: tuple[int, int] = positions.CLINKD_GAPS  # (1, 1) = plain Qwen2-VL
     teacher_mrope_gaps: tuple[int, int] | None = None  # set: batches also carry teacher_position_ids
+    pseudo_labels: str | None = None  # cached teacher top-k file: batches also carry teacher_topk_*
     image_token_id: int = 151655
     pad_token_id: int = 151643
     seed: int = 0
@@ -76,8 +79,10 @@ class Preprocess:
 
     def __init__(self, cfg: PipelineConfig, encoder: text_lib.ChatEncoder):
         self.cfg, self.encoder = cfg, encoder
+        self._cache = None
 
-    def __call__(self, index: int, record: Record):
+    def __call__(self, index: int, item: tuple[int, Record]):
+        record_index, record = item
         cfg = self.cfg
         try:
             patches, grids = [], []
@@ -107,6 +112,23 @@ class Preprocess:
                 spatial_merge_size=cfg.image.merge_size, gap_in=cfg.teacher_mrope_gaps[0], gap_out=cfg.teacher_mrope_gaps[1],
             )
             sample["teacher_position_ids"] = t_pos[:, 0]
+        sample["record_index"] = record_index
+        if cfg.pseudo_labels:
+            if self._cache is None:  # opened lazily: once per worker process
+                from clinkd_jax.train.pseudo_labels import PseudoLabelReader
+
+                self._cache = PseudoLabelReader(cfg.pseudo_labels)
+            entry = self._cache.get(record_index)
+            if entry is None:
+                return index, Skip("no cached pseudo-labels", record.source, cfg.pseudo_labels)
+            n = len(enc.input_ids)
+            if len(entry["positions"]) and entry["positions"].max() >= n:
+                raise ValueError(f"{cfg.pseudo_labels}: entry for {record.source} does not match its tokens "
+                                 "(written with another tokenizer, template or buckets?)")
+            k = entry["ids"].shape[1]
+            ids, logp, valid = np.zeros((n, k), np.int32), np.zeros((n, k), np.float32), np.zeros((n,), bool)
+            ids[entry["positions"]], logp[entry["positions"]], valid[entry["positions"]] = entry["ids"], entry["logp"], True
+            sample.update(teacher_topk_ids=ids, teacher_topk_logp=logp, teacher_topk_valid=valid)
         return index, sample
 
 
@@ -143,6 +165,15 @@ def collate(samples: Sequence[dict], indices: Sequence[int], bucket: tuple[int, 
         for i, s in enumerate(samples):
             t_pos[:, i, : len(s["input_ids"])] = s["teacher_position_ids"]
         out["teacher_position_ids"] = t_pos
+    out["record_index"] = np.full((b,), -1, np.int64)
+    out["record_index"][: len(samples)] = [s["record_index"] for s in samples]
+    if samples and "teacher_topk_ids" in samples[0]:
+        k = samples[0]["teacher_topk_ids"].shape[1]
+        for key, dtype in (("teacher_topk_ids", np.int32), ("teacher_topk_logp", np.float32), ("teacher_topk_valid", bool)):
+            arr = np.zeros((b, length, k) if key != "teacher_topk_valid" else (b, length), dtype)
+            for i, s in enumerate(samples):
+                arr[i, : len(s["input_ids"])] = s[key]
+            out[key] = arr
     return out
 
 
@@ -227,6 +258,11 @@ class BatchIterator:
         self.epoch = state["epoch"]
 
 
+class _WithIndex:
+    def __call__(self, i, record):
+        return i, record
+
+
 def make_batches(
     records: Sequence[Record], encoder: text_lib.ChatEncoder, cfg: PipelineConfig, log: SkipLog | None = None
 ) -> BatchIterator:
@@ -238,7 +274,8 @@ def make_batches(
         raise ValueError(f"patch_buckets {cfg.patch_buckets} must be multiples of {cfg.image.merge_size**2}")
     if len(records) < cfg.shard_count:
         raise ValueError(f"{len(records)} records cannot be shared by {cfg.shard_count} hosts")
-    ds = grain.MapDataset.source(records)[cfg.shard_index :: cfg.shard_count]  # lazy: nothing read yet
+    ds = grain.MapDataset.source(records).map_with_index(_WithIndex())  # keep each record's list position
+    ds = ds[cfg.shard_index :: cfg.shard_count]  # lazy: nothing read yet
     epoch_size = len(ds)
     if cfg.shuffle:
         ds = ds.seed(cfg.seed).shuffle()

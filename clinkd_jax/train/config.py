@@ -16,6 +16,11 @@ class ConfigError(ValueError):
     pass
 
 
+def kd_config(c) -> losses.KDConfig:
+    fields = {k: v for k, v in c.kd.to_dict().items() if k in losses.KDConfig.__dataclass_fields__}
+    return losses.KDConfig(**fields)
+
+
 def _source(c, name: str, required: bool) -> None:
     src = c[name]
     given = [k for k in ("hf_dir", "orbax_dir", "preset") if src.get(k)]
@@ -36,10 +41,13 @@ def validate(c) -> None:
     if c.stage not in ("sft", "kd"):
         raise ConfigError(f"stage={c.stage!r} is not one of ('sft', 'kd')")
     _source(c, "model", required=True)
-    _source(c, "teacher", required=c.stage == "kd")
+    cached = c.stage == "kd" and bool(c.kd.get("pseudo_labels"))
+    _source(c, "teacher", required=c.stage == "kd" and not cached)
+    if cached and not (os.path.isfile(c.kd.pseudo_labels) and os.path.isfile(c.kd.pseudo_labels + ".index.npy")):
+        raise ConfigError(f"kd.pseudo_labels={c.kd.pseudo_labels!r}: file (or its .index.npy) not found")
     if c.stage == "kd":
         try:
-            losses.KDConfig(**c.kd.to_dict())
+            kd_config(c)
         except (TypeError, ValueError) as e:
             raise ConfigError(str(e)) from None
         if c.teacher.positions not in ("shared", "own"):

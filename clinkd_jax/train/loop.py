@@ -8,6 +8,7 @@ number (the last good checkpoint is kept), and writes `metrics.jsonl`, TensorBoa
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -26,32 +27,40 @@ from clinkd_jax.data import demo, pipeline, records, text
 from clinkd_jax.data.image import ImageConfig
 from clinkd_jax.models import config as model_config
 from clinkd_jax.models.qwen2vl import Qwen2VL, abstract_params, init_params
-from clinkd_jax.train import losses, state as state_lib, steps
-from clinkd_jax.train.config import validate
+from clinkd_jax.train import state as state_lib, steps
+from clinkd_jax.train.config import kd_config, validate
 from clinkd_jax.train.report import MetricsWriter
 
 log = logging.getLogger("clinkd_jax.train")
-HOST_ONLY = ("index", "sample_mask", "decode_offsets")
+HOST_ONLY = ("index", "sample_mask", "decode_offsets", "record_index")
 
 
 class NonFiniteLoss(FloatingPointError):
     pass
 
 
-def load_model(src, mesh, seed: int, *, vocab_hint: int | None = None):
-    """(Qwen2VLConfig, params) from src.hf_dir | src.orbax_dir | src.preset."""
+def config_of(src) -> model_config.Qwen2VLConfig:
+    """The model geometry named by src.hf_dir | src.orbax_dir | src.preset (+ text_overrides); no weights read."""
+    if src.hf_dir:
+        return model_config.Qwen2VLConfig.from_hf_dir(src.hf_dir)
+    if src.orbax_dir:
+        return checkpoint.load_config(src.orbax_dir)
+    cfg = model_config.PRESETS[src.preset]()
+    overrides = src.get("text_overrides")
+    if overrides:
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.to_dict().items()}
+        cfg = cfg.replace(text=dataclasses.replace(cfg.text, **fields))
+    return cfg
+
+
+def load_model(src, mesh, seed: int):
+    """(Qwen2VLConfig, params) from src.hf_dir | src.orbax_dir | src.preset (random init, seeded)."""
     dtype = None if src.get("param_dtype", "") in ("", None) else src.param_dtype
     if src.hf_dir:
         return hf.load_hf_checkpoint(src.hf_dir, mesh=mesh, dtype=dtype)
     if src.orbax_dir:
         return checkpoint.load_params(src.orbax_dir, mesh=mesh, dtype=dtype)
-    overrides = src.get("text_overrides")
-    cfg = model_config.PRESETS[src.preset]()
-    if overrides:
-        import dataclasses
-
-        cfg = cfg.replace(text=dataclasses.replace(cfg.text, **{k: tuple(v) if isinstance(v, list) else v
-                                                                 for k, v in overrides.to_dict().items()}))
+    cfg = config_of(src)
     return cfg, init_params(Qwen2VL(cfg, param_dtype=dtype or "float32"), jax.random.key(seed), mesh)
 
 
@@ -75,6 +84,7 @@ def build_data(c, workdir, model_dir: str):
         seed=c.seed, shuffle=d.shuffle, num_epochs=d.num_epochs, worker_count=d.worker_count,
         read_threads=d.read_threads, strict=d.strict, shard_index=jax.process_index(), shard_count=jax.process_count(),
         teacher_mrope_gaps=(1, 1) if c.stage == "kd" and c.teacher.positions == "own" else None,
+        pseudo_labels=(c.kd.pseudo_labels or None) if c.stage == "kd" else None,
     )
     return recs, encoder, pcfg, log_
 
@@ -104,7 +114,7 @@ def run(c, workdir: str) -> dict:
     model = Qwen2VL(cfg, dtype=c.model.dtype, param_dtype=c.model.param_dtype, attention_impl=c.model.attention,
                     remat=c.model.remat)
     teacher = teacher_params = None
-    if c.stage == "kd":
+    if c.stage == "kd" and not c.kd.pseudo_labels:
         t_cfg, teacher_params = load_model(c.teacher, mesh, c.seed + 1)
         teacher = Qwen2VL(t_cfg, dtype=c.teacher.dtype, attention_impl=c.model.attention)
     recs, encoder, pcfg, skips = build_data(c, workdir, c.model.hf_dir)
@@ -134,7 +144,7 @@ def run(c, workdir: str) -> dict:
         sched = state_lib.schedule(opt)
         step_fn = steps.jit_train_step(
             st_sh, t_sh, None, model=model, tx=tx, teacher=teacher,
-            kd=losses.KDConfig(**c.kd.to_dict()) if c.stage == "kd" else None, chunk=c.train.loss_chunk,
+            kd=kd_config(c) if c.stage == "kd" else None, chunk=c.train.loss_chunk,
             teacher_positions=c.teacher.positions, lr_schedule=lambda s: sched(s // opt.grad_accum),
         )
         writer = MetricsWriter(workdir, resume_from=start, progress=c.train.progress and jax.process_index() == 0,
@@ -167,6 +177,8 @@ def run(c, workdir: str) -> dict:
             signal.signal(signal.SIGTERM, previous)
             ckpt.close()
             writer.close()
+    if c.checkpoint.save_params:
+        checkpoint.save_params(os.path.join(workdir, "params"), state.params, cfg)
     if c.checkpoint.export_hf:
         hf.save_hf_checkpoint(state.params, cfg, os.path.join(workdir, "export_hf"),
                               assets_from=c.model.hf_dir or None)

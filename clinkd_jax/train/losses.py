@@ -63,22 +63,27 @@ def token_losses(
     teacher_head: Callable[[jax.Array], jax.Array] | None = None,
     kd: KDConfig = KDConfig(),
     kd_weights_bl: jax.Array | None = None,
+    teacher_topk: tuple[jax.Array, jax.Array, jax.Array] | None = None,
 ) -> dict[str, jax.Array]:
     """Sums and counts over the batch: {"ce_sum", "ce_count", "kd_sum", "kd_count"} (float32 scalars).
 
     `head(h)` maps (B, c, D) hidden states to (B, c, V) logits; the teacher's head may be wider.
     `kd_weights_bl` is the per-token weight hook (uniform = released; the v4 curriculum plugs in here).
+    `teacher_topk` = (ids (B, L, k), log p (B, L, k), valid (B, L)): cached pseudo-labels instead of a
+    teacher forward (`clinkd_jax.train.pseudo_labels`); forward KL over the k stored tokens.
     """
     b, length, _ = hidden_bld.shape
     targets = jnp.concatenate([labels_bl[:, 1:], jnp.full((b, 1), IGNORE, labels_bl.dtype)], axis=1)
     ce_mask = targets != IGNORE
     kd_mask = (labels_bl != IGNORE) if kd.mask == "released" else ce_mask
     weights = jnp.ones((b, length), jnp.float32) if kd_weights_bl is None else kd_weights_bl.astype(jnp.float32)
-    distill = teacher_hidden_bld is not None
+    distill = teacher_hidden_bld is not None or teacher_topk is not None
     xs = {"h": _chunks(hidden_bld, chunk), "tgt": _chunks(targets, chunk), "ce_m": _chunks(ce_mask, chunk),
           "kd_m": _chunks(kd_mask, chunk), "w": _chunks(weights, chunk)}
-    if distill:
+    if teacher_hidden_bld is not None:
         xs["th"] = _chunks(jax.lax.stop_gradient(teacher_hidden_bld), chunk)
+    if teacher_topk is not None:
+        xs["tk_ids"], xs["tk_logp"], xs["tk_valid"] = (_chunks(x, chunk) for x in teacher_topk)
 
     @jax.checkpoint  # keep nothing of the (B, chunk, V) logits for the backward pass; recompute them
     def body(carry, x):
@@ -87,7 +92,13 @@ def token_losses(
         lse = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, jnp.clip(x["tgt"], 0, vocab - 1)[..., None], axis=-1)[..., 0]
         out = {"ce_sum": jnp.sum(jnp.where(x["ce_m"], lse - picked, 0.0)), "ce_count": jnp.sum(x["ce_m"]).astype(jnp.float32)}
-        if distill:
+        if "tk_ids" in x:
+            log_q = jnp.take_along_axis(jax.nn.log_softmax(logits / kd.temperature, axis=-1), x["tk_ids"], axis=-1)
+            log_p = x["tk_logp"].astype(jnp.float32)
+            m = x["kd_m"] & x["tk_valid"]
+            out["kd_sum"] = jnp.sum(jnp.where(m, jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1) * x["w"], 0.0))
+            out["kd_count"] = jnp.sum(m).astype(jnp.float32)
+        elif distill:
             t_logits = jax.lax.stop_gradient(teacher_head(x["th"]).astype(jnp.float32))[..., :vocab]
             log_p = jax.nn.log_softmax(t_logits / kd.temperature, axis=-1)
             log_q = jax.nn.log_softmax(logits / kd.temperature, axis=-1)

@@ -46,9 +46,12 @@ def train_step(
     teacher_positions: str = "shared",
     lr_schedule=None,
 ):
-    """One optimizer micro-step. `teacher_params=None` (and `kd=None`) is plain SFT."""
-    distill = teacher_params is not None
-    if distill:
+    """One optimizer micro-step. `teacher_params=None` and `kd=None` is plain SFT; `kd` with cached
+    pseudo-labels in the batch (`teacher_topk_*`) distils without a teacher forward."""
+    cached = kd is not None and "teacher_topk_ids" in batch
+    distill = teacher_params is not None or cached
+    topk = (batch["teacher_topk_ids"], batch["teacher_topk_logp"], batch["teacher_topk_valid"]) if cached else None
+    if teacher_params is not None:
         key = "position_ids" if teacher_positions == "shared" else "teacher_position_ids"
         t_hidden, t_head = hidden_and_head(teacher, teacher_params, batch, key)
         t_hidden = jax.lax.stop_gradient(t_hidden)
@@ -58,7 +61,7 @@ def train_step(
     def loss_fn(params):
         hidden, head = hidden_and_head(model, params, batch)
         totals = losses.token_losses(hidden, head, batch["labels"], chunk=chunk, teacher_hidden_bld=t_hidden,
-                                     teacher_head=t_head, kd=kd or losses.KDConfig())
+                                     teacher_head=t_head, kd=kd or losses.KDConfig(), teacher_topk=topk)
         out = losses.combine(totals, kd if distill else None)
         return out["loss"], out
 

@@ -15,7 +15,7 @@ CFG = P.PipelineConfig(batch_size=4, text_buckets=(128, 256), patch_buckets=(128
                        image=ImageConfig(max_pixels=224 * 224), read_threads=1)
 DTYPES = {"input_ids": np.int32, "attention_mask": np.int32, "labels": np.int32, "position_ids": np.int32,
           "decode_offsets": np.int32, "pixel_values": np.float32, "vision_position_ids": np.int32,
-          "vision_segment_ids": np.int32, "sample_mask": np.int32, "index": np.int64}
+          "vision_segment_ids": np.int32, "sample_mask": np.int32, "index": np.int64, "record_index": np.int64}
 
 
 def records(demo_dir, name="train.json", **kw):
@@ -42,6 +42,8 @@ def test_shapes_buckets_and_coverage(demo_dir, encoder):
     assert len(shapes) <= len(CFG.text_buckets) * len(CFG.patch_buckets)
     seen = np.concatenate([b["index"][b["sample_mask"] == 1] for b in out])
     assert sorted(seen.tolist()) == list(range(len(recs)))  # every sample exactly once
+    rec = np.concatenate([b["record_index"][b["sample_mask"] == 1] for b in out])
+    assert sorted(rec.tolist()) == list(range(len(recs)))
 
 
 def test_batch_contents_are_consistent(demo_dir, encoder):

@@ -114,3 +114,19 @@ def test_bad_switches():
         L.KDConfig(mask="shifted")
     with pytest.raises(ValueError, match="kd.temperature must be > 0"):
         L.KDConfig(temperature=0)
+
+
+@pytest.mark.parametrize("mask", ["released", "aligned"])
+def test_cached_topk_with_full_vocab_equals_online(mask):
+    """Pseudo-label path (teacher top-k cached, k = V) gives the online KD sum and counts."""
+    hs, ht, ws, wt, labels, weights = data(3)
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    kd = L.KDConfig(mask=mask)
+    online = L.token_losses(f32(hs), lambda h: h @ f32(ws), jnp.asarray(labels), chunk=4, teacher_hidden_bld=f32(ht),
+                            teacher_head=lambda h: h @ f32(wt), kd=kd)
+    logp = jax.nn.log_softmax(f32(ht @ wt)[..., :VS] / kd.temperature, axis=-1)
+    vals, ids = jax.lax.top_k(logp, VS)
+    cached = L.token_losses(f32(hs), lambda h: h @ f32(ws), jnp.asarray(labels), chunk=4, kd=kd,
+                            teacher_topk=(ids, vals, jnp.ones((B, T), bool)))
+    for key in ("kd_sum", "kd_count", "ce_sum", "ce_count"):
+        np.testing.assert_allclose(cached[key], online[key], rtol=1e-5, err_msg=key)

@@ -13,7 +13,7 @@ from clinkd_jax.models.qwen2vl import abstract_params, init_params
 from clinkd_jax.train import losses, state as state_lib, steps
 
 OPT = state_lib.OptimConfig(learning_rate=3e-3, warmup_steps=2, total_steps=40, grad_clip=1.0)
-DROP = ("index", "sample_mask", "decode_offsets")
+DROP = ("index", "sample_mask", "decode_offsets", "record_index")
 
 
 def feed(batch):

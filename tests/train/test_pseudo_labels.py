@@ -1,0 +1,81 @@
+"""Offline pseudo-labels: with k = the whole vocabulary, training from the cached file equals the
+online distillation step (same loss terms, same parameters after two steps)."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from clinkd_jax.data import pipeline
+from clinkd_jax.models import Qwen2VL
+from clinkd_jax.models.qwen2vl import init_params
+from clinkd_jax.train import losses, pseudo_labels, state as state_lib, steps
+from test_steps import DROP, feed
+
+
+def test_cached_full_vocab_equals_online(tmp_path, tiny_and_batches, mask="released"):
+    cfg, batches = tiny_and_batches
+    batches = batches[:2]
+    teacher, student = Qwen2VL(cfg), Qwen2VL(cfg)
+    t_params = init_params(teacher, jax.random.key(10))
+    s_params = init_params(student, jax.random.key(11))
+    kd = losses.KDConfig(mask=mask)
+    path = str(tmp_path / "pl.array_record")
+    topk = jax.jit(pseudo_labels.teacher_topk_fn(teacher, top_k=cfg.text.vocab_size, temperature=kd.temperature,
+                                                 vocab=cfg.text.vocab_size, chunk=64))
+    n = pseudo_labels.write(path, batches, topk, t_params, mask=mask, to_device=feed)
+    assert n == sum(int(b["sample_mask"].sum()) for b in batches)
+    reader = pseudo_labels.PseudoLabelReader(path)
+    # re-attach the cached entries to the same batches, as the pipeline does for a pseudo-label run
+    cached = []
+    for b in batches:
+        b = dict(b)
+        length, k = b["input_ids"].shape[1], cfg.text.vocab_size
+        ids = np.zeros((len(b["index"]), length, k), np.int32)
+        logp = np.zeros(ids.shape, np.float32)
+        valid = np.zeros((len(b["index"]), length), bool)
+        for i, r in enumerate(b["record_index"]):
+            if r >= 0:
+                e = reader.get(r)
+                ids[i, e["positions"]], logp[i, e["positions"]], valid[i, e["positions"]] = e["ids"], e["logp"], True
+        b.update(teacher_topk_ids=ids, teacher_topk_logp=logp, teacher_topk_valid=valid)
+        cached.append(b)
+
+    tx = state_lib.optimizer_for(student, state_lib.OptimConfig(learning_rate=1e-3, total_steps=4))
+    online = jax.jit(functools.partial(steps.train_step, model=student, tx=tx, teacher=teacher, kd=kd, chunk=64))
+    offline = jax.jit(functools.partial(steps.train_step, model=student, tx=tx, kd=kd, chunk=64))
+    a = b_ = state_lib.create(s_params, tx)
+    for on_batch, off_batch in zip(batches, cached):
+        a, ma = online(a, t_params, feed(on_batch))
+        b_, mb = offline(b_, None, {k: v for k, v in off_batch.items() if k not in DROP})
+        # float32; the cached path sums the same terms in another order (top-k sorted by probability)
+        np.testing.assert_allclose([mb["loss_kd"], mb["loss_ce"]], [ma["loss_kd"], ma["loss_ce"]], rtol=2e-5)
+    # after two AdamW steps of lr 1e-3 (each moves a weight by up to ~1e-3): agreement to 1e-4; Adam's
+    # normalisation turns float32 noise in near-zero gradients into ~2e-5 differences, a wrong KD
+    # gradient into ~1e-3 ones
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b_.params)):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-4, rtol=0)
+
+
+def test_pipeline_attaches_cached_labels(tmp_path):
+    """A pseudo-label run's batches carry teacher_topk_* at exactly the cached positions."""
+    from clinkd_jax.data import records, text
+    from clinkd_jax.data.image import ImageConfig
+    from clinkd_jax.data import demo
+
+    d = tmp_path / "demo"
+    demo.generate(str(d), train_per_image=1, test_per_image=0, max_side=112)
+    recs = records.read_medgrit(str(d / "train.json"), str(d / "images"))
+    enc = text.ChatEncoder(text.load_tokenizer(text.bundled_qwen2_tokenizer_dir()), "qwen2vl")
+    base = dict(batch_size=4, text_buckets=(160,), patch_buckets=(64,), image=ImageConfig(max_pixels=112 * 112), shuffle=False)
+    plain = list(pipeline.make_batches(recs, enc, pipeline.PipelineConfig(**base)))
+    path = str(tmp_path / "pl.array_record")
+    fake_topk = lambda params, b: (np.tile(np.arange(3, dtype=np.int32), (*b["input_ids"].shape, 1)),
+                                   np.full((*b["input_ids"].shape, 3), -1.0, np.float32))
+    pseudo_labels.write(path, plain, fake_topk, None, mask="released")
+    out = list(pipeline.make_batches(recs, enc, pipeline.PipelineConfig(**base, pseudo_labels=path)))
+    for p, b in zip(plain, out):
+        want = (p["labels"] != -100) & (p["attention_mask"] == 1)
+        np.testing.assert_array_equal(b["teacher_topk_valid"], want)
+        assert b["teacher_topk_ids"].shape == (*p["input_ids"].shape, 3) and (b["teacher_topk_logp"][want] == -1).all()
