@@ -135,7 +135,8 @@ def run_jax(s, mode, steps, warmup):
     state = state_lib.create(params, tx)
     teacher_params = jax.tree.map(lambda x: x.copy(), params) if mode == "kd" else None  # never the donated buffers
     kd = losses.KDConfig() if mode == "kd" else None
-    fn = jax.jit(functools.partial(steps_lib.train_step, model=model, tx=tx, teacher=model if kd else None, kd=kd, chunk=128),
+    fn = jax.jit(functools.partial(steps_lib.train_step, model=model, tx=tx, teacher=model if kd else None, kd=kd, chunk=128,
+                                   frozen=("visual/.*",)),
                  donate_argnums=(0,))
     compiled = fn.lower(state, teacher_params, batch).compile()
     mem = compiled.memory_analysis()

@@ -16,6 +16,7 @@ import optax
 
 from clinkd_jax.models.qwen2vl import Qwen2VL
 from clinkd_jax.train import losses
+from clinkd_jax.train import state as state_lib
 from clinkd_jax.train.state import TrainState
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "vision_position_ids", "vision_segment_ids")
@@ -45,6 +46,7 @@ def train_step(
     chunk: int = 256,
     teacher_positions: str = "shared",
     lr_schedule=None,
+    frozen: tuple[str, ...] = (),
 ):
     """One optimizer micro-step. `teacher_params=None` and `kd=None` is plain SFT; `kd` with cached
     pseudo-labels in the batch (`teacher_topk_*`) distils without a teacher forward."""
@@ -58,7 +60,11 @@ def train_step(
     else:
         t_hidden = t_head = None
 
+    labels = state_lib.trainable_labels(state.params, frozen) if frozen else None
+
     def loss_fn(params):
+        if labels is not None:  # no backward pass at all through frozen parts (the vision tower)
+            params = jax.tree.map(lambda p, lab: jax.lax.stop_gradient(p) if lab == "frozen" else p, params, labels)
         hidden, head = hidden_and_head(model, params, batch)
         totals = losses.token_losses(hidden, head, batch["labels"], chunk=chunk, teacher_hidden_bld=t_hidden,
                                      teacher_head=t_head, kd=kd or losses.KDConfig(), teacher_topk=topk)

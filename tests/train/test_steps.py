@@ -28,7 +28,8 @@ def run(model, params, batches, n, teacher=None, teacher_params=None, kd=None, o
         abstract_params(teacher), mesh)
     with sharding.use_mesh(mesh):
         st = jax.jit(functools.partial(state_lib.create, tx=tx), out_shardings=st_sh)(params)
-        step = steps.jit_train_step(st_sh, t_sh, None, model=model, tx=tx, teacher=teacher, kd=kd, chunk=64)
+        step = steps.jit_train_step(st_sh, t_sh, None, model=model, tx=tx, teacher=teacher, kd=kd, chunk=64,
+                                    frozen=opt.frozen)
         history = []
         for i in range(n):
             st, m = step(st, teacher_params, feed(batches[i % len(batches)]))
