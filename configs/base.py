@@ -89,5 +89,6 @@ def get_config() -> ConfigDict:
     c.checkpoint.save_params = True  # also write the final params alone (<workdir>/params): a teacher.orbax_dir
 
     c.mesh = ConfigDict()
+    c.mesh.rules = ()  # (logical axis, mesh axis | (axes) | None) pairs; () = clinkd_jax.sharding.DEFAULT_RULES
     c.mesh.shape = (1, -1, 1)  # data, fsdp, tensor; -1 = the remaining devices (without -1: the first devices)
     return c

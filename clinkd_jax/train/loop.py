@@ -109,7 +109,7 @@ def run(c, workdir: str) -> dict:
     shape = tuple(c.mesh.shape)
     n_mesh = int(np.prod(shape)) if -1 not in shape else jax.device_count()
     mesh = sharding.make_mesh(shape, devices=jax.devices()[:n_mesh])  # a smaller explicit mesh uses the first devices
-    rules = sharding.DEFAULT_RULES
+    rules = tuple(tuple(r) for r in c.mesh.rules) if c.mesh.get("rules") else sharding.DEFAULT_RULES
     cfg, params = load_model(c.model, mesh, c.seed)
     model = Qwen2VL(cfg, dtype=c.model.dtype, param_dtype=c.model.param_dtype, attention_impl=c.model.attention,
                     remat=c.model.remat)
@@ -158,11 +158,13 @@ def run(c, workdir: str) -> dict:
                     break
                 state, metrics = step_fn(state, teacher_params, to_global(batch, mesh))
                 step += 1
-                if step % c.train.log_every == 0 or step == c.train.steps:
-                    metrics = jax.tree.map(float, metrics)
+                saving = ckpt.manager.should_save(step)
+                if step % c.train.log_every == 0 or step == c.train.steps or saving:
+                    metrics = jax.tree.map(float, metrics)  # a host sync; never save a state without this check
                     if not math.isfinite(metrics["loss"]):
                         raise NonFiniteLoss(f"non-finite loss {metrics['loss']} at step {step}; the last good "
                                             f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+                if step % c.train.log_every == 0 or step == c.train.steps:
                     tokens = metrics["tokens"] * jax.process_count()
                     metrics["tokens_per_s"] = tokens * c.train.log_every / max(time.perf_counter() - t0, 1e-9)
                     t0 = time.perf_counter()
@@ -172,6 +174,9 @@ def run(c, workdir: str) -> dict:
                     log.warning("signal %s: saving step %d and stopping", stop["signal"], step)
                     break
             if ckpt.latest_step() != step:
+                if metrics and not math.isfinite(float(metrics["loss"])):
+                    raise NonFiniteLoss(f"non-finite loss at step {step}; the last good checkpoint is step "
+                                        f"{ckpt.latest_step()} in {ckpt.directory}")
                 ckpt.save(step, state, data.get_state(), c.to_dict(), force=True)
         finally:
             signal.signal(signal.SIGTERM, previous)
