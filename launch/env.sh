@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Shared set-up: find a Python of a given version and build/refresh its virtual environment in .venv/.
+# Sourced by tests/run_all.sh (both environments) and launch/demo.sh (Python 3.11).
+
+is_version() { "$1" -c "import sys; sys.exit(sys.version_info[:2] != tuple(map(int, '$2'.split('.'))))" >/dev/null 2>&1; }
+
+find_python() {  # $1 = 3.11 | 3.12 -> prints an interpreter path, or nothing
+  local v=$1 p ver
+  p=$(command -v "python$v" 2>/dev/null) && is_version "$p" "$v" && { echo "$p"; return; }
+  if command -v pyenv >/dev/null 2>&1; then  # pyenv shims answer only for the active version; ask pyenv directly
+    for ver in $(pyenv versions --bare 2>/dev/null | grep -E "^${v//./\\.}(\\.[0-9]+)?$" | sort -V -r); do
+      p=$(PYENV_VERSION=$ver pyenv which "python$v" 2>/dev/null) && is_version "$p" "$v" && { echo "$p"; return; }
+    done
+  fi
+}
+
+pip_quiet() {  # pip without the noise of unreachable extra indexes; keeps pip's exit status
+  "$@" 2>&1 | grep -v -e "^WARNING: Location 'file:" -e "is neither a file nor a directory" ; return "${PIPESTATUS[0]}"
+}
+
+setup_env() {  # $1 = version, $2 = venv dir
+  local v=$1 venv=$2 py
+  py=$(find_python "$v")
+  if [ -z "$py" ]; then
+    echo "ERROR: Python $v was not found (tried python$v on PATH and pyenv)." >&2
+    echo "       Install it (e.g. 'pyenv install $v'). To run the tests in one environment only:" >&2
+    echo "       CLINKD_PYTHONS=3.11 bash tests/run_all.sh   (or 3.12)" >&2
+    return 3
+  fi
+  if [ ! -x "$venv/bin/python" ]; then
+    echo "== creating $venv with $py"
+    "$py" -m venv "$venv" || return 1
+  fi
+  pip_quiet "$venv/bin/python" -m pip install -q -U pip || return 1
+  if [ "$v" = "3.11" ]; then
+    # torch first and pinned: the CPU wheel for 3.11 lies on local disk; anything unpinned would pull CUDA.
+    pip_quiet "$venv/bin/python" -m pip install -q "torch==2.13.0" || return 1
+  fi
+  pip_quiet "$venv/bin/python" -m pip install -q -e ".[cpu,test]" || return 1
+}
+
