@@ -109,7 +109,8 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh_shap
     return P(*spec)
 
 
-def _current_rules() -> Rules:
+def current_rules() -> Rules:
+    """The rules active in `use_mesh` (or the defaults)."""
     return tuple(nn.get_logical_axis_rules()) or DEFAULT_RULES
 
 
@@ -118,7 +119,7 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return x
-    spec = logical_to_spec(names, x.shape, dict(mesh.shape), _current_rules())
+    spec = logical_to_spec(names, x.shape, dict(mesh.shape), current_rules())
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 

@@ -234,9 +234,8 @@ def validate(cfg: Qwen2VLConfig) -> None:
         raise ConfigError(f"vision.embed_dim={v.embed_dim} is not divisible by num_heads={v.num_heads}")
     if v.head_dim % 4:
         raise ConfigError(f"vision head_dim={v.head_dim} must be a multiple of 4 (2-D rotary over row and column)")
-    for name in ("hidden_act",):
-        if getattr(t, name) not in ("silu", "swish"):
-            raise ConfigError(f"text.{name}={getattr(t, name)!r} is not supported (Qwen2 uses 'silu')")
+    if t.hidden_act not in ("silu", "swish"):
+        raise ConfigError(f"text.hidden_act={t.hidden_act!r} is not supported (Qwen2 uses 'silu')")
     if v.hidden_act not in ("quick_gelu", "gelu", "gelu_pytorch_tanh", "silu"):
         raise ConfigError(f"vision.hidden_act={v.hidden_act!r} is not supported")
 

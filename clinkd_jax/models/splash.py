@@ -63,7 +63,7 @@ def attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool):
     from clinkd_jax import sharding
 
     shape = dict(mesh.shape)
-    rules = sharding._current_rules()
+    rules = sharding.current_rules()
     batch = sharding.logical_to_spec(("batch",), q.shape[:1], shape, rules)[0]
     heads = sharding.logical_to_spec((None, "act_kv_heads"), (1, k.shape[2]), shape, rules)[1]
     qspec, kspec, sspec = P(batch, None, heads, None), P(batch, None, heads, None), P(batch, None)
