@@ -24,6 +24,8 @@ import numpy as np
 SIZES = {  # LLM hidden/layers/heads/kv/mlp/vocab, vision depth/width/heads, batch, text length, image side (px)
     "small": dict(hidden=256, layers=4, heads=4, kv=2, mlp=688, vocab=8192, vdepth=2, vwidth=128, vheads=2, batch=2, length=256, side=224),
     "medium": dict(hidden=512, layers=8, heads=8, kv=2, mlp=1376, vocab=32000, vdepth=4, vwidth=256, vheads=4, batch=2, length=512, side=448),
+    # accelerators: Qwen2-VL-2B widths (LLM 1536 / MLP 8960 / vocab 151936, ViT 1280 x 16 heads), fewer layers
+    "large": dict(hidden=1536, layers=8, heads=12, kv=2, mlp=8960, vocab=151936, vdepth=8, vwidth=1280, vheads=16, batch=8, length=1024, side=448),
 }
 
 
@@ -75,16 +77,18 @@ def run_torch(s, mode, steps, warmup):
     from transformers import Qwen2VLForConditionalGeneration
 
     torch.manual_seed(0)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32  # GPU: bf16 weights and compute (the usual recipe)
     ids, labels, pixels, grid, _ = make_batch(s)
-    t = lambda x: torch.from_numpy(np.asarray(x))
-    kw = dict(input_ids=t(ids), attention_mask=torch.ones_like(t(ids)), pixel_values=t(pixels), image_grid_thw=t(grid),
+    t = lambda x: torch.from_numpy(np.asarray(x)).to(dev)
+    kw = dict(input_ids=t(ids), attention_mask=torch.ones_like(t(ids)), pixel_values=t(pixels).to(dtype), image_grid_thw=t(grid),
               mm_token_type_ids=(t(ids) == s["vocab"] - 6).int())
-    student = Qwen2VLForConditionalGeneration._from_config(hf_config(s), attn_implementation="sdpa").train()
+    student = Qwen2VLForConditionalGeneration._from_config(hf_config(s), attn_implementation="sdpa").to(dev, dtype).train()
     for p in student.model.visual.parameters():
         p.requires_grad_(False)
     teacher = None
     if mode == "kd":
-        teacher = Qwen2VLForConditionalGeneration._from_config(hf_config(s), attn_implementation="sdpa").eval()
+        teacher = Qwen2VLForConditionalGeneration._from_config(hf_config(s), attn_implementation="sdpa").to(dev, dtype).eval()
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0)
     lab = t(labels)
     base_rss = rss_mb()
@@ -105,7 +109,10 @@ def run_torch(s, mode, steps, warmup):
         opt.step()
         return float(loss)
 
-    return timed(step, steps, warmup, (lab[:, 1:] != -100).sum().item(), base_rss)
+    out = timed(step, steps, warmup, (lab[:, 1:] != -100).sum().item(), base_rss)
+    if dev == "cuda":
+        out["device_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
 
 
 # --------------------------------------------------------------------------------------------- jax
@@ -130,7 +137,8 @@ def run_jax(s, mode, steps, warmup):
     vis = positions.pack_vision_inputs([[(pixels[i * n * n : (i + 1) * n * n], tuple(grid[i]))] for i in range(s["batch"])], n * n)
     batch = {"input_ids": ids.astype(np.int32), "attention_mask": np.ones_like(ids, np.int32), "labels": labels.astype(np.int32),
              "position_ids": pos, **vis}
-    model = Qwen2VL(cfg)
+    on_cpu = jax.devices()[0].platform == "cpu"
+    model = Qwen2VL(cfg, dtype="float32" if on_cpu else "bfloat16")  # GPU/TPU: bf16 compute, f32 master weights
     tx = state_lib.optimizer_for(model, state_lib.OptimConfig(learning_rate=1e-5, grad_clip=1.0))
     state = state_lib.create(params, tx)
     teacher_params = jax.tree.map(lambda x: x.copy(), params) if mode == "kd" else None  # never the donated buffers
@@ -152,6 +160,7 @@ def run_jax(s, mode, steps, warmup):
         out["xla_temp_mb"] = mem.temp_size_in_bytes / 2**20
     dev = jax.devices()[0]
     if dev.platform != "cpu":
+        out["device_peak_mb"] = (dev.memory_stats() or {}).get("peak_bytes_in_use", float("nan")) / 2**20
         peak = {"TPU v5 lite": 197e12, "NVIDIA H100 80GB HBM3": 989e12}.get(dev.device_kind)
         if peak:
             out["mfu"] = out["tokens_per_s"] * flops_per_token(s) * (2 if kd else 1) / peak
@@ -202,7 +211,8 @@ def main():
     print(f"{'step':5} {'framework':9} {'step s':>8} {'tokens/s':>10} {'peak RSS MB':>12} {'XLA temp MB':>12}")
     for (framework, mode), r in sorted(results.items(), key=lambda kv: (kv[0][1] != "sft", kv[0][0])):
         print(f"{mode:5} {framework:9} {r['step_s']:8.3f} {r['tokens_per_s']:10.1f} {r['peak_rss_mb']:12.0f} "
-              f"{r.get('xla_temp_mb', float('nan')):12.1f}" + (f"  MFU {r['mfu']:.1%}" if "mfu" in r else ""))
+              f"{r.get('xla_temp_mb', float('nan')):12.1f}" + (f"  MFU {r['mfu']:.1%}" if "mfu" in r else "")
+              + (f"  device peak {r['device_peak_mb']:.0f} MB" if "device_peak_mb" in r else ""))
     for mode in ("sft", "kd"):
         if ("jax", mode) in results and ("torch", mode) in results:
             ratio = results[("jax", mode)]["tokens_per_s"] / results[("torch", mode)]["tokens_per_s"]

@@ -2,7 +2,7 @@
 
     python -m clinkd_jax.main --config=configs/demo_train.py --workdir=/tmp/run [--config.a.b=value ...]
 
-The config names the stage (`sft` or `kd`) and every knob of the paper (configs/base.py). Unknown or
+The config names the stage (`sft`, `kd` or `eval`) and every knob of the paper (configs/base.py). Unknown or
 inconsistent settings fail before anything is compiled, naming the field.
 """
 
@@ -27,11 +27,26 @@ def main(argv):
     from clinkd_jax.train import loop
     from clinkd_jax.train.config import ConfigError
 
+    c = _CONFIG.value
     try:
-        summary = loop.run(_CONFIG.value, _WORKDIR.value)
+        if c.stage == "eval":
+            from clinkd_jax.eval import run as eval_run
+
+            summary = eval_run.run(c, _WORKDIR.value)
+        else:
+            summary = loop.run(c, _WORKDIR.value)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
+    if summary["stage"] == "eval":
+        import os
+
+        results = os.path.join(summary["workdir"], "results.md")
+        if os.path.isfile(results):  # written by process 0
+            with open(results) as f:
+                print(f.read())
+        print(f"skipped {sum(summary['skipped'].values())}; outputs in {summary['workdir']}")
+        return
     final = summary["final"]
     print(f"{summary['stage']}: {summary['steps']} steps, final loss {final.get('loss', float('nan')):.4f}"
           + (f" (ce {final['loss_ce']:.4f}, kd {final['loss_kd']:.4f})" if "loss_kd" in final else "")

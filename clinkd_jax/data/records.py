@@ -41,6 +41,7 @@ class Record:
     turns: tuple[Turn, ...]
     modality: str
     source: str  # "file.json[17]", for messages
+    index: int = -1  # position of the item in its file (the "id" of a BiRD/ClinKD prediction line)
 
     @property
     def answer(self) -> str:
@@ -156,7 +157,7 @@ def read_medgrit(
             continue
         image = os.path.join(image_dir, item["id"] + image_ext)
         if _check(turns, [image], where, log, check_images, box_scale):
-            records.append(Record(item["id"], (image,), tuple(turns), modality_of(image), where))
+            records.append(Record(item["id"], (image,), tuple(turns), modality_of(image), where, i))
     return records
 
 
@@ -182,5 +183,5 @@ def read_sharegpt(
         rid = str(item.get("id", os.path.splitext(os.path.basename(images[0]))[0] if images else i))
         where = f"{where} id={rid}"
         if _check(turns, images, where, log, check_images, box_scale):
-            records.append(Record(rid, images, tuple(turns), modality_of(images[0]) if images else "text", where))
+            records.append(Record(rid, images, tuple(turns), modality_of(images[0]) if images else "text", where, i))
     return records

@@ -93,7 +93,7 @@ class TfdsRecords:
         ex = self._source[i]
         text = lambda v: v.decode() if isinstance(v, bytes) else str(v)
         turns = tuple(Turn(text(r), text(t)) for r, t in zip(ex["roles"], ex["texts"]))
-        return Record(text(ex["id"]), (np.asarray(ex["image"]),), turns, text(ex["modality"]), f"med_grit/{self._split}[{i}]")
+        return Record(text(ex["id"]), (np.asarray(ex["image"]),), turns, text(ex["modality"]), f"med_grit/{self._split}[{i}]", i)
 
 
 def records(data_dir: str, split: str = "train") -> TfdsRecords:

@@ -89,6 +89,15 @@ def build_data(c, workdir, model_dir: str):
     return recs, encoder, pcfg, log_
 
 
+def make_run_mesh(c):
+    """(mesh, logical rules) from config.mesh; a smaller explicit mesh uses the first devices."""
+    shape = tuple(c.mesh.shape)
+    n_mesh = int(np.prod(shape)) if -1 not in shape else jax.device_count()
+    mesh = sharding.make_mesh(shape, devices=jax.devices()[:n_mesh])
+    rules = tuple(tuple(r) for r in c.mesh.rules) if c.mesh.get("rules") else sharding.DEFAULT_RULES
+    return mesh, rules
+
+
 def to_global(batch: dict, mesh) -> dict:
     """Host-local NumPy batch -> global jax.Arrays sharded over the batch axes."""
     out = {}
@@ -106,10 +115,7 @@ def run(c, workdir: str) -> dict:
     """Train as `c` says; returns a summary (final metrics, steps, skips, paths)."""
     validate(c)
     os.makedirs(workdir, exist_ok=True)
-    shape = tuple(c.mesh.shape)
-    n_mesh = int(np.prod(shape)) if -1 not in shape else jax.device_count()
-    mesh = sharding.make_mesh(shape, devices=jax.devices()[:n_mesh])  # a smaller explicit mesh uses the first devices
-    rules = tuple(tuple(r) for r in c.mesh.rules) if c.mesh.get("rules") else sharding.DEFAULT_RULES
+    mesh, rules = make_run_mesh(c)
     cfg, params = load_model(c.model, mesh, c.seed)
     model = Qwen2VL(cfg, dtype=c.model.dtype, param_dtype=c.model.param_dtype, attention_impl=c.model.attention,
                     remat=c.model.remat)

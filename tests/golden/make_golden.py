@@ -5,7 +5,7 @@
 For each tiny random config in `reference.CONFIGS` it writes the checkpoint directory exactly as
 `save_pretrained` does (config.json + model.safetensors, published key layout) and `outputs.npz`:
 logits of the full model, the vision tower and merger outputs, and `get_rope_index` results for the
-shared batch in `inputs.npz`. The Python 3.12 run (no torch) checks our model against these files;
+shared batch in `inputs.npz`; `generate.npz`: greedy `generate` tokens for `reference.generation_prompts()`. The Python 3.12 run (no torch) checks our model against these files;
 the Python 3.11 run also recomputes them live and checks they are still what transformers gives.
 """
 
@@ -34,6 +34,7 @@ def main():
                 os.remove(os.path.join(out_dir, extra))
         outputs = reference.hf_outputs(model, batch)
         np.savez_compressed(os.path.join(out_dir, "outputs.npz"), **outputs)
+        np.savez_compressed(os.path.join(out_dir, "generate.npz"), **reference.hf_generation_reference(model))
         size = sum(os.path.getsize(os.path.join(out_dir, f)) for f in os.listdir(out_dir))
         print(f"{name}: {size / 1e6:.2f} MB, logits {outputs['logits'].shape}")
 

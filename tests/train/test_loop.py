@@ -11,6 +11,7 @@ import time
 import jax
 import numpy as np
 import pytest
+import reference as R
 
 from clinkd_jax import checkpoint, sharding
 from clinkd_jax.models import Qwen2VL
@@ -36,10 +37,7 @@ def small_config(**changes):
     c.train.progress = False
     c.train.total_steps_hint = 20
     c.data.num_epochs = None
-    for key, value in changes.items():
-        section, field = key.split(".")
-        c[section][field] = value
-    return c
+    return R.override(c, changes)
 
 
 def losses_of(workdir):

@@ -1,0 +1,1 @@
+"""Med-GRIT-270k evaluation: metrics, reports, the evaluation run."""

@@ -1,0 +1,157 @@
+"""What a researcher reads after an evaluation: a Markdown table per task (one row per modality plus the
+8-modality mean), a bar chart of per-modality scores, and an HTML gallery of images with ground-truth
+(green) and predicted (red) boxes next to the question and answers, per modality.
+
+Drawn with PIL only (no plotting library). Boxes are on the 0-1000 scale relative to the image.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import random
+from collections.abc import Sequence
+
+from PIL import Image, ImageDraw
+
+from clinkd_jax.data import image as image_lib
+from clinkd_jax.data.records import MODALITIES, modality_of
+from clinkd_jax.eval.metrics import box_strings, extract_information, predicted_box_strings, to_floats
+
+TASK_NAMES = {"VG": "Visual grounding (VG)", "RO": "Referring object classification (ROC)",
+              "GC": "Region captioning (RC, GC file)", "MII": "Medical image analysis (MIA, MII file)"}
+GT, PRED = (40, 200, 80), (230, 50, 50)
+
+
+def _columns(result: dict) -> list[str]:
+    if isinstance(result["mean"], dict):
+        return list(result["mean"])
+    return [result["metric"]]
+
+
+def _value(result: dict, modality: str, column: str) -> float | None:
+    per = result["per_modality"].get(modality)
+    if per is None:
+        return None
+    if column == "mBMR":
+        return _bmr(result, modality)
+    return per if not isinstance(per, dict) else per.get(column)
+
+
+def markdown_table(task: str, result: dict) -> str:
+    """One row per modality (count, each metric ×100) plus the unweighted 8-modality mean."""
+    cols = _columns(result)
+    lines = [f"### {TASK_NAMES.get(task, task)}", "", "| modality | n | " + " | ".join(cols) + " |",
+             "|---|---:|" + "---:|" * len(cols)]
+    for m in MODALITIES:
+        n = result["count"].get(m, 0)
+        cells = []
+        for c in cols:
+            v = _value(result, m, c)
+            cells.append("–" if v is None else f"{100 * v:.2f}")
+        lines.append(f"| {m} | {n} | " + " | ".join(cells) + " |")
+    means = result["mean"] if isinstance(result["mean"], dict) else {cols[0]: result["mean"]}
+    lines.append("| **mean (8 modalities)** | " + str(sum(result["count"].values())) + " | "
+                 + " | ".join(f"**{100 * means[c]:.2f}**" for c in cols) + " |")
+    notes = []
+    if result.get("skipped"):
+        notes += [f"{k}: not computed — {v}" for k, v in result["skipped"].items()]
+    if result.get("tokenizer") and "approximation" in result["tokenizer"]:
+        notes.append(f"tokenizer: {result['tokenizer']}")
+    if notes:
+        lines += [""] + [f"- {n}" for n in notes]
+    lines.append("\nValues ×100; a modality without items counts 0 in the mean (BiRD/ClinKD protocol).")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(task: str, result: dict, path: str, column: str | None = None, size=(640, 320)) -> None:
+    """Per-modality bars of one metric (the task's headline: Recall@0.5, Accuracy, or mBMR / CIDEr)."""
+    cols = _columns(result)
+    column = column or next((c for c in ("mBMR", "CIDEr") if c in cols), cols[0])
+    values = [_value(result, m, column) for m in MODALITIES]
+    mean = result["mean"][column] if isinstance(result["mean"], dict) else result["mean"]
+    top = max([v for v in values if v is not None] + [mean, 1e-9])
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    w, h = size
+    left, bottom, plot_h = 40, h - 40, h - 80
+    slot = (w - left - 10) / len(MODALITIES)
+    d.text((left, 8), f"{TASK_NAMES.get(task, task)}: {column} per modality (mean {100 * mean:.2f})", fill="black")
+    d.line([(left, bottom), (w - 10, bottom)], fill="black")
+    for i, (m, v) in enumerate(zip(MODALITIES, values)):
+        x0 = left + i * slot + 6
+        if v is not None:
+            bar = plot_h * v / top
+            d.rectangle([x0, bottom - bar, x0 + slot - 12, bottom], fill=(70, 110, 200))
+            d.text((x0, bottom - bar - 12), f"{100 * v:.1f}", fill="black")
+        d.text((x0, bottom + 6), m[:10], fill="black")
+    y = bottom - plot_h * mean / top
+    d.line([(left, y), (w - 10, y)], fill=(200, 60, 60))
+    img.save(path)
+
+
+def _bmr(result, m):
+    per = result["per_modality"].get(m)
+    if per is None or not all(k in per for k in ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L")):
+        return None
+    return sum(per[k] for k in ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L")) / 6
+
+
+def _draw_boxes(img: Image.Image, boxes: Sequence, color, width: int) -> None:
+    d = ImageDraw.Draw(img)
+    for b in boxes:
+        if b is None:
+            continue
+        x1, y1, x2, y2 = (b[0] * img.width / 1000, b[1] * img.height / 1000, b[2] * img.width / 1000, b[3] * img.height / 1000)
+        if x2 > x1 and y2 > y1:
+            d.rectangle([x1, y1, x2, y2], outline=color, width=width)
+
+
+def gallery(task: str, predictions: Sequence[dict], image_dir: str, out_dir: str, per_modality: int = 4,
+            seed: int = 0, max_side: int = 320) -> str | None:
+    """Thumbnails with boxes and texts for a sample of items per modality; returns the HTML page path.
+
+    Ground truth: boxes of the annotation (VG) or of the question (RO/GC: the referred region).
+    Prediction: boxes parsed from the processed response the way the VG scorer parses them."""
+    if not predictions:
+        return None
+    os.makedirs(out_dir, exist_ok=True)
+    rng = random.Random(seed)
+    by_mod: dict[str, list[dict]] = {}
+    for p in predictions:
+        by_mod.setdefault(modality_of(p["image"]), []).append(p)
+    rows = [f"<h2>{html.escape(TASK_NAMES.get(task, task))}</h2>",
+            "<p>green: ground truth / referred region; red: predicted boxes</p>"]
+    for m in [m for m in MODALITIES if m in by_mod] + sorted(set(by_mod) - set(MODALITIES)):
+        items = by_mod[m]
+        rows.append(f"<h3>{html.escape(m)} ({len(items)} items)</h3><div style='display:flex;flex-wrap:wrap'>")
+        for p in rng.sample(items, min(per_modality, len(items))):
+            response = extract_information(p["response"])
+            gt_text = p["annotation"] if task == "VG" else p["question"]
+            gt = [to_floats(b) for b in box_strings(gt_text) + box_strings(_as_bird(gt_text))]
+            pred = [to_floats(b) for b in predicted_box_strings(response)] if task == "VG" else []
+            thumb = f"{task}_{p['id']}.png"
+            try:
+                img = image_lib.to_rgb(image_lib.load_image(os.path.join(image_dir, p["image"])))
+                img.thumbnail((max_side, max_side))
+                _draw_boxes(img, gt, GT, 3)
+                _draw_boxes(img, pred, PRED, 2)
+                img.save(os.path.join(out_dir, thumb))
+                pic = f"<img src='{thumb}' width='{img.width}'>"
+            except (image_lib.ImageError, OSError) as e:
+                pic = f"<p><i>image not shown: {html.escape(str(e))}</i></p>"
+            rows.append(
+                "<div style='margin:8px;width:340px;font:12px sans-serif'>" + pic
+                + f"<p><b>Q:</b> {html.escape(p['question'])}</p><p><b>reference:</b> {html.escape(p['annotation'])}</p>"
+                + f"<p><b>model:</b> {html.escape(response)}</p></div>")
+        rows.append("</div>")
+    page = os.path.join(out_dir, f"{task}.html")
+    with open(page, "w") as f:
+        f.write("<!doctype html><meta charset='utf-8'><title>clinkd_jax " + task + "</title>\n" + "\n".join(rows))
+    return page
+
+
+def _as_bird(text: str) -> str:
+    from clinkd_jax.data.markup import to_bird
+
+    return to_bird(text) if "<|box_start|>" in text else ""

@@ -1,0 +1,242 @@
+"""The evaluation run (`stage = "eval"`): checkpoint + test files -> predictions -> metrics, tables, charts,
+gallery, all in the workdir.
+
+    <workdir>/predictions/Test_<task>.jsonl   BiRD/ClinKD prediction lines (id, image, question, annotation, response)
+    <workdir>/metrics.json                    every task: per-modality values, 8-modality means, counts, skips
+    <workdir>/tables/<task>.md, results.md    one row per modality plus the mean
+    <workdir>/charts/<task>.png               per-modality bars
+    <workdir>/gallery/<task>.html             images with ground-truth and predicted boxes
+
+Resumes: items already in a prediction file are not generated again (a torn last line is dropped).
+Score-only: `eval.predictions` lists existing JSONL files (ours or another system's); no model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import numpy as np
+
+from clinkd_jax import sharding
+from clinkd_jax.data import records as records_lib
+from clinkd_jax.data import text as text_lib
+from clinkd_jax.data.image import ImageConfig
+from clinkd_jax.eval import captions, metrics, report
+from clinkd_jax.infer import generate as gen_lib
+from clinkd_jax.infer import prompts as prompts_lib
+from clinkd_jax.infer import sasg
+
+log = logging.getLogger("clinkd_jax.eval")
+TASKS = ("VG", "RO", "GC", "MII")
+
+
+def tokenizer_dir(c) -> str:
+    """data.tokenizer, else the model's HF directory, else tokenizer files kept with an Orbax checkpoint,
+    else the bundled Qwen2 tokenizer."""
+    if c.data.tokenizer:
+        return c.data.tokenizer
+    if c.model.hf_dir:
+        return c.model.hf_dir
+    assets = os.path.join(c.model.orbax_dir, "hf_assets") if c.model.orbax_dir else ""
+    if assets and os.path.isfile(os.path.join(assets, "tokenizer.json")):
+        return assets
+    return text_lib.bundled_qwen2_tokenizer_dir()
+
+
+def test_files(c, workdir: str) -> dict[str, str]:
+    """{task: Test_<task>.json} from eval.files or eval.data_dir + eval.tasks (demo: generated in the workdir)."""
+    e = c.eval
+    if e.files:
+        return {metrics.task_of(f): f for f in e.files}
+    data_dir = e.data_dir or (_demo_dir(workdir) if c.data.format == "demo" else "")
+    return {t: os.path.join(data_dir, f"Test_{t}.json") for t in e.tasks}
+
+
+def _demo_dir(workdir: str) -> str:
+    from clinkd_jax.data import demo
+
+    root = os.path.join(workdir, "demo_data")
+    if not os.path.isfile(os.path.join(root, "train.json")):
+        demo.generate(root)
+    return root
+
+
+def image_dir(c, workdir: str) -> str:
+    if c.eval.image_dir:
+        return c.eval.image_dir
+    if c.data.format == "demo" and not c.eval.data_dir:
+        return os.path.join(_demo_dir(workdir), "images")
+    return c.data.image_dir
+
+
+def sampling_for(c, task: str, stop_ids: tuple[int, ...], pad_id: int) -> gen_lib.SamplingConfig:
+    e = c.eval
+    sampled = e.sasg_samples > 1
+    return gen_lib.SamplingConfig(
+        max_new_tokens=e.max_new_tokens_mii if task == "MII" else e.max_new_tokens,
+        temperature=e.sasg_temperature if sampled else e.temperature, top_p=e.sasg_top_p if sampled else e.top_p,
+        stop_token_ids=stop_ids, pad_token_id=pad_id,
+    )
+
+
+def read_done(path: str) -> set[int]:
+    """Ids already predicted; a torn last line (killed mid-write) is dropped from the file."""
+    if not os.path.isfile(path):
+        return set()
+    good, done = [], set()
+    with open(path) as f:
+        for line in f:
+            try:
+                item = json.loads(line)
+                done.add(int(item["id"]))
+                good.append(line if line.endswith("\n") else line + "\n")
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                log.warning("%s: dropping an unreadable line (interrupted write?)", path)
+    with open(path, "w") as f:
+        f.writelines(good)
+    return done
+
+
+def predict(c, task: str, recs, generator, encoder, out_path: str, skips: records_lib.SkipLog) -> int:
+    """Generate for every record not yet in out_path; returns how many were generated now."""
+    from tqdm.auto import tqdm
+
+    e = c.eval
+    done = read_done(out_path)
+    todo = [r for r in recs if r.index not in done]
+    tok = encoder.tok
+    stop_ids = tuple(tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>"))
+    sampling = sampling_for(c, task, stop_ids, tok.convert_tokens_to_ids("<|endoftext|>"))
+    n = max(1, e.sasg_samples)
+    pcfg = prompts_lib.PromptConfig(
+        batch_size=e.batch_size * n, text_buckets=tuple(e.text_buckets), patch_buckets=tuple(e.patch_buckets),
+        image=ImageConfig(min_pixels=e.min_pixels, max_pixels=e.max_pixels), mrope_gaps=tuple(c.data.mrope_gaps),
+        image_token_id=generator.model.cfg.image_token_id, pad_token_id=sampling.pad_token_id, threads=e.threads,
+    )
+    writer = jax.process_index() == 0
+    bar = tqdm(total=len(recs), initial=len(recs) - len(todo), unit="item", desc=f"eval {task}",
+               disable=not (writer and c.train.progress))
+    made = 0
+    with open(out_path, "a") if writer else open(os.devnull, "w") as f:
+        for k, (batch_recs, batch) in enumerate(prompts_lib.prompt_batches(todo, encoder, pcfg, skips, repeat=n)):
+            tokens = generator(batch, sampling, rng=jax.random.fold_in(jax.random.key(c.seed), k))
+            texts = [tok.decode(row, skip_special_tokens=False) for row in gen_lib.trim(tokens, stop_ids)]
+            for i, r in enumerate(batch_recs):
+                line = {"id": r.index, "image": os.path.basename(r.images[0]), "question": r.question,
+                        "annotation": r.answer}
+                if n > 1:
+                    cands = texts[i * n:(i + 1) * n]
+                    best, scores = sasg.select(cands, similarity=e.sasg_similarity)
+                    line.update(response=cands[best], candidates=cands, sasg_scores=scores)
+                else:
+                    line["response"] = texts[i]
+                f.write(json.dumps(line, ensure_ascii=False) + "\n")
+            f.flush()
+            made += len(batch_recs)
+            bar.update(len(batch_recs))
+    bar.close()
+    return made
+
+
+def score(task: str, predictions: list[dict], scorer_box: dict, spice: bool) -> dict:
+    if task == "VG":
+        return metrics.vg_recall(predictions)
+    if task == "RO":
+        return metrics.roc_accuracy(predictions)
+    if "scorer" not in scorer_box:
+        scorer_box["scorer"] = captions.CaptionScorer(spice=spice)
+    return captions.caption_metrics(predictions, task, scorer_box["scorer"])
+
+
+def write_reports(c, workdir: str, results: dict, preds: dict, images: str) -> None:
+    for sub in ("tables", "charts", "gallery"):
+        os.makedirs(os.path.join(workdir, sub), exist_ok=True)
+    tables = []
+    for task, result in results.items():
+        table = report.markdown_table(task, result)
+        tables.append(table)
+        with open(os.path.join(workdir, "tables", f"{task}.md"), "w") as f:
+            f.write(table)
+        report.bar_chart(task, result, os.path.join(workdir, "charts", f"{task}.png"))
+        if images and os.path.isdir(images) and c.eval.gallery_per_modality > 0:
+            report.gallery(task, preds[task], images, os.path.join(workdir, "gallery"), c.eval.gallery_per_modality,
+                           seed=c.seed)
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+        f.write("\n".join(tables))
+
+
+def validate(c, workdir: str) -> None:
+    from clinkd_jax.train.config import ConfigError, _source
+
+    e = c.eval
+    if e.predictions:
+        for p in e.predictions:
+            if not os.path.isfile(p):
+                raise ConfigError(f"eval.predictions: {p} does not exist")
+            if metrics.task_of(p) is None:
+                raise ConfigError(f"eval.predictions: cannot tell the task of {p} (name it like Test_VG.jsonl)")
+        return
+    _source(c, "model", required=True)
+    unknown = [t for t in e.tasks if t not in TASKS]
+    if unknown:
+        raise ConfigError(f"eval.tasks has {unknown}; known: {TASKS}")
+    for task, path in test_files(c, workdir).items():
+        if task is None:
+            raise ConfigError(f"eval.files: cannot tell the task of {path} (name it like Test_VG.json)")
+        if not os.path.isfile(path):
+            raise ConfigError(f"eval: test file {path} not found (eval.data_dir / eval.files / eval.tasks)")
+    if not os.path.isdir(image_dir(c, workdir)):
+        raise ConfigError(f"eval.image_dir={image_dir(c, workdir)!r} is not a directory")
+    if e.sasg_samples > 1 and e.sasg_temperature <= 0:
+        raise ConfigError("eval.sasg_samples > 1 needs eval.sasg_temperature > 0 (identical greedy candidates)")
+    try:
+        sasg.resolve(e.sasg_similarity)
+    except (ValueError, ImportError, AttributeError) as err:
+        raise ConfigError(f"eval.sasg_similarity: {err}") from None
+
+
+def run(c, workdir: str) -> dict:
+    """Predict (unless score-only) and score; returns {task: result} plus skips and paths."""
+    os.makedirs(workdir, exist_ok=True)
+    validate(c, workdir)
+    pred_dir = os.path.join(workdir, "predictions")
+    os.makedirs(pred_dir, exist_ok=True)
+    skips = records_lib.SkipLog(strict=c.data.strict)
+    generated = {}
+    if c.eval.predictions:
+        pred_files = {metrics.task_of(p): p for p in c.eval.predictions}
+    else:
+        from clinkd_jax.models.qwen2vl import Qwen2VL
+        from clinkd_jax.train.loop import load_model, make_run_mesh
+
+        mesh, rules = make_run_mesh(c)
+        cfg, params = load_model(c.model, mesh, c.seed)
+        model = Qwen2VL(cfg, dtype=c.model.dtype, attention_impl=c.model.attention)
+        generator = gen_lib.Generator(model, params, mesh, rules)
+        encoder = text_lib.ChatEncoder(text_lib.load_tokenizer(tokenizer_dir(c)), c.data.chat_template or None)
+        pred_files = {}
+        for task, path in test_files(c, workdir).items():
+            recs = records_lib.read_medgrit(path, image_dir(c, workdir), log=skips)
+            if c.eval.limit > 0:
+                recs = recs[: c.eval.limit]
+            pred_files[task] = os.path.join(pred_dir, f"Test_{task}.jsonl")
+            generated[task] = predict(c, task, recs, generator, encoder, pred_files[task], skips)
+        log.info("generation compiled %d time(s)", generator.compiled)
+    results, preds, box = {}, {}, {}
+    if jax.process_index() == 0:
+        for task, path in pred_files.items():
+            preds[task] = sorted(metrics.read_predictions(path), key=lambda p: int(p["id"]))
+            results[task] = score(task, preds[task], box, c.eval.spice)
+        if "scorer" in box:
+            box["scorer"].close()
+        with open(os.path.join(workdir, "metrics.json"), "w") as f:
+            json.dump({"tasks": results, "skipped": dict(skips.counts), "generated": generated,
+                       "predictions": pred_files}, f, indent=2)
+        write_reports(c, workdir, results, preds, image_dir(c, workdir))
+    if skips.total:
+        log.warning("%s", skips.report())
+    return {"stage": "eval", "tasks": results, "skipped": dict(skips.counts), "generated": generated,
+            "workdir": workdir, "means": {t: r["mean"] for t, r in results.items()}}

@@ -1,0 +1,1 @@
+"""Generation: jitted prefill + decode, prompts, SASG."""
