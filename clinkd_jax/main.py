@@ -29,6 +29,14 @@ def main(argv):
 
     c = _CONFIG.value
     try:
+        if c.get("stages"):
+            from clinkd_jax import recipe
+
+            summary = recipe.run(c, _WORKDIR.value)
+            print(recipe.summary_table(summary["stages"]))
+            print(("all stages done" if summary["complete"] else "interrupted: run again to resume")
+                  + f"; outputs in {summary['workdir']}")
+            return
         if c.stage == "eval":
             from clinkd_jax.eval import run as eval_run
 

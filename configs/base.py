@@ -8,6 +8,10 @@ def get_config() -> ConfigDict:
     c = ConfigDict()
     c.stage = "sft"  # "sft" (cross-entropy) | "kd" (ClinKD distillation from `teacher`) | "eval" (Med-GRIT scoring)
     c.seed = 0
+    # --- several stages in one run (clinkd_jax.recipe): names run in order, each in <workdir>/<name>/ with
+    # this config updated by stage_settings.<name> (+ model_from / teacher_from: an earlier stage's params)
+    c.stages = ()  # e.g. ("teacher", "kd", "sft", "eval"); () = one run of `stage`
+    c.stage_settings = ConfigDict()
 
     # --- the student / the model being trained. Exactly one source: hf_dir, orbax_dir or preset.
     c.model = ConfigDict()

@@ -1,0 +1,128 @@
+"""Several stages as one run: `config.stages` names them in order (e.g. teacher → kd → sft → eval), each
+runs in `<workdir>/<name>/` with the base config updated by `config.stage_settings.<name>`.
+
+Chaining: a training stage writes `<workdir>/<name>/params`; a later stage uses it through
+`model_from` / `teacher_from` (the name of an earlier stage). Without `model_from`, a stage that has no
+model source of its own starts from the previous training stage's params.
+
+Resume: a finished stage leaves `<workdir>/<name>/stage_done.json` and is not run again; an unfinished
+one resumes from its own checkpoints (training) or predictions (evaluation).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+
+from ml_collections import ConfigDict
+
+log = logging.getLogger("clinkd_jax.recipe")
+SOURCES = ("hf_dir", "orbax_dir", "preset")
+CHAIN_KEYS = ("model_from", "teacher_from")
+
+
+def _merge(base: ConfigDict, override: ConfigDict, where: str) -> None:
+    for key, value in override.items():
+        if key in CHAIN_KEYS:
+            continue
+        if key not in base and not where.endswith("text_overrides"):  # text_overrides is an open map
+            raise KeyError(f"{where}.{key} is not a config field")
+        if isinstance(value, ConfigDict) and isinstance(base.get(key), ConfigDict):
+            _merge(base[key], value, f"{where}.{key}")
+        else:
+            base[key] = value
+
+
+def _use_params(src: ConfigDict, params_dir: str) -> None:
+    for k in SOURCES:
+        src[k] = ""
+    src.orbax_dir = params_dir
+    src.text_overrides = ConfigDict()
+
+
+def stage_configs(c, workdir: str) -> list[tuple[str, ConfigDict, str]]:
+    """[(name, full config, stage workdir)] in order; raises ConfigError on a bad plan."""
+    from clinkd_jax.train.config import ConfigError
+
+    base = copy.deepcopy(c)
+    with base.unlocked():
+        base.stages = ()
+    out, trained = [], []
+    for name in c.stages:
+        if name not in c.stage_settings:
+            raise ConfigError(f"stages names {name!r} but stage_settings.{name} does not exist")
+        settings = c.stage_settings[name]
+        cfg = copy.deepcopy(base)
+        try:
+            _merge(cfg, settings, f"stage_settings.{name}")
+        except KeyError as e:
+            raise ConfigError(str(e.args[0])) from None
+        for key, target in (("model_from", "model"), ("teacher_from", "teacher")):
+            ref = settings.get(key, "")
+            if ref:
+                if ref not in trained:
+                    raise ConfigError(f"stage_settings.{name}.{key}={ref!r} is not an earlier training stage")
+                _use_params(cfg[target], os.path.join(workdir, ref, "params"))
+        has_source = any(settings.get("model", {}).get(k) for k in SOURCES) if "model" in settings else False
+        if not settings.get("model_from", "") and not has_source and trained:
+            _use_params(cfg.model, os.path.join(workdir, trained[-1], "params"))
+        out.append((name, cfg, os.path.join(workdir, name)))
+        if cfg.stage in ("sft", "kd"):
+            trained.append(name)
+    return out
+
+
+def run_stage(cfg, stage_dir: str) -> dict:
+    if cfg.stage == "eval":
+        from clinkd_jax.eval import run as eval_run
+
+        return eval_run.run(cfg, stage_dir)
+    from clinkd_jax.train import loop
+
+    summary = loop.run(cfg, stage_dir)
+    summary.pop("state", None)
+    return summary
+
+
+def run(c, workdir: str) -> dict:
+    """Run every stage not yet done; returns {"stage": "recipe", "stages": [(name, summary), ...]}."""
+    plan = stage_configs(c, workdir)
+    done = []
+    for name, cfg, stage_dir in plan:
+        marker = os.path.join(stage_dir, "stage_done.json")
+        if os.path.isfile(marker):
+            log.info("stage %s: already done, skipped", name)
+            with open(marker) as f:
+                done.append((name, json.load(f)))
+            continue
+        log.info("stage %s (%s) in %s", name, cfg.stage, stage_dir)
+        summary = run_stage(cfg, stage_dir)
+        if summary.get("preempted"):
+            log.warning("stage %s was interrupted; run the same command again to resume", name)
+            return {"stage": "recipe", "stages": done + [(name, summary)], "workdir": workdir, "complete": False}
+        brief = {k: v for k, v in summary.items() if k in ("stage", "steps", "final", "means", "skipped")}
+        os.makedirs(stage_dir, exist_ok=True)
+        with open(marker, "w") as f:
+            json.dump(brief, f, indent=2, default=float)
+        done.append((name, brief))
+    with open(os.path.join(workdir, "recipe_summary.md"), "w") as f:
+        f.write(summary_table(done))
+    return {"stage": "recipe", "stages": done, "workdir": workdir, "complete": True}
+
+
+def summary_table(stages) -> str:
+    lines = ["| stage | kind | result |", "|---|---|---|"]
+    for name, s in stages:
+        if s.get("stage") == "eval":
+            parts = []
+            for task, mean in s.get("means", {}).items():
+                value = mean.get("mBMR", mean.get("CIDEr")) if isinstance(mean, dict) else mean
+                parts.append(f"{task} {100 * value:.2f}" if value is not None else f"{task} –")
+            result = ", ".join(parts)
+        else:
+            final = s.get("final", {})
+            result = f"{s.get('steps', 0)} steps, loss {float(final.get('loss', float('nan'))):.4f}"
+        lines.append(f"| {name} | {s.get('stage', '?')} | {result} |")
+    return "\n".join(lines) + "\n"

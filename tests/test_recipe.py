@@ -1,0 +1,89 @@
+"""Stages in one run: chaining through params, skipping finished stages, resuming an unfinished one."""
+
+import json
+import os
+import sys
+
+import pytest
+import reference as R
+from ml_collections import ConfigDict
+
+from clinkd_jax import recipe
+from clinkd_jax.train.config import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from configs import demo_train  # noqa: E402
+
+SMALL = {"hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 64}
+
+
+def plan_config():
+    c = demo_train.get_config()
+    c.model.text_overrides = SMALL
+    R.override(c, {"data.batch_size": 2, "data.text_buckets": (192,), "data.patch_buckets": (256,),
+                   "data.max_pixels": 112 * 112, "data.num_epochs": None, "train.progress": False,
+                   "checkpoint.async_save": False, "checkpoint.save_every": 2, "train.total_steps_hint": 10})
+    c.eval.limit, c.eval.max_new_tokens, c.eval.max_new_tokens_mii = 2, 4, 4
+    c.eval.tasks, c.eval.patch_buckets, c.eval.max_pixels, c.eval.min_pixels = ("VG", "RO"), (256,), 112 * 112, 56 * 56
+    c.stages = ("teacher", "kd", "sft", "eval")
+    c.stage_settings = ConfigDict({
+        "teacher": {"stage": "sft", "train": {"steps": 3}},
+        "kd": {"stage": "kd", "teacher_from": "teacher", "teacher": {"dtype": "float32"},
+               "model": {"preset": "tiny_qwen", "text_overrides": {"num_hidden_layers": 1}}, "train": {"steps": 2}},
+        "sft": {"stage": "sft", "train": {"steps": 2}},
+        "eval": {"stage": "eval"},
+    })
+    return c
+
+
+def test_plan_chains_params():
+    plan = {name: cfg for name, cfg, _ in recipe.stage_configs(plan_config(), "/w")}
+    assert plan["teacher"].model.preset == "tiny_qwen" and plan["teacher"].model.text_overrides.hidden_size == 32
+    assert plan["kd"].teacher.orbax_dir == "/w/teacher/params" and plan["kd"].teacher.preset == ""
+    assert plan["kd"].model.preset == "tiny_qwen" and plan["kd"].model.text_overrides.num_hidden_layers == 1
+    assert plan["sft"].model.orbax_dir == "/w/kd/params" and plan["sft"].model.preset == ""  # previous stage
+    assert plan["eval"].model.orbax_dir == "/w/sft/params" and plan["eval"].stage == "eval"
+    assert plan["sft"].stages == ()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"stages": ("teacher", "nope")}, "stage_settings.nope does not exist"),
+    ({"stage_settings.kd.teacher_from": "sft"}, "not an earlier training stage"),
+    ({"stage_settings.sft.train.bogus": 1}, "stage_settings.sft.train.bogus is not a config field"),
+])
+def test_bad_plans_name_the_field(change, message):
+    c = plan_config()
+    for key, value in change.items():
+        *path, last = key.split(".")
+        target = c
+        for p in path:
+            target = target[p]
+        with target.unlocked() if hasattr(target, "unlocked") else target:
+            target[last] = value
+    with pytest.raises(ConfigError, match=message):
+        recipe.stage_configs(c, "/w")
+
+
+def test_runs_in_order_skips_done_and_resumes(tmp_path):
+    w = str(tmp_path)
+    out = recipe.run(plan_config(), w)
+    assert out["complete"] and [n for n, _ in out["stages"]] == ["teacher", "kd", "sft", "eval"]
+    kd = json.load(open(os.path.join(w, "kd", "stage_done.json")))
+    assert kd["stage"] == "kd" and "loss_kd" in kd["final"]
+    assert set(json.load(open(os.path.join(w, "eval", "stage_done.json")))["means"]) == {"VG", "RO"}
+    table = open(os.path.join(w, "recipe_summary.md")).read()
+    assert "| kd | kd | 2 steps" in table and "| eval | eval | VG" in table
+    # finished stages are not run again
+    stamps = {n: os.path.getmtime(os.path.join(w, n, "stage_done.json")) for n in ("teacher", "kd", "sft", "eval")}
+    again = recipe.run(plan_config(), w)
+    assert again["complete"]
+    assert stamps == {n: os.path.getmtime(os.path.join(w, n, "stage_done.json")) for n in stamps}
+    # an unfinished stage resumes from its own checkpoint; later stages run again
+    os.remove(os.path.join(w, "sft", "stage_done.json"))
+    os.remove(os.path.join(w, "eval", "stage_done.json"))
+    c = plan_config()
+    c.stage_settings.sft.train.steps = 4
+    third = dict(recipe.run(c, w)["stages"])
+    assert third["sft"]["steps"] == 4
+    assert json.load(open(os.path.join(w, "sft", "summary.json")))["start_step"] == 2
