@@ -2,7 +2,7 @@
 
     python -m clinkd_jax.main --config=configs/demo_train.py --workdir=/tmp/run [--config.a.b=value ...]
 
-The config names the stage (`sft`, `kd` or `eval`) and every knob of the paper (configs/base.py). Unknown or
+The config names the stage (`sft`, `kd`, `rct` or `eval`), or several `stages` (clinkd_jax.recipe) and every knob of the paper (configs/base.py). Unknown or
 inconsistent settings fail before anything is compiled, naming the field.
 """
 
@@ -17,6 +17,10 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/<x>.py file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and outputs go")
+_COORD = flags.DEFINE_string("coordinator_address", "", "multi-process: host:port of process 0 (GPUs, localhost)")
+_NPROC = flags.DEFINE_integer("num_processes", 0, "multi-process: number of processes")
+_PID = flags.DEFINE_integer("process_id", -1, "multi-process: this process's id")
+_AUTO = flags.DEFINE_bool("distributed", False, "multi-process with auto-detection (Cloud TPU pods, SLURM)")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -24,7 +28,9 @@ def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and Grain log every save at INFO
-    from clinkd_jax.train import loop
+    from clinkd_jax import distributed
+
+    distributed.initialize(_COORD.value, _NPROC.value, _PID.value, _AUTO.value)
     from clinkd_jax.train.config import ConfigError
 
     c = _CONFIG.value
@@ -37,12 +43,9 @@ def main(argv):
             print(("all stages done" if summary["complete"] else "interrupted: run again to resume")
                   + f"; outputs in {summary['workdir']}")
             return
-        if c.stage == "eval":
-            from clinkd_jax.eval import run as eval_run
+        from clinkd_jax import recipe
 
-            summary = eval_run.run(c, _WORKDIR.value)
-        else:
-            summary = loop.run(c, _WORKDIR.value)
+        summary = recipe.run_stage(c, _WORKDIR.value)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -54,6 +57,9 @@ def main(argv):
             with open(results) as f:
                 print(f.read())
         print(f"skipped {sum(summary['skipped'].values())}; outputs in {summary['workdir']}")
+        return
+    if summary["stage"] == "rct":
+        print(f"rct: {summary['final']}; corrected answers in {summary['corrected_file']}")
         return
     final = summary["final"]
     print(f"{summary['stage']}: {summary['steps']} steps, final loss {final.get('loss', float('nan')):.4f}"

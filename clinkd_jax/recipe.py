@@ -20,16 +20,19 @@ from ml_collections import ConfigDict
 
 log = logging.getLogger("clinkd_jax.recipe")
 SOURCES = ("hf_dir", "orbax_dir", "preset")
-CHAIN_KEYS = ("model_from", "teacher_from")
+CHAIN_KEYS = ("model_from", "teacher_from", "rct_from")
 
 
 def _merge(base: ConfigDict, override: ConfigDict, where: str) -> None:
     for key, value in override.items():
         if key in CHAIN_KEYS:
             continue
-        if key not in base and not where.endswith("text_overrides"):  # text_overrides is an open map
+        if key not in base:
             raise KeyError(f"{where}.{key} is not a config field")
-        if isinstance(value, ConfigDict) and isinstance(base.get(key), ConfigDict):
+        if key == "text_overrides":  # an open map: the stage's set replaces the base's
+            with base.unlocked():
+                base[key] = copy.deepcopy(value)
+        elif isinstance(value, ConfigDict) and isinstance(base[key], ConfigDict):
             _merge(base[key], value, f"{where}.{key}")
         else:
             base[key] = value
@@ -49,7 +52,7 @@ def stage_configs(c, workdir: str) -> list[tuple[str, ConfigDict, str]]:
     base = copy.deepcopy(c)
     with base.unlocked():
         base.stages = ()
-    out, trained = [], []
+    out, trained, rct_done = [], [], []
     for name in c.stages:
         if name not in c.stage_settings:
             raise ConfigError(f"stages names {name!r} but stage_settings.{name} does not exist")
@@ -65,12 +68,19 @@ def stage_configs(c, workdir: str) -> list[tuple[str, ConfigDict, str]]:
                 if ref not in trained:
                     raise ConfigError(f"stage_settings.{name}.{key}={ref!r} is not an earlier training stage")
                 _use_params(cfg[target], os.path.join(workdir, ref, "params"))
+        ref = settings.get("rct_from", "")
+        if ref:
+            if ref not in rct_done:
+                raise ConfigError(f"stage_settings.{name}.rct_from={ref!r} is not an earlier rct stage")
+            cfg.data.extra_files = tuple(cfg.data.extra_files) + (os.path.join(workdir, ref, "corrected.json"),)
         has_source = any(settings.get("model", {}).get(k) for k in SOURCES) if "model" in settings else False
         if not settings.get("model_from", "") and not has_source and trained:
             _use_params(cfg.model, os.path.join(workdir, trained[-1], "params"))
         out.append((name, cfg, os.path.join(workdir, name)))
         if cfg.stage in ("sft", "kd"):
             trained.append(name)
+        elif cfg.stage == "rct":
+            rct_done.append(name)
     return out
 
 
@@ -79,6 +89,10 @@ def run_stage(cfg, stage_dir: str) -> dict:
         from clinkd_jax.eval import run as eval_run
 
         return eval_run.run(cfg, stage_dir)
+    if cfg.stage == "rct":
+        from clinkd_jax.train import rct
+
+        return rct.run(cfg, stage_dir)
     from clinkd_jax.train import loop
 
     summary = loop.run(cfg, stage_dir)
@@ -121,6 +135,9 @@ def summary_table(stages) -> str:
                 value = mean.get("mBMR", mean.get("CIDEr")) if isinstance(mean, dict) else mean
                 parts.append(f"{task} {100 * value:.2f}" if value is not None else f"{task} –")
             result = ", ".join(parts)
+        elif s.get("stage") == "rct":
+            f = s.get("final", {})
+            result = f"{f.get('items', 0)} answered, {f.get('flagged', 0)} flagged, {f.get('corrected', 0)} corrected"
         else:
             final = s.get("final", {})
             result = f"{s.get('steps', 0)} steps, loss {float(final.get('loss', float('nan'))):.4f}"

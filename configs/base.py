@@ -6,7 +6,7 @@ from ml_collections import ConfigDict
 
 def get_config() -> ConfigDict:
     c = ConfigDict()
-    c.stage = "sft"  # "sft" (cross-entropy) | "kd" (ClinKD distillation from `teacher`) | "eval" (Med-GRIT scoring)
+    c.stage = "sft"  # sft (cross-entropy) | kd (ClinKD distillation from `teacher`) | rct (one correction round) | eval
     c.seed = 0
     # --- several stages in one run (clinkd_jax.recipe): names run in order, each in <workdir>/<name>/ with
     # this config updated by stage_settings.<name> (+ model_from / teacher_from: an earlier stage's params)
@@ -57,9 +57,11 @@ def get_config() -> ConfigDict:
     c.data.min_pixels = 32 * 32
     c.data.max_pixels = 768 * 768  # ClinKD training budget
     c.data.mrope_gaps = (2, 2)  # MCG-RoPE; (1, 1) = plain Qwen2-VL (the MCG ablation)
-    c.data.num_epochs = 3
+    c.data.num_epochs = 3  # 0 = repeat forever (then train.steps or train.total_steps_hint sets the length)
     c.data.shuffle = True
     c.data.strict = False  # True: stop at the first bad item instead of skipping and counting
+    c.data.extra_files = ()  # more training records (ShareGPT JSON, absolute image paths), e.g. RCT corrections
+    c.data.extra_mode = "append"  # append | replace (drop the original records whose id the extra files correct)
     c.data.worker_count = 0
     c.data.read_threads = 2
 
@@ -91,6 +93,20 @@ def get_config() -> ConfigDict:
     c.checkpoint.async_save = True
     c.checkpoint.export_hf = False  # also write the final student in the Hugging Face layout (<workdir>/export_hf)
     c.checkpoint.save_params = True  # also write the final params alone (<workdir>/params): a teacher.orbax_dir
+
+    # --- Reflective Correction Training, one round per stage "rct" (clinkd_jax.train.rct); corrector = teacher.*
+    # (default: the model itself). Every constant here is ours: the paper gives none.
+    c.rct = ConfigDict()
+    c.rct.num_items = 256  # training exchanges the model answers per round (0 = all)
+    c.rct.threshold = 0.5  # text answers less similar than this to the reference are flagged
+    c.rct.similarity = "overlap"  # SASG similarity: overlap | rouge_l | box_iou | "module:function"
+    c.rct.samples = 4  # corrector candidates per flagged item (SASG picks the closest to the reference)
+    c.rct.temperature = 0.7
+    c.rct.top_p = 0.9
+    c.rct.max_new_tokens = 80
+    c.rct.batch_size = 8  # prompts per generate call
+    c.rct.hint = "\nReference answer: {reference}\nGive the answer in your own words, consistent with the reference."
+    c.rct.seed = 0
 
     # --- evaluation (stage "eval"): BiRD/ClinKD protocol (clinkd-spec §3.5-3.7); the model is `model.*`
     c.eval = ConfigDict()

@@ -87,3 +87,16 @@ def test_runs_in_order_skips_done_and_resumes(tmp_path):
     third = dict(recipe.run(c, w)["stages"])
     assert third["sft"]["steps"] == 4
     assert json.load(open(os.path.join(w, "sft", "summary.json")))["start_step"] == 2
+
+
+def test_demo_recipe_plan():
+    from configs import demo
+
+    plan = {name: cfg for name, cfg, _ in recipe.stage_configs(demo.get_config(), "/w")}
+    assert list(plan) == ["teacher", "kd", "sft", "rct", "sft_rct", "eval_untrained", "eval_teacher", "eval_student"]
+    assert plan["teacher"].model.text_overrides.hidden_size > plan["kd"].model.text_overrides.hidden_size  # smaller student
+    assert plan["kd"].teacher.orbax_dir == "/w/teacher/params" and tuple(plan["kd"].data.mrope_gaps) == (2, 2)
+    assert plan["rct"].model.orbax_dir == "/w/sft/params" and plan["rct"].teacher.orbax_dir == "/w/teacher/params"
+    assert plan["sft_rct"].data.extra_files == ("/w/rct/corrected.json",)
+    assert plan["eval_untrained"].model.preset == "tiny_qwen" and plan["eval_untrained"].model.orbax_dir == ""
+    assert plan["eval_student"].model.orbax_dir == "/w/sft_rct/params"

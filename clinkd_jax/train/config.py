@@ -38,8 +38,13 @@ def _source(c, name: str, required: bool) -> None:
 
 
 def validate(c) -> None:
-    if c.stage not in ("sft", "kd"):
-        raise ConfigError(f"stage={c.stage!r} is not one of ('sft', 'kd')")
+    if c.stage not in ("sft", "kd", "rct"):
+        raise ConfigError(f"stage={c.stage!r} is not one of ('sft', 'kd', 'rct', 'eval')")
+    for f in c.data.get("extra_files", ()):
+        if not os.path.isfile(f):
+            raise ConfigError(f"data.extra_files: {f} does not exist")
+    if c.data.get("extra_mode", "append") not in ("append", "replace"):
+        raise ConfigError(f"data.extra_mode={c.data.extra_mode!r} is not one of ('append', 'replace')")
     _source(c, "model", required=True)
     cached = c.stage == "kd" and bool(c.kd.get("pseudo_labels"))
     _source(c, "teacher", required=c.stage == "kd" and not cached)

@@ -75,13 +75,20 @@ def build_data(c, workdir, model_dir: str):
     else:
         reader = records.read_medgrit if d.format == "medgrit" else records.read_sharegpt
         recs = [r for f in d.train_files for r in reader(f, d.image_dir, log=log_)]
+    if d.get("extra_files"):
+        extra = [r for f in d.extra_files for r in records.read_sharegpt(f, "", log=log_)]
+        if d.extra_mode == "replace":
+            corrected = {r.id for r in extra}
+            recs = [r for r in recs if r.id not in corrected]
+        recs = recs + extra
+        log.info("training pool: %d records incl. %d from %s (%s)", len(recs), len(extra), list(d.extra_files), d.extra_mode)
     tok_dir = d.tokenizer or model_dir or text.bundled_qwen2_tokenizer_dir()
     encoder = text.ChatEncoder(text.load_tokenizer(tok_dir), d.chat_template or None)
     per_host = d.batch_size // jax.process_count()
     pcfg = pipeline.PipelineConfig(
         batch_size=per_host, text_buckets=tuple(d.text_buckets), patch_buckets=tuple(d.patch_buckets),
         image=ImageConfig(min_pixels=d.min_pixels, max_pixels=d.max_pixels), mrope_gaps=tuple(d.mrope_gaps),
-        seed=c.seed, shuffle=d.shuffle, num_epochs=d.num_epochs, worker_count=d.worker_count,
+        seed=c.seed, shuffle=d.shuffle, num_epochs=d.num_epochs or None, worker_count=d.worker_count,
         read_threads=d.read_threads, strict=d.strict, shard_index=jax.process_index(), shard_count=jax.process_count(),
         teacher_mrope_gaps=(1, 1) if c.stage == "kd" and c.teacher.positions == "own" else None,
         pseudo_labels=(c.kd.pseudo_labels or None) if c.stage == "kd" else None,
@@ -144,7 +151,7 @@ def run(c, workdir: str) -> dict:
             start = 0
         else:
             start, state, data_state = restored
-            data.set_state(data_state)
+            data.set_state(own_data_state(data_state))
             log.info("resumed from step %d", start)
         del params
         sched = state_lib.schedule(opt)
@@ -175,7 +182,8 @@ def run(c, workdir: str) -> dict:
                     metrics["tokens_per_s"] = tokens * c.train.log_every / max(time.perf_counter() - t0, 1e-9)
                     t0 = time.perf_counter()
                     writer.write(step, metrics)
-                ckpt.save(step, state, data.get_state(), c.to_dict())
+                if saving:
+                    ckpt.save(step, state, host_data_states(data), c.to_dict())
                 if stop["signal"] is not None:
                     log.warning("signal %s: saving step %d and stopping", stop["signal"], step)
                     break
@@ -183,7 +191,7 @@ def run(c, workdir: str) -> dict:
                 if metrics and not math.isfinite(float(metrics["loss"])):
                     raise NonFiniteLoss(f"non-finite loss at step {step}; the last good checkpoint is step "
                                         f"{ckpt.latest_step()} in {ckpt.directory}")
-                ckpt.save(step, state, data.get_state(), c.to_dict(), force=True)
+                ckpt.save(step, state, host_data_states(data), c.to_dict(), force=True)
         finally:
             signal.signal(signal.SIGTERM, previous)
             ckpt.close()
@@ -198,6 +206,24 @@ def run(c, workdir: str) -> dict:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2, default=float)
     return {**summary, "state": state}
+
+
+def host_data_states(data) -> dict:
+    """Every host's data-iterator state (each reads its own slice), gathered for the checkpoint."""
+    from clinkd_jax.distributed import allgather_json
+
+    return {"per_host": allgather_json(data.get_state())}
+
+
+def own_data_state(saved: dict) -> dict:
+    if "per_host" not in saved:  # written by a single-process run before per-host states existed
+        return saved
+    hosts = saved["per_host"]
+    if len(hosts) != jax.process_count():
+        raise ValueError(f"the checkpoint holds data states of {len(hosts)} hosts, this run has "
+                         f"{jax.process_count()}: resume with the same number of hosts (the model state alone "
+                         "restores anywhere)")
+    return hosts[jax.process_index()]
 
 
 def _total_updates(c, n_records: int) -> int:

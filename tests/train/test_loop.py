@@ -67,7 +67,7 @@ def test_restore_onto_another_mesh(tmp_path):
     ckpt = checkpoint.TrainCheckpointer(str(tmp_path / "r" / "checkpoints"))
     step, restored, data_state = ckpt.restore(target)
     ckpt.close()
-    assert step == 3 and data_state["batches"] == 3
+    assert step == 3 and loop.own_data_state(data_state)["batches"] == 3 and len(data_state["per_host"]) == 1
     up = restored.params["model"]["layers"]["mlp"]["up_proj"]["kernel"]
     assert up.sharding.mesh.shape == mesh.shape and up.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     for x, y in zip(jax.tree.leaves(saved), jax.tree.leaves(restored)):

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Run a clinkd_jax config with one process per GPU on this machine (jax.distributed, coordinator on
+# 127.0.0.1), or one process per GPU across machines (--coordinator host:port --node-rank k --nodes n).
+#
+#   bash launch/gpu.sh --gpus 8 --config configs/clinkd_qwen2vl_7b.py --workdir /runs/clinkd [--dry-run] [-- --config.a.b=v ...]
+#   # two machines, 8 GPUs each, run on both:
+#   bash launch/gpu.sh --gpus 8 --nodes 2 --node-rank 0 --coordinator 10.0.0.1:12355 --config ... --workdir ...
+#
+# --dry-run prints the per-process commands instead of starting them. With --gpus 1 and one node the
+# plain single-process command runs (no jax.distributed). Logs: <workdir>/logs/process_<id>.log.
+set -euo pipefail
+GPUS=1 NODES=1 RANK=0 COORD="" CONFIG="" WORKDIR="" DRY=0 PY="${PYTHON:-python3}"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --gpus) GPUS=$2; shift 2 ;; --nodes) NODES=$2; shift 2 ;; --node-rank) RANK=$2; shift 2 ;;
+    --coordinator) COORD=$2; shift 2 ;; --config) CONFIG=$2; shift 2 ;; --workdir) WORKDIR=$2; shift 2 ;;
+    --dry-run) DRY=1; shift ;; --) shift; break ;;
+    *) echo "unknown argument $1 (see the header of $0)" >&2; exit 2 ;;
+  esac
+done
+[ -n "$CONFIG" ] && [ -n "$WORKDIR" ] || { echo "need --config and --workdir (see the header of $0)" >&2; exit 2; }
+cd "$(dirname "$0")/.."
+TOTAL=$((GPUS * NODES))
+if [ "$TOTAL" = 1 ]; then
+  CMD=("$PY" -m clinkd_jax.main "--config=$CONFIG" "--workdir=$WORKDIR" "$@")
+  if [ "$DRY" = 1 ]; then echo "${CMD[*]}"; exit 0; fi
+  exec "${CMD[@]}"
+fi
+[ -n "$COORD" ] || COORD="127.0.0.1:$((12000 + RANDOM % 20000))"
+[ "$DRY" = 1 ] || mkdir -p "$WORKDIR/logs"
+PIDS=()
+for ((g = 0; g < GPUS; g++)); do
+  ID=$((RANK * GPUS + g))
+  CMD=(env CUDA_VISIBLE_DEVICES=$g "$PY" -m clinkd_jax.main "--config=$CONFIG" "--workdir=$WORKDIR"
+       "--coordinator_address=$COORD" "--num_processes=$TOTAL" "--process_id=$ID" "$@")
+  if [ "$DRY" = 1 ]; then echo "${CMD[*]}"; continue; fi
+  "${CMD[@]}" >"$WORKDIR/logs/process_$ID.log" 2>&1 &
+  PIDS+=($!)
+done
+[ "$DRY" = 1 ] && exit 0
+STATUS=0
+for p in "${PIDS[@]}"; do wait "$p" || STATUS=$?; done
+[ "$STATUS" = 0 ] || echo "a process failed; see $WORKDIR/logs/" >&2
+exit $STATUS

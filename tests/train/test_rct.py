@@ -1,0 +1,79 @@
+"""Reflective Correction Training: flag rules, box forcing, and one round between two SFT stages."""
+
+import json
+import os
+import sys
+
+import reference as R
+from ml_collections import ConfigDict
+
+from clinkd_jax import recipe
+from clinkd_jax.data.records import Record, SkipLog, Turn, read_sharegpt
+from clinkd_jax.infer import sasg
+from clinkd_jax.train import rct
+from clinkd_jax.train.loop import build_data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+from configs import demo_train  # noqa: E402
+
+BOX = "<ref>cyst</ref><box>(0,0),(100,100)</box>"
+
+
+def test_flag_rules():
+    sim = sasg.resolve("overlap")
+    assert rct.flag(BOX, "<|box_start|>(0,0),(100,90)<|box_end|><|im_end|>", 0.5, sim) is None  # IoU 0.9
+    assert rct.flag(BOX, "<|box_start|>(0,0),(100,40)<|box_end|>", 0.5, sim) == "grounding"  # IoU 0.4
+    assert rct.flag(BOX, "a cyst", 0.5, sim) == "grounding"  # no box at all
+    assert rct.flag("dark round cyst", "dark round cyst<|im_end|>", 0.5, sim) is None
+    assert rct.flag("dark round cyst", "bright oval lesion", 0.5, sim) == "similarity"
+
+
+def test_force_boxes():
+    assert rct.force_boxes("the <ref>cyst</ref><box>(5,5),(9,9)</box> here", BOX) == \
+        "the <ref>cyst</ref><box>(0,0),(100,100)</box> here"
+    assert rct.force_boxes("no box", BOX) == BOX  # count mismatch: the reference itself
+    assert rct.force_boxes("free text", "no boxes") == "free text"
+
+
+def test_exchanges_split_multi_turn_records():
+    r = Record("x", ("x.png",), (Turn("user", "q1"), Turn("assistant", "a1"), Turn("user", "q2"), Turn("assistant", "a2")),
+               "ct", "f[0]", 0)
+    ex = rct.exchanges([r])
+    assert [(e.question, e.answer) for e in ex] == [("q1", "a1"), ("q2", "a2")]
+
+
+def test_round_between_sft_stages(tmp_path):
+    c = demo_train.get_config()
+    c.model.text_overrides = {"hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1,
+                              "intermediate_size": 64}
+    R.override(c, {"data.batch_size": 2, "data.text_buckets": (192,), "data.patch_buckets": (256,),
+                   "data.max_pixels": 112 * 112, "data.min_pixels": 56 * 56, "data.num_epochs": 0,
+                   "train.progress": False, "checkpoint.async_save": False, "train.total_steps_hint": 4,
+                   "rct.num_items": 6, "rct.samples": 2, "rct.threshold": 1.01, "rct.max_new_tokens": 6,
+                   "rct.batch_size": 2, "rct.temperature": 1.0})
+    c.stages = ("sft", "rct", "sft2")
+    c.stage_settings = ConfigDict({"sft": {"stage": "sft", "train": {"steps": 2}},
+                                   "rct": {"stage": "rct", "teacher_from": "sft"},
+                                   "sft2": {"stage": "sft", "rct_from": "rct", "train": {"steps": 2}}})
+    w = str(tmp_path)
+    out = dict(recipe.run(c, w)["stages"])
+    counts = out["rct"]["final"]
+    assert counts["items"] == 6 and counts["flagged"] == 6  # threshold above 1: every item is flagged
+    assert counts["corrected"] == 6 and counts["flagged_grounding"] + counts["flagged_similarity"] == 6
+    corrected = json.load(open(os.path.join(w, "rct", "corrected.json")))
+    for item in corrected:
+        assert os.path.isabs(item["images"][0]) and os.path.isfile(item["images"][0])
+        ref = item["rct"]["source"]
+        assert item["rct"]["reason"] in ("grounding", "similarity") and ref
+        if item["rct"]["reason"] == "grounding":  # corrected grounding answers carry the reference boxes
+            assert "<box>" in item["messages"][1]["content"]
+    # the next SFT stage trains on the original records plus the corrected ones
+    plan = {n: cfg for n, cfg, _ in recipe.stage_configs(c, w)}
+    assert plan["sft2"].data.extra_files == (os.path.join(w, "rct", "corrected.json"),)
+    recs, *_ = build_data(plan["sft2"], os.path.join(w, "sft2"), "")
+    original, *_ = build_data(plan["sft"], os.path.join(w, "sft"), "")
+    assert len(recs) == len(original) + len(corrected)
+    assert len(read_sharegpt(plan["sft2"].data.extra_files[0], "", log=SkipLog())) == len(corrected)
+    assert out["sft2"]["steps"] == 2 and "| rct | rct | 6 answered, 6 flagged, 6 corrected |" in \
+        open(os.path.join(w, "recipe_summary.md")).read()
