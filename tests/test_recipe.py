@@ -100,3 +100,21 @@ def test_demo_recipe_plan():
     assert plan["sft_rct"].data.extra_files == ("/w/rct/corrected.json",)
     assert plan["eval_untrained"].model.preset == "tiny_qwen" and plan["eval_untrained"].model.orbax_dir == ""
     assert plan["eval_student"].model.orbax_dir == "/w/sft_rct/params"
+
+
+@pytest.mark.parametrize("name", ["clinkd_qwen2vl_7b", "clinkd_2b_from_7b"])
+def test_paper_configs(name):
+    import importlib
+
+    c = importlib.import_module(f"configs.{name}").get_config()
+    assert (c.kd.alpha, c.kd.temperature, tuple(c.data.mrope_gaps)) == (0.5, 0.5, (2, 2))
+    assert (c.optim.learning_rate, c.optim.grad_accum, c.data.text_buckets[-1]) == (5e-5, 8, 2048)
+    assert c.data.max_pixels == 768 * 768 and (c.eval.min_pixels, c.eval.max_pixels) == (512 * 512, 1024 * 1024)
+    plan = {n: cfg for n, cfg, _ in recipe.stage_configs(c, "/w")}
+    assert plan["kd"].model.hf_dir.endswith("Instruct") and plan["sft"].model.orbax_dir == "/w/kd/params"
+    assert plan["eval"].model.orbax_dir == "/w/sft_rct/params"
+    # ablations from the README table are plain overrides of this config
+    c.stages = ("kd", "sft", "eval")  # no RCT
+    assert {n: cfg for n, cfg, _ in recipe.stage_configs(c, "/w")}["eval"].model.orbax_dir == "/w/sft/params"
+    c.stages = ("sft", "rct", "sft_rct", "eval")  # no KD: SFT starts from the base checkpoint
+    assert {n: cfg for n, cfg, _ in recipe.stage_configs(c, "/w")}["sft"].model.hf_dir == c.model.hf_dir
