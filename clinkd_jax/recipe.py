@@ -16,6 +16,7 @@ import json
 import logging
 import os
 
+import jax
 from ml_collections import ConfigDict
 
 log = logging.getLogger("clinkd_jax.recipe")
@@ -117,12 +118,14 @@ def run(c, workdir: str) -> dict:
             log.warning("stage %s was interrupted; run the same command again to resume", name)
             return {"stage": "recipe", "stages": done + [(name, summary)], "workdir": workdir, "complete": False}
         brief = {k: v for k, v in summary.items() if k in ("stage", "steps", "final", "means", "skipped")}
-        os.makedirs(stage_dir, exist_ok=True)
-        with open(marker, "w") as f:
-            json.dump(brief, f, indent=2, default=float)
+        if jax.process_index() == 0:  # one writer per shared workdir
+            os.makedirs(stage_dir, exist_ok=True)
+            with open(marker, "w") as f:
+                json.dump(brief, f, indent=2, default=float)
         done.append((name, brief))
-    with open(os.path.join(workdir, "recipe_summary.md"), "w") as f:
-        f.write(summary_table(done))
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "recipe_summary.md"), "w") as f:
+            f.write(summary_table(done))
     return {"stage": "recipe", "stages": done, "workdir": workdir, "complete": True}
 
 

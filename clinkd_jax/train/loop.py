@@ -203,8 +203,9 @@ def run(c, workdir: str) -> dict:
                               assets_from=c.model.hf_dir or None)
     summary = {"stage": c.stage, "steps": step, "start_step": start, "final": metrics,
                "skipped": dict(skips.counts), "workdir": workdir, "preempted": stop["signal"] is not None}
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2, default=float)
+    if jax.process_index() == 0:  # one writer per shared workdir
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2, default=float)
     return {**summary, "state": state}
 
 

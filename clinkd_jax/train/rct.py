@@ -145,8 +145,10 @@ def run(c, workdir: str) -> dict:
                           "rct": {"reason": flagged[i], "model_answer": answers[i][0], "sasg_score": scores[best],
                                   "source": item.source}})
     path = os.path.join(workdir, "corrected.json")
-    with open(path, "w") as f:
-        json.dump(corrected, f, indent=1, ensure_ascii=False)
+    main_host = jax.process_index() == 0  # every host computed the same corrections; one writes them
+    if main_host:
+        with open(path, "w") as f:
+            json.dump(corrected, f, indent=1, ensure_ascii=False)
     counts = {"items": len(items), "answered": len(answers), "flagged": len(flagged),
               "flagged_grounding": sum(v == "grounding" for v in flagged.values()),
               "flagged_similarity": sum(v == "similarity" for v in flagged.values()),
@@ -154,8 +156,9 @@ def run(c, workdir: str) -> dict:
     log.info("RCT round: %s -> %s", counts, path)
     summary = {"stage": "rct", "final": counts, "corrected_file": path, "skipped": dict(skips.counts),
                "workdir": workdir}
-    with open(os.path.join(workdir, "rct_summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    if main_host:
+        with open(os.path.join(workdir, "rct_summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
     return summary
 
 
