@@ -40,6 +40,8 @@ def main(argv):
 
             summary = recipe.run(c, _WORKDIR.value)
             print(recipe.summary_table(summary["stages"]))
+            if summary.get("evals"):
+                print(recipe.comparison(summary["evals"]))
             print(("all stages done" if summary["complete"] else "interrupted: run again to resume")
                   + f"; outputs in {summary['workdir']}")
             return

@@ -53,6 +53,8 @@ def stage_configs(c, workdir: str) -> list[tuple[str, ConfigDict, str]]:
     base = copy.deepcopy(c)
     with base.unlocked():
         base.stages = ()
+    if base.data.format == "demo" and not base.data.get("demo_dir"):
+        base.data.demo_dir = os.path.join(workdir, "demo_data")  # generated once, shared by every stage
     out, trained, rct_done = [], [], []
     for name in c.stages:
         if name not in c.stage_settings:
@@ -74,7 +76,7 @@ def stage_configs(c, workdir: str) -> list[tuple[str, ConfigDict, str]]:
             if ref not in rct_done:
                 raise ConfigError(f"stage_settings.{name}.rct_from={ref!r} is not an earlier rct stage")
             cfg.data.extra_files = tuple(cfg.data.extra_files) + (os.path.join(workdir, ref, "corrected.json"),)
-        has_source = any(settings.get("model", {}).get(k) for k in SOURCES) if "model" in settings else False
+        has_source = any(settings.get("model", {}).get(k) for k in SOURCES)
         if not settings.get("model_from", "") and not has_source and trained:
             _use_params(cfg.model, os.path.join(workdir, trained[-1], "params"))
         out.append((name, cfg, os.path.join(workdir, name)))
@@ -117,16 +119,35 @@ def run(c, workdir: str) -> dict:
         if summary.get("preempted"):
             log.warning("stage %s was interrupted; run the same command again to resume", name)
             return {"stage": "recipe", "stages": done + [(name, summary)], "workdir": workdir, "complete": False}
-        brief = {k: v for k, v in summary.items() if k in ("stage", "steps", "final", "means", "skipped")}
+        brief = {k: v for k, v in summary.items() if k in ("stage", "steps", "final", "means", "skipped", "rct")}
         if jax.process_index() == 0:  # one writer per shared workdir
             os.makedirs(stage_dir, exist_ok=True)
             with open(marker, "w") as f:
                 json.dump(brief, f, indent=2, default=float)
         done.append((name, brief))
+    evals = eval_results([(name, d) for name, cfg, d in plan if cfg.stage == "eval"])
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "recipe_summary.md"), "w") as f:
-            f.write(summary_table(done))
-    return {"stage": "recipe", "stages": done, "workdir": workdir, "complete": True}
+            f.write(summary_table(done) + ("\n" + comparison(evals) if evals else ""))
+    return {"stage": "recipe", "stages": done, "workdir": workdir, "complete": True, "evals": evals}
+
+
+def eval_results(stages) -> dict[str, dict]:
+    """{stage name: {task: result}} from each evaluation stage's metrics.json (where one was written)."""
+    out = {}
+    for name, stage_dir in stages:
+        path = os.path.join(stage_dir, "metrics.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                out[name] = json.load(f)["tasks"]
+    return out
+
+
+def comparison(evals: dict[str, dict]) -> str:
+    from clinkd_jax.eval.report import comparison_table
+
+    return ("Per task and modality (each stage's results.md has every metric; a modality without items counts "
+            "0 in the mean):\n\n" + comparison_table(evals))
 
 
 def summary_table(stages) -> str:
@@ -144,5 +165,9 @@ def summary_table(stages) -> str:
         else:
             final = s.get("final", {})
             result = f"{s.get('steps', 0)} steps, loss {float(final.get('loss', float('nan'))):.4f}"
+            if s.get("rct"):  # rounds inside the run
+                rounds = s["rct"]
+                result += (f"; RCT {len(rounds)} round(s): {sum(r['answered'] for r in rounds)} answered, "
+                           f"{sum(r['flagged'] for r in rounds)} flagged, {sum(r['corrected'] for r in rounds)} corrected")
         lines.append(f"| {name} | {s.get('stage', '?')} | {result} |")
     return "\n".join(lines) + "\n"

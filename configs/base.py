@@ -19,6 +19,10 @@ def get_config() -> ConfigDict:
     c.model.orbax_dir = ""  # a clinkd_jax params checkpoint (python -m clinkd_jax.convert)
     c.model.preset = ""  # build from scratch: tiny | tiny_qwen | qwen2vl_2b | qwen2vl_7b | qwen2vl_72b
     c.model.text_overrides = ConfigDict()  # with a preset: LLM fields to change, e.g. {"hidden_size": 128}
+    # with a preset: "data" = embedding/LM-head rows only for the token ids the training and test data use
+    # (clinkd_jax.data.vocab; the demo's CPU speed-up); a JSON file of ids; "" = the full vocabulary.
+    # A checkpoint's own vocabulary (model_config.json) always applies; the teacher shares the model's.
+    c.model.compact_vocab = ""
     c.model.dtype = "bfloat16"  # compute dtype
     c.model.param_dtype = "float32"  # master weights (optimizer state is float32 too)
     c.model.attention = "xla"  # xla | jax | cudnn (GPU) | splash (TPU)
@@ -48,6 +52,9 @@ def get_config() -> ConfigDict:
     c.data = ConfigDict()
     c.data.format = "medgrit"  # medgrit | sharegpt | demo (generate the bundled demo set into the workdir)
     c.data.train_files = ("",)  # JSON files
+    c.data.demo_dir = ""  # format "demo": where the set is generated; "" = <workdir>/demo_data (recipes: <workdir>/demo_data)
+    c.data.demo_train_per_image = 6  # format "demo": training conversations per source image (8 images)
+    c.data.demo_test_per_image = 2  # format "demo": test items per source image and task
     c.data.image_dir = ""
     c.data.tokenizer = ""  # directory; default: the model's hf_dir, else the bundled Qwen2 tokenizer
     c.data.chat_template = "qwen2vl"  # "qwen2vl" (built in) | "" (the tokenizer's own)
@@ -94,8 +101,8 @@ def get_config() -> ConfigDict:
     c.checkpoint.export_hf = False  # also write the final student in the Hugging Face layout (<workdir>/export_hf)
     c.checkpoint.save_params = True  # also write the final params alone (<workdir>/params): a teacher.orbax_dir
 
-    # --- Reflective Correction Training, one round per stage "rct" (clinkd_jax.train.rct); corrector = teacher.*
-    # (default: the model itself). Every constant here is ours: the paper gives none.
+    # --- Reflective Correction Training (clinkd_jax.train.rct): rounds inside SFT (every_steps) or a stage "rct";
+    #     corrector = teacher.* (else the model itself). Every constant here is ours: the paper gives none.
     c.rct = ConfigDict()
     c.rct.num_items = 256  # training exchanges the model answers per round (0 = all)
     c.rct.threshold = 0.5  # text answers less similar than this to the reference are flagged
@@ -107,6 +114,8 @@ def get_config() -> ConfigDict:
     c.rct.batch_size = 8  # prompts per generate call
     c.rct.hint = "\nReference answer: {reference}\nGive the answer in your own words, consistent with the reference."
     c.rct.seed = 0
+    c.rct.every_steps = 0  # > 0: rounds inside an SFT run, after every this many steps (needs train.steps)
+    c.rct.rounds = 1  # with every_steps: how many rounds at most
 
     # --- evaluation (stage "eval"): BiRD/ClinKD protocol (clinkd-spec §3.5-3.7); the model is `model.*`
     c.eval = ConfigDict()

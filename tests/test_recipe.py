@@ -21,6 +21,7 @@ SMALL = {"hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1, 
 def plan_config():
     c = demo_train.get_config()
     c.model.text_overrides = SMALL
+    c.model.compact_vocab = "data"  # shared by every stage (kd checks the teacher's against the student's)
     R.override(c, {"data.batch_size": 2, "data.text_buckets": (192,), "data.patch_buckets": (256,),
                    "data.max_pixels": 112 * 112, "data.num_epochs": None, "train.progress": False,
                    "checkpoint.async_save": False, "checkpoint.save_every": 2, "train.total_steps_hint": 10})
@@ -74,6 +75,10 @@ def test_runs_in_order_skips_done_and_resumes(tmp_path):
     assert set(json.load(open(os.path.join(w, "eval", "stage_done.json")))["means"]) == {"VG", "RO"}
     table = open(os.path.join(w, "recipe_summary.md")).read()
     assert "| kd | kd | 2 steps" in table and "| eval | eval | VG" in table
+    assert "| modality | n | eval |" in table and set(out["evals"]["eval"]) == {"VG", "RO"}  # per-modality table
+    vocab = json.load(open(os.path.join(w, "teacher", "params", "model_config.json")))["clinkd_vocab_ids"]
+    assert vocab == json.load(open(os.path.join(w, "kd", "params", "model_config.json")))["clinkd_vocab_ids"]
+    assert len(os.listdir(os.path.join(w, "demo_data", "images"))) and not os.path.exists(os.path.join(w, "kd", "demo_data"))
     # finished stages are not run again
     stamps = {n: os.path.getmtime(os.path.join(w, n, "stage_done.json")) for n in ("teacher", "kd", "sft", "eval")}
     again = recipe.run(plan_config(), w)
@@ -93,13 +98,16 @@ def test_demo_recipe_plan():
     from configs import demo
 
     plan = {name: cfg for name, cfg, _ in recipe.stage_configs(demo.get_config(), "/w")}
-    assert list(plan) == ["teacher", "kd", "sft", "rct", "sft_rct", "eval_untrained", "eval_teacher", "eval_student"]
+    assert list(plan) == ["teacher", "kd", "sft", "eval_untrained", "eval_teacher", "eval_student"]
     assert plan["teacher"].model.text_overrides.hidden_size > plan["kd"].model.text_overrides.hidden_size  # smaller student
     assert plan["kd"].teacher.orbax_dir == "/w/teacher/params" and tuple(plan["kd"].data.mrope_gaps) == (2, 2)
-    assert plan["rct"].model.orbax_dir == "/w/sft/params" and plan["rct"].teacher.orbax_dir == "/w/teacher/params"
-    assert plan["sft_rct"].data.extra_files == ("/w/rct/corrected.json",)
+    sft = plan["sft"]  # SFT with RCT rounds inside, the teacher correcting
+    assert sft.model.orbax_dir == "/w/kd/params" and sft.teacher.orbax_dir == "/w/teacher/params"
+    assert (sft.rct.every_steps, sft.rct.rounds) == (120, 2) and sft.train.steps > 2 * 120
+    assert all(cfg.rct.every_steps == 0 for name, cfg in plan.items() if name != "sft")
     assert plan["eval_untrained"].model.preset == "tiny_qwen" and plan["eval_untrained"].model.orbax_dir == ""
-    assert plan["eval_student"].model.orbax_dir == "/w/sft_rct/params"
+    assert plan["eval_student"].model.orbax_dir == "/w/sft/params"
+    assert {cfg.data.demo_dir for cfg in plan.values()} == {"/w/demo_data"}  # generated once for all stages
 
 
 @pytest.mark.parametrize("name", ["clinkd_qwen2vl_7b", "clinkd_2b_from_7b"])

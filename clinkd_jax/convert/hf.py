@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from clinkd_jax import sharding as sharding_lib
-from clinkd_jax.models.config import Qwen2VLConfig
+from clinkd_jax.models.config import ConfigError, Qwen2VLConfig
 from clinkd_jax.models.qwen2vl import Qwen2VL, abstract_params
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -305,6 +305,9 @@ def save_hf_checkpoint(
     Only process 0 writes (every process takes part in gathering sharded leaves). Tokenizer, chat
     template and processor files are copied from `assets_from` when given; returns their names.
     """
+    if cfg.vocab_ids is not None:
+        raise ConfigError(f"{path}: the model has a compact vocabulary ({len(cfg.vocab_ids)} of the tokenizer's ids); "
+                          "a Hugging Face Qwen2-VL checkpoint holds the full vocabulary, so it cannot be exported")
     writer = jax.process_index() == 0
     if writer:
         os.makedirs(path, exist_ok=True)

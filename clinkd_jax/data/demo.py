@@ -14,6 +14,7 @@ description); nothing it learns is medicine.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 
@@ -123,6 +124,23 @@ def generate(out_dir: str, *, train_per_image: int = 6, test_per_image: int = 2,
         with open(os.path.join(out_dir, file), "w") as f:
             json.dump(tests[task], f, indent=1)
     return {"images": len(os.listdir(img_dir)), "train": len(train), **{t: len(v) for t, v in tests.items()}}
+
+
+def ensure(out_dir: str, **kw) -> str:
+    """`out_dir` holding the demo set generated with `kw` (generate's arguments); (re)written when absent
+    or made with other arguments. Returns out_dir."""
+    meta_file = os.path.join(out_dir, "demo.json")
+    try:
+        with open(meta_file) as f:
+            if json.load(f) == kw and os.path.isfile(os.path.join(out_dir, "train.json")):
+                return out_dir
+    except (OSError, ValueError):
+        pass
+    counts = generate(out_dir, **kw)
+    with open(meta_file, "w") as f:
+        json.dump(kw, f)
+    logging.getLogger("clinkd_jax.data").info("demo data set %s written to %s", counts, out_dir)
+    return out_dir
 
 
 if __name__ == "__main__":

@@ -78,6 +78,8 @@ class ChatEncoder:
         self.template = chat_template  # None = the tokenizer's own
         self.system_prompt = system_prompt
         self.image_pad_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        self.pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")  # padding, and what follows a stopped row
+        self.stop_ids = (tokenizer.convert_tokens_to_ids("<|im_end|>"), self.pad_id)  # end of turn / of text
 
     def messages(self, turns: tuple[Turn, ...] | list[Turn], n_images: int) -> list[dict]:
         out = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []

@@ -18,10 +18,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import logging
 import os
 import re
 import shutil
 import subprocess
+import sys
+import tempfile
 from collections.abc import Iterable
 
 from clinkd_jax.data.records import MODALITIES, modality_of
@@ -34,6 +37,25 @@ METRICS = (*BMR, "CIDEr", "SPICE")
 _PUNCT = {"''", "'", "``", "`", ".", "?", "!", ",", ":", "-", "--", "...", ";"}
 _BRACKETS = {"(": "-lrb-", ")": "-rrb-", "{": "-lcb-", "}": "-rcb-"}
 _WORD = re.compile(r"\w+(?:[-.]\w+)*|'\w+|\.\.\.|--|[^\w\s]")
+log = logging.getLogger("clinkd_jax.eval")
+
+
+@contextlib.contextmanager
+def child_stderr_to_log():
+    """The PTB tokenizer (a Java child) prints a line per call on the inherited stderr; send it to the debug log."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read().decode(errors="replace").strip()
+            if text:
+                log.debug("java: %s", text)
 
 
 @functools.lru_cache(maxsize=1)
@@ -97,7 +119,8 @@ class CaptionScorer:
         if self.java:
             from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-            return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
+            with child_stderr_to_log():
+                return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
         return {k: [python_tokenize(c) for c in v] for k, v in captions.items()}
 
     def score(self, references: dict, candidates: dict) -> dict[str, float]:

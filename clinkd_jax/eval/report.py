@@ -64,6 +64,41 @@ def markdown_table(task: str, result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def headline(task: str, result: dict) -> str:
+    """The one number per task that comparisons show: the task's metric; CIDEr for GC, mBMR for MII."""
+    if not isinstance(result["mean"], dict):
+        return result["metric"]
+    want = "mBMR" if task == "MII" else "CIDEr"
+    return want if want in result["mean"] else next(iter(result["mean"]))
+
+
+def comparison_table(runs: dict[str, dict]) -> str:
+    """Several evaluations side by side ({name: {task: result}}): per task, each modality's headline metric
+    (×100) per run, and the 8-modality mean."""
+    tasks = [t for t in TASK_NAMES if any(t in r for r in runs.values())]
+    out = []
+    for task in tasks:
+        first = next(r[task] for r in runs.values() if task in r)
+        col = headline(task, first)
+        names = list(runs)
+        lines = [f"**{TASK_NAMES[task]}: {col}** (×100)", "", "| modality | n | " + " | ".join(names) + " |",
+                 "|---|---:|" + "---:|" * len(names)]
+        for m in MODALITIES:
+            n = first["count"].get(m, 0)
+            if not n:
+                continue
+            cells = [_value(r[task], m, col) if task in r else None for r in runs.values()]
+            lines.append(f"| {m} | {n} | " + " | ".join("–" if v is None else f"{100 * v:.2f}" for v in cells) + " |")
+        means = []
+        for r in runs.values():
+            mean = r.get(task, {}).get("mean")
+            v = mean.get(col) if isinstance(mean, dict) else mean
+            means.append("–" if v is None else f"**{100 * v:.2f}**")
+        lines.append(f"| **mean (8 modalities)** | {sum(first['count'].values())} | " + " | ".join(means) + " |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out) + "\n"
+
+
 def bar_chart(task: str, result: dict, path: str, column: str | None = None, size=(640, 320)) -> None:
     """Per-modality bars of one metric (the task's headline: Recall@0.5, Accuracy, or mBMR / CIDEr)."""
     cols = _columns(result)

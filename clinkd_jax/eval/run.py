@@ -33,42 +33,26 @@ log = logging.getLogger("clinkd_jax.eval")
 TASKS = ("VG", "RO", "GC", "MII")
 
 
-def tokenizer_dir(c) -> str:
-    """data.tokenizer, else the model's HF directory, else tokenizer files kept with an Orbax checkpoint,
-    else the bundled Qwen2 tokenizer."""
-    if c.data.tokenizer:
-        return c.data.tokenizer
-    if c.model.hf_dir:
-        return c.model.hf_dir
-    assets = os.path.join(c.model.orbax_dir, "hf_assets") if c.model.orbax_dir else ""
-    if assets and os.path.isfile(os.path.join(assets, "tokenizer.json")):
-        return assets
-    return text_lib.bundled_qwen2_tokenizer_dir()
-
-
 def test_files(c, workdir: str) -> dict[str, str]:
     """{task: Test_<task>.json} from eval.files or eval.data_dir + eval.tasks (demo: generated in the workdir)."""
     e = c.eval
     if e.files:
         return {metrics.task_of(f): f for f in e.files}
-    data_dir = e.data_dir or (_demo_dir(workdir) if c.data.format == "demo" else "")
+    data_dir = e.data_dir or (_demo_dir(c, workdir) if c.data.format == "demo" else "")
     return {t: os.path.join(data_dir, f"Test_{t}.json") for t in e.tasks}
 
 
-def _demo_dir(workdir: str) -> str:
-    from clinkd_jax.data import demo
+def _demo_dir(c, workdir: str) -> str:
+    from clinkd_jax.train.loop import demo_root
 
-    root = os.path.join(workdir, "demo_data")
-    if not os.path.isfile(os.path.join(root, "train.json")):
-        demo.generate(root)
-    return root
+    return demo_root(c, workdir)
 
 
 def image_dir(c, workdir: str) -> str:
     if c.eval.image_dir:
         return c.eval.image_dir
     if c.data.format == "demo" and not c.eval.data_dir:
-        return os.path.join(_demo_dir(workdir), "images")
+        return os.path.join(_demo_dir(c, workdir), "images")
     return c.data.image_dir
 
 
@@ -107,9 +91,8 @@ def predict(c, task: str, recs, generator, encoder, out_path: str, skips: record
     e = c.eval
     done = read_done(out_path)
     todo = [r for r in recs if r.index not in done]
-    tok = encoder.tok
-    stop_ids = tuple(tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>"))
-    sampling = sampling_for(c, task, stop_ids, tok.convert_tokens_to_ids("<|endoftext|>"))
+    tok, stop_ids = encoder.tok, encoder.stop_ids
+    sampling = sampling_for(c, task, stop_ids, encoder.pad_id)
     n = max(1, e.sasg_samples)
     pcfg = prompts_lib.PromptConfig(
         batch_size=e.batch_size * n, text_buckets=tuple(e.text_buckets), patch_buckets=tuple(e.patch_buckets),
@@ -169,7 +152,7 @@ def write_reports(c, workdir: str, results: dict, preds: dict, images: str) -> N
 
 
 def validate(c, workdir: str) -> None:
-    from clinkd_jax.train.config import ConfigError, _source
+    from clinkd_jax.train.config import ConfigError, _source, compact_vocab
 
     e = c.eval
     if e.predictions:
@@ -180,6 +163,7 @@ def validate(c, workdir: str) -> None:
                 raise ConfigError(f"eval.predictions: cannot tell the task of {p} (name it like Test_VG.jsonl)")
         return
     _source(c, "model", required=True)
+    compact_vocab(c)
     unknown = [t for t in e.tasks if t not in TASKS]
     if unknown:
         raise ConfigError(f"eval.tasks has {unknown}; known: {TASKS}")
@@ -209,14 +193,16 @@ def run(c, workdir: str) -> dict:
     if c.eval.predictions:
         pred_files = {metrics.task_of(p): p for p in c.eval.predictions}
     else:
+        from clinkd_jax.data import vocab
         from clinkd_jax.models.qwen2vl import Qwen2VL
-        from clinkd_jax.train.loop import load_model, make_run_mesh
+        from clinkd_jax.train.loop import compact_vocab, load_model, make_run_mesh, tokenizer_dir
 
         mesh, rules = make_run_mesh(c)
-        cfg, params = load_model(c.model, mesh, c.seed)
+        cfg, params = load_model(c.model, mesh, c.seed, compact_vocab(c, workdir))
         model = Qwen2VL(cfg, dtype=c.model.dtype, attention_impl=c.model.attention)
         generator = gen_lib.Generator(model, params, mesh, rules)
-        encoder = text_lib.ChatEncoder(text_lib.load_tokenizer(tokenizer_dir(c)), c.data.chat_template or None)
+        encoder = text_lib.ChatEncoder(vocab.tokenizer_for(text_lib.load_tokenizer(tokenizer_dir(c)), cfg.vocab_ids),
+                                       c.data.chat_template or None)
         pred_files = {}
         for task, path in test_files(c, workdir).items():
             recs = records_lib.read_medgrit(path, image_dir(c, workdir), log=skips)

@@ -94,6 +94,9 @@ class Qwen2VLConfig:
     vision_end_token_id: int = VISION_END_TOKEN_ID
     bos_token_id: int | None = 151643
     eos_token_id: int | list[int] | None = 151645
+    # Tokenizer id of each embedding row when the vocabulary was compacted (`clinkd_jax.data.vocab`);
+    # None: row k is token k, as in every published checkpoint.
+    vocab_ids: tuple[int, ...] | None = None
 
     def __post_init__(self):
         validate(self)
@@ -160,6 +163,7 @@ class Qwen2VLConfig:
             vision_end_token_id=int(d.get("vision_end_token_id", VISION_END_TOKEN_ID)),
             bos_token_id=t.get("bos_token_id", 151643),
             eos_token_id=t.get("eos_token_id", 151645),
+            vocab_ids=None if d.get("clinkd_vocab_ids") is None else tuple(int(i) for i in d["clinkd_vocab_ids"]),
         )
 
     @classmethod
@@ -177,6 +181,7 @@ class Qwen2VLConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """The published (flat) config.json layout."""
         t, v = self.text, self.vision
+        extra = {} if self.vocab_ids is None else {"clinkd_vocab_ids": list(self.vocab_ids)}  # ours, not HF's
         return {
             "architectures": ["Qwen2VLForConditionalGeneration"],
             "model_type": "qwen2_vl",
@@ -213,6 +218,7 @@ class Qwen2VLConfig:
                 "temporal_patch_size": v.temporal_patch_size,
                 "spatial_merge_size": v.spatial_merge_size,
             },
+            **extra,
         }
 
 
@@ -234,6 +240,8 @@ def validate(cfg: Qwen2VLConfig) -> None:
         raise ConfigError(f"vision.embed_dim={v.embed_dim} is not divisible by num_heads={v.num_heads}")
     if v.head_dim % 4:
         raise ConfigError(f"vision head_dim={v.head_dim} must be a multiple of 4 (2-D rotary over row and column)")
+    if cfg.vocab_ids is not None and len(cfg.vocab_ids) != t.vocab_size:
+        raise ConfigError(f"vocab_ids has {len(cfg.vocab_ids)} entries for text.vocab_size={t.vocab_size}")
     if t.hidden_act not in ("silu", "swish"):
         raise ConfigError(f"text.hidden_act={t.hidden_act!r} is not supported (Qwen2 uses 'silu')")
     if v.hidden_act not in ("quick_gelu", "gelu", "gelu_pytorch_tanh", "silu"):

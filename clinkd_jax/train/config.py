@@ -37,6 +37,16 @@ def _source(c, name: str, required: bool) -> None:
             raise ConfigError(f"{name}.{key}={src[key]!r} is not a directory")
 
 
+def compact_vocab(c) -> None:
+    vocab = c.model.get("compact_vocab", "")
+    if vocab and c.model.preset:  # a checkpoint keeps its own vocabulary
+        if vocab != "data" and not os.path.isfile(vocab):
+            raise ConfigError(f"model.compact_vocab={vocab!r} is neither 'data' nor a JSON file of token ids")
+        if c.checkpoint.export_hf:
+            raise ConfigError("checkpoint.export_hf: a compact-vocabulary model cannot be exported to the Hugging "
+                              "Face layout (full vocabulary); unset model.compact_vocab or export_hf")
+
+
 def validate(c) -> None:
     if c.stage not in ("sft", "kd", "rct"):
         raise ConfigError(f"stage={c.stage!r} is not one of ('sft', 'kd', 'rct', 'eval')")
@@ -63,6 +73,14 @@ def validate(c) -> None:
             np.dtype(c[section][key])
         except TypeError:
             raise ConfigError(f"{field}={c[section][key]!r} is not a dtype") from None
+    compact_vocab(c)
+    if c.rct.get("every_steps", 0) > 0:
+        if c.stage != "sft":
+            raise ConfigError(f"rct.every_steps={c.rct.every_steps}: RCT rounds run inside SFT (stage 'sft'), not {c.stage!r}")
+        if c.train.steps <= 0:
+            raise ConfigError("rct.every_steps needs train.steps > 0 (rounds change the pool, so epochs do not say when to stop)")
+        if c.rct.rounds < 1:
+            raise ConfigError(f"rct.rounds={c.rct.rounds} must be >= 1")
     if c.model.attention not in IMPLS:
         raise ConfigError(f"model.attention={c.model.attention!r} is not one of {IMPLS}")
     if c.model.remat not in ("none", "full", "dots", "dots_saveable"):

@@ -23,11 +23,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from clinkd_jax import checkpoint, sharding
 from clinkd_jax.convert import hf
-from clinkd_jax.data import demo, pipeline, records, text
+from clinkd_jax.data import demo, pipeline, records, text, vocab as vocab_lib
 from clinkd_jax.data.image import ImageConfig
 from clinkd_jax.models import config as model_config
 from clinkd_jax.models.qwen2vl import Qwen2VL, abstract_params, init_params
-from clinkd_jax.train import state as state_lib, steps
+from clinkd_jax.train import rct, state as state_lib, steps
 from clinkd_jax.train.config import kd_config, validate
 from clinkd_jax.train.report import MetricsWriter
 
@@ -39,8 +39,9 @@ class NonFiniteLoss(FloatingPointError):
     pass
 
 
-def config_of(src) -> model_config.Qwen2VLConfig:
-    """The model geometry named by src.hf_dir | src.orbax_dir | src.preset (+ text_overrides); no weights read."""
+def config_of(src, vocab_ids=None) -> model_config.Qwen2VLConfig:
+    """The model geometry named by src.hf_dir | src.orbax_dir | src.preset (+ text_overrides, + a compact
+    vocabulary `vocab_ids` for a preset); no weights read."""
     if src.hf_dir:
         return model_config.Qwen2VLConfig.from_hf_dir(src.hf_dir)
     if src.orbax_dir:
@@ -50,40 +51,91 @@ def config_of(src) -> model_config.Qwen2VLConfig:
     if overrides:
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.to_dict().items()}
         cfg = cfg.replace(text=dataclasses.replace(cfg.text, **fields))
-    return cfg
+    return cfg if vocab_ids is None else vocab_lib.compact_config(cfg, vocab_ids)
 
 
-def load_model(src, mesh, seed: int):
+def load_model(src, mesh, seed: int, vocab_ids=None):
     """(Qwen2VLConfig, params) from src.hf_dir | src.orbax_dir | src.preset (random init, seeded)."""
     dtype = None if src.get("param_dtype", "") in ("", None) else src.param_dtype
     if src.hf_dir:
         return hf.load_hf_checkpoint(src.hf_dir, mesh=mesh, dtype=dtype)
     if src.orbax_dir:
         return checkpoint.load_params(src.orbax_dir, mesh=mesh, dtype=dtype)
-    cfg = config_of(src)
+    cfg = config_of(src, vocab_ids)
     return cfg, init_params(Qwen2VL(cfg, param_dtype=dtype or "float32"), jax.random.key(seed), mesh)
 
 
-def build_data(c, workdir, model_dir: str):
+def same_vocab(cfg, other, what: str) -> None:
+    if cfg.vocab_ids != other.vocab_ids:
+        n = lambda x: "the full vocabulary" if x.vocab_ids is None else f"a compact vocabulary of {len(x.vocab_ids)} ids"
+        raise ValueError(f"{what} has {n(other)} but the model has {n(cfg)}: token ids would not line up")
+
+
+def demo_root(c, workdir) -> str:
+    """The embedded demo set (data.format "demo"): data.demo_dir or <workdir>/demo_data, generated if needed."""
+    return demo.ensure(c.data.get("demo_dir") or os.path.join(workdir, "demo_data"),
+                       train_per_image=c.data.get("demo_train_per_image", 6),
+                       test_per_image=c.data.get("demo_test_per_image", 2))
+
+
+def training_records(c, workdir, log_) -> list:
+    """The run's training records (demo data generated into <workdir>/demo_data when absent)."""
+    d = c.data
+    if d.format == "demo":
+        root = demo_root(c, workdir)
+        return records.read_medgrit(os.path.join(root, "train.json"), os.path.join(root, "images"), log=log_)
+    reader = records.read_medgrit if d.format == "medgrit" else records.read_sharegpt
+    return [r for f in d.train_files for r in reader(f, d.image_dir, log=log_)]
+
+
+def tokenizer_dir(c) -> str:
+    """data.tokenizer, else the model's HF directory, else tokenizer files kept with an Orbax checkpoint,
+    else the bundled Qwen2 tokenizer."""
+    if c.data.tokenizer:
+        return c.data.tokenizer
+    if c.model.hf_dir:
+        return c.model.hf_dir
+    assets = os.path.join(c.model.orbax_dir, "hf_assets") if c.model.orbax_dir else ""
+    if assets and os.path.isfile(os.path.join(assets, "tokenizer.json")):
+        return assets
+    return text.bundled_qwen2_tokenizer_dir()
+
+
+def compact_vocab(c, workdir) -> tuple[int, ...] | None:
+    """The vocabulary ids `model.compact_vocab` asks for (None: full); only a preset model is compacted.
+    "data": every id the training records and the eval test files encode to (clinkd_jax.data.vocab)."""
+    want = c.model.get("compact_vocab", "")
+    if not want or not c.model.preset:
+        return None
+    tok = text.load_tokenizer(tokenizer_dir(c))
+    if want != "data":
+        with open(want) as f:
+            return vocab_lib.build_ids(tok, json.load(f))
+    from clinkd_jax.eval import run as eval_run  # its test files; imported here (eval imports this module)
+
+    quiet = records.SkipLog(strict=False)  # the stage's own reading reports skips
+    recs = training_records(c, workdir, quiet) + [
+        r for f in eval_run.test_files(c, workdir).values() if os.path.isfile(f)
+        for r in records.read_medgrit(f, eval_run.image_dir(c, workdir), log=quiet)]
+    encoder = text.ChatEncoder(tok, c.data.chat_template or None)
+    used = {int(i) for r in recs for i in encoder.encode(r.turns, [1] * len(r.images)).input_ids}
+    ids = vocab_lib.build_ids(tok, used)
+    log.info("compact vocabulary: %d ids (%d used by %d records)", len(ids), len(used), len(recs))
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "vocab_ids.json"), "w") as f:
+            json.dump(list(ids), f)
+    return ids
+
+
+def build_data(c, workdir, vocab_ids=None):
+    """(records, encoder, pipeline config, skip log); the encoder reads and writes `vocab_ids` rows."""
     d = c.data
     log_ = records.SkipLog(strict=d.strict)
-    if d.format == "demo":
-        root = os.path.join(workdir, "demo_data")
-        if not os.path.isfile(os.path.join(root, "train.json")):
-            demo.generate(root)
-        recs = records.read_medgrit(os.path.join(root, "train.json"), os.path.join(root, "images"), log=log_)
-    else:
-        reader = records.read_medgrit if d.format == "medgrit" else records.read_sharegpt
-        recs = [r for f in d.train_files for r in reader(f, d.image_dir, log=log_)]
+    recs = training_records(c, workdir, log_)
     if d.get("extra_files"):
-        extra = [r for f in d.extra_files for r in records.read_sharegpt(f, "", log=log_)]
-        if d.extra_mode == "replace":
-            corrected = {r.id for r in extra}
-            recs = [r for r in recs if r.id not in corrected]
-        recs = recs + extra
-        log.info("training pool: %d records incl. %d from %s (%s)", len(recs), len(extra), list(d.extra_files), d.extra_mode)
-    tok_dir = d.tokenizer or model_dir or text.bundled_qwen2_tokenizer_dir()
-    encoder = text.ChatEncoder(text.load_tokenizer(tok_dir), d.chat_template or None)
+        recs = with_extra(recs, d.extra_files, d.extra_mode, log_)
+    encoder = text.ChatEncoder(vocab_lib.tokenizer_for(text.load_tokenizer(tokenizer_dir(c)), vocab_ids),
+                               d.chat_template or None)
     per_host = d.batch_size // jax.process_count()
     pcfg = pipeline.PipelineConfig(
         batch_size=per_host, text_buckets=tuple(d.text_buckets), patch_buckets=tuple(d.patch_buckets),
@@ -92,8 +144,20 @@ def build_data(c, workdir, model_dir: str):
         read_threads=d.read_threads, strict=d.strict, shard_index=jax.process_index(), shard_count=jax.process_count(),
         teacher_mrope_gaps=(1, 1) if c.stage == "kd" and c.teacher.positions == "own" else None,
         pseudo_labels=(c.kd.pseudo_labels or None) if c.stage == "kd" else None,
+        image_token_id=encoder.image_pad_id, pad_token_id=encoder.pad_id,
     )
     return recs, encoder, pcfg, log_
+
+
+def with_extra(recs: list, files, mode: str, log_) -> list:
+    """The training pool plus the records of `files` (ShareGPT, e.g. RCT corrections), appended, or
+    replacing the records with the same id (mode "replace")."""
+    extra = [r for f in files for r in records.read_sharegpt(f, "", log=log_)]
+    if mode == "replace":
+        corrected = {r.id for r in extra}
+        recs = [r for r in recs if r.id not in corrected]
+    log.info("training pool: %d records incl. %d from %s (%s)", len(recs) + len(extra), len(extra), list(files), mode)
+    return recs + extra
 
 
 def make_run_mesh(c):
@@ -123,15 +187,20 @@ def run(c, workdir: str) -> dict:
     validate(c)
     os.makedirs(workdir, exist_ok=True)
     mesh, rules = make_run_mesh(c)
-    cfg, params = load_model(c.model, mesh, c.seed)
+    cfg, params = load_model(c.model, mesh, c.seed, compact_vocab(c, workdir))
     model = Qwen2VL(cfg, dtype=c.model.dtype, param_dtype=c.model.param_dtype, attention_impl=c.model.attention,
                     remat=c.model.remat)
     teacher = teacher_params = None
     if c.stage == "kd" and not c.kd.pseudo_labels:
-        t_cfg, teacher_params = load_model(c.teacher, mesh, c.seed + 1)
+        t_cfg, teacher_params = load_model(c.teacher, mesh, c.seed + 1, cfg.vocab_ids)
+        same_vocab(cfg, t_cfg, "the teacher")
         teacher = Qwen2VL(t_cfg, dtype=c.teacher.dtype, attention_impl=c.model.attention)
-    recs, encoder, pcfg, skips = build_data(c, workdir, c.model.hf_dir)
-    data = pipeline.make_batches(recs, encoder, pcfg, skips)
+    recs, encoder, pcfg, skips = build_data(c, workdir, cfg.vocab_ids)
+    ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"), save_every=c.checkpoint.save_every,
+                                        keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
+    in_run = rct.InRun(c, workdir) if c.stage == "sft" and c.rct.every_steps > 0 else None
+    pool = lambda step: with_extra(recs, in_run.files_by(step), c.data.extra_mode, skips) if in_run else recs
+    data = pipeline.make_batches(pool(ckpt.latest_step() or 0), encoder, pcfg, skips)
 
     opt = state_lib.OptimConfig(
         learning_rate=c.optim.learning_rate, schedule=c.optim.schedule, warmup_steps=c.optim.warmup_steps,
@@ -142,8 +211,6 @@ def run(c, workdir: str) -> dict:
     tx = state_lib.optimizer_for(model, opt)
     st_sh = state_lib.state_shardings(model, tx, mesh, rules)
     t_sh = None if teacher is None else sharding.tree_shardings(abstract_params(teacher), mesh, rules)
-    ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"), save_every=c.checkpoint.save_every,
-                                        keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
     with sharding.use_mesh(mesh, rules):
         restored = ckpt.restore(checkpoint.abstract_with_shardings(state_lib.abstract_state(model, tx), st_sh))
         if restored is None:
@@ -166,12 +233,18 @@ def run(c, workdir: str) -> dict:
         previous = signal.signal(signal.SIGTERM, lambda signum, _: stop.update(signal=signum))
         step, metrics, t0 = start, {}, time.perf_counter()
         try:
-            for batch in data:
-                if 0 <= c.train.steps <= step:
+            while c.train.steps < 0 or step < c.train.steps:
+                batch = next(data, None)
+                if batch is None:
                     break
                 state, metrics = step_fn(state, teacher_params, to_global(batch, mesh))
                 step += 1
-                saving = ckpt.manager.should_save(step)
+                rct_now = in_run is not None and step in in_run.at
+                if rct_now:  # a correction round with the current params; the pool grows from the next step
+                    gen_model = Qwen2VL(cfg, dtype=c.model.dtype, attention_impl=c.model.attention)
+                    in_run.run_round(step, state.params, gen_model, mesh, rules, recs, encoder)
+                    data = pipeline.make_batches(pool(step), encoder, pcfg, skips)
+                saving = ckpt.manager.should_save(step) or rct_now  # a resume must see the grown pool
                 if step % c.train.log_every == 0 or step == c.train.steps or saving:
                     metrics = jax.tree.map(float, metrics)  # a host sync; never save a state without this check
                     if not math.isfinite(metrics["loss"]):
@@ -183,7 +256,7 @@ def run(c, workdir: str) -> dict:
                     t0 = time.perf_counter()
                     writer.write(step, metrics)
                 if saving:
-                    ckpt.save(step, state, host_data_states(data), c.to_dict())
+                    ckpt.save(step, state, host_data_states(data), c.to_dict(), force=rct_now)
                 if stop["signal"] is not None:
                     log.warning("signal %s: saving step %d and stopping", stop["signal"], step)
                     break
@@ -202,7 +275,8 @@ def run(c, workdir: str) -> dict:
         hf.save_hf_checkpoint(state.params, cfg, os.path.join(workdir, "export_hf"),
                               assets_from=c.model.hf_dir or None)
     summary = {"stage": c.stage, "steps": step, "start_step": start, "final": metrics,
-               "skipped": dict(skips.counts), "workdir": workdir, "preempted": stop["signal"] is not None}
+               "skipped": dict(skips.counts), "workdir": workdir, "preempted": stop["signal"] is not None,
+               **({"rct": in_run.rounds} if in_run else {})}
     if jax.process_index() == 0:  # one writer per shared workdir
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2, default=float)

@@ -116,15 +116,17 @@ def main(argv):
     c, workdir = flags.FLAGS.config, flags.FLAGS.workdir
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding.make_mesh(tuple(c.mesh.shape))
-    t_cfg, t_params = loop.load_model(c.teacher, mesh, c.seed + 1)
+    s_cfg = loop.config_of(c.model, loop.compact_vocab(c, workdir))
+    t_cfg, t_params = loop.load_model(c.teacher, mesh, c.seed + 1, s_cfg.vocab_ids)
+    loop.same_vocab(s_cfg, t_cfg, "the teacher")
     teacher = Qwen2VL(t_cfg, dtype=c.teacher.dtype, attention_impl=c.model.attention)
-    recs, encoder, pcfg, skips = loop.build_data(c, workdir, c.teacher.hf_dir)
+    recs, encoder, pcfg, skips = loop.build_data(c, workdir, s_cfg.vocab_ids)
     import dataclasses
 
     pcfg = dataclasses.replace(pcfg, shuffle=False, num_epochs=1, pseudo_labels=None)
     kd = kd_config(c)
     fn = jax.jit(teacher_topk_fn(teacher, top_k=c.kd.top_k, temperature=kd.temperature,
-                                 vocab=min(t_cfg.text.vocab_size, loop.config_of(c.model).text.vocab_size), chunk=c.train.loss_chunk))
+                                 vocab=min(t_cfg.text.vocab_size, s_cfg.text.vocab_size), chunk=c.train.loss_chunk))
     path = os.path.join(workdir, "pseudo_labels.array_record")
     with sharding.use_mesh(mesh):
         n = write(path, pipeline.make_batches(recs, encoder, pcfg, skips), fn, t_params, mask=kd.mask,

@@ -1,4 +1,5 @@
-"""Reflective Correction Training (RCT, clinkd-spec §2.5), one round as a stage (`stage = "rct"`).
+"""Reflective Correction Training (RCT, clinkd-spec §2.5): rounds inside an SFT run (`rct.every_steps`,
+`InRun`) or one round as a stage of its own (`stage = "rct"`, `run`). A round:
 
     1. the current model answers `rct.num_items` sampled training exchanges (greedy);
     2. flagged: grounding items with a missing box or a reference box no prediction hits at IoU > 0.5,
@@ -7,11 +8,12 @@
        `rct.samples` answers with the reference shown as a hint, SASG keeps the one most similar to the
        reference, and for grounding items its boxes are replaced by the reference boxes ("paired with
        the true boxes");
-    4. the corrected exchanges are written to `<workdir>/corrected.json` (ShareGPT layout, absolute image
-       paths); a later SFT stage takes them with `rct_from` (appended to, or replacing, their records).
+    4. the corrected exchanges are written to `corrected.json` (ShareGPT layout, absolute image paths) and
+       join the training pool (appended to, or replacing, their records): from the next step in an SFT
+       run, or in a later SFT stage that names the round with `rct_from`.
 
-Rounds: alternate `sft` and `rct` stages in `config.stages`. Every constant here is ours (the paper gives
-none): item count, N, sampling, threshold, hint wording, similarity (`clinkd_jax.infer.sasg`).
+Every constant here is ours (the paper gives none): item count, N, sampling, threshold, hint wording,
+similarity (`clinkd_jax.infer.sasg`), round spacing.
 """
 
 from __future__ import annotations
@@ -82,56 +84,40 @@ def _answers(generator, items, encoder, pcfg, sampling, seed, repeat=1) -> dict[
     return out
 
 
-def run(c, workdir: str) -> dict:
-    """One RCT round; returns a summary with the counts (also in <workdir>/rct_summary.json)."""
-    from clinkd_jax.models.qwen2vl import Qwen2VL
-    from clinkd_jax.train.loop import build_data, load_model, make_run_mesh
-
-    os.makedirs(workdir, exist_ok=True)
+def correction_round(c, recs, encoder, student, corrector_for, seed: int) -> tuple[list[dict], dict]:
+    """One round over `recs`: (corrected ShareGPT entries, counts). `student` is a Generator;
+    `corrector_for()` returns the corrector's Generator (called only when something was flagged)."""
     r = c.rct
     sim = sasg.resolve(r.similarity)
-    mesh, rules = make_run_mesh(c)
-    recs, encoder, _, skips = build_data(c, workdir, c.model.hf_dir)
     items = exchanges(recs)
-    rng = np.random.default_rng(r.seed)
+    rng = np.random.default_rng(seed)
     if 0 < r.num_items < len(items):
         items = [items[i] for i in sorted(rng.choice(len(items), r.num_items, replace=False))]
     n_arrays = sum(not all(isinstance(p, str) for p in it.images) for it in items)
     if n_arrays:  # decoded TFDS images cannot be referenced from the corrected JSON file
         log.warning("RCT: %d items hold decoded images instead of files and are left out", n_arrays)
         items = [it for it in items if all(isinstance(p, str) for p in it.images)]
-    tok = encoder.tok
-    stops = tuple(tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>"))
-    pad = tok.convert_tokens_to_ids("<|endoftext|>")
-
-    def generator_for(src):
-        cfg, params = load_model(src, mesh, c.seed)
-        return gen_lib.Generator(Qwen2VL(cfg, dtype=c.model.dtype, attention_impl=c.model.attention), params, mesh, rules)
-
-    student = generator_for(c.model)
+    stops, pad = encoder.stop_ids, encoder.pad_id
     pcfg = prompts_lib.PromptConfig(
         batch_size=r.batch_size, text_buckets=tuple(c.data.text_buckets), patch_buckets=tuple(c.data.patch_buckets),
         image=ImageConfig(min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels),
-        mrope_gaps=tuple(c.data.mrope_gaps), image_token_id=student.model.cfg.image_token_id, pad_token_id=pad,
+        mrope_gaps=tuple(c.data.mrope_gaps), image_token_id=encoder.image_pad_id, pad_token_id=pad,
     )
     greedy = gen_lib.SamplingConfig(max_new_tokens=r.max_new_tokens, stop_token_ids=stops, pad_token_id=pad)
-    answers = _answers(student, items, encoder, pcfg, greedy, c.seed)
+    answers = _answers(student, items, encoder, pcfg, greedy, seed)
+    del student  # the caller may free it before the corrector loads
     flagged = {}
     for i, (ans,) in answers.items():
         reason = flag(items[i].answer, ans, r.threshold, sim)
         if reason:
             flagged[i] = reason
-    corrector = student
-    if any(c.teacher.get(k) for k in ("hf_dir", "orbax_dir", "preset")):
-        del student
-        corrector = generator_for(c.teacher)
     hinted = [Record(items[i].id, items[i].images,
                      (Turn("user", items[i].question + r.hint.format(reference=items[i].answer)), items[i].turns[1]),
                      items[i].modality, items[i].source, items[i].index) for i in flagged]
     sampled = gen_lib.SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                                      stop_token_ids=stops, pad_token_id=pad)
-    cands = _answers(corrector, hinted, encoder, dataclasses.replace(pcfg, batch_size=r.batch_size * r.samples),
-                     sampled, c.seed + 1, repeat=r.samples)
+    cands = _answers(corrector_for(), hinted, encoder, dataclasses.replace(pcfg, batch_size=r.batch_size * r.samples),
+                     sampled, seed + 1, repeat=r.samples) if hinted else {}
     corrected = []
     for j, i in enumerate(flagged):
         if j not in cands:
@@ -144,22 +130,109 @@ def run(c, workdir: str) -> dict:
                                        {"role": "assistant", "content": answer}],
                           "rct": {"reason": flagged[i], "model_answer": answers[i][0], "sasg_score": scores[best],
                                   "source": item.source}})
-    path = os.path.join(workdir, "corrected.json")
-    main_host = jax.process_index() == 0  # every host computed the same corrections; one writes them
-    if main_host:
-        with open(path, "w") as f:
-            json.dump(corrected, f, indent=1, ensure_ascii=False)
     counts = {"items": len(items), "answered": len(answers), "flagged": len(flagged),
               "flagged_grounding": sum(v == "grounding" for v in flagged.values()),
               "flagged_similarity": sum(v == "similarity" for v in flagged.values()),
               "corrected": len(corrected)}
-    log.info("RCT round: %s -> %s", counts, path)
-    summary = {"stage": "rct", "final": counts, "corrected_file": path, "skipped": dict(skips.counts),
-               "workdir": workdir}
-    if main_host:
-        with open(os.path.join(workdir, "rct_summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-    return summary
+    return corrected, counts
+
+
+def write_round(workdir: str, corrected: list[dict], summary: dict) -> str:
+    """corrected.json + rct_summary.json in workdir. Every host computed the same corrections and writes
+    them (atomically): later stages read the file on every host, also where workdirs are host-local."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "corrected.json")
+    for name, obj in (("corrected.json", corrected), ("rct_summary.json", {**summary, "corrected_file": path})):
+        tmp = os.path.join(workdir, f".{name}.{jax.process_index()}.tmp")
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1, ensure_ascii=False)
+        os.replace(tmp, os.path.join(workdir, name))
+    log.info("RCT round: %s -> %s", summary["final"], path)
+    return path
+
+
+def has_corrector(c) -> bool:
+    return any(c.teacher.get(k) for k in ("hf_dir", "orbax_dir", "preset"))
+
+
+def run(c, workdir: str) -> dict:
+    """One RCT round as a stage; returns a summary with the counts (also in <workdir>/rct_summary.json)."""
+    from clinkd_jax.models.qwen2vl import Qwen2VL
+    from clinkd_jax.train.loop import build_data, compact_vocab, load_model, make_run_mesh, same_vocab
+
+    mesh, rules = make_run_mesh(c)
+
+    def generator_for(src, vocab_ids=None):
+        cfg, params = load_model(src, mesh, c.seed, vocab_ids)
+        return gen_lib.Generator(Qwen2VL(cfg, dtype=c.model.dtype, attention_impl=c.model.attention), params, mesh, rules)
+
+    student = generator_for(c.model, compact_vocab(c, workdir))
+    recs, encoder, _, skips = build_data(c, workdir, student.model.cfg.vocab_ids)
+    box = {"student": student}
+
+    def corrector_for():
+        if not has_corrector(c):
+            return box["student"]
+        s_cfg = box.pop("student").model.cfg  # free the student's parameters before loading the corrector's
+        corrector = generator_for(c.teacher, s_cfg.vocab_ids)
+        same_vocab(s_cfg, corrector.model.cfg, "the corrector (teacher.*)")
+        return corrector
+
+    del student
+    corrected, counts = correction_round(c, recs, encoder, box["student"], corrector_for, c.rct.seed)
+    summary = {"stage": "rct", "final": counts, "skipped": dict(skips.counts), "workdir": workdir}
+    return {**summary, "corrected_file": write_round(workdir, corrected, summary)}
+
+
+class InRun:
+    """RCT inside one SFT run (`rct.every_steps` > 0): after every `every_steps` training steps, at most
+    `rct.rounds` times, a round with the current parameters. Round k is written to
+    `<workdir>/rct_round_<k>/` and its corrections join the training pool from then on
+    (`data.extra_mode`: append | replace); the optimizer state and learning-rate schedule go on unbroken.
+    Resuming at step s re-applies the rounds done by step s (a checkpoint is saved right after each)."""
+
+    def __init__(self, c, workdir: str):
+        e, n = c.rct.every_steps, c.rct.rounds
+        self.c, self.workdir = c, workdir
+        self.at = [e * k for k in range(1, n + 1) if e * k < c.train.steps] if e > 0 else []
+        self.generator = None
+        self.rounds: list[dict] = []
+
+    def round_dir(self, k: int) -> str:
+        return os.path.join(self.workdir, f"rct_round_{k}")
+
+    def files_by(self, step: int) -> list[str]:
+        """The corrected files of the rounds run by `step`, in order."""
+        out = []
+        for k, at in enumerate(self.at, 1):
+            if at <= step:
+                f = os.path.join(self.round_dir(k), "corrected.json")
+                if not os.path.isfile(f):
+                    raise FileNotFoundError(f"{f}: RCT round {k} (step {at}) is missing, but the run resumes at step "
+                                            f"{step}; restore the file or delete {self.workdir}/checkpoints")
+                out.append(f)
+        return out
+
+    def run_round(self, step: int, params, model, mesh, rules, recs, encoder) -> None:
+        from clinkd_jax.train.loop import load_model, same_vocab
+
+        k = self.at.index(step) + 1
+        if self.generator is None:  # compiled once, reused by every round with the current params
+            self.generator = gen_lib.Generator(model, params, mesh, rules)
+        self.generator.params = params
+
+        def corrector_for():  # loaded for the round and freed after it (it is frozen; memory matters more)
+            if not has_corrector(self.c):
+                return self.generator
+            cfg, t_params = load_model(self.c.teacher, mesh, self.c.seed, model.cfg.vocab_ids)
+            same_vocab(model.cfg, cfg, "the corrector (teacher.*)")
+            return gen_lib.Generator(type(model)(cfg, dtype=model.dtype, attention_impl=model.attention_impl),
+                                     t_params, mesh, rules)
+
+        corrected, counts = correction_round(self.c, recs, encoder, self.generator, corrector_for, self.c.rct.seed + k)
+        summary = {"stage": "rct", "round": k, "step": step, "final": counts, "workdir": self.round_dir(k)}
+        write_round(self.round_dir(k), corrected, summary)
+        self.rounds.append({"round": k, "step": step, **counts})
 
 
 def read_corrected(path: str, log_: SkipLog) -> list[Record]:

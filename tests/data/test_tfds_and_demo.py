@@ -26,6 +26,16 @@ def test_demo_is_deterministic_and_covers_tasks_and_modalities(demo_dir, tmp_pat
     assert vg.startswith("<ref>") and "<box>(" in vg
 
 
+def test_ensure_reuses_or_regenerates(tmp_path):
+    root = str(tmp_path / "d")
+    demo.ensure(root, train_per_image=1, test_per_image=1, max_side=56)
+    stamp = os.path.getmtime(os.path.join(root, "train.json"))
+    demo.ensure(root, train_per_image=1, test_per_image=1, max_side=56)  # same arguments: kept
+    assert os.path.getmtime(os.path.join(root, "train.json")) == stamp
+    demo.ensure(root, train_per_image=2, test_per_image=1, max_side=56)  # other arguments: written again
+    assert len(json.load(open(os.path.join(root, "train.json")))) == 16
+
+
 def test_tfds_round_trip_feeds_the_same_batches(demo_dir, tmp_path, encoder):
     builder = tfds_medgrit.build(str(tmp_path / "tfds"), str(demo_dir))
     assert {s: builder.info.splits[s].num_examples for s in builder.info.splits} == {

@@ -1,9 +1,10 @@
-"""Reflective Correction Training: flag rules, box forcing, and one round between two SFT stages."""
+"""Reflective Correction Training: flag rules, box forcing, a round between two SFT stages, rounds inside one."""
 
 import json
 import os
 import sys
 
+import pytest
 import reference as R
 from ml_collections import ConfigDict
 
@@ -11,6 +12,8 @@ from clinkd_jax import recipe
 from clinkd_jax.data.records import Record, SkipLog, Turn, read_sharegpt
 from clinkd_jax.infer import sasg
 from clinkd_jax.train import rct
+from clinkd_jax.train import loop
+from clinkd_jax.train.config import ConfigError
 from clinkd_jax.train.loop import build_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -43,7 +46,8 @@ def test_exchanges_split_multi_turn_records():
     assert [(e.question, e.answer) for e in ex] == [("q1", "a1"), ("q2", "a2")]
 
 
-def test_round_between_sft_stages(tmp_path):
+def small_config():
+    """A tiny model on the demo data; threshold above 1 so that every answered item is flagged."""
     c = demo_train.get_config()
     c.model.text_overrides = {"hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1,
                               "intermediate_size": 64}
@@ -52,6 +56,11 @@ def test_round_between_sft_stages(tmp_path):
                    "train.progress": False, "checkpoint.async_save": False, "train.total_steps_hint": 4,
                    "rct.num_items": 6, "rct.samples": 2, "rct.threshold": 1.01, "rct.max_new_tokens": 6,
                    "rct.batch_size": 2, "rct.temperature": 1.0})
+    return c
+
+
+def test_round_between_sft_stages(tmp_path):
+    c = small_config()
     c.stages = ("sft", "rct", "sft2")
     c.stage_settings = ConfigDict({"sft": {"stage": "sft", "train": {"steps": 2}},
                                    "rct": {"stage": "rct", "teacher_from": "sft"},
@@ -71,9 +80,42 @@ def test_round_between_sft_stages(tmp_path):
     # the next SFT stage trains on the original records plus the corrected ones
     plan = {n: cfg for n, cfg, _ in recipe.stage_configs(c, w)}
     assert plan["sft2"].data.extra_files == (os.path.join(w, "rct", "corrected.json"),)
-    recs, *_ = build_data(plan["sft2"], os.path.join(w, "sft2"), "")
-    original, *_ = build_data(plan["sft"], os.path.join(w, "sft"), "")
+    recs, *_ = build_data(plan["sft2"], os.path.join(w, "sft2"))
+    original, *_ = build_data(plan["sft"], os.path.join(w, "sft"))
     assert len(recs) == len(original) + len(corrected)
     assert len(read_sharegpt(plan["sft2"].data.extra_files[0], "", log=SkipLog())) == len(corrected)
     assert out["sft2"]["steps"] == 2 and "| rct | rct | 6 answered, 6 flagged, 6 corrected |" in \
         open(os.path.join(w, "recipe_summary.md")).read()
+
+
+def test_rounds_inside_sft_grow_the_pool_and_resume(tmp_path):
+    """Rounds at steps 2 and 4 of one run (the model corrects itself), a checkpoint after each; a resumed
+    run re-applies both rounds' corrections; a missing round file stops the resume with its name."""
+    c = small_config()
+    R.override(c, {"model.compact_vocab": "data", "rct.num_items": 4, "rct.every_steps": 2, "rct.rounds": 2,
+                   "train.steps": 5, "checkpoint.save_every": 100, "data.demo_train_per_image": 1,
+                   "data.demo_test_per_image": 1})
+    w = str(tmp_path)
+    out = loop.run(c, w)
+    assert [(r["round"], r["step"], r["flagged"]) for r in out["rct"]] == [(1, 2, 4), (2, 4, 4)]
+    files = rct.InRun(c, w).files_by(5)
+    assert [len(json.load(open(f))) for f in files] == [r["corrected"] for r in out["rct"]]
+    assert all(r["corrected"] == 4 for r in out["rct"])
+    assert sorted(int(d) for d in os.listdir(os.path.join(w, "checkpoints")) if d.isdigit()) == [2, 4, 5]
+    base = len(build_data(c, w)[0])
+    assert len(loop.with_extra(build_data(c, w)[0], files, "append", SkipLog())) == base + 8
+    c.train.steps = 7  # resume from step 5: the pool already holds both rounds; rounds = 2, so none more
+    again = loop.run(c, w)
+    assert (again["start_step"], again["steps"], again["rct"]) == (5, 7, [])
+    os.remove(files[0])
+    c.train.steps = 9
+    with pytest.raises(FileNotFoundError, match="RCT round 1"):
+        loop.run(c, w)
+
+
+def test_rounds_inside_kd_are_refused():
+    c = small_config()
+    c.stage = "kd"
+    R.override(c, {"teacher.preset": "tiny_qwen", "rct.every_steps": 2, "train.steps": 4})
+    with pytest.raises(ConfigError, match="RCT rounds run inside SFT"):
+        loop.run(c, "/nonexistent")
