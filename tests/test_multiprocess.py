@@ -35,7 +35,7 @@ def command(workdir, data, steps, extra=()):
             "--config.data.text_buckets=(320,)", "--config.data.patch_buckets=(256,)", "--config.data.max_pixels=12544",
             "--config.data.num_epochs=0", "--config.train.total_steps_hint=4", f"--config.train.steps={steps}",
             "--config.train.progress=False", "--config.checkpoint.save_every=2", "--config.checkpoint.async_save=False",
-            "--config.mesh.shape=(1,-1,1)", *extra]
+            "--config.mesh.shape=(1,-1,1)", "--config.model.compact_vocab=data", *extra]  # compact: CPU time
 
 
 def run(cmds, devices):
