@@ -114,7 +114,8 @@ def compact_vocab(c, workdir) -> tuple[int, ...] | None:
     from clinkd_jax.eval import run as eval_run  # its test files; imported here (eval imports this module)
 
     quiet = records.SkipLog(strict=False)  # the stage's own reading reports skips
-    recs = training_records(c, workdir, quiet) + [
+    has_train = c.data.format == "demo" or any(c.data.train_files)  # an eval-only config may have none
+    recs = (training_records(c, workdir, quiet) if has_train else []) + [
         r for f in eval_run.test_files(c, workdir).values() if os.path.isfile(f)
         for r in records.read_medgrit(f, eval_run.image_dir(c, workdir), log=quiet)]
     encoder = text.ChatEncoder(tok, c.data.chat_template or None)
@@ -240,10 +241,6 @@ def run(c, workdir: str) -> dict:
                 state, metrics = step_fn(state, teacher_params, to_global(batch, mesh))
                 step += 1
                 rct_now = in_run is not None and step in in_run.at
-                if rct_now:  # a correction round with the current params; the pool grows from the next step
-                    gen_model = Qwen2VL(cfg, dtype=c.model.dtype, attention_impl=c.model.attention)
-                    in_run.run_round(step, state.params, gen_model, mesh, rules, recs, encoder)
-                    data = pipeline.make_batches(pool(step), encoder, pcfg, skips)
                 saving = ckpt.manager.should_save(step) or rct_now  # a resume must see the grown pool
                 if step % c.train.log_every == 0 or step == c.train.steps or saving:
                     metrics = jax.tree.map(float, metrics)  # a host sync; never save a state without this check
@@ -255,6 +252,11 @@ def run(c, workdir: str) -> dict:
                     metrics["tokens_per_s"] = tokens * c.train.log_every / max(time.perf_counter() - t0, 1e-9)
                     t0 = time.perf_counter()
                     writer.write(step, metrics)
+                if rct_now:  # a correction round with the current params; the pool grows from the next step
+                    gen_model = Qwen2VL(cfg, dtype=c.model.dtype, attention_impl=c.model.attention)
+                    in_run.run_round(step, state.params, gen_model, mesh, rules, recs, encoder)
+                    data = pipeline.make_batches(pool(step), encoder, pcfg, skips)
+                    t0 = time.perf_counter()  # the round's time is not training throughput
                 if saving:
                     ckpt.save(step, state, host_data_states(data), c.to_dict(), force=rct_now)
                 if stop["signal"] is not None:

@@ -104,3 +104,24 @@ def test_mismatches_are_refused(ids, tmp_path):
         hf.save_hf_checkpoint({}, cfg, str(tmp_path / "hf"))
     with pytest.raises(ValueError, match="duplicate"):
         vocab.CompactTokenizer(None, [1, 1])
+
+
+def test_data_vocab_of_an_eval_only_config(demo_dir, encoder, tmp_path):
+    """`compact_vocab = "data"` with no training files (an evaluation config): the test files alone."""
+    import os
+    import sys
+
+    from clinkd_jax.train.loop import compact_vocab
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    from configs import base
+
+    c = base.get_config()
+    c.stage, c.model.preset, c.model.compact_vocab = "eval", "tiny_qwen", "data"
+    c.eval.data_dir, c.eval.image_dir = str(demo_dir), str(demo_dir / "images")
+    ids = compact_vocab(c, str(tmp_path))
+    test = records.read_medgrit(str(demo_dir / "Test_GC.json"), str(demo_dir / "images"))
+    used = {int(i) for r in test for i in encoder.encode(r.turns, [1]).input_ids}
+    assert used <= set(ids) and json.load(open(tmp_path / "vocab_ids.json")) == list(ids)
+    c.model.compact_vocab = ""
+    assert compact_vocab(c, str(tmp_path)) is None
