@@ -75,7 +75,7 @@ def stage_configs(c, workdir: str) -> list[tuple[str, ConfigDict, str]]:
         if ref:
             if ref not in rct_done:
                 raise ConfigError(f"stage_settings.{name}.rct_from={ref!r} is not an earlier rct stage")
-            cfg.data.extra_files = tuple(cfg.data.extra_files) + (os.path.join(workdir, ref, "corrected.json"),)
+            cfg.data.extra_files = tuple(cfg.data.extra_files) + (os.path.join(workdir, ref, "corrected.jsonl"),)
         has_source = any(settings.get("model", {}).get(k) for k in SOURCES)
         if not settings.get("model_from", "") and not has_source and trained:
             _use_params(cfg.model, os.path.join(workdir, trained[-1], "params"))

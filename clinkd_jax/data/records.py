@@ -95,9 +95,18 @@ def modality_of(image_name: str) -> str:
 
 
 def _load_json(path: str) -> list:
+    """A JSON list of items, or (`*.jsonl`) one item per line."""
     try:
         with open(path) as f:
-            items = json.load(f)
+            if not path.endswith(".jsonl"):
+                items = json.load(f)
+            else:
+                items = []
+                for n, line in enumerate(f, 1):
+                    try:
+                        items += [json.loads(line)] if line.strip() else []
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}, line {n}: not valid JSON ({e})") from None
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except json.JSONDecodeError as e:

@@ -8,7 +8,7 @@
        `rct.samples` answers with the reference shown as a hint, SASG keeps the one most similar to the
        reference, and for grounding items its boxes are replaced by the reference boxes ("paired with
        the true boxes");
-    4. the corrected exchanges are written to `corrected.json` (ShareGPT layout, absolute image paths) and
+    4. the corrected exchanges are written to `corrected.jsonl` (ShareGPT records, absolute image paths) and
        join the training pool (appended to, or replacing, their records): from the next step in an SFT
        run, or in a later SFT stage that names the round with `rct_from`.
 
@@ -35,6 +35,7 @@ from clinkd_jax.infer import prompts as prompts_lib
 from clinkd_jax.infer import sasg
 
 log = logging.getLogger("clinkd_jax.rct")
+CORRECTED = "corrected.jsonl"  # a round's corrected records (ShareGPT, one per line)
 
 
 def exchanges(records: list[Record]) -> list[Record]:
@@ -138,14 +139,17 @@ def correction_round(c, recs, encoder, student, corrector_for, seed: int) -> tup
 
 
 def write_round(workdir: str, corrected: list[dict], summary: dict) -> str:
-    """corrected.json + rct_summary.json in workdir. Every host computed the same corrections and writes
-    them (atomically): later stages read the file on every host, also where workdirs are host-local."""
+    """corrected.jsonl (one record per line) + rct_summary.json in workdir. Every host computed the same
+    corrections and writes them (atomically): later stages read them on every host, also where workdirs
+    are host-local."""
     os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "corrected.json")
-    for name, obj in (("corrected.json", corrected), ("rct_summary.json", {**summary, "corrected_file": path})):
+    path = os.path.join(workdir, CORRECTED)
+    texts = {CORRECTED: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in corrected),
+             "rct_summary.json": json.dumps({**summary, "corrected_file": path}, indent=2)}
+    for name, text in texts.items():
         tmp = os.path.join(workdir, f".{name}.{jax.process_index()}.tmp")
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1, ensure_ascii=False)
+            f.write(text)
         os.replace(tmp, os.path.join(workdir, name))
     log.info("RCT round: %s -> %s", summary["final"], path)
     return path
@@ -206,7 +210,7 @@ class InRun:
         out = []
         for k, at in enumerate(self.at, 1):
             if at <= step:
-                f = os.path.join(self.round_dir(k), "corrected.json")
+                f = os.path.join(self.round_dir(k), CORRECTED)
                 if not os.path.isfile(f):
                     raise FileNotFoundError(f"{f}: RCT round {k} (step {at}) is missing, but the run resumes at step "
                                             f"{step}; restore the file or delete {self.workdir}/checkpoints")

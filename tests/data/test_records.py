@@ -42,6 +42,19 @@ def test_sharegpt(tmp_path, image_dir):
     assert r.id == "ct_00--a--c1--x_0001" and r.modality == "ct" and r.answer == "Here."
 
 
+
+def test_jsonl(tmp_path, image_dir):
+    """`*.jsonl`: one item per line (blank lines ignored); a broken line is named by its number."""
+    item = {"messages": [{"role": "user", "content": "Where?"}, {"role": "assistant", "content": "Here."}],
+            "images": ["ct_00--a--c1--x_0001.png"]}
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps(item) + "\n\n" + json.dumps({**item, "id": "second"}) + "\n")
+    assert [r.id for r in read_sharegpt(str(path), str(image_dir))] == ["ct_00--a--c1--x_0001", "second"]
+    path.write_text(json.dumps(item) + "\n{broken\n")
+    with pytest.raises(DataError, match="c.jsonl, line 2: not valid JSON"):
+        read_sharegpt(str(path), str(image_dir))
+
+
 BAD = [
     ("not a dict", "malformed item"),
     ({"id": "ct_00--a--c1--x_0001"}, "malformed item"),

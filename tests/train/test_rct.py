@@ -70,7 +70,7 @@ def test_round_between_sft_stages(tmp_path):
     counts = out["rct"]["final"]
     assert counts["items"] == 6 and counts["flagged"] == 6  # threshold above 1: every item is flagged
     assert counts["corrected"] == 6 and counts["flagged_grounding"] + counts["flagged_similarity"] == 6
-    corrected = json.load(open(os.path.join(w, "rct", "corrected.json")))
+    corrected = [json.loads(line) for line in open(os.path.join(w, "rct", "corrected.jsonl"))]
     for item in corrected:
         assert os.path.isabs(item["images"][0]) and os.path.isfile(item["images"][0])
         ref = item["rct"]["source"]
@@ -79,7 +79,7 @@ def test_round_between_sft_stages(tmp_path):
             assert "<box>" in item["messages"][1]["content"]
     # the next SFT stage trains on the original records plus the corrected ones
     plan = {n: cfg for n, cfg, _ in recipe.stage_configs(c, w)}
-    assert plan["sft2"].data.extra_files == (os.path.join(w, "rct", "corrected.json"),)
+    assert plan["sft2"].data.extra_files == (os.path.join(w, "rct", "corrected.jsonl"),)
     recs, *_ = build_data(plan["sft2"], os.path.join(w, "sft2"))
     original, *_ = build_data(plan["sft"], os.path.join(w, "sft"))
     assert len(recs) == len(original) + len(corrected)
@@ -99,7 +99,7 @@ def test_rounds_inside_sft_grow_the_pool_and_resume(tmp_path):
     out = loop.run(c, w)
     assert [(r["round"], r["step"], r["flagged"]) for r in out["rct"]] == [(1, 2, 4), (2, 4, 4)]
     files = rct.InRun(c, w).files_by(5)
-    assert [len(json.load(open(f))) for f in files] == [r["corrected"] for r in out["rct"]]
+    assert [len(open(f).readlines()) for f in files] == [r["corrected"] for r in out["rct"]]
     assert all(r["corrected"] == 4 for r in out["rct"])
     assert sorted(int(d) for d in os.listdir(os.path.join(w, "checkpoints")) if d.isdigit()) == [2, 4, 5]
     base = len(build_data(c, w)[0])
