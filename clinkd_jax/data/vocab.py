@@ -61,7 +61,6 @@ class CompactTokenizer:
         self.row = {int(t): k for k, t in enumerate(self.vocab_ids)}
         if len(self.row) != len(self.vocab_ids):
             raise ValueError("vocab_ids has duplicate entries")
-        self._chars = None
 
     def __getattr__(self, name):  # chat_template, added tokens, ... of the wrapped tokenizer
         return getattr(self.tok, name)

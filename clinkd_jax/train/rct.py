@@ -159,30 +159,34 @@ def has_corrector(c) -> bool:
     return any(c.teacher.get(k) for k in ("hf_dir", "orbax_dir", "preset"))
 
 
+def load_corrector(c, mesh, rules, student_cfg):
+    """The corrector (`teacher.*`) as a Generator, on the student's vocabulary."""
+    from clinkd_jax.models.qwen2vl import Qwen2VL
+    from clinkd_jax.train.loop import load_model, same_vocab
+
+    cfg, params = load_model(c.teacher, mesh, c.seed, student_cfg.vocab_ids)
+    same_vocab(student_cfg, cfg, "the corrector (teacher.*)")
+    return gen_lib.Generator(Qwen2VL(cfg, dtype=c.model.dtype, attention_impl=c.model.attention), params, mesh, rules)
+
+
 def run(c, workdir: str) -> dict:
     """One RCT round as a stage; returns a summary with the counts (also in <workdir>/rct_summary.json)."""
     from clinkd_jax.models.qwen2vl import Qwen2VL
-    from clinkd_jax.train.loop import build_data, compact_vocab, load_model, make_run_mesh, same_vocab
+    from clinkd_jax.train.loop import build_data, compact_vocab, load_model, make_run_mesh
 
     mesh, rules = make_run_mesh(c)
-
-    def generator_for(src, vocab_ids=None):
-        cfg, params = load_model(src, mesh, c.seed, vocab_ids)
-        return gen_lib.Generator(Qwen2VL(cfg, dtype=c.model.dtype, attention_impl=c.model.attention), params, mesh, rules)
-
-    student = generator_for(c.model, compact_vocab(c, workdir))
-    recs, encoder, _, skips = build_data(c, workdir, student.model.cfg.vocab_ids)
-    box = {"student": student}
+    s_cfg, params = load_model(c.model, mesh, c.seed, compact_vocab(c, workdir))
+    recs, encoder, _, skips = build_data(c, workdir, s_cfg.vocab_ids)
+    box = {"student": gen_lib.Generator(Qwen2VL(s_cfg, dtype=c.model.dtype, attention_impl=c.model.attention),
+                                        params, mesh, rules)}
+    del params
 
     def corrector_for():
         if not has_corrector(c):
             return box["student"]
-        s_cfg = box.pop("student").model.cfg  # free the student's parameters before loading the corrector's
-        corrector = generator_for(c.teacher, s_cfg.vocab_ids)
-        same_vocab(s_cfg, corrector.model.cfg, "the corrector (teacher.*)")
-        return corrector
+        del box["student"]  # free the student's parameters before loading the corrector's
+        return load_corrector(c, mesh, rules, s_cfg)
 
-    del student
     corrected, counts = correction_round(c, recs, encoder, box["student"], corrector_for, c.rct.seed)
     summary = {"stage": "rct", "final": counts, "skipped": dict(skips.counts), "workdir": workdir}
     return {**summary, "corrected_file": write_round(workdir, corrected, summary)}
@@ -218,29 +222,15 @@ class InRun:
         return out
 
     def run_round(self, step: int, params, model, mesh, rules, recs, encoder) -> None:
-        from clinkd_jax.train.loop import load_model, same_vocab
-
         k = self.at.index(step) + 1
         if self.generator is None:  # compiled once, reused by every round with the current params
             self.generator = gen_lib.Generator(model, params, mesh, rules)
         self.generator.params = params
 
         def corrector_for():  # loaded for the round and freed after it (it is frozen; memory matters more)
-            if not has_corrector(self.c):
-                return self.generator
-            cfg, t_params = load_model(self.c.teacher, mesh, self.c.seed, model.cfg.vocab_ids)
-            same_vocab(model.cfg, cfg, "the corrector (teacher.*)")
-            return gen_lib.Generator(type(model)(cfg, dtype=model.dtype, attention_impl=model.attention_impl),
-                                     t_params, mesh, rules)
+            return load_corrector(self.c, mesh, rules, model.cfg) if has_corrector(self.c) else self.generator
 
         corrected, counts = correction_round(self.c, recs, encoder, self.generator, corrector_for, self.c.rct.seed + k)
         summary = {"stage": "rct", "round": k, "step": step, "final": counts, "workdir": self.round_dir(k)}
         write_round(self.round_dir(k), corrected, summary)
         self.rounds.append({"round": k, "step": step, **counts})
-
-
-def read_corrected(path: str, log_: SkipLog) -> list[Record]:
-    from clinkd_jax.data.records import read_sharegpt
-
-    return read_sharegpt(path, "", log=log_)
-
