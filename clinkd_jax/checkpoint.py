@@ -16,6 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from clinkd_jax import sharding as sharding_lib
+from clinkd_jax.convert.hf import copy_assets
 from clinkd_jax.models.config import Qwen2VLConfig
 from clinkd_jax.models.qwen2vl import Qwen2VL, param_shardings
 
@@ -23,7 +24,11 @@ CONFIG_FILE = "model_config.json"
 ASSETS_DIR = "hf_assets"
 
 
-def save_params(path: str, params, cfg: Qwen2VLConfig) -> None:
+def save_params(path: str, params, cfg: Qwen2VLConfig, *, assets_from: str | None = None,
+                chat_template: str | None = None) -> None:
+    """Params + model_config.json; with `assets_from`, the tokenizer files it holds go to hf_assets/ and
+    `chat_template` (the template the run used) to hf_assets/chat_template.jinja, so a later stage, and an
+    export, use exactly the tokenizer and template this model was trained with."""
     path = os.path.abspath(path)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.join(path, "params"), params, force=True)
@@ -31,6 +36,8 @@ def save_params(path: str, params, cfg: Qwen2VLConfig) -> None:
     if jax.process_index() == 0:
         with open(os.path.join(path, CONFIG_FILE), "w") as f:
             json.dump(cfg.to_hf_dict(), f, indent=2)
+        if assets_from:
+            copy_assets(assets_from, os.path.join(path, ASSETS_DIR), chat_template)
 
 
 def load_config(path: str) -> Qwen2VLConfig:
@@ -71,12 +78,16 @@ class TrainCheckpointer:
     asynchronously every `save_every` steps, the last `keep` kept. `restore` puts the state directly
     onto the shardings of the abstract target, so a run can resume on another mesh shape."""
 
-    def __init__(self, directory: str, *, save_every: int = 1000, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str, *, save_every: int = 1000, keep: int = 3, async_save: bool = True,
+                 commit_files: bool = False):
         self.directory = os.path.abspath(directory)
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep, save_interval_steps=save_every, enable_async_checkpointing=async_save,
+                # commit_files: a step is final once it holds commit_success.txt (what Orbax does on gs://),
+                # instead of renaming a temporary directory: on a gcsfuse mount a rename is a full copy
+                temporary_path_class=ocp.path.atomicity.CommitFileTemporaryPath if commit_files else None,
             ),
         )
 

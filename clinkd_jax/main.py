@@ -15,42 +15,43 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from clinkd_jax import distributed  # imports jax, touches no device
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/<x>.py file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and outputs go")
-_COORD = flags.DEFINE_string("coordinator_address", "", "multi-process: host:port of process 0 (GPUs, localhost)")
-_NPROC = flags.DEFINE_integer("num_processes", 0, "multi-process: number of processes")
-_PID = flags.DEFINE_integer("process_id", -1, "multi-process: this process's id")
-_AUTO = flags.DEFINE_bool("distributed", False, "multi-process with auto-detection (Cloud TPU pods, SLURM)")
+distributed.define_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and Grain log every save at INFO
-    from clinkd_jax import distributed
-
-    distributed.initialize(_COORD.value, _NPROC.value, _PID.value, _AUTO.value)
+    absl_logging.set_verbosity(absl_logging.INFO)  # clinkd_jax's own progress messages
+    for noisy in ("absl", "jax", "orbax"):  # Orbax and Grain (through absl) log every save and read at INFO
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    distributed.initialize_from_flags()
     from clinkd_jax.train.config import ConfigError
 
     c = _CONFIG.value
+    if _WORKDIR.value.startswith("gs://"):
+        print("config error: --workdir is a gs:// URL; mount the bucket with gcsfuse on every host (launch/tpu.sh "
+              "does) and pass the mount path, with --config.checkpoint.commit_files=True", file=sys.stderr)
+        sys.exit(2)
+    from clinkd_jax import recipe
+
     try:
-        if c.get("stages"):
-            from clinkd_jax import recipe
-
-            summary = recipe.run(c, _WORKDIR.value)
-            print(recipe.summary_table(summary["stages"]))
-            if summary.get("evals"):
-                print(recipe.comparison(summary["evals"]))
-            print(("all stages done" if summary["complete"] else "interrupted: run again to resume")
-                  + f"; outputs in {summary['workdir']}")
-            return
-        from clinkd_jax import recipe
-
-        summary = recipe.run_stage(c, _WORKDIR.value)
-    except ConfigError as e:
+        with distributed.fail_fast():
+            summary = recipe.run(c, _WORKDIR.value) if c.stages else recipe.run_stage(c, _WORKDIR.value)
+    except ConfigError as e:  # every host reads the same config: all stop here together
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
+    if summary["stage"] == "recipe":
+        print(recipe.summary_table(summary["stages"]))
+        if summary.get("evals"):
+            print(recipe.comparison(summary["evals"]))
+        print(("all stages done" if summary["complete"] else "interrupted: run again to resume")
+              + f"; outputs in {summary['workdir']}")
+        return
     if summary["stage"] == "eval":
         import os
 

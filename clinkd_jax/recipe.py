@@ -53,8 +53,10 @@ def stage_configs(c, workdir: str) -> list[tuple[str, ConfigDict, str]]:
     base = copy.deepcopy(c)
     with base.unlocked():
         base.stages = ()
-    if base.data.format == "demo" and not base.data.get("demo_dir"):
+    if base.data.format == "demo" and not base.data.demo_dir:
         base.data.demo_dir = os.path.join(workdir, "demo_data")  # generated once, shared by every stage
+    if not base.data.sizes_cache:
+        base.data.sizes_cache = os.path.join(workdir, "data_sizes.json")  # measured once for every stage
     out, trained, rct_done = [], [], []
     for name in c.stages:
         if name not in c.stage_settings:

@@ -139,6 +139,76 @@ def tree_shardings(logical_tree, mesh: jax.sharding.Mesh, rules: Rules = DEFAULT
     return jax.tree.map(one, logical_tree, is_leaf=lambda l: isinstance(l, nn.LogicallyPartitioned))
 
 
+# ----------------------------------------------------------------------------- input placement
+# Batch fields whose batch axis is not the first (M-RoPE ids are (3, B, L)).
+BATCH_AXIS = {"position_ids": 1, "teacher_position_ids": 1}
+
+
+def batch_spec(key: str, ndim: int, global_batch: int, mesh: jax.sharding.Mesh, rules: Rules) -> P:
+    """The PartitionSpec of one input field: its batch axis split by the rules' "batch" mapping."""
+    axes = logical_to_spec(("batch",), (global_batch,), dict(mesh.shape), rules)[0]
+    spec = [None] * ndim
+    spec[BATCH_AXIS.get(key, 0)] = axes
+    return P(*spec)
+
+
+def process_rows(global_batch: int, mesh: jax.sharding.Mesh, rules: Rules) -> tuple[int, int]:
+    """[start, stop) of the global batch rows this process's devices hold (all rows where the batch
+    is replicated). The input pipeline loads exactly these rows."""
+    sharding = NamedSharding(mesh, batch_spec("input_ids", 1, global_batch, mesh, rules))
+    spans = {(s[0].start or 0, global_batch if s[0].stop is None else s[0].stop)
+             for s in sharding.addressable_devices_indices_map((global_batch,)).values()}
+    start, stop = min(a for a, _ in spans), max(b for _, b in spans)
+    covered = np.zeros(global_batch, bool)
+    for a, b in spans:
+        covered[a:b] = True
+    if not covered[start:stop].all():
+        raise ValueError(f"this process's devices hold non-contiguous rows {sorted(spans)} of the global batch; "
+                         "order the mesh devices by process")
+    return start, stop
+
+
+def place_batch(batch: dict, mesh: jax.sharding.Mesh, rules: Rules, global_batch: int | None = None) -> dict:
+    """Host NumPy batch -> global jax.Arrays sharded over the batch axes by `rules` (training, generation,
+    pseudo-labels).
+
+    `global_batch=None`: every process passes the whole global batch (generation) and gives its rows;
+    otherwise `batch` holds this process's rows `process_rows(global_batch, ...)`, as the training
+    pipeline loads them.
+    """
+    whole = global_batch is None
+    if whole:
+        key = next(iter(batch))
+        global_batch = np.shape(batch[key])[BATCH_AXIS.get(key, 0)]
+    start, stop = process_rows(global_batch, mesh, rules)
+    out = {}
+    for key, value in batch.items():
+        value, axis = np.asarray(value), BATCH_AXIS.get(key, 0)
+        local = np.take(value, np.arange(start, stop), axis=axis) if whole else value
+        if local.shape[axis] != stop - start:
+            raise ValueError(f"{key}: {local.shape[axis]} rows given, this process holds rows {start}:{stop} "
+                             f"of a global batch of {global_batch}")
+        shape = list(local.shape)
+        shape[axis] = global_batch
+        sharding = NamedSharding(mesh, batch_spec(key, value.ndim, global_batch, mesh, rules))
+        out[key] = jax.make_array_from_process_local_data(sharding, local, tuple(shape))
+    return out
+
+
+def local_rows(x: jax.Array, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of a global array split (only) along axis 0, from this process's own shards:
+    the inverse of `place_batch` for outputs computed per row (e.g. the teacher's top-k per token)."""
+    out = np.empty((stop - start, *x.shape[1:]), x.dtype)
+    seen = np.zeros(stop - start, bool)
+    for shard in x.addressable_shards:
+        a, b, _ = shard.index[0].indices(x.shape[0]) if x.ndim else (0, 1, 1)
+        if start <= a and b <= stop:
+            out[a - start:b - start], seen[a - start:b - start] = np.asarray(shard.data), True
+    if not seen.all():
+        raise ValueError(f"rows {start}:{stop} are not all held by this process's devices")
+    return out
+
+
 def logical_names(boxed_tree):
     """The logical names of each boxed leaf (a tuple per leaf), for converters and checkpoint code."""
     return jax.tree.map(

@@ -45,7 +45,10 @@ def get_config() -> ConfigDict:
     c.kd.reduction = "sum"  # sum (released) | mean
     c.kd.divergence = "forward"  # forward KL(teacher||student) | reverse
     c.kd.use_ce = True  # False: L = L_KD only
-    c.kd.pseudo_labels = ""  # a cached teacher top-k file (python -m clinkd_jax.train.pseudo_labels): no teacher forward
+    # rows whose loss is computed together: the released per-device micro-batch (2; DDP averaged the devices'
+    # losses), so the loss does not change with the data-parallel width; 0 = one sum over the whole global batch
+    c.kd.sum_rows = 2
+    c.kd.pseudo_labels = ""  # a pseudo-label store (python -m clinkd_jax.train.pseudo_labels): no teacher forward
     c.kd.top_k = 64  # entries per token when writing pseudo-labels
 
     # --- data
@@ -58,7 +61,7 @@ def get_config() -> ConfigDict:
     c.data.image_dir = ""
     c.data.tokenizer = ""  # directory; default: the model's hf_dir, else the bundled Qwen2 tokenizer
     c.data.chat_template = "qwen2vl"  # "qwen2vl" (built in) | "" (the tokenizer's own)
-    c.data.batch_size = 2  # global batch (all hosts); per-device batch x data-parallel devices
+    c.data.batch_size = 2  # global batch (all hosts): rows of one step; each host loads the rows its devices hold
     c.data.text_buckets = (512, 1024, 2048)  # the last one is the cutoff (ClinKD: 2048)
     c.data.patch_buckets = (1024, 2304, 3136)  # per-sample patch slots; 768^2 px -> <= 2916 patches
     c.data.min_pixels = 32 * 32
@@ -71,6 +74,8 @@ def get_config() -> ConfigDict:
     c.data.extra_mode = "append"  # append | replace (drop the original records whose id the extra files correct)
     c.data.worker_count = 0
     c.data.read_threads = 2
+    # measured record sizes (tokens, patches) the batch plan is made from; "" = <workdir>/data_sizes.json
+    c.data.sizes_cache = ""
 
     # --- optimizer (ClinKD SFT: AdamW, lr 5e-5 cosine, no warmup, clip 1.0, wd 0, accumulation 8)
     c.optim = ConfigDict()
@@ -99,6 +104,10 @@ def get_config() -> ConfigDict:
     c.checkpoint.keep = 3
     c.checkpoint.async_save = True
     c.checkpoint.export_hf = False  # also write the final student in the Hugging Face layout (<workdir>/export_hf)
+    c.checkpoint.export_dtype = "bfloat16"  # stored dtype of that export (published Qwen2-VL checkpoints are bf16)
+    # True: a checkpoint step is final when it holds commit_success.txt instead of after a directory rename
+    # (set it for a workdir on a gcsfuse mount, where renaming a directory copies it; launch/tpu.sh does)
+    c.checkpoint.commit_files = False
     c.checkpoint.save_params = True  # also write the final params alone (<workdir>/params): a teacher.orbax_dir
 
     # --- Reflective Correction Training (clinkd_jax.train.rct): rounds inside SFT (every_steps) or a stage "rct";

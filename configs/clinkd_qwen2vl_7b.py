@@ -8,7 +8,8 @@ Paths are placeholders: set them on the command line, e.g.
     --config.data.train_files='("/data/medgrit/train.json",)' --config.data.image_dir=/data/medgrit/images
     --config.eval.data_dir=/data/medgrit --config.eval.image_dir=/data/medgrit/images
 The teacher is not named by the paper (clinkd-spec §5.5): give the checkpoint you distil from.
-`data.batch_size` is global: 2 per device × 8 devices here; change it with the device count.
+`data.batch_size` is global: 2 per device × 8 devices here; change it with the device count. The KD
+loss is computed per 2 rows whatever the device count (`kd.sum_rows`, the released per-device micro-batch).
 Ablations are one-line overrides: see the README table.
 """
 

@@ -8,6 +8,9 @@
 #
 # --dry-run prints the per-process commands instead of starting them. With --gpus 1 and one node the
 # plain single-process command runs (no jax.distributed). Logs: <workdir>/logs/process_<id>.log.
+# SIGTERM / SIGINT to this script go to every process it started (a preempted machine: the run saves one
+# checkpoint at the same step on every host and stops). The workdir must be shared by all nodes (NFS,
+# a gcsfuse mount with --config.checkpoint.commit_files=True): Orbax writes every host's shards there.
 set -euo pipefail
 GPUS=1 NODES=1 RANK=0 COORD="" CONFIG="" WORKDIR="" DRY=0 PY="${PYTHON:-python3}"
 while [ $# -gt 0 ]; do
@@ -23,7 +26,7 @@ cd "$(dirname "$0")/.."
 TOTAL=$((GPUS * NODES))
 if [ "$TOTAL" = 1 ]; then
   CMD=("$PY" -m clinkd_jax.main "--config=$CONFIG" "--workdir=$WORKDIR" "$@")
-  if [ "$DRY" = 1 ]; then echo "${CMD[*]}"; exit 0; fi
+  if [ "$DRY" = 1 ]; then printf '%q ' "${CMD[@]}"; echo; exit 0; fi
   exec "${CMD[@]}"
 fi
 [ -n "$COORD" ] || COORD="127.0.0.1:$((12000 + RANDOM % 20000))"
@@ -33,12 +36,19 @@ for ((g = 0; g < GPUS; g++)); do
   ID=$((RANK * GPUS + g))
   CMD=(env CUDA_VISIBLE_DEVICES=$g "$PY" -m clinkd_jax.main "--config=$CONFIG" "--workdir=$WORKDIR"
        "--coordinator_address=$COORD" "--num_processes=$TOTAL" "--process_id=$ID" "$@")
-  if [ "$DRY" = 1 ]; then echo "${CMD[*]}"; continue; fi
+  if [ "$DRY" = 1 ]; then printf '%q ' "${CMD[@]}"; echo; continue; fi
   "${CMD[@]}" >"$WORKDIR/logs/process_$ID.log" 2>&1 &
   PIDS+=($!)
 done
 [ "$DRY" = 1 ] && exit 0
+trap 'kill -TERM "${PIDS[@]}" 2>/dev/null' TERM INT
 STATUS=0
-for p in "${PIDS[@]}"; do wait "$p" || STATUS=$?; done
-[ "$STATUS" = 0 ] || echo "a process failed; see $WORKDIR/logs/" >&2
+for p in "${PIDS[@]}"; do
+  while true; do  # `wait` returns early when a trapped signal arrives: wait again for the exit status
+    rc=0; wait "$p" || rc=$?
+    kill -0 "$p" 2>/dev/null || break
+  done
+  [ "$rc" = 0 ] || STATUS=$rc
+done
+[ "$STATUS" = 0 ] || echo "a process failed (exit $STATUS); see $WORKDIR/logs/" >&2
 exit $STATUS

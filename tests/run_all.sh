@@ -2,7 +2,8 @@
 # The test command: builds both environments from scratch (or refreshes them) and runs the suite in each.
 #
 #   bash tests/run_all.sh            # Python 3.11 (jax 0.10.x + torch 2.13.0 CPU, live parity)
-#                                    # and Python 3.12 (newest jax, no torch, golden files)
+#                                    # and Python 3.12 (newest jax, as on TPU VMs and Colab; no torch, golden
+#                                    # files; the multi-process and launcher runs, marker `multihost`)
 #   CLINKD_PYTHONS=3.11 bash tests/run_all.sh     # only one of them
 #   bash tests/run_all.sh -k parity               # extra arguments go to pytest
 #
@@ -26,10 +27,11 @@ for v in $PYTHONS; do
     status=1
     continue
   fi
-  marker=()
-  [ "$v" = "3.11" ] || marker=(-m "not torch")  # only the 3.11 environment has torch
+  # only 3.11 has torch; the multi-process runs (~8 min of CPU) go to 3.12 to keep both suites within budget
+  if [ "$v" = "3.11" ]; then marker=(-m "not multihost"); else marker=(-m "not torch"); fi
   echo "== Python $v: $("$venv/bin/python" -c 'import sys, jax, flax; print(sys.version.split()[0], "jax", jax.__version__, "flax", flax.__version__)')"
-  "$venv/bin/python" -m pytest "${marker[@]}" "$@" 2>&1 | tee "$LOG_DIR/pytest-py${v/./}.log"
+  # two workers, one test file each at a time (module fixtures stay per file)
+  "$venv/bin/python" -m pytest -n 2 --dist loadfile "${marker[@]}" "$@" 2>&1 | tee "$LOG_DIR/pytest-py${v/./}.log"
   rc=${PIPESTATUS[0]}
   summary+=("Python $v: pytest exit $rc in $(( $(date +%s) - start ))s — $(grep -E '^(=+ )?[0-9]+ (passed|failed)' "$LOG_DIR/pytest-py${v/./}.log" | tail -1 | tr -d '=')")
   [ "$rc" -eq 0 ] || status=1

@@ -1,23 +1,63 @@
-"""Two processes on localhost (jax.distributed, 127.0.0.1 coordinator, 2 CPU devices each) run a few
-distillation steps, save, resume, and agree with one process holding all 4 devices.
+"""Several processes on localhost (jax.distributed, 127.0.0.1 coordinator, fake CPU devices), launched as
+users launch them: through launch/gpu.sh (one process per "GPU", one machine or several "nodes"), or
+`python -m clinkd_jax.main` / the pseudo-label writer once per process.
 
-Agreement: each host reads every other record (strided slice) with per-host batch 2, one process reads
-them in order with batch 4: the global batches hold the same records in another row order, so losses
-agree up to float summation order (rtol 1e-5; a wrong data shard or lost batch changes them at 1e-2).
+The data are the shape a pod meets: 3 text buckets x 2 patch buckets, shuffled, 2 finite epochs. Each
+run has a deadline; a run that hangs (hosts out of step) fails the test with every process's output.
+Agreement with one process: each global batch holds the same rows in the same order whatever the
+host count, so losses agree up to float summation order across devices (rtol 1e-5; a wrong row, a lost
+batch or an out-of-step host changes them at 1e-2 or more).
 """
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import textwrap
+import time
 
+import numpy as np
 import pytest
 
 from clinkd_jax.data import demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = '{"hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 64}'
+DEADLINE = 600  # seconds for one launch of all its processes
+# XLA's LLVM back end at -O0: these runs are compile-bound (6 bucket shapes x 2 stages), the models tiny;
+# every side of a comparison runs with the same flags
+XLA = "--xla_backend_optimization_level=0 --xla_force_host_platform_device_count="
+
+# SFT then distillation into a fresh student, one recipe (clinkd_jax.recipe); tiny models, compact vocabulary
+RECIPE = textwrap.dedent('''
+    from ml_collections import ConfigDict
+    from configs import demo_train
+
+    SMALL = {"hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 64}
+
+
+    def get_config():
+        c = demo_train.get_config()
+        c.model.text_overrides = SMALL
+        c.teacher.text_overrides = SMALL
+        c.teacher.dtype = "float32"
+        c.model.compact_vocab = "data"
+        c.data.format, c.data.image_dir = "medgrit", ""
+        c.data.batch_size = 4
+        c.data.text_buckets = (120, 160, 210)
+        c.data.patch_buckets = (48, 64)
+        c.data.max_pixels = 112 * 112
+        c.data.shuffle, c.data.num_epochs = True, 2
+        c.train.progress = False
+        c.train.log_every = 1
+        c.checkpoint.async_save = False
+        c.mesh.shape = (1, -1, 1)
+        c.stages = ("sft", "kd")
+        c.stage_settings = ConfigDict({"sft": {"stage": "sft"},
+                                       "kd": {"stage": "kd", "teacher_from": "sft", "model": {"preset": "tiny_qwen"}}})
+        return c
+''')
 
 
 def free_port():
@@ -26,33 +66,63 @@ def free_port():
         return s.getsockname()[1]
 
 
-def command(workdir, data, steps, extra=()):
-    return [sys.executable, "-m", "clinkd_jax.main", "--config=configs/demo_train.py", f"--workdir={workdir}",
-            "--config.stage=kd", "--config.teacher.preset=tiny_qwen", "--config.teacher.dtype=float32",
-            f"--config.model.text_overrides={SMALL}", f"--config.teacher.text_overrides={SMALL}",
-            "--config.data.format=medgrit", f"--config.data.train_files=('{data}/train.json',)",
-            f"--config.data.image_dir={data}/images", "--config.data.shuffle=False", "--config.data.batch_size=4",
-            "--config.data.text_buckets=(320,)", "--config.data.patch_buckets=(256,)", "--config.data.max_pixels=12544",
-            "--config.data.num_epochs=0", "--config.train.total_steps_hint=4", f"--config.train.steps={steps}",
-            "--config.train.progress=False", "--config.checkpoint.save_every=2", "--config.checkpoint.async_save=False",
-            "--config.mesh.shape=(1,-1,1)", "--config.model.compact_vocab=data", *extra]  # compact: CPU time
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(data dir, config file): 24 conversations over 8 real images (3 sizes), the recipe above."""
+    root = tmp_path_factory.mktemp("mp")
+    demo.generate(str(root / "data"), train_per_image=3, test_per_image=1, max_side=112)
+    (root / "recipe.py").write_text(RECIPE)
+    return root / "data", root / "recipe.py"
 
 
-def run(cmds, devices):
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": ROOT}
-    procs = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for c in cmds]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-3000:]
+def start(n, devices, args, port=None):
+    """n processes of `python -m clinkd_jax.main args`, `devices` fake CPU devices each."""
+    env = env_with(devices)
+    port = port or free_port()
+    multi = lambda i: [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={n}", f"--process_id={i}"] if n > 1 else []
+    return [subprocess.Popen([sys.executable, "-m", "clinkd_jax.main", *args, *multi(i)], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(n)]
+
+
+def finish(procs, deadline=DEADLINE, ok=True):
+    """Every process's output; all must exit (0 when `ok`) before the deadline, else all are killed and the
+    test fails with their outputs."""
+    end, outs = time.time() + deadline, []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=max(1, end - time.time()))[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            tails = "\n".join(f"--- process {i}\n{(q.communicate()[0] or '')[-2500:]}" for i, q in enumerate(procs))
+            pytest.fail(f"processes still running after {deadline} s (out of step?)\n{tails}")
+    if ok:
+        for i, (p, out) in enumerate(zip(procs, outs)):
+            assert p.returncode == 0, f"process {i} exited {p.returncode}\n{out[-4000:]}"
     return outs
 
 
-def two_processes(workdir, data, steps):
-    port = free_port()
-    return run([command(workdir, data, steps, (f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                                               f"--process_id={i}")) for i in range(2)], devices=2)
+def run(n, devices, args):
+    return finish(start(n, devices, args))
+
+
+def env_with(devices):
+    return {**os.environ, "XLA_FLAGS": f"{XLA}{devices}", "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,
+            "PYTHON": sys.executable}
+
+
+def gpu_sh(*args, devices):
+    """launch/gpu.sh as a user runs it (here its processes get CPU devices instead of GPUs)."""
+    return subprocess.Popen(["bash", os.path.join(ROOT, "launch", "gpu.sh"), *args], cwd=ROOT, env=env_with(devices),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def process_logs(workdir):
+    return [open(os.path.join(workdir, "logs", name)).read() for name in sorted(os.listdir(os.path.join(workdir, "logs")))]
+
+
+def data_args(data):
+    return [f"--config.data.train_files=('{data}/train.json',)", f"--config.data.image_dir={data}/images"]
 
 
 def losses(workdir):
@@ -60,18 +130,123 @@ def losses(workdir):
 
 
 @pytest.mark.slow
-def test_two_processes_agree_with_one_and_resume(tmp_path):
-    data = str(tmp_path / "data")
-    demo.generate(data, train_per_image=2, test_per_image=1, max_side=112)
-    run([command(tmp_path / "one", data, 4)], devices=4)
-    two_processes(tmp_path / "two", data, 2)
-    summary = json.load(open(tmp_path / "two" / "summary.json"))
-    assert summary["steps"] == 2
-    saved = json.load(open(tmp_path / "two" / "checkpoints" / "2" / "data" / "metadata"))
-    assert len(saved["per_host"]) == 2  # one data-iterator state per host
-    two_processes(tmp_path / "two", data, 4)  # resume from step 2, each host with its own data state
-    assert json.load(open(tmp_path / "two" / "summary.json"))["start_step"] == 2
-    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert sorted(two) == sorted(one) == [1, 2, 3, 4]
-    for step in one:
-        assert two[step] == pytest.approx(one[step], rel=1e-5), step
+@pytest.mark.multihost
+def test_sft_and_kd_with_buckets_and_epochs_agree_with_one_process(setup, tmp_path):
+    """2 processes x 2 devices against 1 process x 4: both stages finish their 2 epochs in step, with the
+    same number of steps and the same losses."""
+    data, recipe = setup
+    one = start(1, 4, [f"--config={recipe}", f"--workdir={tmp_path / 'one'}", *data_args(data)])
+    two = gpu_sh("--gpus", "2", "--config", str(recipe), "--workdir", str(tmp_path / "two"), "--", *data_args(data),
+                 devices=2)  # both at once: three processes share the cores
+    out = finish([*one, two])[1]
+    assert len(process_logs(tmp_path / "two")) == 2, out
+    for stage in ("sft", "kd"):
+        one, two = losses(tmp_path / "one" / stage), losses(tmp_path / "two" / stage)
+        summary = json.load(open(tmp_path / "two" / stage / "summary.json"))
+        assert summary["epochs"] == 2 and summary["steps"] == len(one) == len(two) > 10, stage
+        for step in one:
+            assert two[step] == pytest.approx(one[step], rel=1e-5), (stage, step)
+    sizes = np.asarray(list(json.load(open(tmp_path / "two" / "data_sizes.json"))["sizes"].values()))
+    pairs = set(zip(np.searchsorted((120, 160, 210), sizes[:, 0]), np.searchsorted((48, 64), sizes[:, 1])))
+    assert len(pairs) == 6  # every (text, patch) bucket pair holds records: the plan really interleaves shapes
+
+
+@pytest.mark.slow
+@pytest.mark.multihost
+def test_sigterm_on_one_host_stops_every_host_at_one_step(setup, tmp_path):
+    """Two "nodes" (launch/gpu.sh --nodes 2, one process each); SIGTERM to node 1 only: every process stops
+    at the same step, one consistent checkpoint is saved there, and the run resumes from it."""
+    data, recipe = setup
+    work = tmp_path / "pre"
+    port = free_port()
+    args = ["--config", str(recipe), "--workdir", str(work), "--", *data_args(data), "--config.stages=()",
+            "--config.stage=sft", "--config.data.num_epochs=0", "--config.checkpoint.save_every=1000"]
+    node = lambda rank, steps: gpu_sh("--gpus", "1", "--nodes", "2", "--node-rank", str(rank), "--coordinator",
+                                      f"127.0.0.1:{port}", *args, f"--config.train.steps={steps}", devices=2)
+    nodes = [node(0, 400), node(1, 400)]
+    deadline = time.time() + 300
+    while time.time() < deadline and (not (work / "metrics.jsonl").exists() or len(losses(work)) < 3):
+        time.sleep(0.5)
+    assert (work / "metrics.jsonl").exists() and nodes[1].poll() is None, "training never got going"
+    nodes[1].send_signal(signal.SIGTERM)  # the launcher of node 1 passes it on to its process
+    finish(nodes)
+    stopped = [int(line.split("saved step ")[1].split(";")[0]) for log in process_logs(work) for line in log.splitlines()
+               if "SIGTERM: saved step" in line]
+    assert len(stopped) == 2 and stopped[0] == stopped[1] < 400, process_logs(work)[0][-3000:]
+    step = stopped[0]
+    assert max(int(d) for d in os.listdir(work / "checkpoints") if d.isdigit()) == step  # (Orbax also keeps step 1)
+    saved = json.load(open(work / "checkpoints" / str(step) / "data" / "metadata"))
+    assert set(saved) == {"epoch", "batch", "records", "plan"}  # one data state, the same for both hosts
+    assert json.load(open(work / "summary.json"))["preempted"]
+    port = free_port()
+    finish([node(0, step + 2), node(1, step + 2)])
+    assert json.load(open(work / "summary.json"))["start_step"] == step and max(losses(work)) == step + 2
+
+
+@pytest.mark.slow
+@pytest.mark.multihost
+def test_evaluation_resumes_with_the_same_to_do_list_on_every_host(setup, tmp_path):
+    """2 processes evaluate into one set of prediction files (process 0 writes); killed mid-file and resumed
+    with host-local workdirs (process 1 sees no predictions at all), both hosts generate the same missing
+    items, and every item ends up in the file exactly once."""
+    data, _ = setup
+    args = lambda work: ["--config=configs/demo_eval.py", f"--workdir={work}", "--config.eval.tasks=('VG','RO')",
+                         f"--config.eval.data_dir={data}", f"--config.eval.image_dir={data}/images",
+                         "--config.eval.batch_size=2", "--config.eval.limit=6", "--config.eval.max_new_tokens=6",
+                         "--config.mesh.shape=(1,-1,1)", "--config.model.compact_vocab=data", "--config.train.progress=False",
+                         "--config.eval.text_buckets=(160, 256)", "--config.eval.patch_buckets=(64,)",
+                         "--config.eval.max_pixels=12544", "--config.eval.min_pixels=3136"]
+    w0, w1 = tmp_path / "host0", tmp_path / "host1"
+    procs = start(2, 2, args(w0))
+    vg = w0 / "predictions" / "Test_VG.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (vg.exists() and vg.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    for p in procs:
+        p.kill()  # a preempted VM: no clean exit
+    finish(procs, ok=False)
+    lines = vg.read_text().splitlines(keepends=True)[:2]
+    vg.write_text("".join(lines) + '{"id": 5, "image": "ct_0')  # the write the kill cut short
+    (w0 / "predictions" / "Test_RO.jsonl").unlink(missing_ok=True)
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "clinkd_jax.main", *args(w), f"--coordinator_address=127.0.0.1:{port}",
+                               "--num_processes=2", f"--process_id={i}"], cwd=ROOT, env=env_with(2),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i, w in enumerate((w0, w1))]
+    outs = finish(procs)
+    todo = [[line.split("eval ")[1] for line in out.splitlines() if "items to generate" in line] for out in outs]
+    assert todo[0] == todo[1] == ["VG: 4 of 6 items to generate", "RO: 6 of 6 items to generate"], outs[1][-2000:]
+    for task in ("VG", "RO"):
+        ids = [json.loads(line)["id"] for line in open(w0 / "predictions" / f"Test_{task}.jsonl")]
+        assert sorted(ids) == list(range(6)), (task, ids)
+    assert not (w1 / "predictions" / "Test_VG.jsonl").exists() or not (w1 / "predictions" / "Test_VG.jsonl").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.multihost
+def test_pseudo_label_writer_on_two_hosts(setup, tmp_path):
+    """Each host writes its own shard, process 0 one index: the same entries as one process writes."""
+    data, recipe = setup
+    args = lambda work: ["-m", "clinkd_jax.train.pseudo_labels", f"--config={recipe}", f"--workdir={work}",
+                         *data_args(data), "--config.stages=()", "--config.stage=kd", "--config.teacher.preset=tiny_qwen",
+                         "--config.kd.top_k=4", "--config.data.shuffle=False"]
+    finish([subprocess.Popen([sys.executable, *args(tmp_path / "one")], cwd=ROOT, env=env_with(4),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)])
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, *args(tmp_path / "two"), f"--coordinator_address=127.0.0.1:{port}",
+                               "--num_processes=2", f"--process_id={i}"], cwd=ROOT, env=env_with(2),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    finish(procs)
+    from clinkd_jax.data import pseudo_labels as store
+
+    one, two = store.PseudoLabelReader(str(tmp_path / "one" / "pseudo_labels")), store.PseudoLabelReader(
+        str(tmp_path / "two" / "pseudo_labels"))
+    assert two.meta["shards"] == 2 and two.meta["entries"] == one.meta["entries"] == 24
+    assert sorted(os.listdir(tmp_path / "two" / "pseudo_labels")) == [
+        "index.npy", "meta.json", store.shard_name(0, 2), store.shard_name(1, 2)]
+    for r in range(24):
+        a, b = one.get(r), two.get(r)
+        np.testing.assert_array_equal(a["positions"], b["positions"])
+        np.testing.assert_allclose(b["logp"], a["logp"], rtol=1e-5, atol=1e-6)
+    bad = subprocess.run([sys.executable, *args(tmp_path / "bad"), "--config.kd.divergence=reverse"], cwd=ROOT,
+                         env=env_with(1), capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "config error: kd.divergence='reverse'" in bad.stderr

@@ -106,3 +106,24 @@ def test_restore_onto_another_mesh(tmp_path, single_and_sharded):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     logits = np.asarray(jax.jit(model.apply)({"params": one}, **x)["logits"])
     np.testing.assert_array_equal(logits, single)
+
+
+def test_input_placement_follows_the_rules():
+    """The run's rules place the batch too (training and generation use the same function): a batch axis
+    mapped to `data` only is split 2 ways and replicated over fsdp and tensor; the default rules split it
+    over data x fsdp. M-RoPE ids are split along their batch axis (axis 1)."""
+    mesh = sharding.make_mesh((2, 2, 2))
+    batch = {"input_ids": np.arange(8 * 5).reshape(8, 5), "position_ids": np.zeros((3, 8, 5), np.int32)}
+    rules = (("batch", "data"),) + tuple(r for r in sharding.DEFAULT_RULES if r[0] != "batch")
+    data_only = sharding.place_batch(batch, mesh, rules)
+    assert data_only["input_ids"].sharding.spec == P("data", None)
+    assert data_only["position_ids"].sharding.spec == P(None, "data", None)
+    assert data_only["input_ids"].sharding.shard_shape((8, 5)) == (4, 5)
+    default = sharding.place_batch(batch, mesh, sharding.DEFAULT_RULES)
+    assert default["input_ids"].sharding.shard_shape((8, 5)) == (2, 5)
+    np.testing.assert_array_equal(np.asarray(default["input_ids"]), batch["input_ids"])
+    assert sharding.process_rows(8, mesh, rules) == (0, 8)  # one process holds every row
+    with pytest.raises(ValueError, match="3 rows given, this process holds rows 0:8"):
+        sharding.place_batch({"input_ids": batch["input_ids"][:3]}, mesh, rules, global_batch=8)
+    back = sharding.local_rows(default["input_ids"], 0, 8)
+    np.testing.assert_array_equal(back, batch["input_ids"])

@@ -21,7 +21,6 @@ import jax
 import ml_dtypes
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from clinkd_jax import sharding as sharding_lib
 from clinkd_jax.models.config import ConfigError, Qwen2VLConfig
@@ -270,7 +269,10 @@ def load_hf_checkpoint(
 
 
 # ------------------------------------------------------------------------------------- writing
-def _host(x) -> np.ndarray:
+def _host(x, dtype=None) -> np.ndarray:
+    """One parameter (or one layer of a stacked one) on the host, cast first (on the device) to `dtype`."""
+    if dtype is not None:
+        x = x.astype(dtype)
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         from jax.experimental import multihost_utils
 
@@ -279,16 +281,45 @@ def _host(x) -> np.ndarray:
 
 
 def iter_hf_tensors(cfg: Qwen2VLConfig, params: dict, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
-    """(Hugging Face key, host tensor) pairs, one parameter leaf on the host at a time."""
+    """(Hugging Face key, host tensor) pairs; the host holds one Hugging Face tensor at a time (stacked
+    layers are gathered layer by layer). Every process must iterate (sharded leaves are gathered)."""
+    dtype = None if dtype is None else np.dtype(dtype)
     for rule in rules_for(cfg):
-        leaf = _host(_get(params, rule.path))
-        if dtype is not None:
-            leaf = leaf.astype(dtype)
+        leaf = _get(params, rule.path)
         if rule.stacked:
             for i in range(rule.stacked):
-                yield rule.hf.format(i=i), rule.to_hf(leaf[i])
+                yield rule.hf.format(i=i), rule.to_hf(_host(leaf[i], dtype))
         else:
-            yield rule.hf, rule.to_hf(leaf)
+            yield rule.hf, rule.to_hf(_host(leaf, dtype))
+
+
+_ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
+              "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+class _ShardWriter:
+    """One safetensors file written tensor by tensor: data goes to a side file as it comes, the header
+    (which must come first and needs every offset) is written at the end, then the data is appended to it."""
+
+    def __init__(self, path: str):
+        self.path, self.entries, self.size = path, {}, 0
+        self._data = open(path + ".data", "wb")
+
+    def add(self, key: str, tensor: np.ndarray) -> None:
+        tensor = np.ascontiguousarray(tensor)
+        self.entries[key] = {"dtype": _ST_DTYPES[str(tensor.dtype)], "shape": list(tensor.shape),
+                             "data_offsets": [self.size, self.size + tensor.nbytes]}
+        self._data.write(tensor.tobytes())  # little-endian hosts (x86, ARM), as safetensors stores
+        self.size += tensor.nbytes
+
+    def finish(self, final: str, metadata: dict) -> None:
+        self._data.close()
+        header = json.dumps({"__metadata__": metadata, **self.entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
+        with open(final, "wb") as out, open(self.path + ".data", "rb") as data:
+            out.write(len(header).to_bytes(8, "little") + header)
+            shutil.copyfileobj(data, out, 64 * 1024 * 1024)
+        os.remove(self.path + ".data")
 
 
 def save_hf_checkpoint(
@@ -299,11 +330,14 @@ def save_hf_checkpoint(
     dtype=None,
     max_shard_bytes: int = 4 * 1024**3,
     assets_from: str | None = None,
+    chat_template: str | None = None,
 ) -> list[str]:
     """Write the published layout: config.json, model.safetensors or model-0000k-of-0000n + index.
 
-    Only process 0 writes (every process takes part in gathering sharded leaves). Tokenizer, chat
-    template and processor files are copied from `assets_from` when given; returns their names.
+    `dtype`: the stored dtype (None keeps the parameters' own; published Qwen2-VL checkpoints are
+    bfloat16). Streams tensor by tensor: the host never holds more than one tensor. Only process 0 writes
+    (every process takes part in gathering sharded leaves). Tokenizer, chat template and processor files
+    are copied from `assets_from` when given (`chat_template` overrides the template); returns their names.
     """
     if cfg.vocab_ids is not None:
         raise ConfigError(f"{path}: the model has a compact vocabulary ({len(cfg.vocab_ids)} of the tokenizer's ids); "
@@ -311,45 +345,50 @@ def save_hf_checkpoint(
     writer = jax.process_index() == 0
     if writer:
         os.makedirs(path, exist_ok=True)
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size, stored = 0, None
+    shards: list[_ShardWriter] = []
+    stored = None
     for key, tensor in iter_hf_tensors(cfg, params, dtype):
         stored = stored or tensor.dtype
-        if size and size + tensor.nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        if writer:
-            shards[-1][key] = tensor
-        size += tensor.nbytes
+        if not writer:
+            continue
+        if not shards or (shards[-1].size and shards[-1].size + tensor.nbytes > max_shard_bytes):
+            shards.append(_ShardWriter(os.path.join(path, f".shard{len(shards)}")))
+        shards[-1].add(key, tensor)
     if not writer:
         return []
-    total = sum(t.nbytes for s in shards for t in s.values())
     meta = {"format": "pt"}
     if len(shards) == 1:
-        save_file(shards[0], os.path.join(path, "model.safetensors"), metadata=meta)
+        shards[0].finish(os.path.join(path, "model.safetensors"), meta)
     else:
         weight_map = {}
         for i, shard in enumerate(shards):
             name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(path, name), metadata=meta)
-            weight_map.update({k: name for k in shard})
+            shard.finish(os.path.join(path, name), meta)
+            weight_map.update({k: name for k in shard.entries})
         with open(os.path.join(path, INDEX_FILE), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+            json.dump({"metadata": {"total_size": sum(s.size for s in shards)}, "weight_map": weight_map}, f, indent=2)
     hf_config = cfg.to_hf_dict()
     hf_config["torch_dtype"] = {"bfloat16": "bfloat16", "float16": "float16"}.get(str(stored), "float32")
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2)
-    return copy_assets(assets_from, path) if assets_from else []
+    return copy_assets(assets_from, path, chat_template) if assets_from or chat_template else []
 
 
-def copy_assets(src: str, dst: str) -> list[str]:
-    """Copy tokenizer / chat template / processor files; returns the names copied."""
+def copy_assets(src: str | None, dst: str, chat_template: str | None = None) -> list[str]:
+    """Copy tokenizer / chat template / processor files from `src`; `chat_template` (the template a run
+    used) is written as chat_template.jinja, which transformers prefers over tokenizer_config.json's.
+    Returns the names written."""
     copied = []
     os.makedirs(dst, exist_ok=True)
-    for name in ASSET_FILES:
+    same = src and os.path.abspath(src) == os.path.abspath(dst)
+    for name in ASSET_FILES if src and not same else ():
         if os.path.isfile(os.path.join(src, name)):
             shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
             copied.append(name)
+    if chat_template:
+        with open(os.path.join(dst, "chat_template.jinja"), "w") as f:
+            f.write(chat_template)
+        copied.append("chat_template.jinja")
     return copied
 
 

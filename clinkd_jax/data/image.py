@@ -156,3 +156,24 @@ def load_image(path) -> Image.Image:
             return img.copy()
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
         raise ImageError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
+
+
+def image_size(path) -> tuple[int, int]:
+    """(height, width) of the image `load_image` would return, read from the file header only (no pixel
+    decoding): what the input pipeline plans batches with. Raises ImageError naming the file."""
+    if isinstance(path, Image.Image):
+        return path.height, path.width
+    if isinstance(path, np.ndarray):
+        return int(path.shape[0]), int(path.shape[1])
+    if not os.path.isfile(path):
+        raise ImageError(f"{path}: image file not found")
+    try:
+        if path.lower().endswith(DICOM_SUFFIXES):
+            import pydicom
+
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            return int(ds.Rows), int(ds.Columns)  # every frame (load_dicom takes the middle one) has this size
+        with Image.open(path) as img:
+            return img.height, img.width
+    except Exception as e:  # PIL / pydicom raise many types for damaged files
+        raise ImageError(f"{path}: cannot read the image header ({type(e).__name__}: {e})") from None

@@ -1,10 +1,11 @@
-"""Grain input pipeline: records -> static-shape batches for the jitted steps.
+"""Grain input pipeline: records -> static-shape batches for the jitted steps, on one host or many.
 
-    MapDataset.source(this host's records) -> seeded shuffle (reshuffled every epoch) -> repeat
-      -> preprocess (image patches, tokens/labels, positions)       [threads or worker processes]
-      -> bucket by (text length, patch count) and batch            [main process; counts skips]
+    sizes of all records (clinkd_jax.data.plan; measured once, shared by the hosts, cached)
+      -> the epoch's global batch plan (seeded permutation, (text, patch) buckets; the same on every host)
+      -> this host's rows of each global batch (`rows`)
+      -> preprocess (image patches, tokens/labels, positions) and collate   [grain threads or worker processes]
 
-Each batch is a dict of NumPy arrays (B = batch size, L = text bucket, N = patch bucket):
+Each batch is a dict of NumPy arrays (B = this host's rows, L = text bucket, N = patch bucket):
     input_ids            (B, L)    int32   right-padded with the pad id
     attention_mask       (B, L)    int32   1 = real token
     labels               (B, L)    int32   token id where supervised, -100 elsewhere (not shifted)
@@ -13,33 +14,36 @@ Each batch is a dict of NumPy arrays (B = batch size, L = text bucket, N = patch
     pixel_values         (B, N, 1176) float32  patches in merge-window order, zero padded
     vision_position_ids  (B, N, 2) int32   (row, col) of each patch
     vision_segment_ids   (B, N)    int32   image number of each patch, 0 = padding
-    sample_mask          (B,)      int32   0 for the filler rows that complete a last partial batch
-    teacher_position_ids (3, B, L) int32   only with `teacher_mrope_gaps` (teacher on its own M-RoPE ids)
-    index                (B,)      int64   position of the sample in the (shuffled, repeated) stream, -1 = filler
+    sample_mask          (B,)      int32   0 for filler rows (a last partial batch, an item that failed to load)
     record_index         (B,)      int64   position of the sample's record in the input list, -1 = filler
+    teacher_position_ids (3, B, L) int32   only with `teacher_mrope_gaps` (teacher on its own M-RoPE ids)
     teacher_topk_ids / _logp (B, L, k), teacher_topk_valid (B, L): only with `pseudo_labels`
 
-A whole epoch compiles at most once per (text bucket, patch bucket) pair. Bad items never stop an
-epoch: they are skipped, counted by reason (`SkipLog`) and reported at the end of every epoch (logger
-"clinkd_jax.data"); `strict=True` raises instead,
-naming the file and item. The iterator's state (`get_state`/`set_state`) is small (indices, not
-arrays) and restores exactly, partially filled buckets included.
+Every host yields the same number of batches per epoch with the same shapes at every step (multi-host
+runs stay in lockstep); an epoch compiles at most once per (text bucket, patch bucket) pair. Bad items
+never stop an epoch: items that cannot be measured are left out of the plan, items that fail to load
+become filler rows; each is counted by reason (`SkipLog`, reported at the end of every epoch, logger
+"clinkd_jax.data"), or raises naming the file and item with `strict=True`. The iterator's state is
+(epoch, batch), the same on every host, so a run resumes exactly, also with another number of hosts.
 """
 
 from __future__ import annotations
 
-import bisect
-import copy
+import collections
 import dataclasses
+import hashlib
 import logging
 from collections.abc import Sequence
 
 import grain
 import numpy as np
 
+from clinkd_jax import distributed
 from clinkd_jax.data import image as image_lib
-from clinkd_jax.data import positions
+from clinkd_jax.data import plan, positions
 from clinkd_jax.data import text as text_lib
+from clinkd_jax.data.plan import Skip
+from clinkd_jax.data.pseudo_labels import PseudoLabelReader
 from clinkd_jax.data.records import Record, SkipLog
 
 log_ = logging.getLogger("clinkd_jax.data")
@@ -47,13 +51,14 @@ log_ = logging.getLogger("clinkd_jax.data")
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
-    batch_size: int = 2
+    batch_size: int = 2  # global batch: rows of one step over all hosts
+    rows: tuple[int, int] | None = None  # [start, stop) of each global batch this host loads; None = all
     text_buckets: tuple[int, ...] = (256, 512, 1024, 2048)  # padded lengths; the last is the cutoff
     patch_buckets: tuple[int, ...] = (256, 1024, 2304, 4096)  # per-sample patch slots (multiples of 4)
     image: image_lib.ImageConfig = image_lib.ImageConfig(max_pixels=768 * 768)  # ClinKD's training budget
     mrope_gaps: tuple[int, int] = positions.CLINKD_GAPS  # (1, 1) = plain Qwen2-VL
     teacher_mrope_gaps: tuple[int, int] | None = None  # set: batches also carry teacher_position_ids
-    pseudo_labels: str | None = None  # cached teacher top-k file: batches also carry teacher_topk_*
+    pseudo_labels: str | None = None  # pseudo-label store: batches also carry teacher_topk_*
     image_token_id: int = 151655
     pad_token_id: int = 151643
     seed: int = 0
@@ -63,15 +68,14 @@ class PipelineConfig:
     worker_count: int = 0  # >0: grain worker processes for preprocessing
     read_threads: int = 2
     strict: bool = False
-    shard_index: int = 0  # this host
-    shard_count: int = 1  # hosts
+
+    @property
+    def host_rows(self) -> tuple[int, int]:
+        return self.rows or (0, self.batch_size)
 
 
-@dataclasses.dataclass
-class Skip:
-    reason: str
-    where: str
-    detail: str = ""
+class PseudoLabelMismatch(ValueError):
+    """A pseudo-label entry that does not fit its record's tokens: the store was made for other data."""
 
 
 class Preprocess:
@@ -81,207 +85,208 @@ class Preprocess:
         self.cfg, self.encoder = cfg, encoder
         self._cache = None
 
-    def __call__(self, index: int, item: tuple[int, Record]):
-        record_index, record = item
-        cfg = self.cfg
+    def __call__(self, record_index: int, record: Record):
         try:
-            patches, grids = [], []
-            for path in record.images:
-                p, g = image_lib.preprocess(image_lib.load_image(path), cfg.image)
-                patches.append(p)
-                grids.append(g)
+            return self._sample(record_index, record)
         except image_lib.ImageError as e:
-            return index, Skip("unreadable image", record.source, str(e))
-        n_patches = sum(len(p) for p in patches)
-        if n_patches > cfg.patch_buckets[-1]:
-            return index, Skip("too many image patches", record.source, f"{n_patches} > {cfg.patch_buckets[-1]}")
-        merge = cfg.image.merge_size**2
-        try:
-            enc = self.encoder.encode(record.turns, [len(p) // merge for p in patches], cfg.text_buckets[-1])
-        except text_lib.TooLong as e:
-            return index, Skip("longer than the longest text bucket", record.source, str(e))
-        pos, _ = positions.get_rope_index(
-            enc.input_ids[None], np.asarray(grids).reshape(-1, 3), image_token_id=cfg.image_token_id,
-            spatial_merge_size=cfg.image.merge_size, gap_in=cfg.mrope_gaps[0], gap_out=cfg.mrope_gaps[1],
-        )
-        sample = {"input_ids": enc.input_ids, "labels": enc.labels, "position_ids": pos[:, 0],
-                  "images": list(zip(patches, grids)), "n_patches": n_patches}
-        if cfg.teacher_mrope_gaps is not None:
-            t_pos, _ = positions.get_rope_index(
-                enc.input_ids[None], np.asarray(grids).reshape(-1, 3), image_token_id=cfg.image_token_id,
-                spatial_merge_size=cfg.image.merge_size, gap_in=cfg.teacher_mrope_gaps[0], gap_out=cfg.teacher_mrope_gaps[1],
-            )
-            sample["teacher_position_ids"] = t_pos[:, 0]
-        sample["record_index"] = record_index
-        if cfg.pseudo_labels:
-            if self._cache is None:  # opened lazily: once per worker process
-                from clinkd_jax.train.pseudo_labels import PseudoLabelReader
+            return Skip("unreadable image", record.source, str(e))
+        except PseudoLabelMismatch:
+            raise
+        except Exception as e:  # anything else about this one item: count it, never end the epoch
+            return Skip("preprocessing error", record.source, f"{type(e).__name__}: {e}")
 
-                self._cache = PseudoLabelReader(cfg.pseudo_labels)
-            entry = self._cache.get(record_index)
+    def _sample(self, record_index: int, record: Record):
+        cfg = self.cfg
+        patches, grids = [], []
+        for path in record.images:
+            p, g = image_lib.preprocess(image_lib.load_image(path), cfg.image)
+            patches.append(p)
+            grids.append(g)
+        merge = cfg.image.merge_size**2
+        enc = self.encoder.encode(record.turns, [len(p) // merge for p in patches], cfg.text_buckets[-1])
+        grid_arr = np.asarray(grids).reshape(-1, 3)
+
+        def rope(gaps):
+            return positions.get_rope_index(enc.input_ids[None], grid_arr, image_token_id=cfg.image_token_id,
+                                            spatial_merge_size=cfg.image.merge_size, gap_in=gaps[0], gap_out=gaps[1])[0][:, 0]
+
+        sample = {"input_ids": enc.input_ids, "labels": enc.labels, "position_ids": rope(cfg.mrope_gaps),
+                  "images": list(zip(patches, grids)), "n_patches": sum(len(p) for p in patches),
+                  "record_index": record_index}
+        if cfg.teacher_mrope_gaps is not None:
+            sample["teacher_position_ids"] = rope(cfg.teacher_mrope_gaps)
+        if cfg.pseudo_labels:
+            entry = self._pseudo_labels().get(record_index)
             if entry is None:
-                return index, Skip("no cached pseudo-labels", record.source, cfg.pseudo_labels)
+                return Skip("no cached pseudo-labels", record.source, cfg.pseudo_labels)
             n = len(enc.input_ids)
             if len(entry["positions"]) and entry["positions"].max() >= n:
-                raise ValueError(f"{cfg.pseudo_labels}: entry for {record.source} does not match its tokens "
-                                 "(written with another tokenizer, template or buckets?)")
+                raise PseudoLabelMismatch(f"{cfg.pseudo_labels}: entry for {record.source} does not match its tokens "
+                                          "(written with another tokenizer, template or data?)")
             k = entry["ids"].shape[1]
             ids, logp, valid = np.zeros((n, k), np.int32), np.zeros((n, k), np.float32), np.zeros((n,), bool)
             ids[entry["positions"]], logp[entry["positions"]], valid[entry["positions"]] = entry["ids"], entry["logp"], True
             sample.update(teacher_topk_ids=ids, teacher_topk_logp=logp, teacher_topk_valid=valid)
-        return index, sample
+        return sample
+
+    def _pseudo_labels(self) -> PseudoLabelReader:
+        if self._cache is None:  # opened lazily: once per worker process
+            self._cache = PseudoLabelReader(self.cfg.pseudo_labels)
+        return self._cache
 
 
-def bucket_of(sample, cfg: PipelineConfig) -> tuple[int, int]:
-    t = cfg.text_buckets[bisect.bisect_left(cfg.text_buckets, len(sample["input_ids"]))]
-    n = cfg.patch_buckets[bisect.bisect_left(cfg.patch_buckets, sample["n_patches"])]
-    return t, n
-
-
-def collate(samples: Sequence[dict], indices: Sequence[int], bucket: tuple[int, int], cfg: PipelineConfig) -> dict:
-    """Pad `samples` (<= batch_size; filler rows added) into one static-shape batch."""
+def collate(samples: Sequence[dict | None], bucket: tuple[int, int], cfg: PipelineConfig) -> dict:
+    """Pad `samples` (None = a filler row) into one static-shape batch of len(samples) rows."""
     length, n_patches = bucket
-    b = cfg.batch_size
+    b = len(samples)
+    real = [(i, s) for i, s in enumerate(samples) if s is not None]
     ids = np.full((b, length), cfg.pad_token_id, np.int32)
     mask = np.zeros((b, length), np.int32)
     labels = np.full((b, length), text_lib.IGNORE, np.int32)
     pos = np.zeros((3, b, length), np.int32)
     offsets = np.zeros((b,), np.int32)
-    for i, s in enumerate(samples):
+    record_index = np.full((b,), -1, np.int64)
+    for i, s in real:
         n = len(s["input_ids"])
         ids[i, :n], mask[i, :n], labels[i, :n], pos[:, i, :n] = s["input_ids"], 1, s["labels"], s["position_ids"]
         offsets[i] = s["position_ids"].max() + 1 - length
-    vision = positions.pack_vision_inputs(
-        [s["images"] for s in samples] + [[]] * (b - len(samples)), n_patches, cfg.image.merge_size
-    )
-    sample_mask = np.zeros((b,), np.int32)
-    sample_mask[: len(samples)] = 1
-    index = np.full((b,), -1, np.int64)
-    index[: len(samples)] = indices
-    out = {"input_ids": ids, "attention_mask": mask, "labels": labels, "position_ids": pos,
-           "decode_offsets": offsets, **vision, "sample_mask": sample_mask, "index": index}
-    if samples and "teacher_position_ids" in samples[0]:
+        record_index[i] = s["record_index"]
+    vision = positions.pack_vision_inputs([s["images"] if s is not None else [] for s in samples], n_patches,
+                                          cfg.image.merge_size)
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels, "position_ids": pos, "decode_offsets": offsets,
+           **vision, "sample_mask": (np.asarray([s is not None for s in samples]) if b else np.zeros(0)).astype(np.int32),
+           "record_index": record_index}
+    if cfg.teacher_mrope_gaps is not None:
         t_pos = np.zeros((3, b, length), np.int32)
-        for i, s in enumerate(samples):
+        for i, s in real:
             t_pos[:, i, : len(s["input_ids"])] = s["teacher_position_ids"]
         out["teacher_position_ids"] = t_pos
-    out["record_index"] = np.full((b,), -1, np.int64)
-    out["record_index"][: len(samples)] = [s["record_index"] for s in samples]
-    if samples and "teacher_topk_ids" in samples[0]:
-        k = samples[0]["teacher_topk_ids"].shape[1]
+    if cfg.pseudo_labels:
+        k = next((s["teacher_topk_ids"].shape[1] for _, s in real), 1)
         for key, dtype in (("teacher_topk_ids", np.int32), ("teacher_topk_logp", np.float32), ("teacher_topk_valid", bool)):
             arr = np.zeros((b, length, k) if key != "teacher_topk_valid" else (b, length), dtype)
-            for i, s in enumerate(samples):
+            for i, s in real:
                 arr[i, : len(s["input_ids"])] = s[key]
             out[key] = arr
     return out
 
 
+class LoadBatch:
+    """(bucket id, this host's record indices, -1 = filler) -> (batch, skips). Picklable."""
+
+    def __init__(self, records: Sequence[Record], cfg: PipelineConfig, encoder: text_lib.ChatEncoder):
+        self.records, self.cfg, self.preprocess = records, cfg, Preprocess(cfg, encoder)
+
+    def __call__(self, item):
+        bucket_id, rows = item
+        bucket = plan.bucket_shape(bucket_id, self.cfg.text_buckets, self.cfg.patch_buckets)
+        samples, skips = [], []
+        for i in rows:
+            s = self.preprocess(int(i), self.records[i]) if i >= 0 else None
+            if isinstance(s, dict) and (len(s["input_ids"]) > bucket[0] or s["n_patches"] > bucket[1]):
+                s = Skip("size changed since the batch plan", self.records[i].source,
+                         f"{len(s['input_ids'])} tokens, {s['n_patches']} patches; planned for {bucket}")
+            if isinstance(s, Skip):
+                skips.append(s)
+                s = None
+            samples.append(s)
+        return collate(samples, bucket, self.cfg), skips
+
+
 class BatchIterator:
-    """Buckets preprocessed samples and emits full batches; checkpointable by indices.
+    """This host's batches, epoch after epoch, following the global plan; checkpointable as (epoch, batch)."""
 
-    State = the upstream grain iterator's state + the stream indices waiting in each bucket + the skip
-    counts. Restoring re-reads the waiting samples by index (random access), so no arrays are stored.
-    """
-
-    def __init__(self, samples: grain.MapDataset, upstream: grain.IterDataset, cfg: PipelineConfig, log: SkipLog,
-                 epoch_size: int):
-        self._samples, self._upstream, self.cfg, self.log = samples, upstream, cfg, log
-        self._it = iter(upstream)
-        self._pending: dict[tuple[int, int], list[tuple[int, dict]]] = {}
-        self._flushing: list[tuple[tuple[int, int], list]] | None = None
-        self.batches = 0
-        self.epoch_size, self.epoch = epoch_size, 0
-
-    def _epoch_done(self):
-        self.epoch += 1
-        message = f"epoch {self.epoch} of this host's data: {self.log.report()}"
-        (log_.warning if self.log.total else log_.info)(message)
+    def __init__(self, records: Sequence[Record], ids: np.ndarray, cfg: PipelineConfig, encoder, log: SkipLog,
+                 plan_skips: dict[str, int] | None = None):
+        self.records, self.ids, self.cfg, self.log = records, ids, cfg, log
+        self.plan_skips = collections.Counter(plan_skips or {})  # not read or left out of the plan: equal on all hosts
+        self.load_skips: collections.Counter[str] = collections.Counter()  # failed to load on this host
+        self.batches_per_epoch = plan.batches_per_epoch(ids, cfg.batch_size, cfg.drop_remainder)
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"no batch can be formed: {int((ids >= 0).sum())} usable of {len(records)} records "
+                             f"(global batch {cfg.batch_size}, drop_remainder={cfg.drop_remainder}); {log.report()}")
+        self._load = LoadBatch(records, cfg, encoder)
+        self.fingerprint = hashlib.sha1(ids.astype(np.int64).tobytes()).hexdigest()
+        self.epoch, self.batch, self._it = 0, 0, None
 
     def __iter__(self):
         return self
 
-    def __next__(self) -> dict:
+    def _open(self) -> None:
         cfg = self.cfg
-        while self._flushing is None:
+        start, stop = cfg.host_rows
+        batches = plan.epoch_batches(self.ids, cfg.batch_size, seed=cfg.seed, epoch=self.epoch, shuffle=cfg.shuffle,
+                                     drop_remainder=cfg.drop_remainder)
+        items = []
+        for bucket_id, idx in batches[self.batch:]:
+            mine = np.full(stop - start, -1, np.int64)
+            part = idx[start:stop]
+            mine[: len(part)] = part
+            items.append((bucket_id, mine))
+        ds = grain.MapDataset.source(items).map(self._load)
+        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=2 * max(1, cfg.read_threads)))
+        if cfg.worker_count > 0:
+            it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
+        self._it = iter(it)
+
+    def __next__(self) -> dict:
+        while True:
+            if self.cfg.num_epochs is not None and self.epoch >= self.cfg.num_epochs:
+                raise StopIteration
+            if self._it is None:
+                self._open()
             try:
-                index, sample = next(self._it)
+                batch, skips = next(self._it)
             except StopIteration:
-                self._flushing = sorted(self._pending.items()) if not cfg.drop_remainder else []
-                self._pending = {}
-                self._epoch_done()
-                break
-            if index and index % self.epoch_size == 0:
-                self._epoch_done()
-            if isinstance(sample, Skip):
-                self.log.skip(sample.reason, sample.where, sample.detail)
+                self.epoch, self.batch, self._it = self.epoch + 1, 0, None
+                message = f"epoch {self.epoch} ({self.batches_per_epoch} batches): {self.log.report()}"
+                (log_.warning if self.log.total else log_.info)(message)
                 continue
-            key = bucket_of(sample, cfg)
-            waiting = self._pending.setdefault(key, [])
-            waiting.append((index, sample))
-            if len(waiting) == cfg.batch_size:
-                del self._pending[key]
-                return self._emit(key, waiting)
-        if self._flushing:
-            key, waiting = self._flushing.pop(0)
-            return self._emit(key, waiting)
-        raise StopIteration
+            for s in skips:
+                self.load_skips[s.reason] += 1
+                self.log.skip(s.reason, s.where, s.detail)
+            self.batch += 1
+            return batch
 
-    def _emit(self, key, waiting):
-        self.batches += 1
-        return collate([s for _, s in waiting], [i for i, _ in waiting], key, self.cfg)
-
-    # ------------------------------------------------------------------ checkpointing
     def get_state(self) -> dict:
-        return {
-            "upstream": copy.deepcopy(self._it.get_state()),
-            "pending": {f"{k[0]}x{k[1]}": [i for i, _ in v] for k, v in self._pending.items()},
-            "flushing": None if self._flushing is None else [[f"{k[0]}x{k[1]}", [i for i, _ in v]] for k, v in self._flushing],
-            "skips": dict(self.log.counts),
-            "batches": self.batches,
-            "epoch": self.epoch,
-        }
+        return {"epoch": self.epoch, "batch": self.batch, "records": len(self.records), "plan": self.fingerprint}
 
     def set_state(self, state: dict) -> None:
-        self._it = iter(self._upstream)
-        self._it.set_state(copy.deepcopy(state["upstream"]))
+        """Continue at (epoch, batch). Another plan (the data changed) continues at the same place of it."""
+        if "epoch" not in state:
+            raise ValueError("the checkpoint's data state was written by an older pipeline (per-host bucket queues); "
+                             "start this run in a new workdir")
+        if state.get("plan") not in (None, self.fingerprint):
+            log_.warning("the training data differ from the checkpoint's (%s records then, %d now): continuing at "
+                         "epoch %d, batch %d of the new plan", state.get("records"), len(self.records),
+                         state["epoch"], state["batch"])
+        self.epoch, self.batch, self._it = int(state["epoch"]), min(int(state["batch"]), self.batches_per_epoch), None
 
-        def refetch(indices):
-            return [(i, self._samples[i][1]) for i in indices]
-
-        key = lambda s: tuple(int(x) for x in s.split("x"))
-        self._pending = {key(k): refetch(v) for k, v in state["pending"].items()}
-        self._flushing = None if state["flushing"] is None else [(key(k), refetch(v)) for k, v in state["flushing"]]
-        self.log.counts.clear()
-        self.log.merge(state["skips"])
-        self.batches = state["batches"]
-        self.epoch = state["epoch"]
+    def skips_all_hosts(self) -> dict[str, int]:
+        """Skipped items of the whole run by reason: the plan's plus every host's load failures (call on
+        every host together)."""
+        total = collections.Counter(self.plan_skips)
+        for host in distributed.allgather_json(dict(self.load_skips)):
+            total.update(host)
+        return dict(total)
 
 
-class _WithIndex:
-    def __call__(self, i, record):
-        return i, record
-
-
-def make_batches(
-    records: Sequence[Record], encoder: text_lib.ChatEncoder, cfg: PipelineConfig, log: SkipLog | None = None
-) -> BatchIterator:
-    """The whole pipeline for this host's share of `records`."""
+def make_batches(records: Sequence[Record], encoder: text_lib.ChatEncoder, cfg: PipelineConfig,
+                 log: SkipLog | None = None, *, sizes_cache: str | None = None) -> BatchIterator:
+    """The pipeline over `records` (the same list on every host); call it on every host together."""
     log = log or SkipLog(strict=cfg.strict)
-    if log.strict != cfg.strict:
-        log.strict = cfg.strict
+    log.strict = cfg.strict
     if any(n % cfg.image.merge_size**2 for n in cfg.patch_buckets):
         raise ValueError(f"patch_buckets {cfg.patch_buckets} must be multiples of {cfg.image.merge_size**2}")
-    if len(records) < cfg.shard_count:
-        raise ValueError(f"{len(records)} records cannot be shared by {cfg.shard_count} hosts")
-    ds = grain.MapDataset.source(records).map_with_index(_WithIndex())  # keep each record's list position
-    ds = ds[cfg.shard_index :: cfg.shard_count]  # lazy: nothing read yet
-    epoch_size = len(ds)
-    if cfg.shuffle:
-        ds = ds.seed(cfg.seed).shuffle()
-    ds = ds.repeat(cfg.num_epochs)
-    samples = ds.map_with_index(Preprocess(cfg, encoder))
-    upstream = samples.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=2 * cfg.batch_size))
-    if cfg.worker_count > 0:
-        upstream = upstream.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
-    return BatchIterator(samples, upstream, cfg, log, epoch_size)
+    start, stop = cfg.host_rows
+    if not 0 <= start < stop <= cfg.batch_size:
+        raise ValueError(f"rows {cfg.rows} are not a part of a global batch of {cfg.batch_size}")
+    before = collections.Counter(log.counts)
+    sizes = plan.measure(records, encoder, cfg.image, cfg.text_buckets[-1], log, cache=sizes_cache,
+                         threads=4 * max(1, cfg.read_threads))
+    ids = plan.bucket_ids(sizes, cfg.text_buckets, cfg.patch_buckets, records, log)
+    left_out = collections.Counter(log.counts) - before
+    if left_out:
+        log_.warning("%d of %d records left out of the batch plan: %s", sum(left_out.values()), len(records),
+                     dict(left_out))
+    return BatchIterator(records, ids, cfg, encoder, log, log.counts)  # read + plan skips, equal on all hosts

@@ -89,6 +89,9 @@ class TfdsRecords:
     def __len__(self):
         return len(self._source)
 
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
     def __getitem__(self, i) -> Record:
         ex = self._source[i]
         text = lambda v: v.decode() if isinstance(v, bytes) else str(v)

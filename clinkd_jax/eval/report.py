@@ -7,7 +7,9 @@ Drawn with PIL only (no plotting library). Boxes are on the 0-1000 scale relativ
 
 from __future__ import annotations
 
+import base64
 import html
+import io
 import os
 import random
 from collections.abc import Sequence
@@ -145,6 +147,8 @@ def _draw_boxes(img: Image.Image, boxes: Sequence, color, width: int) -> None:
 def gallery(task: str, predictions: Sequence[dict], image_dir: str, out_dir: str, per_modality: int = 4,
             seed: int = 0, max_side: int = 320) -> str | None:
     """Thumbnails with boxes and texts for a sample of items per modality; returns the HTML page path.
+    The page is self-contained (thumbnails embedded as PNG data): it displays inline in a notebook and
+    stays whole when copied out of a bucket.
 
     Ground truth: boxes of the annotation (VG) or of the question (RO/GC: the referred region).
     Prediction: boxes parsed from the processed response the way the VG scorer parses them."""
@@ -165,14 +169,14 @@ def gallery(task: str, predictions: Sequence[dict], image_dir: str, out_dir: str
             gt_text = p["annotation"] if task == "VG" else p["question"]
             gt = [to_floats(b) for b in box_strings(gt_text) + box_strings(_as_bird(gt_text))]
             pred = [to_floats(b) for b in predicted_box_strings(response)] if task == "VG" else []
-            thumb = f"{task}_{p['id']}.png"
             try:
                 img = image_lib.to_rgb(image_lib.load_image(os.path.join(image_dir, p["image"])))
                 img.thumbnail((max_side, max_side))
                 _draw_boxes(img, gt, GT, 3)
                 _draw_boxes(img, pred, PRED, 2)
-                img.save(os.path.join(out_dir, thumb))
-                pic = f"<img src='{thumb}' width='{img.width}'>"
+                png = io.BytesIO()
+                img.save(png, format="PNG")
+                pic = f"<img src='data:image/png;base64,{base64.b64encode(png.getvalue()).decode()}' width='{img.width}'>"
             except (image_lib.ImageError, OSError) as e:
                 pic = f"<p><i>image not shown: {html.escape(str(e))}</i></p>"
             rows.append(

@@ -18,42 +18,18 @@ import logging
 import os
 
 import jax
-import numpy as np
 
-from clinkd_jax import sharding
+from clinkd_jax import distributed, run_setup
 from clinkd_jax.data import records as records_lib
-from clinkd_jax.data import text as text_lib
 from clinkd_jax.data.image import ImageConfig
 from clinkd_jax.eval import captions, metrics, report
 from clinkd_jax.infer import generate as gen_lib
 from clinkd_jax.infer import prompts as prompts_lib
 from clinkd_jax.infer import sasg
+from clinkd_jax.models.qwen2vl import Qwen2VL
+from clinkd_jax.run_setup import TASKS, eval_image_dir, test_files
 
 log = logging.getLogger("clinkd_jax.eval")
-TASKS = ("VG", "RO", "GC", "MII")
-
-
-def test_files(c, workdir: str) -> dict[str, str]:
-    """{task: Test_<task>.json} from eval.files or eval.data_dir + eval.tasks (demo: generated in the workdir)."""
-    e = c.eval
-    if e.files:
-        return {metrics.task_of(f): f for f in e.files}
-    data_dir = e.data_dir or (_demo_dir(c, workdir) if c.data.format == "demo" else "")
-    return {t: os.path.join(data_dir, f"Test_{t}.json") for t in e.tasks}
-
-
-def _demo_dir(c, workdir: str) -> str:
-    from clinkd_jax.train.loop import demo_root
-
-    return demo_root(c, workdir)
-
-
-def image_dir(c, workdir: str) -> str:
-    if c.eval.image_dir:
-        return c.eval.image_dir
-    if c.data.format == "demo" and not c.eval.data_dir:
-        return os.path.join(_demo_dir(c, workdir), "images")
-    return c.data.image_dir
 
 
 def sampling_for(c, task: str, stop_ids: tuple[int, ...], pad_id: int) -> gen_lib.SamplingConfig:
@@ -67,7 +43,8 @@ def sampling_for(c, task: str, stop_ids: tuple[int, ...], pad_id: int) -> gen_li
 
 
 def read_done(path: str) -> set[int]:
-    """Ids already predicted; a torn last line (killed mid-write) is dropped from the file."""
+    """Ids already predicted; a torn last line (killed mid-write) is dropped from the file. Call on the
+    writing process only (`done_ids`)."""
     if not os.path.isfile(path):
         return set()
     good, done = [], set()
@@ -84,13 +61,21 @@ def read_done(path: str) -> set[int]:
     return done
 
 
+def done_ids(path: str) -> set[int]:
+    """The ids in a prediction file, as process 0 (its only writer) reads it, on every host: the hosts'
+    to-do lists are identical, also when only process 0 sees the file (host-local workdirs)."""
+    done = sorted(read_done(path)) if jax.process_index() == 0 else None
+    return set(distributed.broadcast_json(done))
+
+
 def predict(c, task: str, recs, generator, encoder, out_path: str, skips: records_lib.SkipLog) -> int:
     """Generate for every record not yet in out_path; returns how many were generated now."""
     from tqdm.auto import tqdm
 
     e = c.eval
-    done = read_done(out_path)
+    done = done_ids(out_path)
     todo = [r for r in recs if r.index not in done]
+    log.info("eval %s: %d of %d items to generate", task, len(todo), len(recs))
     tok, stop_ids = encoder.tok, encoder.stop_ids
     sampling = sampling_for(c, task, stop_ids, encoder.pad_id)
     n = max(1, e.sasg_samples)
@@ -152,7 +137,7 @@ def write_reports(c, workdir: str, results: dict, preds: dict, images: str) -> N
 
 
 def validate(c, workdir: str) -> None:
-    from clinkd_jax.train.config import ConfigError, _source, compact_vocab
+    from clinkd_jax.train.config import ConfigError, _source, compact_vocab  # the field checks shared with training
 
     e = c.eval
     if e.predictions:
@@ -172,8 +157,8 @@ def validate(c, workdir: str) -> None:
             raise ConfigError(f"eval.files: cannot tell the task of {path} (name it like Test_VG.json)")
         if not os.path.isfile(path):
             raise ConfigError(f"eval: test file {path} not found (eval.data_dir / eval.files / eval.tasks)")
-    if not os.path.isdir(image_dir(c, workdir)):
-        raise ConfigError(f"eval.image_dir={image_dir(c, workdir)!r} is not a directory")
+    if not os.path.isdir(eval_image_dir(c, workdir)):
+        raise ConfigError(f"eval.image_dir={eval_image_dir(c, workdir)!r} is not a directory")
     if e.sasg_samples > 1 and e.sasg_temperature <= 0:
         raise ConfigError("eval.sasg_samples > 1 needs eval.sasg_temperature > 0 (identical greedy candidates)")
     try:
@@ -193,19 +178,14 @@ def run(c, workdir: str) -> dict:
     if c.eval.predictions:
         pred_files = {metrics.task_of(p): p for p in c.eval.predictions}
     else:
-        from clinkd_jax.data import vocab
-        from clinkd_jax.models.qwen2vl import Qwen2VL
-        from clinkd_jax.train.loop import compact_vocab, load_model, make_run_mesh, tokenizer_dir
-
-        mesh, rules = make_run_mesh(c)
-        cfg, params = load_model(c.model, mesh, c.seed, compact_vocab(c, workdir))
+        mesh, rules = run_setup.make_run_mesh(c)
+        cfg, params = run_setup.load_model(c.model, mesh, rules, c.seed, run_setup.compact_vocab(c, workdir))
         model = Qwen2VL(cfg, dtype=c.model.dtype, attention_impl=c.model.attention)
         generator = gen_lib.Generator(model, params, mesh, rules)
-        encoder = text_lib.ChatEncoder(vocab.tokenizer_for(text_lib.load_tokenizer(tokenizer_dir(c)), cfg.vocab_ids),
-                                       c.data.chat_template or None)
+        encoder = run_setup.encoder_for(c, cfg.vocab_ids)
         pred_files = {}
         for task, path in test_files(c, workdir).items():
-            recs = records_lib.read_medgrit(path, image_dir(c, workdir), log=skips)
+            recs = records_lib.read_medgrit(path, eval_image_dir(c, workdir), log=skips)
             if c.eval.limit > 0:
                 recs = recs[: c.eval.limit]
             pred_files[task] = os.path.join(pred_dir, f"Test_{task}.jsonl")
@@ -221,7 +201,7 @@ def run(c, workdir: str) -> dict:
         with open(os.path.join(workdir, "metrics.json"), "w") as f:
             json.dump({"tasks": results, "skipped": dict(skips.counts), "generated": generated,
                        "predictions": pred_files}, f, indent=2)
-        write_reports(c, workdir, results, preds, image_dir(c, workdir))
+        write_reports(c, workdir, results, preds, eval_image_dir(c, workdir))
     if skips.total:
         log.warning("%s", skips.report())
     return {"stage": "eval", "tasks": results, "skipped": dict(skips.counts), "generated": generated,

@@ -19,7 +19,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from clinkd_jax import sharding
 from clinkd_jax.models.llm import KVCache
@@ -141,19 +140,7 @@ class Generator:
 
     def _place(self, batch: dict) -> dict:
         """The global batch (identical on every host) -> global arrays, each host giving its own rows."""
-        b = batch["input_ids"].shape[0]
-        n, k = jax.process_count(), jax.process_index()
-        if b % n:
-            raise ValueError(f"batch of {b} rows does not split over {n} hosts")
-        rows = slice(k * b // n, (k + 1) * b // n)
-        axes = sharding.logical_to_spec(("batch",), (b,), dict(self.mesh.shape), self.rules)[0]
-        out = {}
-        for key in DEVICE_KEYS:
-            if key in batch:
-                local = np.asarray(batch[key])[:, rows] if key == "position_ids" else np.asarray(batch[key])[rows]
-                spec = P(None, axes) if key == "position_ids" else P(axes)
-                out[key] = jax.make_array_from_process_local_data(NamedSharding(self.mesh, spec), local)
-        return out
+        return sharding.place_batch({k: batch[k] for k in DEVICE_KEYS if k in batch}, self.mesh, self.rules)
 
     def __call__(self, batch: dict, sampling: SamplingConfig, rng: jax.Array | int = 0) -> np.ndarray:
         """(B, max_new_tokens) new tokens for a global batch (every host passes the same batch and gets

@@ -7,18 +7,42 @@ import os
 import jax
 import numpy as np
 
+from clinkd_jax.data import pseudo_labels as pl_store
 from clinkd_jax.models import config as model_config
 from clinkd_jax.models.attention import IMPLS
+from clinkd_jax.models.config import ConfigError  # noqa: F401  (the package's one ConfigError)
 from clinkd_jax.train import losses
-
-
-class ConfigError(ValueError):
-    pass
 
 
 def kd_config(c) -> losses.KDConfig:
     fields = {k: v for k, v in c.kd.to_dict().items() if k in losses.KDConfig.__dataclass_fields__}
     return losses.KDConfig(**fields)
+
+
+def pseudo_label_switches(c) -> None:
+    """What a pseudo-label store cannot represent (it holds the teacher's top-k under the student's
+    position ids), refused for the writer and for a run reading one."""
+    if c.kd.divergence != "forward":
+        raise ConfigError(f"kd.divergence={c.kd.divergence!r}: pseudo-labels hold the teacher's top-k only; the "
+                          "reverse KL needs the teacher's whole distribution (use online distillation)")
+    if c.teacher.positions != "shared":
+        raise ConfigError(f"teacher.positions={c.teacher.positions!r}: pseudo-labels are computed with the "
+                          "student's position ids (teacher.positions=shared)")
+    if c.kd.top_k < 1:
+        raise ConfigError(f"kd.top_k={c.kd.top_k} must be >= 1")
+
+
+def _pseudo_labels(c) -> None:
+    """A KD run reading a store: it exists and was written with this run's mask and temperature."""
+    try:
+        meta = pl_store.read_meta(c.kd.pseudo_labels)
+    except FileNotFoundError as e:
+        raise ConfigError(f"kd.pseudo_labels: {e}") from None
+    pseudo_label_switches(c)
+    for field, mine in (("mask", c.kd.mask), ("temperature", c.kd.temperature)):
+        if meta.get(field) != mine:
+            raise ConfigError(f"kd.{field}={mine!r} but the pseudo-labels in {c.kd.pseudo_labels} were written "
+                              f"with kd.{field}={meta.get(field)!r}; write them again or use the same setting")
 
 
 def _source(c, name: str, required: bool) -> None:
@@ -58,8 +82,8 @@ def validate(c) -> None:
     _source(c, "model", required=True)
     cached = c.stage == "kd" and bool(c.kd.get("pseudo_labels"))
     _source(c, "teacher", required=c.stage == "kd" and not cached)
-    if cached and not (os.path.isfile(c.kd.pseudo_labels) and os.path.isfile(c.kd.pseudo_labels + ".index.npy")):
-        raise ConfigError(f"kd.pseudo_labels={c.kd.pseudo_labels!r}: file (or its .index.npy) not found")
+    if cached:
+        _pseudo_labels(c)
     if c.stage == "kd":
         try:
             kd_config(c)
@@ -67,7 +91,7 @@ def validate(c) -> None:
             raise ConfigError(str(e)) from None
         if c.teacher.positions not in ("shared", "own"):
             raise ConfigError(f"teacher.positions={c.teacher.positions!r} is not one of ('shared', 'own')")
-    for field in ("model.dtype", "model.param_dtype", "teacher.dtype"):
+    for field in ("model.dtype", "model.param_dtype", "teacher.dtype", "checkpoint.export_dtype"):
         section, key = field.split(".")
         try:
             np.dtype(c[section][key])
@@ -103,8 +127,11 @@ def validate(c) -> None:
             raise ConfigError(f"data.{key}={tuple(b)} must be increasing positive lengths")
     if any(n % 4 for n in d.patch_buckets):
         raise ConfigError(f"data.patch_buckets={tuple(d.patch_buckets)} must be multiples of 4 (2x2 merge)")
-    if d.batch_size <= 0 or d.batch_size % jax.process_count():
-        raise ConfigError(f"data.batch_size={d.batch_size} must be a positive multiple of the {jax.process_count()} hosts")
+    if d.batch_size <= 0:
+        raise ConfigError(f"data.batch_size={d.batch_size} must be > 0")
+    if c.stage == "kd" and c.kd.sum_rows and d.batch_size % c.kd.sum_rows:
+        raise ConfigError(f"kd.sum_rows={c.kd.sum_rows} must divide data.batch_size={d.batch_size} (loss groups of "
+                          "whole rows: the released per-device micro-batch)")
     if len(d.mrope_gaps) != 2 or min(d.mrope_gaps) < 1:
         raise ConfigError(f"data.mrope_gaps={tuple(d.mrope_gaps)} must be two gaps >= 1")
     if c.optim.grad_accum < 1:

@@ -11,6 +11,12 @@ Distillation as released (clinkd-spec §2.2), with every switch of §6:
     L_KD = sum_t w_t M_t KL_t    ("sum", released)  or  that / sum_t M_t  ("mean")
     L_CE = mean over supervised next-token targets
     L = (alpha * L_KD + L_CE) / (1 + alpha)                               (alpha = 0.5, T = 0.5, no T^2)
+
+Over which rows the sums and means run (`sum_rows`): the released trainer computes L on one device's
+micro-batch (2 rows) and DDP averages the devices' losses. So the batch is cut into groups of
+`sum_rows` consecutive rows, L is computed per group and the groups are averaged: the loss is the same
+on any mesh and for any data-parallel width. `sum_rows=0` sums over the whole global batch instead
+(then the KD:CE ratio grows with the batch). SFT's CE is the mean over all supervised tokens.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ class KDConfig:
     reduction: str = "sum"  # "sum" (released) | "mean"
     divergence: str = "forward"  # "forward" KL(teacher||student) | "reverse" KL(student||teacher)
     use_ce: bool = True  # False: L = L_KD alone (the released trainer's other branch)
+    sum_rows: int = 2  # rows per loss group: the released per-device micro-batch; 0 = the whole batch
 
     def __post_init__(self):
         for name, allowed in (("mask", ("released", "aligned")), ("reduction", ("sum", "mean")),
@@ -42,6 +49,8 @@ class KDConfig:
             raise ValueError(f"kd.temperature must be > 0, got {self.temperature}")
         if self.alpha < 0:
             raise ValueError(f"kd.alpha must be >= 0, got {self.alpha}")
+        if self.sum_rows < 0:
+            raise ValueError(f"kd.sum_rows must be >= 0, got {self.sum_rows}")
 
 
 def _chunks(x, chunk):
@@ -65,7 +74,7 @@ def token_losses(
     kd_weights_bl: jax.Array | None = None,
     teacher_topk: tuple[jax.Array, jax.Array, jax.Array] | None = None,
 ) -> dict[str, jax.Array]:
-    """Sums and counts over the batch: {"ce_sum", "ce_count", "kd_sum", "kd_count"} (float32 scalars).
+    """Sums and counts per row: {"ce_sum", "ce_count", "kd_sum", "kd_count"} (float32, shape (B,)).
 
     `head(h)` maps (B, c, D) hidden states to (B, c, V) logits; the teacher's head may be wider.
     `kd_weights_bl` is the per-token weight hook (uniform = released; the v4 curriculum plugs in here).
@@ -91,13 +100,14 @@ def token_losses(
         vocab = logits.shape[-1]
         lse = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, jnp.clip(x["tgt"], 0, vocab - 1)[..., None], axis=-1)[..., 0]
-        out = {"ce_sum": jnp.sum(jnp.where(x["ce_m"], lse - picked, 0.0)), "ce_count": jnp.sum(x["ce_m"]).astype(jnp.float32)}
+        rows = lambda v: jnp.sum(v, axis=-1)  # over the chunk's positions, per row
+        out = {"ce_sum": rows(jnp.where(x["ce_m"], lse - picked, 0.0)), "ce_count": rows(x["ce_m"]).astype(jnp.float32)}
         if "tk_ids" in x:
             log_q = jnp.take_along_axis(jax.nn.log_softmax(logits / kd.temperature, axis=-1), x["tk_ids"], axis=-1)
             log_p = x["tk_logp"].astype(jnp.float32)
             m = x["kd_m"] & x["tk_valid"]
-            out["kd_sum"] = jnp.sum(jnp.where(m, jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1) * x["w"], 0.0))
-            out["kd_count"] = jnp.sum(m).astype(jnp.float32)
+            out["kd_sum"] = rows(jnp.where(m, jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1) * x["w"], 0.0))
+            out["kd_count"] = rows(m).astype(jnp.float32)
         elif distill:
             t_logits = jax.lax.stop_gradient(teacher_head(x["th"]).astype(jnp.float32))[..., :vocab]
             log_p = jax.nn.log_softmax(t_logits / kd.temperature, axis=-1)
@@ -107,26 +117,34 @@ def token_losses(
             else:
                 kl = jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1)
             m = x["kd_m"]
-            out["kd_sum"] = jnp.sum(jnp.where(m, kl * x["w"], 0.0))
-            out["kd_count"] = jnp.sum(m).astype(jnp.float32)
+            out["kd_sum"] = rows(jnp.where(m, kl * x["w"], 0.0))
+            out["kd_count"] = rows(m).astype(jnp.float32)
         return jax.tree.map(jnp.add, carry, out), None
 
     zero = {"ce_sum": 0.0, "ce_count": 0.0}
     if distill:
         zero.update(kd_sum=0.0, kd_count=0.0)
-    zero = jax.tree.map(lambda v: jnp.zeros((), jnp.float32), zero)
+    zero = jax.tree.map(lambda v: jnp.zeros((b,), jnp.float32), zero)
     totals, _ = jax.lax.scan(body, zero, xs)
     return totals
 
 
 def combine(totals: dict[str, jax.Array], kd: KDConfig | None) -> dict[str, jax.Array]:
-    """The training loss and its parts from summed statistics (L_CE mean; L_KD sum or mean)."""
-    ce = totals["ce_sum"] / jnp.maximum(totals["ce_count"], 1.0)
-    out = {"loss_ce": ce, "tokens": totals["ce_count"]}
+    """The training loss and its parts from per-row statistics: SFT = CE mean over all supervised tokens;
+    KD = per group of `kd.sum_rows` rows (L_CE mean, L_KD sum or mean, mixed), then the mean over the
+    groups that hold supervised tokens."""
+    tokens = jnp.sum(totals["ce_count"])
     if kd is None or "kd_sum" not in totals:
-        out["loss"] = ce
-        return out
-    l_kd = totals["kd_sum"] if kd.reduction == "sum" else totals["kd_sum"] / jnp.maximum(totals["kd_count"], 1.0)
-    out["loss_kd"] = l_kd
-    out["loss"] = (kd.alpha * l_kd + ce) / (1.0 + kd.alpha) if kd.use_ce else l_kd
-    return out
+        ce = jnp.sum(totals["ce_sum"]) / jnp.maximum(tokens, 1.0)
+        return {"loss": ce, "loss_ce": ce, "tokens": tokens}
+    b = totals["ce_sum"].shape[0]
+    g = kd.sum_rows or b
+    if b % g:
+        raise ValueError(f"a batch of {b} rows does not split into loss groups of kd.sum_rows={g}")
+    t = {k: jnp.sum(v.reshape(-1, g), axis=1) for k, v in totals.items()}
+    ce = t["ce_sum"] / jnp.maximum(t["ce_count"], 1.0)
+    l_kd = t["kd_sum"] if kd.reduction == "sum" else t["kd_sum"] / jnp.maximum(t["kd_count"], 1.0)
+    loss = (kd.alpha * l_kd + ce) / (1.0 + kd.alpha) if kd.use_ce else l_kd
+    used = (t["ce_count"] + t["kd_count"]) > 0  # groups of filler rows only do not count
+    mean = lambda v: jnp.sum(jnp.where(used, v, 0.0)) / jnp.maximum(jnp.sum(used), 1)
+    return {"loss": mean(loss), "loss_ce": mean(ce), "loss_kd": mean(l_kd), "tokens": tokens}

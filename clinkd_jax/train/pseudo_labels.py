@@ -1,37 +1,34 @@
-"""Offline pseudo-labels: the teacher's top-k log-probabilities per distilled token, cached once in an
-ArrayRecord file, for when teacher and student do not fit on the devices together.
+"""Offline pseudo-labels: the teacher's top-k log-probabilities per distilled token, computed once and
+kept in a store (clinkd_jax.data.pseudo_labels), for when teacher and student do not fit on the devices
+together.
 
-Write (one pass of the teacher over the training records, in record order):
-    python -m clinkd_jax.train.pseudo_labels --config=configs/x.py --workdir=DIR --top_k=64
-Train from it: `--config.stage=kd --config.kd.pseudo_labels=DIR/pseudo_labels.array_record`.
+Write (one pass of the teacher over the training records; every host writes its own shard):
+    python -m clinkd_jax.train.pseudo_labels --config=configs/x.py --workdir=DIR [--config.kd.top_k=64]
+Train from it: `--config.stage=kd --config.kd.pseudo_labels=DIR/pseudo_labels`.
 
-Each entry (record i of the training list) holds, for that sample's KD positions (the `kd.mask`
-rule), the top-k token ids and log p_teacher(token) at temperature T over the student's vocabulary.
-The loss then sums p (log p - log q) over the k stored tokens only (no renormalisation), which is
-the online KL exactly when k covers the vocabulary and a lower bound otherwise.
+The loss then sums p (log p - log q) over the k stored tokens only (no renormalisation), which is the
+online KL exactly when k covers the vocabulary and a lower bound otherwise. So a store is made for one
+`kd.mask` and one temperature (both recorded in its meta.json and checked by the training run), the
+forward KL only, and the student's position ids (`teacher.positions=shared`).
 """
 
 from __future__ import annotations
 
-import io
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+
+from clinkd_jax import distributed, run_setup, sharding
+from clinkd_jax.data import pipeline, records
+from clinkd_jax.data import pseudo_labels as store
+from clinkd_jax.models.qwen2vl import Qwen2VL
+from clinkd_jax.train import steps
+from clinkd_jax.train.config import ConfigError, kd_config, pseudo_label_switches
 
 IGNORE = -100
-
-
-def encode_entry(record_index: int, positions: np.ndarray, ids: np.ndarray, logp: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, record_index=np.int64(record_index), positions=positions.astype(np.int32),
-             ids=ids.astype(np.int32), logp=logp)
-    return buf.getvalue()
-
-
-def decode_entry(blob: bytes) -> dict:
-    with np.load(io.BytesIO(blob)) as z:
-        return {k: z[k] for k in z.files}
 
 
 def kd_positions(labels_bl: np.ndarray, mask: str) -> np.ndarray:
@@ -44,7 +41,6 @@ def kd_positions(labels_bl: np.ndarray, mask: str) -> np.ndarray:
 
 def teacher_topk_fn(teacher, *, top_k: int, temperature: float, vocab: int, chunk: int = 256):
     """jit-able (params, batch) -> (ids (B, L, k) int32, logp (B, L, k) float32), chunked over positions."""
-    from clinkd_jax.train import steps
 
     def fn(params, batch):
         hidden, head = steps.hidden_and_head(teacher, params, batch)
@@ -64,74 +60,77 @@ def teacher_topk_fn(teacher, *, top_k: int, temperature: float, vocab: int, chun
     return fn
 
 
-class PseudoLabelReader:
-    """Random access to a pseudo-label file by record index (through its `.index.npy` sidecar)."""
-
-    def __init__(self, path: str):
-        import grain
-
-        self.path = path
-        self._source = grain.sources.ArrayRecordDataSource([path])
-        order = np.load(path + ".index.npy")  # order[j] = record index of entry j
-        self._where = {int(r): j for j, r in enumerate(order)}
-
-    def get(self, record_index: int) -> dict | None:
-        j = self._where.get(int(record_index))
-        return None if j is None else decode_entry(self._source[j])
-
-
-def write(path: str, batches, topk_fn, params, *, mask: str, to_device=lambda b: b) -> int:
-    """Run the teacher over `batches` (one epoch, any order) and write every real sample's entry."""
+def write(path: str, batches, topk_fn, params, *, mask: str, meta: dict, place=lambda b: b, to_host=np.asarray) -> int:
+    """Run the teacher over `batches` (this host's rows of one epoch) into this host's shard of the store
+    at `path`; process 0 then writes the index and meta.json. Returns the entries written by all hosts.
+    `place` turns a host batch into the step's inputs, `to_host` an output back into this host's rows."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    writer = ArrayRecordWriter(path, "group_size:1")
+    os.makedirs(path, exist_ok=True)
+    shard = os.path.join(path, store.shard_name(jax.process_index(), jax.process_count()))
+    writer = ArrayRecordWriter(shard, "group_size:1")
     order = []
     try:
         for batch in batches:
-            ids, logp = jax.device_get(topk_fn(params, to_device(batch)))
+            ids, logp = topk_fn(params, place(batch))
+            ids, logp = to_host(ids), to_host(logp)
             where = kd_positions(batch["labels"], mask) & batch["attention_mask"].astype(bool)
             for i in np.flatnonzero(batch["sample_mask"]):
                 pos = np.flatnonzero(where[i])
-                writer.write(encode_entry(batch["record_index"][i], pos, ids[i, pos], logp[i, pos]))
+                writer.write(store.encode_entry(batch["record_index"][i], pos, ids[i, pos], logp[i, pos]))
                 order.append(int(batch["record_index"][i]))
     finally:
         writer.close()
-    np.save(path + ".index.npy", np.asarray(order, np.int64))
-    return len(order)
+    per_shard = distributed.allgather_json(order)
+    if jax.process_index() == 0:
+        store.write_index(path, per_shard, {**meta, "mask": mask})
+    return sum(len(o) for o in per_shard)
 
 
 def main(argv):
-    """Write `<workdir>/pseudo_labels.array_record` with the config's teacher over its training data."""
+    """Write `<workdir>/pseudo_labels` with the config's teacher over its training data (every host)."""
     del argv
-    import os
+    import sys
 
     from absl import flags
 
-    from clinkd_jax import sharding
-    from clinkd_jax.models.qwen2vl import Qwen2VL
-    from clinkd_jax.data import pipeline
-    from clinkd_jax.train import loop
-    from clinkd_jax.train.config import kd_config
-
+    distributed.initialize_from_flags()
     c, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-    os.makedirs(workdir, exist_ok=True)
-    mesh = sharding.make_mesh(tuple(c.mesh.shape))
-    s_cfg = loop.config_of(c.model, loop.compact_vocab(c, workdir))
-    t_cfg, t_params = loop.load_model(c.teacher, mesh, c.seed + 1, s_cfg.vocab_ids)
-    loop.same_vocab(s_cfg, t_cfg, "the teacher")
-    teacher = Qwen2VL(t_cfg, dtype=c.teacher.dtype, attention_impl=c.model.attention)
-    recs, encoder, pcfg, skips = loop.build_data(c, workdir, s_cfg.vocab_ids)
-    import dataclasses
+    try:
+        pseudo_label_switches(c)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    with distributed.fail_fast():
+        write_store(c, workdir)
 
-    pcfg = dataclasses.replace(pcfg, shuffle=False, num_epochs=1, pseudo_labels=None)
+
+def write_store(c, workdir: str) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    mesh, rules = run_setup.make_run_mesh(c)
+    s_cfg = run_setup.config_of(c.model, run_setup.compact_vocab(c, workdir))
+    t_cfg, t_params = run_setup.load_model(c.teacher, mesh, rules, c.seed + 1, s_cfg.vocab_ids)
+    run_setup.same_vocab(s_cfg, t_cfg, "the teacher")
+    teacher = Qwen2VL(t_cfg, dtype=c.teacher.dtype, attention_impl=c.model.attention)
+    encoder = run_setup.encoder_for(c, s_cfg.vocab_ids)
+    skips = records.SkipLog(strict=c.data.strict)
+    recs = run_setup.training_records(c, workdir, skips)
+    pcfg = run_setup.pipeline_config(c, encoder, mesh, rules, shuffle=False, num_epochs=1, pseudo_labels=None,
+                                     teacher_mrope_gaps=None)
+    batches = pipeline.make_batches(recs, encoder, pcfg, skips, sizes_cache=run_setup.sizes_cache(c, workdir))
     kd = kd_config(c)
+    out = NamedSharding(mesh, sharding.batch_spec("input_ids", 3, c.data.batch_size, mesh, rules))
     fn = jax.jit(teacher_topk_fn(teacher, top_k=c.kd.top_k, temperature=kd.temperature,
-                                 vocab=min(t_cfg.text.vocab_size, s_cfg.text.vocab_size), chunk=c.train.loss_chunk))
-    path = os.path.join(workdir, "pseudo_labels.array_record")
-    with sharding.use_mesh(mesh):
-        n = write(path, pipeline.make_batches(recs, encoder, pcfg, skips), fn, t_params, mask=kd.mask,
-                  to_device=lambda b: loop.to_global(b, mesh))
-    print(f"wrote {n} entries (top-{c.kd.top_k}) to {path}; {skips.report()}")
+                                 vocab=min(t_cfg.text.vocab_size, s_cfg.text.vocab_size), chunk=c.train.loss_chunk),
+                 out_shardings=(out, out))
+    path = os.path.join(workdir, "pseudo_labels")
+    meta = {"temperature": kd.temperature, "top_k": c.kd.top_k, "records": len(recs), "vocab": s_cfg.text.vocab_size}
+    with sharding.use_mesh(mesh, rules):
+        n = write(path, batches, fn, t_params, mask=kd.mask, meta=meta,
+                  place=lambda b: run_setup.device_batch(b, mesh, rules, c.data.batch_size),
+                  to_host=lambda x: sharding.local_rows(x, *pcfg.host_rows))
+    if jax.process_index() == 0:
+        print(f"wrote {n} entries (top-{c.kd.top_k}) to {path}; {skips.report()}")
 
 
 if __name__ == "__main__":
@@ -140,5 +139,6 @@ if __name__ == "__main__":
 
     config_flags.DEFINE_config_file("config", None, "a configs/<x>.py file", lock_config=True)
     flags.DEFINE_string("workdir", None, "output directory")
+    distributed.define_flags()
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

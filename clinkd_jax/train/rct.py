@@ -26,6 +26,7 @@ import os
 import jax
 import numpy as np
 
+from clinkd_jax import run_setup
 from clinkd_jax.data import markup
 from clinkd_jax.data.image import ImageConfig
 from clinkd_jax.data.records import Record, SkipLog, Turn
@@ -33,6 +34,7 @@ from clinkd_jax.eval.metrics import extract_information, vg_item_hits
 from clinkd_jax.infer import generate as gen_lib
 from clinkd_jax.infer import prompts as prompts_lib
 from clinkd_jax.infer import sasg
+from clinkd_jax.models.qwen2vl import Qwen2VL
 
 log = logging.getLogger("clinkd_jax.rct")
 CORRECTED = "corrected.jsonl"  # a round's corrected records (ShareGPT, one per line)
@@ -161,22 +163,19 @@ def has_corrector(c) -> bool:
 
 def load_corrector(c, mesh, rules, student_cfg):
     """The corrector (`teacher.*`) as a Generator, on the student's vocabulary."""
-    from clinkd_jax.models.qwen2vl import Qwen2VL
-    from clinkd_jax.train.loop import load_model, same_vocab
-
-    cfg, params = load_model(c.teacher, mesh, c.seed, student_cfg.vocab_ids)
-    same_vocab(student_cfg, cfg, "the corrector (teacher.*)")
+    cfg, params = run_setup.load_model(c.teacher, mesh, rules, c.seed, student_cfg.vocab_ids)
+    run_setup.same_vocab(student_cfg, cfg, "the corrector (teacher.*)")
     return gen_lib.Generator(Qwen2VL(cfg, dtype=c.model.dtype, attention_impl=c.model.attention), params, mesh, rules)
 
 
 def run(c, workdir: str) -> dict:
     """One RCT round as a stage; returns a summary with the counts (also in <workdir>/rct_summary.json)."""
-    from clinkd_jax.models.qwen2vl import Qwen2VL
-    from clinkd_jax.train.loop import build_data, compact_vocab, load_model, make_run_mesh
-
-    mesh, rules = make_run_mesh(c)
-    s_cfg, params = load_model(c.model, mesh, c.seed, compact_vocab(c, workdir))
-    recs, encoder, _, skips = build_data(c, workdir, s_cfg.vocab_ids)
+    mesh, rules = run_setup.make_run_mesh(c)
+    s_cfg, params = run_setup.load_model(c.model, mesh, rules, c.seed, run_setup.compact_vocab(c, workdir))
+    skips = SkipLog(strict=c.data.strict)
+    recs = run_setup.training_records(c, workdir, skips)
+    recs = run_setup.with_extra(recs, c.data.extra_files, c.data.extra_mode, skips)
+    encoder = run_setup.encoder_for(c, s_cfg.vocab_ids)
     box = {"student": gen_lib.Generator(Qwen2VL(s_cfg, dtype=c.model.dtype, attention_impl=c.model.attention),
                                         params, mesh, rules)}
     del params
@@ -220,6 +219,14 @@ class InRun:
                                             f"{step}; restore the file or delete {self.workdir}/checkpoints")
                 out.append(f)
         return out
+
+    def resume(self, step: int) -> None:
+        """A run resumed at `step`: the rounds done by then, read back from their summaries."""
+        self.rounds = []
+        for k, at in enumerate(self.at, 1):
+            if at <= step:
+                with open(os.path.join(self.round_dir(k), "rct_summary.json")) as f:
+                    self.rounds.append({"round": k, "step": at, **json.load(f)["final"]})
 
     def run_round(self, step: int, params, model, mesh, rules, recs, encoder) -> None:
         k = self.at.index(step) + 1

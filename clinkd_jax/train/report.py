@@ -18,7 +18,13 @@ class MetricsWriter:
         self._jsonl = self._tb = self._bar = None
         if not self.main:
             return
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        path = os.path.join(workdir, "metrics.jsonl")
+        if os.path.isfile(path):  # a killed run may have logged steps past its last checkpoint: drop them
+            with open(path) as f:
+                kept = [line for line in f if _step(line) <= resume_from]
+            with open(path, "w") as f:
+                f.writelines(kept)
+        self._jsonl = open(path, "a")
         try:
             from tensorboardX import SummaryWriter
 
@@ -57,6 +63,14 @@ class MetricsWriter:
         self._jsonl.close()
         if self.history:
             plot_losses(self.history, os.path.join(self.workdir, "loss.png"))
+
+
+def _step(line: str) -> float:
+    """The step of a metrics line; a torn or empty line counts as past every step (it is dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def plot_losses(history, path: str, size=(640, 360)) -> None:

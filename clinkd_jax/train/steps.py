@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from clinkd_jax.models.qwen2vl import Qwen2VL

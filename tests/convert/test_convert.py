@@ -84,6 +84,32 @@ def test_export_reimport_is_exact_and_sharded_with_index(tmp_path, src):
     leaves_equal(params2, params)
 
 
+def test_export_writes_the_dtype_asked_for_from_sharded_params(tmp_path):
+    """Params sharded over 8 devices, exported as bfloat16 (what published checkpoints store) in several
+    streamed shards: safetensors' own reader sees BF16 tensors equal to the cast parameters, config.json
+    says so, and the run's chat template travels with the tokenizer files."""
+    from clinkd_jax import sharding
+    from clinkd_jax.models.qwen2vl import param_shardings
+
+    cfg, params = load_hf_checkpoint(SRC)
+    mesh = sharding.make_mesh((2, 2, 2))
+    sharded = jax.device_put(params, param_shardings(Qwen2VL(cfg), mesh))
+    out = tmp_path / "export"
+    assets = save_hf_checkpoint(sharded, cfg, str(out), dtype="bfloat16", max_shard_bytes=100_000,
+                                assets_from=SRC, chat_template="{{ messages }}")
+    assert (out / "chat_template.jinja").read_text() == "{{ messages }}" and "chat_template.jinja" in assets
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    written = {}
+    for f in sorted(set(index["weight_map"].values())):
+        written.update(load_file(str(out / f)))
+    original = load_file(os.path.join(SRC, "model.safetensors"))
+    assert set(written) == set(original) and not list(out.glob("*.data"))  # no side files left behind
+    for key, tensor in original.items():
+        assert written[key].dtype == ml_dtypes.bfloat16, key
+        np.testing.assert_array_equal(written[key], tensor.astype(ml_dtypes.bfloat16), err_msg=key)
+
+
 @pytest.mark.torch
 @pytest.mark.parametrize("src", [SRC, TIED])
 def test_load_forward_export_reload_with_transformers(tmp_path, src):

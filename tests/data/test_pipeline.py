@@ -1,34 +1,47 @@
-"""The Grain pipeline: static shapes per bucket, every sample once per epoch, determinism, exact resume,
-per-host sharding, and bad inputs that are counted instead of stopping the epoch."""
+"""The Grain pipeline over the global batch plan: static shapes per bucket, every sample once per epoch,
+determinism, exact resume, hosts that agree on every step, and bad inputs that are counted instead of
+stopping the epoch."""
 
+import dataclasses
+import logging
 import shutil
 
 import numpy as np
 import pytest
 
 from clinkd_jax.data import pipeline as P
-from clinkd_jax.data import positions
+from clinkd_jax.data import plan, positions
 from clinkd_jax.data.image import ImageConfig
-from clinkd_jax.data.records import DataError, SkipLog, read_medgrit
+from clinkd_jax.data.records import DataError, SkipLog, Turn, read_medgrit
 
-CFG = P.PipelineConfig(batch_size=4, text_buckets=(128, 256), patch_buckets=(128, 256),
+# several text and patch buckets, shuffled, finite epochs: the shape multi-host runs meet
+CFG = P.PipelineConfig(batch_size=4, text_buckets=(112, 128, 256), patch_buckets=(64, 128, 256),
                        image=ImageConfig(max_pixels=224 * 224), read_threads=1)
 DTYPES = {"input_ids": np.int32, "attention_mask": np.int32, "labels": np.int32, "position_ids": np.int32,
           "decode_offsets": np.int32, "pixel_values": np.float32, "vision_position_ids": np.int32,
-          "vision_segment_ids": np.int32, "sample_mask": np.int32, "index": np.int64, "record_index": np.int64}
+          "vision_segment_ids": np.int32, "sample_mask": np.int32, "record_index": np.int64}
 
 
 def records(demo_dir, name="train.json", **kw):
     return read_medgrit(str(demo_dir / name), str(demo_dir / "images"), **kw)
 
 
-def batches(recs, encoder, cfg=CFG, log=None):
-    return list(P.make_batches(recs, encoder, cfg, log))
+def cfg_with(**kw):
+    return P.PipelineConfig(**{**CFG.__dict__, **kw})
+
+
+def batches(recs, encoder, cfg=CFG, log=None, **kw):
+    return list(P.make_batches(recs, encoder, cfg, log, **kw))
+
+
+def real(out):
+    return np.concatenate([b["record_index"][b["sample_mask"] == 1] for b in out])
 
 
 def test_shapes_buckets_and_coverage(demo_dir, encoder):
     recs = records(demo_dir)
-    out = batches(recs, encoder)
+    it = P.make_batches(recs, encoder, CFG)
+    out = list(it)
     shapes = set()
     for b in out:
         assert set(b) == set(DTYPES) and all(b[k].dtype == v for k, v in DTYPES.items())
@@ -37,18 +50,18 @@ def test_shapes_buckets_and_coverage(demo_dir, encoder):
         assert bsz == 4 and length in CFG.text_buckets and n in CFG.patch_buckets
         assert b["position_ids"].shape == (3, 4, length) and b["vision_segment_ids"].shape == (4, n)
         shapes.add((length, n))
-        real = b["sample_mask"].astype(bool)
-        assert (b["attention_mask"][~real] == 0).all() and (b["labels"][~real] == -100).all()
-    assert len(shapes) <= len(CFG.text_buckets) * len(CFG.patch_buckets)
-    seen = np.concatenate([b["index"][b["sample_mask"] == 1] for b in out])
-    assert sorted(seen.tolist()) == list(range(len(recs)))  # every sample exactly once
-    rec = np.concatenate([b["record_index"][b["sample_mask"] == 1] for b in out])
-    assert sorted(rec.tolist()) == list(range(len(recs)))
+        fill = b["sample_mask"] == 0
+        assert (b["attention_mask"][fill] == 0).all() and (b["labels"][fill] == -100).all()
+        assert (b["record_index"][fill] == -1).all()
+    assert len(shapes) >= 3  # the demo spreads over several buckets: the plan is exercised
+    assert sorted(real(out).tolist()) == list(range(len(recs)))  # every record exactly once
+    assert len(out) == it.batches_per_epoch
 
 
 def test_batch_contents_are_consistent(demo_dir, encoder):
     b = batches(records(demo_dir), encoder)[0]
-    for i in range(4):
+    rows = np.flatnonzero(b["sample_mask"])
+    for i in rows:
         n_img_tokens = int((b["input_ids"][i] == CFG.image_token_id).sum())
         assert n_img_tokens * 4 == int((b["vision_segment_ids"][i] > 0).sum())  # one merged token per 4 patches
     grids = []
@@ -65,29 +78,32 @@ def test_deterministic_for_a_seed(demo_dir, encoder):
     recs = records(demo_dir)
     a, b = batches(recs, encoder), batches(recs, encoder)
     assert all(np.array_equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
-    other = batches(recs, encoder, P.PipelineConfig(**{**CFG.__dict__, "seed": 1}))
     content = lambda bs: [x["input_ids"].tobytes() for x in bs]
-    assert content(a) != content(other)
+    assert content(a) != content(batches(recs, encoder, cfg_with(seed=1)))
 
 
 def test_two_epochs_reshuffle(demo_dir, encoder):
     recs = records(demo_dir)
-    out = batches(recs, encoder, P.PipelineConfig(**{**CFG.__dict__, "num_epochs": 2}))
-    idx = np.concatenate([b["index"][b["sample_mask"] == 1] for b in out])
-    assert sorted(idx.tolist()) == list(range(2 * len(recs)))
+    it = P.make_batches(recs, encoder, cfg_with(num_epochs=2))
+    out = list(it)
+    assert len(out) == 2 * it.batches_per_epoch
+    first, second = real(out[: it.batches_per_epoch]), real(out[it.batches_per_epoch:])
+    assert sorted(first.tolist()) == sorted(second.tolist()) == list(range(len(recs)))
+    assert first.tolist() != second.tolist()  # reshuffled
 
 
-@pytest.mark.parametrize("stop_after", [1, 5, 12])
+@pytest.mark.parametrize("stop_after", [1, 5, 13, 16])  # 13: the first epoch's last batch; 16: inside epoch 2
 def test_resume_is_exact(demo_dir, encoder, stop_after):
     """Stop after k batches, save the state, restore it in a fresh iterator: the rest is identical."""
     recs = records(demo_dir)
-    straight = batches(recs, encoder)
-    it = P.make_batches(recs, encoder, CFG)
+    cfg = cfg_with(num_epochs=2)
+    straight = batches(recs, encoder, cfg)
+    it = P.make_batches(recs, encoder, cfg)
     for _ in range(stop_after):
         next(it)
     state = it.get_state()
-    assert len(repr(state)) < 2000  # indices, not arrays
-    fresh = P.make_batches(recs, encoder, CFG)
+    assert len(repr(state)) < 200  # (epoch, batch, plan digest), not arrays
+    fresh = P.make_batches(recs, encoder, cfg)
     fresh.set_state(state)
     rest = list(fresh)
     assert len(rest) == len(straight) - stop_after
@@ -96,42 +112,87 @@ def test_resume_is_exact(demo_dir, encoder, stop_after):
             np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
-def test_hosts_get_disjoint_shares(demo_dir, encoder):
+@pytest.mark.parametrize("hosts", [2, 4])
+def test_hosts_agree_on_every_step(demo_dir, encoder, hosts):
+    """Each host loads its rows of the same global plan: the same number of batches, the same shapes at
+    every step, and their rows put together are the one-host batches. Shuffle on, several buckets, 2 epochs."""
     recs = records(demo_dir)
-    ids = []
-    for host in range(2):
-        cfg = P.PipelineConfig(**{**CFG.__dict__, "shard_index": host, "shard_count": 2, "shuffle": False})
-        out = batches(recs, encoder, cfg)
-        ids.append({recs[host + 2 * int(i)].id for b in out for i in b["index"][b["sample_mask"] == 1]})
-    assert not ids[0] & ids[1] and len(ids[0] | ids[1]) == len(recs)
+    cfg = cfg_with(num_epochs=2, batch_size=8)
+    whole = batches(recs, encoder, cfg)
+    per = 8 // hosts
+    parts = [batches(recs, encoder, cfg_with(num_epochs=2, batch_size=8, rows=(h * per, (h + 1) * per)))
+             for h in range(hosts)]
+    assert all(len(p) == len(whole) for p in parts)
+    for step, full in enumerate(whole):
+        for k in full:
+            axis = 1 if k in ("position_ids",) else 0
+            assert len({p[step][k].shape[:axis] + p[step][k].shape[axis + 1:] for p in parts}) == 1, (step, k)
+            joined = np.concatenate([p[step][k] for p in parts], axis=axis)
+            np.testing.assert_array_equal(joined, full[k], err_msg=f"step {step} {k}")
+
+
+def test_the_plan_is_the_same_list_everywhere():
+    sizes = np.array([[100, 60], [120, 60], [100, 200], [-1, -1], [250, 100], [110, 64], [90, 30]])
+    ids = plan.bucket_ids(sizes, (112, 128, 256), (64, 128, 256))
+    assert ids[3] == -1 and plan.bucket_shape(ids[4], (112, 128, 256), (64, 128, 256)) == (256, 128)
+    a = plan.epoch_batches(ids, 2, seed=3, epoch=1, shuffle=True, drop_remainder=False)
+    b = plan.epoch_batches(ids, 2, seed=3, epoch=1, shuffle=True, drop_remainder=False)
+    assert [(x, y.tolist()) for x, y in a] == [(x, y.tolist()) for x, y in b]
+    assert sorted(i for _, y in a for i in y) == [0, 1, 2, 4, 5, 6]
+    assert len(a) == plan.batches_per_epoch(ids, 2, False)
+    kept = plan.epoch_batches(ids, 2, seed=3, epoch=1, shuffle=True, drop_remainder=True)
+    assert all(len(y) == 2 for _, y in kept) and len(kept) == plan.batches_per_epoch(ids, 2, True)
+
+
+def test_sizes_are_measured_once(demo_dir, encoder, tmp_path, caplog):
+    recs = records(demo_dir)
+    cache = str(tmp_path / "sizes.json")
+    with caplog.at_level(logging.INFO, logger="clinkd_jax.data"):
+        first = batches(recs, encoder, sizes_cache=cache)
+        again = batches(recs, encoder, sizes_cache=cache)
+        other = batches(recs, encoder, cfg_with(image=ImageConfig(max_pixels=112 * 112)), sizes_cache=cache)
+    measured = [r.getMessage() for r in caplog.records if r.getMessage().startswith("measured")]
+    assert measured == [f"measured {len(recs)} of {len(recs)} records (0 cached)",
+                        f"measured 0 of {len(recs)} records ({len(recs)} cached)",  # the second run reads the cache
+                        f"measured {len(recs)} of {len(recs)} records (0 cached)"]  # another image budget: measured
+    assert all(np.array_equal(x[k], y[k]) for x, y in zip(first, again) for k in x)
+    assert {b["pixel_values"].shape[1] for b in other} != {b["pixel_values"].shape[1] for b in first}
 
 
 def test_bad_inputs_are_counted_not_fatal(demo_dir, encoder, tmp_path, caplog):
-    """A corrupt image, an image deleted after reading the file list, and an over-long conversation:
-    the epoch finishes, each is counted by reason; strict mode stops at the first, naming the item."""
+    """A corrupt image, an image deleted after reading the file list and an over-long conversation are left
+    out of the plan; an image whose header reads but whose pixels do not becomes a filler row when loaded.
+    Every epoch finishes, each is counted by reason; strict mode stops at the first, naming the item."""
     d = tmp_path / "data"
     shutil.copytree(demo_dir, d)
     recs = records(d)
     (d / "images" / f"{recs[0].id}.png").write_bytes(b"not a png")
     (d / "images" / f"{recs[1].id}.png").unlink()
-    long_cfg = P.PipelineConfig(**{**CFG.__dict__, "text_buckets": (64, 100)})
+    png = (d / "images" / f"{recs[2].id}.png").read_bytes()
+    (d / "images" / f"{recs[2].id}.png").write_bytes(png[: len(png) // 2])  # truncated: header fine, pixels not
+    recs[3] = dataclasses.replace(recs[3], turns=(recs[3].turns[0], Turn("assistant", "word " * 400)))
     log = SkipLog()
-    out = batches(recs, encoder, long_cfg, log)
-    assert log.counts["unreadable image"] == 2
-    assert log.counts["longer than the longest text bucket"] >= 1
-    kept = sum(int(b["sample_mask"].sum()) for b in out)
-    assert kept + log.total == len(recs)
+    with caplog.at_level(logging.INFO, logger="clinkd_jax.data"):
+        it = P.make_batches(recs, encoder, cfg_with(num_epochs=2), log)
+        out = list(it)
+    assert len(out) == 2 * it.batches_per_epoch
+    assert it.plan_skips == {"unreadable image": 2, "longer than the longest text bucket": 1}
+    assert it.load_skips == {"unreadable image": 2}  # the truncated file, once per epoch
     assert any(e.startswith(f"{recs[0].source}: unreadable image") for e in log.examples["unreadable image"])
-    assert "unreadable image" in log.report()
-    ends = [r.getMessage() for r in caplog.records if r.name == "clinkd_jax.data"]
-    assert ends == [f"epoch 1 of this host's data: {log.report()}"]  # reported once, at the end of the epoch
+    kept = sum(int(b["sample_mask"].sum()) for b in out)
+    assert kept == 2 * (len(recs) - 3) - 2
+    assert it.skips_all_hosts() == dict(log.counts) == {"unreadable image": 4, "longer than the longest text bucket": 1}
+    ends = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch")]
+    assert len(ends) == 2 and ends[-1] == f"epoch 2 ({it.batches_per_epoch} batches): {log.report()}"
     with pytest.raises(DataError, match="unreadable image"):
-        batches(recs, encoder, P.PipelineConfig(**{**long_cfg.__dict__, "strict": True, "shuffle": False}))
+        batches(recs, encoder, cfg_with(strict=True, shuffle=False))
 
 
 def test_config_errors(demo_dir, encoder):
     recs = records(demo_dir)
     with pytest.raises(ValueError, match="patch_buckets \\(130,\\) must be multiples of 4"):
         P.make_batches(recs, encoder, P.PipelineConfig(patch_buckets=(130,)))
-    with pytest.raises(ValueError, match="3 records cannot be shared by 4 hosts"):
-        P.make_batches(recs[:3], encoder, P.PipelineConfig(shard_count=4))
+    with pytest.raises(ValueError, match="rows \\(2, 6\\) are not a part of a global batch of 4"):
+        P.make_batches(recs, encoder, cfg_with(rows=(2, 6)))
+    with pytest.raises(ValueError, match="no batch can be formed: 0 usable of 3 records"):
+        P.make_batches(recs[:3], encoder, cfg_with(text_buckets=(16,)))

@@ -95,7 +95,7 @@ def test_ids_travel_with_the_config(ids):
 
 def test_mismatches_are_refused(ids, tmp_path):
     from clinkd_jax.convert import hf
-    from clinkd_jax.train.loop import same_vocab
+    from clinkd_jax.run_setup import same_vocab
 
     cfg = vocab.compact_config(mcfg.tiny_qwen(), ids)
     with pytest.raises(ValueError, match="the teacher has the full vocabulary but the model has a compact"):
@@ -111,7 +111,7 @@ def test_data_vocab_of_an_eval_only_config(demo_dir, encoder, tmp_path):
     import os
     import sys
 
-    from clinkd_jax.train.loop import compact_vocab
+    from clinkd_jax.run_setup import compact_vocab
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     from configs import base

@@ -71,7 +71,7 @@ def test_end_to_end_outputs(first_run, data_dir):
         assert "| ct |" in table and "mean (8 modalities)" in table and "| pet | 0 |" in table
         assert os.path.getsize(os.path.join(workdir, "charts", f"{task}.png")) > 1000
         page = open(os.path.join(workdir, "gallery", f"{task}.html")).read()
-        assert page.count("<img src=") >= 2
+        assert page.count("<img src='data:image/png;base64,") >= 2  # self-contained: shows inline anywhere
     assert "### Visual grounding" in open(os.path.join(workdir, "results.md")).read()
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import reference as R
 
-from clinkd_jax import checkpoint, sharding
+from clinkd_jax import checkpoint, run_setup, sharding
 from clinkd_jax.models import Qwen2VL
 from clinkd_jax.train import loop, state as state_lib
 from clinkd_jax.train.config import ConfigError, validate
@@ -59,7 +59,7 @@ def test_resume_is_exact(tmp_path):
 def test_restore_onto_another_mesh(tmp_path):
     c = small_config(**{"train.steps": 3})
     saved = loop.run(c, str(tmp_path / "r"))["state"]
-    cfg, _ = loop.load_model(c.model, sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]), 0)
+    cfg = run_setup.config_of(c.model)
     model = Qwen2VL(cfg)
     tx = state_lib.optimizer_for(model, state_lib.OptimConfig(frozen=tuple(c.optim.frozen)))
     mesh = sharding.make_mesh((2, 2, 2))
@@ -67,7 +67,7 @@ def test_restore_onto_another_mesh(tmp_path):
     ckpt = checkpoint.TrainCheckpointer(str(tmp_path / "r" / "checkpoints"))
     step, restored, data_state = ckpt.restore(target)
     ckpt.close()
-    assert step == 3 and loop.own_data_state(data_state)["batches"] == 3 and len(data_state["per_host"]) == 1
+    assert step == 3 and (data_state["epoch"], data_state["batch"]) == (0, 3)  # one state for all hosts
     up = restored.params["model"]["layers"]["mlp"]["up_proj"]["kernel"]
     assert up.sharding.mesh.shape == mesh.shape and up.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     for x, y in zip(jax.tree.leaves(saved), jax.tree.leaves(restored)):
@@ -124,6 +124,9 @@ def test_cli_rejects_bad_settings_before_compiling(tmp_path):
     p = _cli([f"--workdir={tmp_path}", "--config.optim.nope=1"])
     out, _ = p.communicate(timeout=120)
     assert p.returncode != 0 and "nope" in out
+    p = _cli(["--workdir=gs://bucket/run"])
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 2 and "mount the bucket with gcsfuse" in out
 
 
 def test_sigterm_saves_and_stops(tmp_path):
@@ -147,16 +150,36 @@ def test_sigterm_saves_and_stops(tmp_path):
 
 
 def test_kd_stage_runs_from_a_saved_teacher(tmp_path):
-    """Stage kd through the loop: the teacher comes from an Orbax params checkpoint (as `convert` writes),
-    on its own M-RoPE positions; both loss terms are logged."""
-    sft = loop.run(small_config(**{"train.steps": 2}), str(tmp_path / "t"))
-    cfg, _ = loop.load_model(small_config().model, sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]), 0)
-    checkpoint.save_params(str(tmp_path / "teacher"), sft["state"].params, cfg)
-    c = small_config(**{"train.steps": 2, "teacher.orbax_dir": str(tmp_path / "teacher"), "teacher.positions": "own",
-                        "teacher.dtype": "float32"})
+    """Stage kd through the loop: the teacher is an earlier run's params checkpoint (which carries the
+    tokenizer and chat template it was trained with), on its own M-RoPE positions; both loss terms are logged."""
+    loop.run(small_config(**{"train.steps": 2}), str(tmp_path / "t"))
+    assets = tmp_path / "t" / "params" / checkpoint.ASSETS_DIR
+    assert (assets / "tokenizer.json").is_file()
+    from clinkd_jax.data.text import QWEN2VL_TEMPLATE
+
+    assert (assets / "chat_template.jinja").read_text() == QWEN2VL_TEMPLATE  # the template the run used
+    c = small_config(**{"train.steps": 2, "teacher.orbax_dir": str(tmp_path / "t" / "params"),
+                        "teacher.positions": "own", "teacher.dtype": "float32"})
     c.stage = "kd"
     out = loop.run(c, str(tmp_path / "kd"))
     rows = [json.loads(line) for line in open(tmp_path / "kd" / "metrics.jsonl")]
     assert len(rows) == 2 and all(r["loss_kd"] > 0 and r["loss_ce"] > 0 for r in rows)
     np.testing.assert_allclose(rows[0]["loss"], (0.5 * rows[0]["loss_kd"] + rows[0]["loss_ce"]) / 1.5, rtol=1e-5)
     assert out["final"]["loss_kd"] == rows[-1]["loss_kd"]
+
+
+def test_a_chained_stage_uses_the_checkpoint_tokenizer(tmp_path):
+    """A model read from a params checkpoint is tokenized with the files saved beside it, never with
+    another tokenizer; a checkpoint without them is refused, naming the field."""
+    loop.run(small_config(**{"train.steps": 1}), str(tmp_path / "a"))
+    params = tmp_path / "a" / "params"
+    c = small_config()
+    c.model.preset, c.model.text_overrides, c.model.orbax_dir = "", {}, str(params)
+    assert run_setup.tokenizer_dir(c) == str(params / checkpoint.ASSETS_DIR)
+    enc = run_setup.encoder_for(c)
+    assert enc.template == run_setup.encoder_for(small_config()).template
+    import shutil
+
+    shutil.rmtree(params / checkpoint.ASSETS_DIR)
+    with pytest.raises(ConfigError, match="holds no tokenizer .* set data.tokenizer"):
+        run_setup.tokenizer_dir(c)

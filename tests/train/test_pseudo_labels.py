@@ -1,5 +1,6 @@
-"""Offline pseudo-labels: with k = the whole vocabulary, training from the cached file equals the
-online distillation step (same loss terms, same parameters after two steps)."""
+"""Offline pseudo-labels: with k = the whole vocabulary, training from the store equals the online
+distillation step (same loss terms, same parameters after two steps); the store's meta data guards
+against a training run with other settings."""
 
 import functools
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from clinkd_jax.data import pipeline
+from clinkd_jax.data import pseudo_labels as store
 from clinkd_jax.models import Qwen2VL
 from clinkd_jax.models.qwen2vl import init_params
 from clinkd_jax.train import losses, pseudo_labels, state as state_lib, steps
@@ -21,20 +23,21 @@ def test_cached_full_vocab_equals_online(tmp_path, tiny_and_batches, mask="relea
     t_params = init_params(teacher, jax.random.key(10))
     s_params = init_params(student, jax.random.key(11))
     kd = losses.KDConfig(mask=mask)
-    path = str(tmp_path / "pl.array_record")
+    path = str(tmp_path / "pl")
     topk = jax.jit(pseudo_labels.teacher_topk_fn(teacher, top_k=cfg.text.vocab_size, temperature=kd.temperature,
                                                  vocab=cfg.text.vocab_size, chunk=64))
-    n = pseudo_labels.write(path, batches, topk, t_params, mask=mask, to_device=feed)
+    n = pseudo_labels.write(path, batches, topk, t_params, mask=mask, meta={"temperature": kd.temperature}, place=feed)
     assert n == sum(int(b["sample_mask"].sum()) for b in batches)
-    reader = pseudo_labels.PseudoLabelReader(path)
+    reader = store.PseudoLabelReader(path)
+    assert reader.meta["mask"] == mask and reader.meta["shards"] == 1 and reader.meta["entries"] == n
     # re-attach the cached entries to the same batches, as the pipeline does for a pseudo-label run
     cached = []
     for b in batches:
         b = dict(b)
         length, k = b["input_ids"].shape[1], cfg.text.vocab_size
-        ids = np.zeros((len(b["index"]), length, k), np.int32)
+        ids = np.zeros((len(b["record_index"]), length, k), np.int32)
         logp = np.zeros(ids.shape, np.float32)
-        valid = np.zeros((len(b["index"]), length), bool)
+        valid = np.zeros((len(b["record_index"]), length), bool)
         for i, r in enumerate(b["record_index"]):
             if r >= 0:
                 e = reader.get(r)
@@ -70,12 +73,41 @@ def test_pipeline_attaches_cached_labels(tmp_path):
     enc = text.ChatEncoder(text.load_tokenizer(text.bundled_qwen2_tokenizer_dir()), "qwen2vl")
     base = dict(batch_size=4, text_buckets=(160,), patch_buckets=(64,), image=ImageConfig(max_pixels=112 * 112), shuffle=False)
     plain = list(pipeline.make_batches(recs, enc, pipeline.PipelineConfig(**base)))
-    path = str(tmp_path / "pl.array_record")
+    path = str(tmp_path / "pl")
     fake_topk = lambda params, b: (np.tile(np.arange(3, dtype=np.int32), (*b["input_ids"].shape, 1)),
                                    np.full((*b["input_ids"].shape, 3), -1.0, np.float32))
-    pseudo_labels.write(path, plain, fake_topk, None, mask="released")
+    pseudo_labels.write(path, plain, fake_topk, None, mask="released", meta={})
     out = list(pipeline.make_batches(recs, enc, pipeline.PipelineConfig(**base, pseudo_labels=path)))
     for p, b in zip(plain, out):
         want = (p["labels"] != -100) & (p["attention_mask"] == 1)
         np.testing.assert_array_equal(b["teacher_topk_valid"], want)
         assert b["teacher_topk_ids"].shape == (*p["input_ids"].shape, 3) and (b["teacher_topk_logp"][want] == -1).all()
+
+
+def test_a_run_refuses_a_store_it_cannot_use(tmp_path):
+    """The store records the mask and temperature it was written with; a KD run with other settings, the
+    reverse KL (needs the whole distribution) or the teacher on its own positions is refused by name."""
+    from clinkd_jax.train.config import ConfigError, pseudo_label_switches, validate
+    from test_loop import small_config
+
+    path = tmp_path / "pl"
+    path.mkdir()
+    store.write_index(str(path), [[0, 1], [2]], {"mask": "released", "temperature": 0.5})
+    assert np.load(path / store.INDEX).tolist() == [[0, 0, 0], [1, 0, 1], [2, 1, 0]]  # record, shard, position
+    def kd_run(**changes):
+        c = small_config(**changes)
+        c.stage = "kd"
+        return c
+
+    validate(kd_run(**{"kd.pseudo_labels": str(path)}))
+    for field, value, message in (("mask", "aligned", "kd.mask='aligned' but the pseudo-labels .* kd.mask='released'"),
+                                  ("temperature", 2.0, "kd.temperature=2.0 but .* kd.temperature=0.5"),
+                                  ("divergence", "reverse", "kd.divergence='reverse': pseudo-labels hold the teacher's top-k")):
+        bad = kd_run(**{"kd.pseudo_labels": str(path), f"kd.{field}": value})
+        with pytest.raises(ConfigError, match=message):
+            validate(bad)
+    own = kd_run(**{"teacher.positions": "own"})
+    with pytest.raises(ConfigError, match="teacher.positions='own': pseudo-labels are computed with the student's"):
+        pseudo_label_switches(own)  # what the writer checks first
+    with pytest.raises(ConfigError, match="not a pseudo-label store"):
+        validate(kd_run(**{"kd.pseudo_labels": str(tmp_path)}))

@@ -8,19 +8,24 @@ import pytest
 import reference as R
 from ml_collections import ConfigDict
 
-from clinkd_jax import recipe
+from clinkd_jax import recipe, run_setup
 from clinkd_jax.data.records import Record, SkipLog, Turn, read_sharegpt
 from clinkd_jax.infer import sasg
 from clinkd_jax.train import rct
 from clinkd_jax.train import loop
 from clinkd_jax.train.config import ConfigError
-from clinkd_jax.train.loop import build_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 from configs import demo_train  # noqa: E402
 
 BOX = "<ref>cyst</ref><box>(0,0),(100,100)</box>"
+
+
+def pool(c, workdir, files=()):
+    """The training records a stage of `c` trains on (its extra files, plus `files`)."""
+    recs = run_setup.training_records(c, workdir, SkipLog())
+    return run_setup.with_extra(recs, tuple(c.data.extra_files) + tuple(files), c.data.extra_mode, SkipLog())
 
 
 def test_flag_rules():
@@ -80,17 +85,16 @@ def test_round_between_sft_stages(tmp_path):
     # the next SFT stage trains on the original records plus the corrected ones
     plan = {n: cfg for n, cfg, _ in recipe.stage_configs(c, w)}
     assert plan["sft2"].data.extra_files == (os.path.join(w, "rct", "corrected.jsonl"),)
-    recs, *_ = build_data(plan["sft2"], os.path.join(w, "sft2"))
-    original, *_ = build_data(plan["sft"], os.path.join(w, "sft"))
-    assert len(recs) == len(original) + len(corrected)
+    assert len(pool(plan["sft2"], os.path.join(w, "sft2"))) == len(pool(plan["sft"], os.path.join(w, "sft"))) + len(corrected)
     assert len(read_sharegpt(plan["sft2"].data.extra_files[0], "", log=SkipLog())) == len(corrected)
     assert out["sft2"]["steps"] == 2 and "| rct | rct | 6 answered, 6 flagged, 6 corrected |" in \
         open(os.path.join(w, "recipe_summary.md")).read()
 
 
 def test_rounds_inside_sft_grow_the_pool_and_resume(tmp_path):
-    """Rounds at steps 2 and 4 of one run (the model corrects itself), a checkpoint after each; a resumed
-    run re-applies both rounds' corrections; a missing round file stops the resume with its name."""
+    """Rounds at steps 2 and 4 of one run (the model corrects itself), a checkpoint after each; the data
+    stream goes on where it was after a round (not from epoch 0); a resumed run re-applies both rounds'
+    corrections and still lists them; a missing round file stops the resume with its name."""
     c = small_config()
     R.override(c, {"model.compact_vocab": "data", "rct.num_items": 4, "rct.every_steps": 2, "rct.rounds": 2,
                    "train.steps": 5, "checkpoint.save_every": 100, "data.demo_train_per_image": 1,
@@ -102,11 +106,13 @@ def test_rounds_inside_sft_grow_the_pool_and_resume(tmp_path):
     assert [len(open(f).readlines()) for f in files] == [r["corrected"] for r in out["rct"]]
     assert all(r["corrected"] == 4 for r in out["rct"])
     assert sorted(int(d) for d in os.listdir(os.path.join(w, "checkpoints")) if d.isdigit()) == [2, 4, 5]
-    base = len(build_data(c, w)[0])
-    assert len(loop.with_extra(build_data(c, w)[0], files, "append", SkipLog())) == base + 8
+    for step in (2, 4):  # saved right after the round, with the grown pool: the stream went on
+        data = json.load(open(os.path.join(w, "checkpoints", str(step), "data", "metadata")))
+        assert (data["epoch"], data["batch"]) == (0, step), data  # 8 records, batch 2: an epoch is 4+ batches
+    assert len(pool(c, w, files)) == len(pool(c, w)) + 8
     c.train.steps = 7  # resume from step 5: the pool already holds both rounds; rounds = 2, so none more
     again = loop.run(c, w)
-    assert (again["start_step"], again["steps"], again["rct"]) == (5, 7, [])
+    assert (again["start_step"], again["steps"], again["rct"]) == (5, 7, out["rct"])  # the rounds survive resume
     os.remove(files[0])
     c.train.steps = 9
     with pytest.raises(FileNotFoundError, match="RCT round 1"):

@@ -126,3 +126,49 @@ def test_gradient_accumulation_averages_micro_batches(tiny_and_batches):
     # only for float32 noise that Adam's normalisation magnifies where a gradient is ~0
     for x, y in zip(jax.tree.leaves(st.params), jax.tree.leaves(manual)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=0)
+
+
+def _concat(batches):
+    return {k: np.concatenate([b[k] for b in batches], axis=sharding.BATCH_AXIS.get(k, 0)) for k in batches[0]}
+
+
+def test_kd_loss_is_the_released_per_device_loss_on_any_mesh(tiny_and_batches):
+    """The released trainer: L on each device's micro-batch of 2 rows (KL summed over it, CE its mean), DDP
+    averaging the devices. Here: 16 rows on 8 devices (2 per device), `kd.sum_rows=2`, loss and gradient
+    equal the mean of 8 single-device losses on those micro-batches, and do not change on 1 device.
+    `sum_rows=0` (one sum over the batch) makes L_KD 8x larger: it grows with the data-parallel width.
+    Tolerance 1e-5 relative: float32 sums in another order."""
+    cfg, batches = tiny_and_batches
+    student, teacher = Qwen2VL(cfg), Qwen2VL(cfg)
+    s_params, t_params = init_params(student, jax.random.key(4)), init_params(teacher, jax.random.key(5))
+    batch = feed(_concat(batches[:4]))
+    assert batch["input_ids"].shape[0] == 16
+
+    def loss_fn(kd, grad=True):
+        def f(params, t_params, batch):
+            hidden, head = steps.hidden_and_head(student, params, batch)
+            t_hidden, t_head = steps.hidden_and_head(teacher, t_params, batch)
+            out = losses.combine(losses.token_losses(hidden, head, batch["labels"], chunk=64, teacher_hidden_bld=t_hidden,
+                                                     teacher_head=t_head, kd=kd), kd)
+            return out["loss"], out
+        return jax.jit(jax.value_and_grad(f, has_aux=True) if grad else lambda *a: (f(*a), None))
+
+    released = losses.KDConfig(sum_rows=2)
+    mesh = sharding.make_mesh((1, 8, 1))
+    with sharding.use_mesh(mesh):
+        on_mesh = sharding.tree_shardings(abstract_params(student), mesh)
+        placed = sharding.place_batch(batch, mesh, sharding.DEFAULT_RULES)
+        assert placed["input_ids"].sharding.shard_shape((16, 1))[0] == 2  # 2 rows per device
+        (l8, out8), g8 = loss_fn(released)(jax.device_put(s_params, on_mesh), jax.device_put(t_params, on_mesh), placed)
+    one_device = loss_fn(losses.KDConfig(sum_rows=0))  # compiled once for the 8 micro-batches
+    micro = [one_device(s_params, t_params, {k: np.take(v, range(2 * i, 2 * i + 2), axis=sharding.BATCH_AXIS.get(k, 0))
+                                             for k, v in batch.items()}) for i in range(8)]
+    ddp_loss = np.mean([float(m[0][0]) for m in micro])
+    ddp_grad = jax.tree.map(lambda *g: np.mean(np.stack([np.asarray(x) for x in g]), axis=0), *[m[1] for m in micro])
+    np.testing.assert_allclose(float(l8), ddp_loss, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g8), jax.tree.leaves(ddp_grad)):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-7)
+    (l1, _), _ = loss_fn(released, grad=False)(s_params, t_params, batch)
+    np.testing.assert_allclose(float(l1), float(l8), rtol=1e-5)
+    (_, whole), _ = loss_fn(losses.KDConfig(sum_rows=0), grad=False)(s_params, t_params, batch)
+    np.testing.assert_allclose(float(whole["loss_kd"]), 8 * float(out8["loss_kd"]), rtol=1e-5)

@@ -1,0 +1,197 @@
+"""What every stage (training, distillation, pseudo-labels, RCT, evaluation) sets up from the run config:
+the mesh and its rules, models from their sources, the vocabulary, the tokenizer, the data.
+
+It sits below `train/`, `eval/` and `infer/` in the import graph: they import it, it imports none of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+
+import jax
+import numpy as np
+
+from clinkd_jax import checkpoint, distributed, sharding
+from clinkd_jax.convert import hf
+from clinkd_jax.data import demo, pipeline, records, text
+from clinkd_jax.data import vocab as vocab_lib
+from clinkd_jax.data.image import ImageConfig
+from clinkd_jax.models import config as model_config
+from clinkd_jax.models.config import ConfigError
+from clinkd_jax.models.qwen2vl import Qwen2VL, init_params
+
+log = logging.getLogger("clinkd_jax.setup")
+TASKS = ("VG", "RO", "GC", "MII")
+HOST_ONLY = ("sample_mask", "decode_offsets", "record_index")  # batch fields the jitted steps do not read
+
+
+# ------------------------------------------------------------------------------------ devices
+def make_run_mesh(c):
+    """(mesh, logical rules) from config.mesh; a smaller explicit mesh uses the first devices."""
+    shape = tuple(c.mesh.shape)
+    n_mesh = int(np.prod(shape)) if -1 not in shape else jax.device_count()
+    mesh = sharding.make_mesh(shape, devices=jax.devices()[:n_mesh])
+    rules = tuple(tuple(r) for r in c.mesh.rules) if c.mesh.rules else sharding.DEFAULT_RULES
+    return mesh, rules
+
+
+# ------------------------------------------------------------------------------------- models
+def config_of(src, vocab_ids=None) -> model_config.Qwen2VLConfig:
+    """The model geometry named by src.hf_dir | src.orbax_dir | src.preset (+ text_overrides, + a compact
+    vocabulary `vocab_ids` for a preset); no weights read."""
+    if src.hf_dir:
+        return model_config.Qwen2VLConfig.from_hf_dir(src.hf_dir)
+    if src.orbax_dir:
+        return checkpoint.load_config(src.orbax_dir)
+    cfg = model_config.PRESETS[src.preset]()
+    if src.text_overrides:
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in src.text_overrides.to_dict().items()}
+        cfg = cfg.replace(text=dataclasses.replace(cfg.text, **fields))
+    return cfg if vocab_ids is None else vocab_lib.compact_config(cfg, vocab_ids)
+
+
+def load_model(src, mesh, rules, seed: int, vocab_ids=None):
+    """(Qwen2VLConfig, params on their shards) from src.hf_dir | src.orbax_dir | src.preset (random, seeded)."""
+    dtype = src.get("param_dtype") or None
+    if src.hf_dir:
+        return hf.load_hf_checkpoint(src.hf_dir, mesh=mesh, rules=rules, dtype=dtype)
+    if src.orbax_dir:
+        return checkpoint.load_params(src.orbax_dir, mesh=mesh, rules=rules, dtype=dtype)
+    cfg = config_of(src, vocab_ids)
+    return cfg, init_params(Qwen2VL(cfg, param_dtype=dtype or "float32"), jax.random.key(seed), mesh, rules)
+
+
+def same_vocab(cfg, other, what: str) -> None:
+    if cfg.vocab_ids != other.vocab_ids:
+        n = lambda x: "the full vocabulary" if x.vocab_ids is None else f"a compact vocabulary of {len(x.vocab_ids)} ids"
+        raise ConfigError(f"{what} has {n(other)} but the model has {n(cfg)}: token ids would not line up")
+
+
+# --------------------------------------------------------------------------------------- data
+def demo_root(c, workdir) -> str:
+    """The embedded demo set (data.format "demo"): data.demo_dir or <workdir>/demo_data, generated if needed.
+    Process 0 writes it first; the other hosts then find it (shared workdir) or write their own copy."""
+    root = c.data.demo_dir or os.path.join(workdir, "demo_data")
+    kw = {"train_per_image": c.data.demo_train_per_image, "test_per_image": c.data.demo_test_per_image}
+    if jax.process_index() == 0:
+        demo.ensure(root, **kw)
+    distributed.barrier("demo data")
+    return demo.ensure(root, **kw)
+
+
+def training_records(c, workdir, log_) -> list:
+    """The run's training records (demo data generated into <workdir>/demo_data when absent)."""
+    d = c.data
+    if d.format == "demo":
+        root = demo_root(c, workdir)
+        return records.read_medgrit(os.path.join(root, "train.json"), os.path.join(root, "images"), log=log_)
+    reader = records.read_medgrit if d.format == "medgrit" else records.read_sharegpt
+    return [r for f in d.train_files for r in reader(f, d.image_dir, log=log_)]
+
+
+def with_extra(recs: list, files, mode: str, log_) -> list:
+    """The training pool plus the records of `files` (ShareGPT, e.g. RCT corrections), appended, or
+    replacing the records with the same id (mode "replace")."""
+    extra = [r for f in files for r in records.read_sharegpt(f, "", log=log_)]
+    if mode == "replace":
+        corrected = {r.id for r in extra}
+        recs = [r for r in recs if r.id not in corrected]
+    if files:
+        log.info("training pool: %d records incl. %d from %s (%s)", len(recs) + len(extra), len(extra), list(files), mode)
+    return recs + extra
+
+
+def test_files(c, workdir: str) -> dict[str, str]:
+    """{task: Test_<task>.json} from eval.files or eval.data_dir + eval.tasks (demo: generated in the workdir)."""
+    from clinkd_jax.eval.metrics import task_of  # pure scoring helpers, no run set-up
+
+    e = c.eval
+    if e.files:
+        return {task_of(f): f for f in e.files}
+    data_dir = e.data_dir or (demo_root(c, workdir) if c.data.format == "demo" else "")
+    return {t: os.path.join(data_dir, f"Test_{t}.json") for t in e.tasks}
+
+
+def eval_image_dir(c, workdir: str) -> str:
+    if c.eval.image_dir:
+        return c.eval.image_dir
+    if c.data.format == "demo" and not c.eval.data_dir:
+        return os.path.join(demo_root(c, workdir), "images")
+    return c.data.image_dir
+
+
+# ---------------------------------------------------------------------------- vocabulary, text
+def tokenizer_dir(c) -> str:
+    """data.tokenizer, else the model's HF directory, else the tokenizer files saved with an Orbax params
+    checkpoint (hf_assets/), else (a preset, built from scratch) the bundled Qwen2 tokenizer. A checkpoint
+    without its tokenizer is an error: another tokenizer would silently mis-map every id."""
+    if c.data.tokenizer:
+        return c.data.tokenizer
+    if c.model.hf_dir:
+        return c.model.hf_dir
+    if c.model.orbax_dir:
+        assets = os.path.join(c.model.orbax_dir, checkpoint.ASSETS_DIR)
+        if not os.path.isfile(os.path.join(assets, "tokenizer.json")):
+            raise ConfigError(f"model.orbax_dir={c.model.orbax_dir!r} holds no tokenizer ({checkpoint.ASSETS_DIR}/"
+                              "tokenizer.json); set data.tokenizer to the tokenizer it was trained with")
+        return assets
+    return text.bundled_qwen2_tokenizer_dir()
+
+
+def compact_vocab(c, workdir) -> tuple[int, ...] | None:
+    """The vocabulary ids `model.compact_vocab` asks for (None: full); only a preset model is compacted.
+    "data": every id the training records and the eval test files encode to (clinkd_jax.data.vocab)."""
+    want = c.model.compact_vocab
+    if not want or not c.model.preset:
+        return None
+    tok = text.load_tokenizer(tokenizer_dir(c))
+    if want != "data":
+        with open(want) as f:
+            return vocab_lib.build_ids(tok, json.load(f))
+    quiet = records.SkipLog(strict=False)  # the stage's own reading reports skips
+    has_train = c.data.format == "demo" or any(c.data.train_files)  # an eval-only config may have none
+    recs = (training_records(c, workdir, quiet) if has_train else []) + [
+        r for f in test_files(c, workdir).values() if os.path.isfile(f)
+        for r in records.read_medgrit(f, eval_image_dir(c, workdir), log=quiet)]
+    encoder = text.ChatEncoder(tok, c.data.chat_template or None)
+    used = {int(i) for r in recs for i in encoder.encode(r.turns, [1] * len(r.images)).input_ids}
+    ids = vocab_lib.build_ids(tok, used)
+    log.info("compact vocabulary: %d ids (%d used by %d records)", len(ids), len(used), len(recs))
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "vocab_ids.json"), "w") as f:
+            json.dump(list(ids), f)
+    return ids
+
+
+def encoder_for(c, vocab_ids=None) -> text.ChatEncoder:
+    """The chat encoder of the run: its tokenizer (mapped to `vocab_ids` rows) and template."""
+    tok = vocab_lib.tokenizer_for(text.load_tokenizer(tokenizer_dir(c)), vocab_ids)
+    return text.ChatEncoder(tok, c.data.chat_template or None)
+
+
+def pipeline_config(c, encoder, mesh, rules, **changes) -> pipeline.PipelineConfig:
+    """The training pipeline's settings; this process loads the global batch rows its devices hold."""
+    d = c.data
+    return dataclasses.replace(pipeline.PipelineConfig(
+        batch_size=d.batch_size, rows=sharding.process_rows(d.batch_size, mesh, rules),
+        text_buckets=tuple(d.text_buckets), patch_buckets=tuple(d.patch_buckets),
+        image=ImageConfig(min_pixels=d.min_pixels, max_pixels=d.max_pixels), mrope_gaps=tuple(d.mrope_gaps),
+        seed=c.seed, shuffle=d.shuffle, num_epochs=d.num_epochs or None, worker_count=d.worker_count,
+        read_threads=d.read_threads, strict=d.strict,
+        teacher_mrope_gaps=(1, 1) if c.stage == "kd" and c.teacher.positions == "own" else None,
+        pseudo_labels=(c.kd.pseudo_labels or None) if c.stage == "kd" else None,
+        image_token_id=encoder.image_pad_id, pad_token_id=encoder.pad_id,
+    ), **changes)
+
+
+def device_batch(batch: dict, mesh, rules, global_batch: int) -> dict:
+    """This host's rows of a global training batch -> the global arrays a jitted step takes."""
+    return sharding.place_batch({k: v for k, v in batch.items() if k not in HOST_ONLY}, mesh, rules, global_batch)
+
+
+def sizes_cache(c, workdir: str) -> str:
+    """Where the measured record sizes are kept (data.sizes_cache, else in the workdir)."""
+    return c.data.sizes_cache or os.path.join(workdir, "data_sizes.json")
