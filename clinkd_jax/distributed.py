@@ -52,11 +52,14 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
     return jax.process_count() > 1
 
 
-def _padded(obj, size: int | None = None) -> tuple[np.ndarray, int]:
-    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
-    out = np.zeros((max(size or 0, raw.size),), np.uint8)
+def _encode(obj) -> np.ndarray:
+    return np.frombuffer(json.dumps(obj).encode(), np.uint8)
+
+
+def _padded(raw: np.ndarray, size: int) -> np.ndarray:
+    out = np.zeros((size,), np.uint8)
     out[: raw.size] = raw
-    return out, raw.size
+    return out
 
 
 def _decode(row: np.ndarray):
@@ -67,9 +70,9 @@ def allgather_json(obj) -> list:
     """Every host's `obj` (JSON-serialisable), in process order, on every host."""
     if jax.process_count() == 1:
         return [obj]
-    _, n = _padded(obj)
-    size = int(np.max(multihost_utils.process_allgather(np.array([n]))))
-    rows = np.asarray(multihost_utils.process_allgather(_padded(obj, size)[0][None], tiled=True))
+    raw = _encode(obj)
+    size = int(np.max(multihost_utils.process_allgather(np.array([raw.size]))))
+    rows = np.asarray(multihost_utils.process_allgather(_padded(raw, size)[None], tiled=True))
     return [_decode(r) for r in rows]
 
 
@@ -77,10 +80,9 @@ def broadcast_json(obj):
     """Process 0's `obj` (JSON-serialisable) on every host; the other hosts' `obj` is ignored."""
     if jax.process_count() == 1:
         return obj
-    first = jax.process_index() == 0
-    n = int(multihost_utils.broadcast_one_to_all(np.array(_padded(obj)[1] if first else 0, np.int64)))
-    buf = _padded(obj, n)[0][:n] if first else np.zeros((n,), np.uint8)
-    return _decode(multihost_utils.broadcast_one_to_all(buf))
+    raw = _encode(obj) if jax.process_index() == 0 else np.zeros((0,), np.uint8)
+    n = int(multihost_utils.broadcast_one_to_all(np.array(raw.size, np.int64)))
+    return _decode(multihost_utils.broadcast_one_to_all(_padded(raw, n)))
 
 
 @contextlib.contextmanager

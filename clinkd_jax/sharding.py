@@ -11,6 +11,7 @@ example Qwen2-VL-2B's 2 KV heads on a tensor axis of 4), so one rules table serv
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -155,6 +156,12 @@ def batch_spec(key: str, ndim: int, global_batch: int, mesh: jax.sharding.Mesh, 
 def process_rows(global_batch: int, mesh: jax.sharding.Mesh, rules: Rules) -> tuple[int, int]:
     """[start, stop) of the global batch rows this process's devices hold (all rows where the batch
     is replicated). The input pipeline loads exactly these rows."""
+    frozen = tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+    return _process_rows(global_batch, mesh, frozen)
+
+
+@functools.lru_cache(maxsize=64)  # asked at every step (place_batch); fixed for a run
+def _process_rows(global_batch: int, mesh: jax.sharding.Mesh, rules: Rules) -> tuple[int, int]:
     sharding = NamedSharding(mesh, batch_spec("input_ids", 1, global_batch, mesh, rules))
     spans = {(s[0].start or 0, global_batch if s[0].stop is None else s[0].stop)
              for s in sharding.addressable_devices_indices_map((global_batch,)).values()}
@@ -201,7 +208,7 @@ def local_rows(x: jax.Array, start: int, stop: int) -> np.ndarray:
     out = np.empty((stop - start, *x.shape[1:]), x.dtype)
     seen = np.zeros(stop - start, bool)
     for shard in x.addressable_shards:
-        a, b, _ = shard.index[0].indices(x.shape[0]) if x.ndim else (0, 1, 1)
+        a, b, _ = shard.index[0].indices(x.shape[0])
         if start <= a and b <= stop:
             out[a - start:b - start], seen[a - start:b - start] = np.asarray(shard.data), True
     if not seen.all():

@@ -10,6 +10,7 @@ the one some transformers 4.x releases wrote for fine-tuned models (`model.langu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import json
 import os
@@ -269,11 +270,20 @@ def load_hf_checkpoint(
 
 
 # ------------------------------------------------------------------------------------- writing
-def _host(x, dtype=None) -> np.ndarray:
-    """One parameter (or one layer of a stacked one) on the host, cast first (on the device) to `dtype`."""
-    if dtype is not None:
-        x = x.astype(dtype)
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+@functools.partial(jax.jit, static_argnames="dtype")
+def _layer(x, i, dtype=None):
+    """Layer `i` of a stacked parameter, on the device (one compile per leaf shape, not per layer)."""
+    y = jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
+    return y if dtype is None else y.astype(dtype)
+
+
+def _host(x, dtype=None, layer: int | None = None) -> np.ndarray:
+    """One parameter, or one layer of a stacked one, on the host, cast first (on the device) to `dtype`."""
+    if not isinstance(x, jax.Array):  # already on the host
+        x = np.asarray(x if layer is None else x[layer])
+        return x if dtype is None else x.astype(dtype)
+    x = _layer(x, layer, dtype=dtype) if layer is not None else x if dtype is None else x.astype(dtype)
+    if not x.is_fully_addressable:
         from jax.experimental import multihost_utils
 
         x = multihost_utils.process_allgather(x, tiled=True)
@@ -288,7 +298,7 @@ def iter_hf_tensors(cfg: Qwen2VLConfig, params: dict, dtype=None) -> Iterator[tu
         leaf = _get(params, rule.path)
         if rule.stacked:
             for i in range(rule.stacked):
-                yield rule.hf.format(i=i), rule.to_hf(_host(leaf[i], dtype))
+                yield rule.hf.format(i=i), rule.to_hf(_host(leaf, dtype, layer=i))
         else:
             yield rule.hf, rule.to_hf(_host(leaf, dtype))
 

@@ -154,7 +154,7 @@ def collate(samples: Sequence[dict | None], bucket: tuple[int, int], cfg: Pipeli
     vision = positions.pack_vision_inputs([s["images"] if s is not None else [] for s in samples], n_patches,
                                           cfg.image.merge_size)
     out = {"input_ids": ids, "attention_mask": mask, "labels": labels, "position_ids": pos, "decode_offsets": offsets,
-           **vision, "sample_mask": (np.asarray([s is not None for s in samples]) if b else np.zeros(0)).astype(np.int32),
+           **vision, "sample_mask": np.asarray([s is not None for s in samples], np.int32),
            "record_index": record_index}
     if cfg.teacher_mrope_gaps is not None:
         t_pos = np.zeros((3, b, length), np.int32)

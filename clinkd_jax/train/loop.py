@@ -35,16 +35,14 @@ class NonFiniteLoss(FloatingPointError):
     pass
 
 
-def build_data(c, workdir, vocab_ids, mesh, rules, pool_files=()):
-    """(records, encoder, batch iterator, skip log) of the run; `pool_files` join the records (RCT)."""
-    skips = records.SkipLog(strict=c.data.strict)
-    recs = run_setup.training_records(c, workdir, skips)
+def batches(c, workdir, recs, encoder, mesh, rules, pool_files=(), skips=None):
+    """The batch iterator over `recs` plus data.extra_files plus `pool_files` (RCT corrections); `skips`
+    holds what reading `recs` skipped (counted in the run's summary)."""
+    skips = skips or records.SkipLog(strict=c.data.strict)
     extra = tuple(c.data.extra_files) + tuple(pool_files)
     pool = run_setup.with_extra(recs, extra, c.data.extra_mode, skips) if extra else recs
-    encoder = run_setup.encoder_for(c, vocab_ids)
-    data = pipeline.make_batches(pool, encoder, run_setup.pipeline_config(c, encoder, mesh, rules), skips,
+    return pipeline.make_batches(pool, encoder, run_setup.pipeline_config(c, encoder, mesh, rules), skips,
                                  sizes_cache=run_setup.sizes_cache(c, workdir))
-    return recs, encoder, data, skips
 
 
 class StopSignal:
@@ -88,8 +86,10 @@ def run(c, workdir: str) -> dict:
                                         commit_files=c.checkpoint.commit_files)
     in_run = rct.InRun(c, workdir) if c.stage == "sft" and c.rct.every_steps > 0 else None
     start = ckpt.latest_step() or 0
-    recs, encoder, data, skips = build_data(c, workdir, cfg.vocab_ids, mesh, rules,
-                                            in_run.files_by(start) if in_run else ())
+    read_skips = records.SkipLog(strict=c.data.strict)
+    recs = run_setup.training_records(c, workdir, read_skips)
+    encoder = run_setup.encoder_for(c, cfg.vocab_ids)
+    data = batches(c, workdir, recs, encoder, mesh, rules, in_run.files_by(start) if in_run else (), read_skips)
 
     opt = state_lib.OptimConfig(
         learning_rate=c.optim.learning_rate, schedule=c.optim.schedule, warmup_steps=c.optim.warmup_steps,
@@ -146,7 +146,7 @@ def run(c, workdir: str) -> dict:
                     gen_model = Qwen2VL(cfg, dtype=c.model.dtype, attention_impl=c.model.attention)
                     in_run.run_round(step, state.params, gen_model, mesh, rules, recs, encoder)
                     old = data
-                    data = build_data(c, workdir, cfg.vocab_ids, mesh, rules, in_run.files_by(step))[2]
+                    data = batches(c, workdir, recs, encoder, mesh, rules, in_run.files_by(step))
                     data.set_state({"epoch": old.epoch, "batch": old.batch})  # the stream goes on, not epoch 0
                     data.load_skips.update(old.load_skips)
                     t0 = time.perf_counter()  # the round's time is not training throughput
@@ -166,11 +166,11 @@ def run(c, workdir: str) -> dict:
             writer.close()
     preempted = stop.received is not None
     if not preempted and c.checkpoint.save_params:
-        checkpoint.save_params(os.path.join(workdir, "params"), state.params, cfg, assets_from=encoder_assets(c),
-                               chat_template=encoder.template)
+        checkpoint.save_params(os.path.join(workdir, "params"), state.params, cfg,
+                               assets_from=run_setup.tokenizer_dir(c), chat_template=encoder.template)
     if not preempted and c.checkpoint.export_hf:
         hf.save_hf_checkpoint(state.params, cfg, os.path.join(workdir, "export_hf"), dtype=c.checkpoint.export_dtype,
-                              assets_from=encoder_assets(c), chat_template=encoder.template)
+                              assets_from=run_setup.tokenizer_dir(c), chat_template=encoder.template)
     summary = {"stage": c.stage, "steps": step, "start_step": start, "final": metrics,
                "skipped": data.skips_all_hosts(), "workdir": workdir, "preempted": preempted,
                "epochs": data.epoch + data.batch / data.batches_per_epoch,
@@ -179,11 +179,6 @@ def run(c, workdir: str) -> dict:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2, default=float)
     return {**summary, "state": state}
-
-
-def encoder_assets(c) -> str:
-    """The tokenizer files the run used: they travel with the params and the export."""
-    return run_setup.tokenizer_dir(c)
 
 
 def _total_updates(c, data) -> int:
