@@ -68,7 +68,8 @@ def run_torch(s, args, ckpt):
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    model = Qwen2VLForConditionalGeneration.from_pretrained(ckpt, dtype=dtype, attn_implementation="sdpa").to(dev).eval()
+    model = Qwen2VLForConditionalGeneration.from_pretrained(ckpt, dtype=dtype,
+                                                            attn_implementation="sdpa").to(dev).eval()
     ids, pixels, grid = prompts(s, args.batch, args.prompt)
     t = lambda x: torch.from_numpy(np.asarray(x)).to(dev)
     kw = dict(input_ids=t(ids), attention_mask=torch.ones_like(t(ids)), pixel_values=t(pixels).to(dtype),
@@ -159,7 +160,8 @@ def main():
     print(f"\nsize={args.size} batch={args.batch} prompt={args.prompt} new={args.new} {s}")
     print(f"{'framework':10} {'device':24} {'TTFT ms':>9} {'decode tok/s':>13} {'total s':>8} {'peak MB':>9}")
     for fw, r in results.items():
-        print(f"{fw:10} {r['device'][:24]:24} {r['ttft_ms']:9.1f} {r['decode_tok_s']:13.1f} {r['tN']:8.3f} {r['peak_mem_mb']:9.0f}")
+        print(f"{fw:10} {r['device'][:24]:24} {r['ttft_ms']:9.1f} {r['decode_tok_s']:13.1f} {r['tN']:8.3f} "
+              f"{r['peak_mem_mb']:9.0f}")
     if len(results) == 2:
         j, t = results["jax"], results["torch"]
         print(f"clinkd_jax / transformers: decode throughput {j['decode_tok_s'] / t['decode_tok_s']:.2f}x, "

@@ -31,7 +31,8 @@ def main():
     recs = read_medgrit(f"{d}/train.json", f"{d}/images")
     enc = text.ChatEncoder(text.load_tokenizer(text.bundled_qwen2_tokenizer_dir()), "qwen2vl")
     base = dict(batch_size=args.batch_size, text_buckets=(256, 512, 1024), patch_buckets=(256, 1024),
-                image=ImageConfig(max_pixels=args.max_pixels), read_threads=args.read_threads, worker_count=args.workers)
+                image=ImageConfig(max_pixels=args.max_pixels), read_threads=args.read_threads,
+                worker_count=args.workers)
     for epochs in (1, args.epochs):
         cfg = pipeline.PipelineConfig(num_epochs=epochs, **base)
         start = time.perf_counter()

@@ -22,10 +22,13 @@ import time
 import numpy as np
 
 SIZES = {  # LLM hidden/layers/heads/kv/mlp/vocab, vision depth/width/heads, batch, text length, image side (px)
-    "small": dict(hidden=256, layers=4, heads=4, kv=2, mlp=688, vocab=8192, vdepth=2, vwidth=128, vheads=2, batch=2, length=256, side=224),
-    "medium": dict(hidden=512, layers=8, heads=8, kv=2, mlp=1376, vocab=32000, vdepth=4, vwidth=256, vheads=4, batch=2, length=512, side=448),
+    "small": dict(hidden=256, layers=4, heads=4, kv=2, mlp=688, vocab=8192, vdepth=2, vwidth=128, vheads=2, batch=2,
+                  length=256, side=224),
+    "medium": dict(hidden=512, layers=8, heads=8, kv=2, mlp=1376, vocab=32000, vdepth=4, vwidth=256, vheads=4, batch=2,
+                   length=512, side=448),
     # accelerators: Qwen2-VL-2B widths (LLM 1536 / MLP 8960 / vocab 151936, ViT 1280 x 16 heads), fewer layers
-    "large": dict(hidden=1536, layers=8, heads=12, kv=2, mlp=8960, vocab=151936, vdepth=8, vwidth=1280, vheads=16, batch=8, length=1024, side=448),
+    "large": dict(hidden=1536, layers=8, heads=12, kv=2, mlp=8960, vocab=151936, vdepth=8, vwidth=1280, vheads=16,
+                  batch=8, length=1024, side=448),
 }
 
 
@@ -33,11 +36,13 @@ def hf_config(s):
     from transformers import Qwen2VLConfig
 
     return Qwen2VLConfig(
-        text_config=dict(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["mlp"], num_hidden_layers=s["layers"],
+        text_config=dict(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["mlp"],
+                         num_hidden_layers=s["layers"],
                          num_attention_heads=s["heads"], num_key_value_heads=s["kv"], max_position_embeddings=8192,
                          rope_parameters={"rope_type": "default", "mrope_section": mrope(s), "rope_theta": 1e6},
                          rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0),
-        vision_config=dict(depth=s["vdepth"], embed_dim=s["vwidth"], hidden_size=s["hidden"], num_heads=s["vheads"], mlp_ratio=4),
+        vision_config=dict(depth=s["vdepth"], embed_dim=s["vwidth"], hidden_size=s["hidden"], num_heads=s["vheads"],
+                           mlp_ratio=4),
         image_token_id=s["vocab"] - 6, video_token_id=s["vocab"] - 5, vision_start_token_id=s["vocab"] - 4,
         vision_end_token_id=s["vocab"] - 3, tie_word_embeddings=False,
     )
@@ -81,14 +86,17 @@ def run_torch(s, mode, steps, warmup):
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32  # GPU: bf16 weights and compute (the usual recipe)
     ids, labels, pixels, grid, _ = make_batch(s)
     t = lambda x: torch.from_numpy(np.asarray(x)).to(dev)
-    kw = dict(input_ids=t(ids), attention_mask=torch.ones_like(t(ids)), pixel_values=t(pixels).to(dtype), image_grid_thw=t(grid),
+    kw = dict(input_ids=t(ids), attention_mask=torch.ones_like(t(ids)), pixel_values=t(pixels).to(dtype),
+              image_grid_thw=t(grid),
               mm_token_type_ids=(t(ids) == s["vocab"] - 6).int())
-    student = Qwen2VLForConditionalGeneration._from_config(hf_config(s), attn_implementation="sdpa").to(dev, dtype).train()
+    student = Qwen2VLForConditionalGeneration._from_config(hf_config(s),
+                                                           attn_implementation="sdpa").to(dev, dtype).train()
     for p in student.model.visual.parameters():
         p.requires_grad_(False)
     teacher = None
     if mode == "kd":
-        teacher = Qwen2VLForConditionalGeneration._from_config(hf_config(s), attn_implementation="sdpa").to(dev, dtype).eval()
+        teacher = Qwen2VLForConditionalGeneration._from_config(hf_config(s),
+                                                               attn_implementation="sdpa").to(dev, dtype).eval()
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0)
     lab = t(labels)
     base_rss = rss_mb()
@@ -122,11 +130,14 @@ def run_jax(s, mode, steps, warmup):
 
     import jax
     import torch  # noqa: F401  (only to build the same random checkpoint; absent -> geometry only)
+    from transformers import Qwen2VLForConditionalGeneration
+
     from clinkd_jax.convert.hf import load_hf_checkpoint
     from clinkd_jax.data import positions
     from clinkd_jax.models import Qwen2VL
-    from clinkd_jax.train import losses, state as state_lib, steps as steps_lib
-    from transformers import Qwen2VLForConditionalGeneration
+    from clinkd_jax.train import losses
+    from clinkd_jax.train import state as state_lib
+    from clinkd_jax.train import steps as steps_lib
 
     d = tempfile.mkdtemp()
     Qwen2VLForConditionalGeneration._from_config(hf_config(s)).save_pretrained(d)
@@ -134,8 +145,10 @@ def run_jax(s, mode, steps, warmup):
     ids, labels, pixels, grid, n_img = make_batch(s)
     pos, _ = positions.get_rope_index(ids, grid, image_token_id=cfg.image_token_id)
     n = s["side"] // 14
-    vis = positions.pack_vision_inputs([[(pixels[i * n * n : (i + 1) * n * n], tuple(grid[i]))] for i in range(s["batch"])], n * n)
-    batch = {"input_ids": ids.astype(np.int32), "attention_mask": np.ones_like(ids, np.int32), "labels": labels.astype(np.int32),
+    vis = positions.pack_vision_inputs([[(pixels[i * n * n : (i + 1) * n * n],
+                                          tuple(grid[i]))] for i in range(s["batch"])], n * n)
+    batch = {"input_ids": ids.astype(np.int32), "attention_mask": np.ones_like(ids, np.int32),
+             "labels": labels.astype(np.int32),
              "position_ids": pos, **vis}
     on_cpu = jax.devices()[0].platform == "cpu"
     model = Qwen2VL(cfg, dtype="float32" if on_cpu else "bfloat16")  # GPU/TPU: bf16 compute, f32 master weights
@@ -143,7 +156,8 @@ def run_jax(s, mode, steps, warmup):
     state = state_lib.create(params, tx)
     teacher_params = jax.tree.map(lambda x: x.copy(), params) if mode == "kd" else None  # never the donated buffers
     kd = losses.KDConfig() if mode == "kd" else None
-    fn = jax.jit(functools.partial(steps_lib.train_step, model=model, tx=tx, teacher=model if kd else None, kd=kd, chunk=128,
+    fn = jax.jit(functools.partial(steps_lib.train_step, model=model, tx=tx, teacher=model if kd else None, kd=kd,
+                                   chunk=128,
                                    frozen=("visual/.*",)),
                  donate_argnums=(0,))
     compiled = fn.lower(state, teacher_params, batch).compile()
@@ -201,7 +215,8 @@ def main():
         for framework in ("torch", "jax"):
             proc = subprocess.run([sys.executable, __file__, "--size", args.size, "--steps", str(args.steps),
                                    "--warmup", str(args.warmup), "--child", f"{framework}:{mode}"],
-                                  capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")})
+                                  capture_output=True, text=True, env={**os.environ,
+                                                                       "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")})
             line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
             if not line:
                 print(f"{framework} {mode} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")

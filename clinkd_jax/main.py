@@ -2,20 +2,24 @@
 
     python -m clinkd_jax.main --config=configs/demo_train.py --workdir=/tmp/run [--config.a.b=value ...]
 
-The config names the stage (`sft`, `kd`, `rct` or `eval`), or several `stages` (clinkd_jax.recipe) and every knob of the paper (configs/base.py). Unknown or
-inconsistent settings fail before anything is compiled, naming the field.
+The config names the stage (`sft`, `kd`, `rct` or `eval`), or several `stages` (clinkd_jax.recipe), and
+every knob of the paper (configs/base.py). Unknown or inconsistent settings fail before anything is
+compiled, naming the field.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from clinkd_jax import distributed  # imports jax, touches no device
+from clinkd_jax import distributed, recipe  # import jax, touch no device (jax.distributed starts in main)
+from clinkd_jax.data.records import skip_summary
+from clinkd_jax.run_setup import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/<x>.py file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and outputs go")
@@ -30,15 +34,11 @@ def main(argv):
     for noisy in ("absl", "jax", "orbax"):  # Orbax and Grain (through absl) log every save and read at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
     distributed.initialize_from_flags()
-    from clinkd_jax.train.config import ConfigError
-
     c = _CONFIG.value
     if _WORKDIR.value.startswith("gs://"):
         print("config error: --workdir is a gs:// URL; mount the bucket with gcsfuse on every host (launch/tpu.sh "
               "does) and pass the mount path, with --config.checkpoint.commit_files=True", file=sys.stderr)
         sys.exit(2)
-    from clinkd_jax import recipe
-
     try:
         with distributed.fail_fast():
             summary = recipe.run(c, _WORKDIR.value) if c.stages else recipe.run_stage(c, _WORKDIR.value)
@@ -53,13 +53,11 @@ def main(argv):
               + f"; outputs in {summary['workdir']}")
         return
     if summary["stage"] == "eval":
-        import os
-
         results = os.path.join(summary["workdir"], "results.md")
         if os.path.isfile(results):  # written by process 0
             with open(results) as f:
                 print(f.read())
-        print(f"skipped {sum(summary['skipped'].values())}; outputs in {summary['workdir']}")
+        print(f"{skip_summary(summary['skipped'])}; outputs in {summary['workdir']}")
         return
     if summary["stage"] == "rct":
         print(f"rct: {summary['final']}; corrected answers in {summary['corrected_file']}")
@@ -67,7 +65,7 @@ def main(argv):
     final = summary["final"]
     print(f"{summary['stage']}: {summary['steps']} steps, final loss {final.get('loss', float('nan')):.4f}"
           + (f" (ce {final['loss_ce']:.4f}, kd {final['loss_kd']:.4f})" if "loss_kd" in final else "")
-          + f"; skipped {sum(summary['skipped'].values())}; outputs in {summary['workdir']}")
+          + f"; {skip_summary(summary['skipped'])}; outputs in {summary['workdir']}")
 
 
 if __name__ == "__main__":

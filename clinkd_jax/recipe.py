@@ -19,8 +19,12 @@ import os
 import jax
 from ml_collections import ConfigDict
 
+from clinkd_jax.eval import run as eval_run
+from clinkd_jax.eval.report import comparison_table
+from clinkd_jax.run_setup import SOURCES, ConfigError
+from clinkd_jax.train import loop, rct
+
 log = logging.getLogger("clinkd_jax.recipe")
-SOURCES = ("hf_dir", "orbax_dir", "preset")
 CHAIN_KEYS = ("model_from", "teacher_from", "rct_from")
 
 
@@ -48,8 +52,6 @@ def _use_params(src: ConfigDict, params_dir: str) -> None:
 
 def stage_configs(c, workdir: str) -> list[tuple[str, ConfigDict, str]]:
     """[(name, full config, stage workdir)] in order; raises ConfigError on a bad plan."""
-    from clinkd_jax.train.config import ConfigError
-
     base = copy.deepcopy(c)
     with base.unlocked():
         base.stages = ()
@@ -90,17 +92,12 @@ def stage_configs(c, workdir: str) -> list[tuple[str, ConfigDict, str]]:
 
 
 def run_stage(cfg, stage_dir: str) -> dict:
+    """One stage (config.stage) in stage_dir; returns its summary."""
     if cfg.stage == "eval":
-        from clinkd_jax.eval import run as eval_run
-
         return eval_run.run(cfg, stage_dir)
     if cfg.stage == "rct":
-        from clinkd_jax.train import rct
-
         return rct.run(cfg, stage_dir)
-    from clinkd_jax.train import loop
-
-    summary = loop.run(cfg, stage_dir)
+    summary = loop.run(cfg, stage_dir, hooks=rct.InRun.hooks(cfg, stage_dir))
     summary.pop("state", None)
     return summary
 
@@ -146,8 +143,6 @@ def eval_results(stages) -> dict[str, dict]:
 
 
 def comparison(evals: dict[str, dict]) -> str:
-    from clinkd_jax.eval.report import comparison_table
-
     return ("Per task and modality (each stage's results.md has every metric; a modality without items counts "
             "0 in the mean):\n\n" + comparison_table(evals))
 
@@ -169,7 +164,8 @@ def summary_table(stages) -> str:
             result = f"{s.get('steps', 0)} steps, loss {float(final.get('loss', float('nan'))):.4f}"
             if s.get("rct"):  # rounds inside the run
                 rounds = s["rct"]
-                result += (f"; RCT {len(rounds)} round(s): {sum(r['answered'] for r in rounds)} answered, "
-                           f"{sum(r['flagged'] for r in rounds)} flagged, {sum(r['corrected'] for r in rounds)} corrected")
+                total = {k: sum(r[k] for r in rounds) for k in ("answered", "flagged", "corrected")}
+                result += (f"; RCT {len(rounds)} round(s): {total['answered']} answered, {total['flagged']} flagged, "
+                           f"{total['corrected']} corrected")
         lines.append(f"| {name} | {s.get('stage', '?')} | {result} |")
     return "\n".join(lines) + "\n"

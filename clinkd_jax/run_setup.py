@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 
 import jax
 import numpy as np
@@ -19,12 +20,14 @@ from clinkd_jax.convert import hf
 from clinkd_jax.data import demo, pipeline, records, text
 from clinkd_jax.data import vocab as vocab_lib
 from clinkd_jax.data.image import ImageConfig
+from clinkd_jax.data.markup import BOX_FORMATS
 from clinkd_jax.models import config as model_config
 from clinkd_jax.models.config import ConfigError
 from clinkd_jax.models.qwen2vl import Qwen2VL, init_params
 
 log = logging.getLogger("clinkd_jax.setup")
 TASKS = ("VG", "RO", "GC", "MII")
+SOURCES = ("hf_dir", "orbax_dir", "preset")  # where a model (config.model, config.teacher) comes from
 HOST_ONLY = ("sample_mask", "decode_offsets", "record_index")  # batch fields the jitted steps do not read
 
 
@@ -53,9 +56,9 @@ def config_of(src, vocab_ids=None) -> model_config.Qwen2VLConfig:
     return cfg if vocab_ids is None else vocab_lib.compact_config(cfg, vocab_ids)
 
 
-def load_model(src, mesh, rules, seed: int, vocab_ids=None):
-    """(Qwen2VLConfig, params on their shards) from src.hf_dir | src.orbax_dir | src.preset (random, seeded)."""
-    dtype = src.get("param_dtype") or None
+def load_model(src, mesh, rules, seed: int, vocab_ids=None, dtype: str | None = None):
+    """(Qwen2VLConfig, params on their shards) from src.hf_dir | src.orbax_dir | src.preset (random, seeded);
+    `dtype`: the parameters' dtype (None: a checkpoint's own, float32 for a preset)."""
     if src.hf_dir:
         return hf.load_hf_checkpoint(src.hf_dir, mesh=mesh, rules=rules, dtype=dtype)
     if src.orbax_dir:
@@ -66,7 +69,9 @@ def load_model(src, mesh, rules, seed: int, vocab_ids=None):
 
 def same_vocab(cfg, other, what: str) -> None:
     if cfg.vocab_ids != other.vocab_ids:
-        n = lambda x: "the full vocabulary" if x.vocab_ids is None else f"a compact vocabulary of {len(x.vocab_ids)} ids"
+        def n(x):
+            return "the full vocabulary" if x.vocab_ids is None else f"a compact vocabulary of {len(x.vocab_ids)} ids"
+
         raise ConfigError(f"{what} has {n(other)} but the model has {n(cfg)}: token ids would not line up")
 
 
@@ -88,26 +93,43 @@ def training_records(c, workdir, log_) -> list:
     if d.format == "demo":
         root = demo_root(c, workdir)
         return records.read_medgrit(os.path.join(root, "train.json"), os.path.join(root, "images"), log=log_)
-    reader = records.read_medgrit if d.format == "medgrit" else records.read_sharegpt
-    return [r for f in d.train_files for r in reader(f, d.image_dir, log=log_)]
+    if d.format == "sharegpt":
+        return [r for f in d.train_files for r in records.read_sharegpt(f, d.image_dir, log=log_,
+                                                                        box_format=d.box_format)]
+    return [r for f in d.train_files
+            for r in records.read_medgrit(f, d.image_dir, log=log_, box_format=d.box_format, image_ext=d.image_ext)]
+
+
+def eval_records(c, path: str, workdir: str, log_) -> list:
+    """A Med-GRIT test file's records. Items whose image is missing are kept: evaluation scores them as misses."""
+    return records.read_medgrit(path, eval_image_dir(c, workdir), log=log_, check_images=False,
+                                box_format=c.data.box_format, image_ext=c.data.image_ext)
 
 
 def with_extra(recs: list, files, mode: str, log_) -> list:
     """The training pool plus the records of `files` (ShareGPT, e.g. RCT corrections), appended, or
     replacing the records with the same id (mode "replace")."""
-    extra = [r for f in files for r in records.read_sharegpt(f, "", log=log_)]
+    extra = [r for f in files for r in records.read_sharegpt(f, "", log=log_)]  # (RCT writes 0-1000 boxes)
     if mode == "replace":
         corrected = {r.id for r in extra}
         recs = [r for r in recs if r.id not in corrected]
     if files:
-        log.info("training pool: %d records incl. %d from %s (%s)", len(recs) + len(extra), len(extra), list(files), mode)
+        log.info("training pool: %d records incl. %d from %s (%s)", len(recs) + len(extra), len(extra), list(files),
+                 mode)
     return recs + extra
+
+
+def task_of(path: str) -> str | None:
+    """'VG' | 'RO' | 'GC' | 'MII' from a file name such as Test_VG.json(l) or ..._RO_..., else None."""
+    name = os.path.basename(path).upper()
+    for task in ("MII", "VG", "RO", "GC"):
+        if re.search(rf"(^|[_\-.]){task}([_\-.]|$)", name):
+            return task
+    return None
 
 
 def test_files(c, workdir: str) -> dict[str, str]:
     """{task: Test_<task>.json} from eval.files or eval.data_dir + eval.tasks (demo: generated in the workdir)."""
-    from clinkd_jax.eval.metrics import task_of  # pure scoring helpers, no run set-up
-
     e = c.eval
     if e.files:
         return {task_of(f): f for f in e.files}
@@ -154,8 +176,7 @@ def compact_vocab(c, workdir) -> tuple[int, ...] | None:
     quiet = records.SkipLog(strict=False)  # the stage's own reading reports skips
     has_train = c.data.format == "demo" or any(c.data.train_files)  # an eval-only config may have none
     recs = (training_records(c, workdir, quiet) if has_train else []) + [
-        r for f in test_files(c, workdir).values() if os.path.isfile(f)
-        for r in records.read_medgrit(f, eval_image_dir(c, workdir), log=quiet)]
+        r for f in test_files(c, workdir).values() if os.path.isfile(f) for r in eval_records(c, f, workdir, quiet)]
     encoder = text.ChatEncoder(tok, c.data.chat_template or None)
     used = {int(i) for r in recs for i in encoder.encode(r.turns, [1] * len(r.images)).input_ids}
     ids = vocab_lib.build_ids(tok, used)
@@ -195,3 +216,39 @@ def device_batch(batch: dict, mesh, rules, global_batch: int) -> dict:
 def sizes_cache(c, workdir: str) -> str:
     """Where the measured record sizes are kept (data.sizes_cache, else in the workdir)."""
     return c.data.sizes_cache or os.path.join(workdir, "data_sizes.json")
+
+
+# ------------------------------------------------------------------------- config checks (shared)
+def check_source(c, name: str, required: bool) -> None:
+    """config.<name> names at most one existing model source (exactly one when `required`)."""
+    src = c[name]
+    given = [k for k in SOURCES if src[k]]
+    if len(given) > 1:
+        raise ConfigError(f"{name}: give exactly one of hf_dir / orbax_dir / preset, got "
+                          f"{', '.join(f'{name}.{g}' for g in given)}")
+    if not given:
+        if required:
+            raise ConfigError(f"{name}: no source; set {name}.hf_dir, {name}.orbax_dir or {name}.preset")
+        return
+    if src.preset and src.preset not in model_config.PRESETS:
+        raise ConfigError(f"{name}.preset={src.preset!r} is not one of {sorted(model_config.PRESETS)}")
+    for key in ("hf_dir", "orbax_dir"):
+        if src[key] and not os.path.isdir(src[key]):
+            raise ConfigError(f"{name}.{key}={src[key]!r} is not a directory")
+
+
+def check_common(c) -> None:
+    """The fields every model-running stage reads: the model source, its vocabulary, how data files are read."""
+    check_source(c, "model", required=True)
+    vocab = c.model.compact_vocab
+    if vocab and c.model.preset:  # a checkpoint keeps its own vocabulary
+        if vocab != "data" and not os.path.isfile(vocab):
+            raise ConfigError(f"model.compact_vocab={vocab!r} is neither 'data' nor a JSON file of token ids")
+        if c.checkpoint.export_hf:
+            raise ConfigError("checkpoint.export_hf: a compact-vocabulary model cannot be exported to the Hugging "
+                              "Face layout (full vocabulary); unset model.compact_vocab or export_hf")
+    if c.data.box_format not in ("auto", *BOX_FORMATS):
+        raise ConfigError(f"data.box_format={c.data.box_format!r} is not one of {('auto', *BOX_FORMATS)}")
+    exts = tuple(c.data.image_ext)
+    if not exts or not all(isinstance(e, str) and e.startswith(".") for e in exts):
+        raise ConfigError(f"data.image_ext={exts} must be file extensions such as ('.png', '.dcm')")

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from flax import linen as nn
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

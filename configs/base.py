@@ -48,6 +48,9 @@ def get_config() -> ConfigDict:
     # rows whose loss is computed together: the released per-device micro-batch (2; DDP averaged the devices'
     # losses), so the loss does not change with the data-parallel width; 0 = one sum over the whole global batch
     c.kd.sum_rows = 2
+    # per-token KD weights w_t (clinkd-spec §2.4): "" = 1 (released) | "module:function" computing them from the
+    # teacher's and student's log-probabilities in each loss chunk, e.g. clinkd_jax.train.losses:confidence_margin
+    c.kd.token_weights = ""
     c.kd.pseudo_labels = ""  # a pseudo-label store (python -m clinkd_jax.train.pseudo_labels): no teacher forward
     c.kd.top_k = 64  # entries per token when writing pseudo-labels
 
@@ -55,10 +58,14 @@ def get_config() -> ConfigDict:
     c.data = ConfigDict()
     c.data.format = "medgrit"  # medgrit | sharegpt | demo (generate the bundled demo set into the workdir)
     c.data.train_files = ("",)  # JSON files
-    c.data.demo_dir = ""  # format "demo": where the set is generated; "" = <workdir>/demo_data (recipes: <workdir>/demo_data)
+    # format "demo": where the set is generated; "" = <workdir>/demo_data (recipes: <workdir>/demo_data)
+    c.data.demo_dir = ""
     c.data.demo_train_per_image = 6  # format "demo": training conversations per source image (8 images)
     c.data.demo_test_per_image = 2  # format "demo": test items per source image and task
     c.data.image_dir = ""
+    # Med-GRIT ids name no file type: <image_dir>/<id><ext> for the first of these that exists (DICOM included)
+    c.data.image_ext = (".png", ".dcm", ".dicom", ".jpg", ".jpeg")
+    c.data.box_format = "auto"  # auto (told per file, logged) | 0-1000 (integers, Qwen2-VL) | 0-1 (floats)
     c.data.tokenizer = ""  # directory; default: the model's hf_dir, else the bundled Qwen2 tokenizer
     c.data.chat_template = "qwen2vl"  # "qwen2vl" (built in) | "" (the tokenizer's own)
     c.data.batch_size = 2  # global batch (all hosts): rows of one step; each host loads the rows its devices hold
@@ -143,7 +150,8 @@ def get_config() -> ConfigDict:
     c.eval.max_new_tokens_mii = 100  # whole-image description
     c.eval.temperature = 0.0  # 0 = greedy (the protocol)
     c.eval.top_p = 1.0
-    c.eval.sasg_samples = 0  # > 1: SASG at test time, N sampled candidates, keep the most agreed-upon (not the paper's protocol)
+    # > 1: SASG at test time, N sampled candidates, keep the most agreed-upon (not the paper's protocol)
+    c.eval.sasg_samples = 0
     c.eval.sasg_temperature = 0.7  # our default; the paper gives none
     c.eval.sasg_top_p = 0.9  # our default
     c.eval.sasg_similarity = "overlap"  # overlap | rouge_l | box_iou | "module:function"

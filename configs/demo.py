@@ -42,7 +42,8 @@ def get_config():
     c.stages = ("teacher", "kd", "sft", "eval_untrained", "eval_teacher", "eval_student")
     c.stage_settings = ConfigDict({
         "teacher": {"stage": "sft", "model": {"text_overrides": TEACHER}, "train": {"steps": 2000}},
-        "kd": {"stage": "kd", "teacher_from": "teacher", "model": {"preset": "tiny_qwen"}, "train": {"steps": 1200}},  # fresh student
+        # fresh student
+        "kd": {"stage": "kd", "teacher_from": "teacher", "model": {"preset": "tiny_qwen"}, "train": {"steps": 1200}},
         # SFT with RCT: a round after 120 and after 240 steps, the teacher correcting the student's answers
         "sft": {"stage": "sft", "teacher_from": "teacher", "train": {"steps": 360}, "optim": {"learning_rate": 1e-3},
                 "rct": {"every_steps": 120, "rounds": 2}},

@@ -50,7 +50,8 @@ def hf_config(name: str):
         text_config=dict(
             vocab_size=256, hidden_size=t["hidden_size"], intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=t["num_attention_heads"], num_key_value_heads=t["num_key_value_heads"],
-            rope_parameters={"rope_type": "default", "mrope_section": t["mrope_section"], "rope_theta": t["rope_theta"]},
+            rope_parameters={"rope_type": "default", "mrope_section": t["mrope_section"],
+                             "rope_theta": t["rope_theta"]},
             max_position_embeddings=4096, rms_norm_eps=1e-6, bos_token_id=254, eos_token_id=255, pad_token_id=0,
         ),
         vision_config=dict(

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command: builds both environments from scratch (or refreshes them) and runs the suite in each.
+# The test command: builds both environments from scratch (or refreshes them), lints (ruff: unused imports,
+# import order, line length 120; pyproject.toml) and runs the suite in each.
 #
 #   bash tests/run_all.sh            # Python 3.11 (jax 0.10.x + torch 2.13.0 CPU, live parity)
 #                                    # and Python 3.12 (newest jax, as on TPU VMs and Colab; no torch, golden
@@ -29,6 +30,10 @@ for v in $PYTHONS; do
   fi
   # only 3.11 has torch; the multi-process runs (~8 min of CPU) go to 3.12 to keep both suites within budget
   if [ "$v" = "3.11" ]; then marker=(-m "not multihost"); else marker=(-m "not torch"); fi
+  if [ -z "${linted:-}" ]; then
+    linted=1
+    if "$venv/bin/ruff" check .; then summary+=("ruff: clean"); else summary+=("ruff: FAILED"); status=1; fi
+  fi
   echo "== Python $v: $("$venv/bin/python" -c 'import sys, jax, flax; print(sys.version.split()[0], "jax", jax.__version__, "flax", flax.__version__)')"
   # two workers, one test file each at a time (module fixtures stay per file)
   "$venv/bin/python" -m pytest -n 2 --dist loadfile "${marker[@]}" "$@" 2>&1 | tee "$LOG_DIR/pytest-py${v/./}.log"

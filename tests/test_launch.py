@@ -29,7 +29,8 @@ with open(os.path.join(root, "gcloud.log"), "a") as f:
 assert argv[:3] == ["compute", "tpus", "tpu-vm"], argv
 verb = argv[3]
 name = argv[5].split(":", 1)[0] if verb == "scp" else argv[4]
-opt = lambda key: next((a.split("=", 1)[1] for a in argv if a.startswith(key + "=")), argv[argv.index(key) + 1] if key in argv else None)
+opt = lambda key: next((a.split("=", 1)[1] for a in argv if a.startswith(key + "=")),
+                       argv[argv.index(key) + 1] if key in argv else None)
 vm = os.path.join(root, name)
 workers = [os.path.join(vm, f"worker_{i}") for i in range(int(os.environ.get("STUB_WORKERS", "2")))]
 if verb == "describe":
@@ -62,7 +63,10 @@ sys.exit(f"stub gcloud: {verb} not handled")
 TOOLS = {
     "uv": r'''#!/usr/bin/env bash
 echo "uv $*" >> "$STUB_ROOT/uv.log"
-if [ "$1" = venv ]; then dir=${@: -1}; mkdir -p "$dir/bin"; printf '#!/bin/sh\nexec %s "$@"\n' "$REAL_PYTHON" > "$dir/bin/python"; chmod +x "$dir/bin/python"; fi
+if [ "$1" = venv ]; then
+  dir=${@: -1}; mkdir -p "$dir/bin"
+  printf '#!/bin/sh\nexec %s "$@"\n' "$REAL_PYTHON" > "$dir/bin/python"; chmod +x "$dir/bin/python"
+fi
 ''',
     "gcsfuse": r'''#!/usr/bin/env bash
 mount=${@: -1}; bucket=${@: -2:1}
@@ -94,7 +98,8 @@ def stub_env(tmp_path):
 
 
 def tpu(env, *args):
-    return subprocess.run(["bash", os.path.join(ROOT, "launch", "tpu.sh"), *args], capture_output=True, text=True, env=env,
+    return subprocess.run(["bash", os.path.join(ROOT, "launch", "tpu.sh"), *args], capture_output=True, text=True,
+                          env=env,
                           timeout=900)
 
 
@@ -108,7 +113,8 @@ def test_tpu_launcher_runs_its_commands_on_every_worker(tmp_path):
     overrides = ["--config.train.steps=2", "--config.data.batch_size=2", "--config.data.text_buckets=(256, 320)",
                  "--config.data.patch_buckets=(64,)", "--config.data.max_pixels=12544",
                  f"--config.model.text_overrides={TINY}", "--config.model.compact_vocab=data",
-                 "--config.data.demo_train_per_image=2", "--config.mesh.shape=(1, -1, 1)", "--config.train.progress=False",
+                 "--config.data.demo_train_per_image=2", "--config.mesh.shape=(1, -1, 1)",
+                 "--config.train.progress=False",
                  f"--config.rct.hint={HINT}"]
     out = tpu(env, "--name", "vm", "--zone", "us-west4-a", "--type", "v5litepod-8", "--bucket", "gs://bkt/runs",
               "--config", "configs/demo_train.py", "--run-name", "r1", "--", *overrides)
@@ -127,7 +133,8 @@ def test_tpu_launcher_runs_its_commands_on_every_worker(tmp_path):
     for w in (0, 1):  # the shipped checkout, not the repository, is what ran
         assert (tmp_path / "vm" / f"worker_{w}" / "clinkd_jax" / "clinkd_jax" / "main.py").is_file()
     installs = (tmp_path / "uv.log").read_text()
-    assert "venv --allow-existing --python 3.12" in installs and "clinkd_jax[eval]" in installs and "jax[tpu]" in installs
+    assert "venv --allow-existing --python 3.12" in installs
+    assert "clinkd_jax[eval]" in installs and "jax[tpu]" in installs
     again = tpu(env, "--name", "vm", "--zone", "us-west4-a", "--type", "v5litepod-8", "--bucket", "gs://bkt/runs",
                 "--config", "configs/demo_train.py", "--run-name", "r1", "--", *overrides)
     assert again.returncode == 0  # the VM exists: not created again; the finished run is resumed, not redone
@@ -140,7 +147,8 @@ def test_tpu_launcher_argument_errors(tmp_path):
     assert tpu(env, "--name", "vm", "--dry-run").returncode == 2
     bad = tpu(env, "--name", "vm", "--zone", "z", "--type", "t", "--bucket", "/local", "--config", "configs/demo.py")
     assert bad.returncode == 2 and "--bucket must be gs://" in bad.stderr
-    missing = tpu(env, "--name", "vm", "--zone", "z", "--type", "t", "--bucket", "gs://b", "--config", "configs/nope.py")
+    missing = tpu(env, "--name", "vm", "--zone", "z", "--type", "t", "--bucket", "gs://b", "--config",
+                  "configs/nope.py")
     assert missing.returncode == 2 and "no such file" in missing.stderr
     dry = tpu(env, "--name", "vm", "--zone", "z", "--type", "t", "--bucket", "gs://b", "--config", "configs/demo.py",
               "--dry-run", "--", "--config.data.text_buckets=(1, 2)")
@@ -149,7 +157,8 @@ def test_tpu_launcher_argument_errors(tmp_path):
 
 
 def test_gpu_launcher_argument_errors():
-    gpu = lambda *a: subprocess.run(["bash", os.path.join(ROOT, "launch", "gpu.sh"), *a], capture_output=True, text=True)
+    gpu = lambda *a: subprocess.run(["bash", os.path.join(ROOT, "launch", "gpu.sh"), *a], capture_output=True,
+                                    text=True)
     assert gpu("--gpus", "2").returncode == 2 and gpu("--bogus").returncode == 2
     one = gpu("--config", "configs/demo.py", "--workdir", "/w", "--dry-run", "--", "--config.data.text_buckets=(1, 2)")
     assert shlex.split(one.stdout) == ["python3", "-m", "clinkd_jax.main", "--config=configs/demo.py", "--workdir=/w",
@@ -197,7 +206,8 @@ def test_colab_shows_results_and_galleries_inline(tmp_path):
             items = json.load(open(data / f"Test_{task}.json"))
             path = tmp_path / stage / f"Test_{task}.jsonl"
             path.parent.mkdir(exist_ok=True)
-            path.write_text("".join(json.dumps({"id": i, "image": it["id"] + ".png", "question": it["conversations"][0][0],
+            path.write_text("".join(json.dumps({"id": i, "image": it["id"] + ".png",
+                                                "question": it["conversations"][0][0],
                                                 "annotation": it["conversations"][0][1],
                                                 "response": it["conversations"][0][1]}) + "\n"
                                     for i, it in enumerate(items)))

@@ -79,7 +79,8 @@ def start(n, devices, args, port=None):
     """n processes of `python -m clinkd_jax.main args`, `devices` fake CPU devices each."""
     env = env_with(devices)
     port = port or free_port()
-    multi = lambda i: [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={n}", f"--process_id={i}"] if n > 1 else []
+    multi = lambda i: [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={n}",
+                       f"--process_id={i}"] if n > 1 else []
     return [subprocess.Popen([sys.executable, "-m", "clinkd_jax.main", *args, *multi(i)], cwd=ROOT, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(n)]
 
@@ -118,7 +119,8 @@ def gpu_sh(*args, devices):
 
 
 def process_logs(workdir):
-    return [open(os.path.join(workdir, "logs", name)).read() for name in sorted(os.listdir(os.path.join(workdir, "logs")))]
+    logs = os.path.join(workdir, "logs")
+    return [open(os.path.join(logs, name)).read() for name in sorted(os.listdir(logs))]
 
 
 def data_args(data):
@@ -170,8 +172,8 @@ def test_sigterm_on_one_host_stops_every_host_at_one_step(setup, tmp_path):
     assert (work / "metrics.jsonl").exists() and nodes[1].poll() is None, "training never got going"
     nodes[1].send_signal(signal.SIGTERM)  # the launcher of node 1 passes it on to its process
     finish(nodes)
-    stopped = [int(line.split("saved step ")[1].split(";")[0]) for log in process_logs(work) for line in log.splitlines()
-               if "SIGTERM: saved step" in line]
+    stopped = [int(line.split("saved step ")[1].split(";")[0])
+               for log in process_logs(work) for line in log.splitlines() if "SIGTERM: saved step" in line]
     assert len(stopped) == 2 and stopped[0] == stopped[1] < 400, process_logs(work)[0][-3000:]
     step = stopped[0]
     assert max(int(d) for d in os.listdir(work / "checkpoints") if d.isdigit()) == step  # (Orbax also keeps step 1)
@@ -193,7 +195,8 @@ def test_evaluation_resumes_with_the_same_to_do_list_on_every_host(setup, tmp_pa
     args = lambda work: ["--config=configs/demo_eval.py", f"--workdir={work}", "--config.eval.tasks=('VG','RO')",
                          f"--config.eval.data_dir={data}", f"--config.eval.image_dir={data}/images",
                          "--config.eval.batch_size=2", "--config.eval.limit=6", "--config.eval.max_new_tokens=6",
-                         "--config.mesh.shape=(1,-1,1)", "--config.model.compact_vocab=data", "--config.train.progress=False",
+                         "--config.mesh.shape=(1,-1,1)", "--config.model.compact_vocab=data",
+                         "--config.train.progress=False",
                          "--config.eval.text_buckets=(160, 256)", "--config.eval.patch_buckets=(64,)",
                          "--config.eval.max_pixels=12544", "--config.eval.min_pixels=3136"]
     w0, w1 = tmp_path / "host0", tmp_path / "host1"
@@ -209,9 +212,11 @@ def test_evaluation_resumes_with_the_same_to_do_list_on_every_host(setup, tmp_pa
     vg.write_text("".join(lines) + '{"id": 5, "image": "ct_0')  # the write the kill cut short
     (w0 / "predictions" / "Test_RO.jsonl").unlink(missing_ok=True)
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "clinkd_jax.main", *args(w), f"--coordinator_address=127.0.0.1:{port}",
+    procs = [subprocess.Popen([sys.executable, "-m", "clinkd_jax.main", *args(w),
+                               f"--coordinator_address=127.0.0.1:{port}",
                                "--num_processes=2", f"--process_id={i}"], cwd=ROOT, env=env_with(2),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i, w in enumerate((w0, w1))]
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i, w in enumerate((w0, w1))]
     outs = finish(procs)
     todo = [[line.split("eval ")[1] for line in out.splitlines() if "items to generate" in line] for out in outs]
     assert todo[0] == todo[1] == ["VG: 4 of 6 items to generate", "RO: 6 of 6 items to generate"], outs[1][-2000:]
@@ -227,7 +232,8 @@ def test_pseudo_label_writer_on_two_hosts(setup, tmp_path):
     """Each host writes its own shard, process 0 one index: the same entries as one process writes."""
     data, recipe = setup
     args = lambda work: ["-m", "clinkd_jax.train.pseudo_labels", f"--config={recipe}", f"--workdir={work}",
-                         *data_args(data), "--config.stages=()", "--config.stage=kd", "--config.teacher.preset=tiny_qwen",
+                         *data_args(data), "--config.stages=()", "--config.stage=kd",
+                         "--config.teacher.preset=tiny_qwen",
                          "--config.kd.top_k=4", "--config.data.shuffle=False"]
     finish([subprocess.Popen([sys.executable, *args(tmp_path / "one")], cwd=ROOT, env=env_with(4),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)])

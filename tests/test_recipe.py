@@ -78,7 +78,8 @@ def test_runs_in_order_skips_done_and_resumes(tmp_path):
     assert "| modality | n | eval |" in table and set(out["evals"]["eval"]) == {"VG", "RO"}  # per-modality table
     vocab = json.load(open(os.path.join(w, "teacher", "params", "model_config.json")))["clinkd_vocab_ids"]
     assert vocab == json.load(open(os.path.join(w, "kd", "params", "model_config.json")))["clinkd_vocab_ids"]
-    assert len(os.listdir(os.path.join(w, "demo_data", "images"))) and not os.path.exists(os.path.join(w, "kd", "demo_data"))
+    assert len(os.listdir(os.path.join(w, "demo_data", "images")))
+    assert not os.path.exists(os.path.join(w, "kd", "demo_data"))
     # finished stages are not run again
     stamps = {n: os.path.getmtime(os.path.join(w, n, "stage_done.json")) for n in ("teacher", "kd", "sft", "eval")}
     again = recipe.run(plan_config(), w)
@@ -99,7 +100,8 @@ def test_demo_recipe_plan():
 
     plan = {name: cfg for name, cfg, _ in recipe.stage_configs(demo.get_config(), "/w")}
     assert list(plan) == ["teacher", "kd", "sft", "eval_untrained", "eval_teacher", "eval_student"]
-    assert plan["teacher"].model.text_overrides.hidden_size > plan["kd"].model.text_overrides.hidden_size  # smaller student
+    # smaller student
+    assert plan["teacher"].model.text_overrides.hidden_size > plan["kd"].model.text_overrides.hidden_size
     assert plan["kd"].teacher.orbax_dir == "/w/teacher/params" and tuple(plan["kd"].data.mrope_gaps) == (2, 2)
     sft = plan["sft"]  # SFT with RCT rounds inside, the teacher correcting
     assert sft.model.orbax_dir == "/w/kd/params" and sft.teacher.orbax_dir == "/w/teacher/params"

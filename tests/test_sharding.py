@@ -47,7 +47,8 @@ def _batch_of_four():
     """The reference batch plus a copy of its first sample, so the batch divides data x fsdp = 4."""
     inputs, _ = R.load_golden("gqa2_untied")
     x, _ = R.jax_inputs(inputs)
-    return {k: np.concatenate([v, v[:, :1]] if k == "position_ids" else [v, v[:1]], axis=1 if k == "position_ids" else 0)
+    return {k: np.concatenate([v, v[:, :1]] if k == "position_ids" else [v, v[:1]],
+                              axis=1 if k == "position_ids" else 0)
             for k, v in x.items()}
 
 

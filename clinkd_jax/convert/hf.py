@@ -78,7 +78,8 @@ def rules_for(cfg: Qwen2VLConfig) -> list[Rule]:
 
     rules = [
         Rule(("visual", "patch_embed", "proj", "kernel"), "visual.patch_embed.proj.weight",
-             lambda x: np.ascontiguousarray(x.reshape(v.embed_dim, -1).T), lambda x: np.ascontiguousarray(x.T.reshape(patch_shape))),
+             lambda x: np.ascontiguousarray(x.reshape(v.embed_dim, -1).T),
+             lambda x: np.ascontiguousarray(x.T.reshape(patch_shape))),
         Rule(("visual", "merger", "ln_q", "scale"), "visual.merger.ln_q.weight", _same, _same),
         Rule(("visual", "merger", "ln_q", "bias"), "visual.merger.ln_q.bias", _same, _same),
         Rule(("visual", "merger", "mlp_0", "kernel"), "visual.merger.mlp.0.weight", _t, _t),
@@ -109,7 +110,8 @@ def rules_for(cfg: Qwen2VLConfig) -> list[Rule]:
                       lambda x: np.ascontiguousarray(x.T.reshape(n, hd, d)),
                       lambda x: np.ascontiguousarray(x.reshape(n * hd, d).T), L))
     for proj in ("gate_proj", "up_proj", "down_proj"):
-        rules.append(Rule(("model", "layers", "mlp", proj, "kernel"), f"model.layers.{{i}}.mlp.{proj}.weight", _t, _t, L))
+        rules.append(Rule(("model", "layers", "mlp", proj, "kernel"), f"model.layers.{{i}}.mlp.{proj}.weight",
+                          _t, _t, L))
     for norm in ("input_layernorm", "post_attention_layernorm"):
         rules.append(Rule(("model", "layers", norm, "scale"), f"model.layers.{{i}}.{norm}.weight", _same, _same, L))
     if not t.tie_word_embeddings:

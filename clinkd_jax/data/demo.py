@@ -91,7 +91,8 @@ def qa(task: str, image_file: str, obj: str, box, where: str, desc: str) -> tupl
     return f"{tag} Describe this image.", f"This is a {desc}. There is a {obj} in the {where}."
 
 
-def generate(out_dir: str, *, train_per_image: int = 6, test_per_image: int = 2, max_side: int = 224, seed: int = 0) -> dict:
+def generate(out_dir: str, *, train_per_image: int = 6, test_per_image: int = 2, max_side: int = 224,
+             seed: int = 0) -> dict:
     """Write the demo set to `out_dir`; returns counts. Deterministic for a seed."""
     rng = np.random.default_rng(seed)
     img_dir = os.path.join(out_dir, "images")
@@ -117,7 +118,8 @@ def generate(out_dir: str, *, train_per_image: int = 6, test_per_image: int = 2,
                 train.append({"id": stem, "conversations": conv})
             else:
                 for task in TASK_FILES:
-                    tests[task].append({"id": stem, "conversations": [list(qa(task, stem + ".png", obj, box, where, desc))]})
+                    tests[task].append({"id": stem,
+                                        "conversations": [list(qa(task, stem + ".png", obj, box, where, desc))]})
     with open(os.path.join(out_dir, "train.json"), "w") as f:
         json.dump(train, f, indent=1)
     for task, file in TASK_FILES.items():

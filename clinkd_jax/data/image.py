@@ -39,7 +39,8 @@ class ImageConfig:
         return self.patch_size * self.merge_size
 
 
-def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280):
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
+                 max_pixels: int = 28 * 28 * 1280):
     """(h, w) divisible by `factor`, with h*w in [min_pixels, max_pixels], aspect ratio kept as well as possible."""
     if max(height, width) / min(height, width) > 200:
         raise ImageError(f"aspect ratio {max(height, width) / min(height, width):.0f} is above 200")
@@ -130,7 +131,8 @@ def load_dicom(path: str) -> Image.Image:
 
             arr = convert_color_space(arr, ds.PhotometricInterpretation, "RGB")
         return Image.fromarray(np.asarray(arr, np.uint8), "RGB")
-    x = arr.astype(np.float32) * float(getattr(ds, "RescaleSlope", 1) or 1) + float(getattr(ds, "RescaleIntercept", 0) or 0)
+    slope, intercept = float(getattr(ds, "RescaleSlope", 1) or 1), float(getattr(ds, "RescaleIntercept", 0) or 0)
+    x = arr.astype(np.float32) * slope + intercept
     out = window_to_uint8(x, _first(getattr(ds, "WindowCenter", None)), _first(getattr(ds, "WindowWidth", None)))
     if str(getattr(ds, "PhotometricInterpretation", "")) == "MONOCHROME1":
         out = 255 - out

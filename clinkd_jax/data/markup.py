@@ -3,20 +3,26 @@
 BiRD (Med-GRIT files):   <ref>left kidney</ref><box>(412,318),(530,447)</box>   and <img>path</img>
 Qwen2-VL (model text):   <|object_ref_start|>left kidney<|object_ref_end|><|box_start|>(412,318),(530,447)<|box_end|>
 
-Coordinates are integers on the file's scale (0-1000 for Qwen-VL / Qwen2-VL, corners top-left and
-bottom-right) and are never rescaled here; a malformed or out-of-scale box is reported, not altered.
+Qwen2-VL reads and writes corners (top-left, bottom-right) as integers on a 0-1000 scale relative to the
+image. Data files come in two box formats, told apart per file (`box_format_of`): "0-1000" integers (the
+Qwen-VL convention) and "0-1" floats (an older BiRD format). A "0-1" file is brought to the model's scale
+(`to_model_scale`: x -> round(1000 x)); otherwise boxes are never altered, and a malformed or
+out-of-range box is reported, not fixed.
 """
 
 from __future__ import annotations
 
+import math
 import re
 
 BOX_SCALE = 1000
+BOX_FORMATS = ("0-1000", "0-1")  # integers on the model's scale | floats relative to the image
 
 IMG_TAG = re.compile(r"<img>.*?</img>\s*", re.S)
 BIRD_BOX = re.compile(r"<box>(.*?)</box>", re.S)
 QWEN_BOX = re.compile(r"<\|box_start\|>(.*?)<\|box_end\|>", re.S)
-BOX_BODY = re.compile(r"^\s*\(\s*(-?\d+)\s*,\s*(-?\d+)\s*\)\s*,\s*\(\s*(-?\d+)\s*,\s*(-?\d+)\s*\)\s*$")
+_NUM = r"\s*(-?(?:\d+(?:\.\d*)?|\.\d+))\s*"
+BOX_BODY = re.compile(rf"^\s*\({_NUM},{_NUM}\)\s*,\s*\({_NUM},{_NUM}\)\s*$")
 
 _TO_QWEN = (("<ref>", "<|object_ref_start|>"), ("</ref>", "<|object_ref_end|>"),
             ("<box>", "<|box_start|>"), ("</box>", "<|box_end|>"))
@@ -46,21 +52,60 @@ def to_bird(text: str) -> str:
     return text
 
 
-def parse_boxes(text: str) -> list[tuple[int, int, int, int]]:
-    """Every box in either markup, as (x1, y1, x2, y2) integers; raises MarkupError on a malformed one."""
-    out = []
-    for body in BIRD_BOX.findall(text) + QWEN_BOX.findall(text):
-        m = BOX_BODY.match(body)
-        if not m:
-            raise MarkupError(f"malformed box {body!r} (expected '(x1,y1),(x2,y2)' with integers)")
-        out.append(tuple(int(v) for v in m.groups()))
-    return out
+def box_bodies(text: str) -> list[str]:
+    return BIRD_BOX.findall(text) + QWEN_BOX.findall(text)
+
+
+_BOX_SPANS = tuple(re.compile(f"({re.escape(a)})(.*?)({re.escape(b)})", re.S)
+                   for a, b in (("<box>", "</box>"), ("<|box_start|>", "<|box_end|>")))
+
+
+def _numbers(body: str) -> tuple[str, ...]:
+    m = BOX_BODY.match(body)
+    if not m:
+        raise MarkupError(f"malformed box {body!r} (expected '(x1,y1),(x2,y2)')")
+    return m.groups()
+
+
+def parse_boxes(text: str) -> list[tuple[float, float, float, float]]:
+    """Every box in either markup, as (x1, y1, x2, y2) numbers; raises MarkupError on a malformed one."""
+    return [tuple(float(v) if "." in v else int(v) for v in _numbers(body)) for body in box_bodies(text)]
+
+
+def box_format_of(texts) -> str:
+    """"0-1" when every well-formed box in `texts` (one data file) has all coordinates in [0, 1] and at least
+    one written with a decimal point; else "0-1000" (also for a file without boxes)."""
+    values = []
+    for text in texts:
+        for body in box_bodies(text):
+            m = BOX_BODY.match(body)
+            values += m.groups() if m else []
+    if values and any("." in v for v in values) and all(0.0 <= float(v) <= 1.0 for v in values):
+        return "0-1"
+    return "0-1000"
+
+
+def to_model_scale(text: str, box_format: str) -> str:
+    """Boxes of a "0-1" file as the model's 0-1000 integers (round half up); "0-1000" text is returned as is.
+    Raises MarkupError on a malformed box."""
+    if box_format == "0-1000":
+        return text
+
+    def scaled(m: re.Match) -> str:
+        x1, y1, x2, y2 = (math.floor(float(v) * BOX_SCALE + 0.5) for v in _numbers(m.group(2)))
+        return f"{m.group(1)}({x1},{y1}),({x2},{y2}){m.group(3)}"
+
+    for pattern in _BOX_SPANS:
+        text = pattern.sub(scaled, text)
+    return text
 
 
 def validate_boxes(text: str, scale: int = BOX_SCALE) -> None:
-    """Raise MarkupError unless every box is well-formed, inside [0, scale] and has x1<=x2, y1<=y2."""
+    """Raise MarkupError unless every box has integer corners inside [0, scale] with x1<=x2, y1<=y2."""
     for box in parse_boxes(text):
         x1, y1, x2, y2 = box
+        if any(isinstance(v, float) for v in box):
+            raise MarkupError(f"box {box} has fractional coordinates in a 0-{scale} integer file")
         if min(box) < 0 or max(box) > scale:
             raise MarkupError(f"box {box} is outside the 0-{scale} coordinate scale")
         if x1 > x2 or y1 > y2:

@@ -44,7 +44,7 @@ from clinkd_jax.data import plan, positions
 from clinkd_jax.data import text as text_lib
 from clinkd_jax.data.plan import Skip
 from clinkd_jax.data.pseudo_labels import PseudoLabelReader
-from clinkd_jax.data.records import Record, SkipLog
+from clinkd_jax.data.records import TRUNCATED, Record, SkipLog, skip_summary
 
 log_ = logging.getLogger("clinkd_jax.data")
 
@@ -107,8 +107,9 @@ class Preprocess:
         grid_arr = np.asarray(grids).reshape(-1, 3)
 
         def rope(gaps):
-            return positions.get_rope_index(enc.input_ids[None], grid_arr, image_token_id=cfg.image_token_id,
-                                            spatial_merge_size=cfg.image.merge_size, gap_in=gaps[0], gap_out=gaps[1])[0][:, 0]
+            pos, _ = positions.get_rope_index(enc.input_ids[None], grid_arr, image_token_id=cfg.image_token_id,
+                                              spatial_merge_size=cfg.image.merge_size, gap_in=gaps[0], gap_out=gaps[1])
+            return pos[:, 0]
 
         sample = {"input_ids": enc.input_ids, "labels": enc.labels, "position_ids": rope(cfg.mrope_gaps),
                   "images": list(zip(patches, grids)), "n_patches": sum(len(p) for p in patches),
@@ -125,7 +126,8 @@ class Preprocess:
                                           "(written with another tokenizer, template or data?)")
             k = entry["ids"].shape[1]
             ids, logp, valid = np.zeros((n, k), np.int32), np.zeros((n, k), np.float32), np.zeros((n,), bool)
-            ids[entry["positions"]], logp[entry["positions"]], valid[entry["positions"]] = entry["ids"], entry["logp"], True
+            at = entry["positions"]
+            ids[at], logp[at], valid[at] = entry["ids"], entry["logp"], True
             sample.update(teacher_topk_ids=ids, teacher_topk_logp=logp, teacher_topk_valid=valid)
         return sample
 
@@ -163,7 +165,8 @@ def collate(samples: Sequence[dict | None], bucket: tuple[int, int], cfg: Pipeli
         out["teacher_position_ids"] = t_pos
     if cfg.pseudo_labels:
         k = next((s["teacher_topk_ids"].shape[1] for _, s in real), 1)
-        for key, dtype in (("teacher_topk_ids", np.int32), ("teacher_topk_logp", np.float32), ("teacher_topk_valid", bool)):
+        for key, dtype in (("teacher_topk_ids", np.int32), ("teacher_topk_logp", np.float32),
+                           ("teacher_topk_valid", bool)):
             arr = np.zeros((b, length, k) if key != "teacher_topk_valid" else (b, length), dtype)
             for i, s in real:
                 arr[i, : len(s["input_ids"])] = s[key]
@@ -224,7 +227,8 @@ class BatchIterator:
             mine[: len(part)] = part
             items.append((bucket_id, mine))
         ds = grain.MapDataset.source(items).map(self._load)
-        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=2 * max(1, cfg.read_threads)))
+        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
+                                                  prefetch_buffer_size=2 * max(1, cfg.read_threads)))
         if cfg.worker_count > 0:
             it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
         self._it = iter(it)
@@ -240,7 +244,7 @@ class BatchIterator:
             except StopIteration:
                 self.epoch, self.batch, self._it = self.epoch + 1, 0, None
                 message = f"epoch {self.epoch} ({self.batches_per_epoch} batches): {self.log.report()}"
-                (log_.warning if self.log.total else log_.info)(message)
+                (log_.warning if self.log.counts else log_.info)(message)
                 continue
             for s in skips:
                 self.load_skips[s.reason] += 1
@@ -285,8 +289,10 @@ def make_batches(records: Sequence[Record], encoder: text_lib.ChatEncoder, cfg: 
     sizes = plan.measure(records, encoder, cfg.image, cfg.text_buckets[-1], log, cache=sizes_cache,
                          threads=4 * max(1, cfg.read_threads))
     ids = plan.bucket_ids(sizes, cfg.text_buckets, cfg.patch_buckets, records, log)
-    left_out = collections.Counter(log.counts) - before
-    if left_out:
-        log_.warning("%d of %d records left out of the batch plan: %s", sum(left_out.values()), len(records),
-                     dict(left_out))
+    for i in np.flatnonzero((ids >= 0) & (sizes[:, 2] > 0)):  # trained on, in part
+        answers = sum(t.role == "assistant" for t in records[i].turns)
+        log.skip(TRUNCATED, records[i].source, f"kept {answers - sizes[i, 2]} of {answers} exchanges")
+    found = collections.Counter(log.counts) - before
+    if found:
+        log_.warning("batch plan over %d records: %s %s", len(records), skip_summary(found), dict(found))
     return BatchIterator(records, ids, cfg, encoder, log, log.counts)  # read + plan skips, equal on all hosts

@@ -34,6 +34,7 @@ from clinkd_jax.data import text as text_lib
 from clinkd_jax.data.records import Record, SkipLog
 
 log = logging.getLogger("clinkd_jax.data")
+SIZES_VERSION = 2  # (text tokens, patches, exchanges dropped) per record
 PROBE = "Probe <|box_start|>(12,345),(678,901)<|box_end|> of the left kidney, ct_00 x-ray."
 
 
@@ -61,14 +62,15 @@ def size_context(encoder: text_lib.ChatEncoder, image: image_lib.ImageConfig, te
     """What measured sizes also depend on: tokenizer (and vocabulary mapping), template, image budget,
     the truncation length. A size table measured under another context is not reused."""
     tok = encoder.tok
-    parts = [type(tok).__name__, len(tok), encoder.template, encoder.system_prompt, encoder._ids(PROBE),
-             dataclasses.asdict(image), text_cutoff]
+    parts = [SIZES_VERSION, type(tok).__name__, len(tok), encoder.template, encoder.system_prompt,
+             encoder._ids(PROBE), dataclasses.asdict(image), text_cutoff]
     return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()
 
 
 def measure_one(record: Record, encoder: text_lib.ChatEncoder, image: image_lib.ImageConfig,
-                text_cutoff: int) -> tuple[int, int] | Skip:
-    """(text tokens, image patches) of one record as the pipeline will build it, or why it cannot be used."""
+                text_cutoff: int) -> tuple[int, int, int] | Skip:
+    """(text tokens, image patches, trailing exchanges dropped to fit `text_cutoff`) of one record as the
+    pipeline will build it, or why it cannot be used."""
     try:
         patches = [image_lib.num_patches(*image_lib.image_size(p), image) for p in record.images]
     except image_lib.ImageError as e:
@@ -79,7 +81,7 @@ def measure_one(record: Record, encoder: text_lib.ChatEncoder, image: image_lib.
         return Skip("longer than the longest text bucket", record.source, str(e))
     except Exception as e:  # a literal <|image_pad|> in the text, a template error, ...: this item only
         return Skip("cannot tokenize", record.source, f"{type(e).__name__}: {e}")
-    return len(enc.input_ids), sum(patches)
+    return len(enc.input_ids), sum(patches), sum(t.role == "assistant" for t in record.turns) - enc.turns_kept
 
 
 class SizeTable:
@@ -118,7 +120,8 @@ def same_records_everywhere(records: Sequence[Record]) -> None:
 
 def measure(records: Sequence[Record], encoder: text_lib.ChatEncoder, image: image_lib.ImageConfig,
             text_cutoff: int, log_: SkipLog, *, cache: str | None = None, threads: int = 8) -> np.ndarray:
-    """(N, 2) int64 (text tokens, patches) per record, -1 where the record is skipped (counted in `log_`).
+    """(N, 3) int64 (text tokens, patches, exchanges dropped) per record, -1 where the record is skipped
+    (counted in `log_`).
 
     Multi-host: hosts agree by record index. Process 0 looks its cache up and shares the sizes, each host
     measures a strided share of the rest, the shares are exchanged: every host ends with the same sizes
@@ -129,20 +132,20 @@ def measure(records: Sequence[Record], encoder: text_lib.ChatEncoder, image: ima
     first = jax.process_index() == 0
     table = SizeTable.load(cache, size_context(encoder, image, text_cutoff)) if first else None
     keys = [record_key(r) for r in records] if first else None
-    known = np.asarray(distributed.broadcast_json([table.sizes.get(k, [-1, -1]) for k in keys] if first else None),
-                       np.int64).reshape(len(records), 2)
+    known = np.asarray(distributed.broadcast_json([table.sizes.get(k, [-1, -1, 0]) for k in keys] if first else None),
+                       np.int64).reshape(len(records), 3)
     todo = np.flatnonzero(known[:, 0] < 0).tolist()
     mine = todo[jax.process_index()::jax.process_count()]
     with ThreadPoolExecutor(max(1, threads)) as pool:
         results = list(pool.map(lambda i: measure_one(records[i], encoder, image, text_cutoff), mine))
     local = [[i, *r] if isinstance(r, tuple) else [i, r.reason, r.detail] for i, r in zip(mine, results)]
-    for i, a, b in (e for host in distributed.allgather_json(local) for e in host):
-        if isinstance(a, str):
-            log_.skip(a, records[i].source, b)
+    for i, *r in (e for host in distributed.allgather_json(local) for e in host):
+        if isinstance(r[0], str):
+            log_.skip(r[0], records[i].source, r[1])
         else:
-            known[i] = a, b
+            known[i] = r
             if first:
-                table.sizes[keys[i]] = [a, b]
+                table.sizes[keys[i]] = r
     if cache and first and todo:
         table.save(cache)
     log.info("measured %d of %d records (%d cached)", len(todo), len(records), len(records) - len(todo))

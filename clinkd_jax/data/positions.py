@@ -50,7 +50,8 @@ def get_rope_index(
         raise PositionError(f"input_ids must be (B, L), got shape {input_ids.shape}")
     b, length = input_ids.shape
     mask = np.ones_like(input_ids, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
-    grids = np.zeros((0, 3), np.int64) if image_grid_thw is None else np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
+    grids = np.zeros((0, 3), np.int64) if image_grid_thw is None else np.asarray(image_grid_thw, np.int64)
+    grids = grids.reshape(-1, 3)
     positions = np.zeros((3, b, length), np.int32)
     deltas = np.zeros((b,), np.int32)
     next_image = 0
@@ -93,7 +94,8 @@ def _sample_positions(ids, grids, next_image, image_token_id, merge, gap_in, gap
         run = ids[j : j + count]
         if len(run) < count or not (run == image_token_id).all():
             have = int(np.argmin(np.append(is_image[j:], False)))
-            raise PositionError(f"image {next_image} with grid {(gt, gh * merge, gw * merge)} needs {count} image tokens at index {j}, found {have}")
+            raise PositionError(f"image {next_image} with grid {(gt, gh * merge, gw * merge)} needs {count} image "
+                                f"tokens at index {j}, found {have}")
         base = cur_max + gap_in
         tt, hh, ww = np.meshgrid(np.arange(gt), np.arange(gh), np.arange(gw), indexing="ij")
         out[:, j : j + count] = base + np.stack([tt.ravel(), hh.ravel(), ww.ravel()])

@@ -71,7 +71,8 @@ class PseudoLabelReader:
         if s not in self._shards:  # opened on first use (once per grain worker process)
             import grain
 
-            self._shards[s] = grain.sources.ArrayRecordDataSource([os.path.join(self.path, shard_name(s, self.meta["shards"]))])
+            shard = os.path.join(self.path, shard_name(s, self.meta["shards"]))
+            self._shards[s] = grain.sources.ArrayRecordDataSource([shard])
         return self._shards[s]
 
     def get(self, record_index: int) -> dict | None:

@@ -87,7 +87,8 @@ class ChatEncoder:
         for t in turns:
             text = markup.to_qwen2vl(t.text.replace("<image>", ""))
             if t.role == "user" and not placed:
-                out.append({"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]})
+                out.append({"role": "user",
+                            "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]})
                 placed = True
             else:
                 out.append({"role": t.role, "content": text})
@@ -123,7 +124,8 @@ class ChatEncoder:
             before = self.render(msgs[:j], add_generation_prompt=True)
             after = self.render(msgs[: j + 1], add_generation_prompt=False)
             if not (before.startswith(done) and after.startswith(before)):
-                raise ValueError("the chat template does not render conversations prefix by prefix; cannot place labels")
+                raise ValueError("the chat template does not render conversations prefix by prefix; "
+                                 "cannot place labels")
             pieces += [(before[len(done):], False), (after[len(before):], True)]
             done = after
         full = self.render(msgs, add_generation_prompt=False)
@@ -142,7 +144,8 @@ class ChatEncoder:
             raise ValueError(f"rendered {len(where)} <|image_pad|> tokens for {len(image_tokens)} images")
         counts = np.ones(len(ids), np.int64)
         counts[where] = image_tokens
-        return np.repeat(ids, counts), np.where(np.repeat(ids, counts) == self.image_pad_id, IGNORE, np.repeat(labels, counts))
+        return np.repeat(ids, counts), np.where(np.repeat(ids, counts) == self.image_pad_id, IGNORE,
+                                                np.repeat(labels, counts))
 
     def prompt(self, turns, image_tokens: list[int]) -> np.ndarray:
         """Ids of a generation prompt: every turn up to the first assistant answer, then `assistant\\n`."""

@@ -73,7 +73,8 @@ class CompactTokenizer:
         for i in ids:
             k = self.row.get(int(i))
             if k is None:  # not kept: spell the token with its bytes
-                out += [self.row[b] for b in self.tok.convert_tokens_to_ids(list(self.tok.convert_ids_to_tokens(int(i))))]
+                spelled = list(self.tok.convert_ids_to_tokens(int(i)))
+                out += [self.row[b] for b in self.tok.convert_tokens_to_ids(spelled)]
             else:
                 out.append(k)
         return out
@@ -124,5 +125,6 @@ def compact_config(cfg, vocab_ids):
 
     specials = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "bos_token_id",
                 "eos_token_id")
-    return cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=len(vocab_ids)), vocab_ids=tuple(int(t) for t in vocab_ids),
+    return cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=len(vocab_ids)),
+                       vocab_ids=tuple(int(t) for t in vocab_ids),
                        **{k: at(getattr(cfg, k), k) for k in specials})

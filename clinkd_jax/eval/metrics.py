@@ -12,7 +12,6 @@ A prediction is a dict in the BiRD/ClinKD JSONL format: {"id", "image", "questio
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterable, Sequence
 
@@ -131,12 +130,3 @@ def read_predictions(path: str) -> list[dict]:
                 item["response"] = "".join(map(str, item["response"]))
             out.append(item)
     return out
-
-
-def task_of(path: str) -> str | None:
-    """'VG' | 'RO' | 'GC' | 'MII' from a file name such as Test_VG.json(l) or ..._RO_..., else None."""
-    name = os.path.basename(path).upper()
-    for task in ("MII", "VG", "RO", "GC"):
-        if re.search(rf"(^|[_\-.]){task}([_\-.]|$)", name):
-            return task
-    return None

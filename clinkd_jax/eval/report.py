@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from PIL import Image, ImageDraw
 
 from clinkd_jax.data import image as image_lib
+from clinkd_jax.data.markup import to_bird
 from clinkd_jax.data.records import MODALITIES, modality_of
 from clinkd_jax.eval.metrics import box_strings, extract_information, predicted_box_strings, to_floats
 
@@ -58,6 +59,10 @@ def markdown_table(task: str, result: dict) -> str:
     notes = []
     if result.get("skipped"):
         notes += [f"{k}: not computed — {v}" for k, v in result["skipped"].items()]
+    if result.get("unevaluated"):
+        n = sum(result["unevaluated"].values())
+        notes.append(f"{n} item(s) could not be evaluated and count as misses (empty answers): "
+                     + ", ".join(f"{k} {v}" for k, v in result["unevaluated"].items()))
     if result.get("tokenizer") and "approximation" in result["tokenizer"]:
         notes.append(f"tokenizer: {result['tokenizer']}")
     if notes:
@@ -139,7 +144,8 @@ def _draw_boxes(img: Image.Image, boxes: Sequence, color, width: int) -> None:
     for b in boxes:
         if b is None:
             continue
-        x1, y1, x2, y2 = (b[0] * img.width / 1000, b[1] * img.height / 1000, b[2] * img.width / 1000, b[3] * img.height / 1000)
+        x1, y1, x2, y2 = (b[0] * img.width / 1000, b[1] * img.height / 1000, b[2] * img.width / 1000,
+                          b[3] * img.height / 1000)
         if x2 > x1 and y2 > y1:
             d.rectangle([x1, y1, x2, y2], outline=color, width=width)
 
@@ -176,12 +182,14 @@ def gallery(task: str, predictions: Sequence[dict], image_dir: str, out_dir: str
                 _draw_boxes(img, pred, PRED, 2)
                 png = io.BytesIO()
                 img.save(png, format="PNG")
-                pic = f"<img src='data:image/png;base64,{base64.b64encode(png.getvalue()).decode()}' width='{img.width}'>"
+                data = base64.b64encode(png.getvalue()).decode()
+                pic = f"<img src='data:image/png;base64,{data}' width='{img.width}'>"
             except (image_lib.ImageError, OSError) as e:
                 pic = f"<p><i>image not shown: {html.escape(str(e))}</i></p>"
             rows.append(
                 "<div style='margin:8px;width:340px;font:12px sans-serif'>" + pic
-                + f"<p><b>Q:</b> {html.escape(p['question'])}</p><p><b>reference:</b> {html.escape(p['annotation'])}</p>"
+                + f"<p><b>Q:</b> {html.escape(p['question'])}</p>"
+                + f"<p><b>reference:</b> {html.escape(p['annotation'])}</p>"
                 + f"<p><b>model:</b> {html.escape(response)}</p></div>")
         rows.append("</div>")
     page = os.path.join(out_dir, f"{task}.html")
@@ -191,6 +199,4 @@ def gallery(task: str, predictions: Sequence[dict], image_dir: str, out_dir: str
 
 
 def _as_bird(text: str) -> str:
-    from clinkd_jax.data.markup import to_bird
-
     return to_bird(text) if "<|box_start|>" in text else ""

@@ -7,12 +7,19 @@ gallery, all in the workdir.
     <workdir>/charts/<task>.png               per-modality bars
     <workdir>/gallery/<task>.html             images with ground-truth and predicted boxes
 
-Resumes: items already in a prediction file are not generated again (a torn last line is dropped).
-Score-only: `eval.predictions` lists existing JSONL files (ours or another system's); no model is loaded.
+Protocol: every item of a test file that has a reference answer is scored. An item that cannot be
+generated for (missing or unreadable image, prompt too long) gets a prediction line with an empty
+response and the reason in "unevaluated": it counts as a miss, as the released scripts would score an
+item they got no answer for, and never shrinks the denominator; results.md says how many.
+
+Resumes: items already in a prediction file are not generated again (a torn last line is dropped; items
+marked unevaluated are tried again). Score-only: `eval.predictions` lists existing JSONL files (ours or
+another system's); no model is loaded.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -27,7 +34,7 @@ from clinkd_jax.infer import generate as gen_lib
 from clinkd_jax.infer import prompts as prompts_lib
 from clinkd_jax.infer import sasg
 from clinkd_jax.models.qwen2vl import Qwen2VL
-from clinkd_jax.run_setup import TASKS, eval_image_dir, test_files
+from clinkd_jax.run_setup import TASKS, ConfigError, check_common, eval_image_dir, task_of, test_files
 
 log = logging.getLogger("clinkd_jax.eval")
 
@@ -43,8 +50,8 @@ def sampling_for(c, task: str, stop_ids: tuple[int, ...], pad_id: int) -> gen_li
 
 
 def read_done(path: str) -> set[int]:
-    """Ids already predicted; a torn last line (killed mid-write) is dropped from the file. Call on the
-    writing process only (`done_ids`)."""
+    """Ids already predicted; a torn last line (killed mid-write) and the lines of unevaluated items (tried
+    again) are dropped from the file. Call on the writing process only (`done_ids`)."""
     if not os.path.isfile(path):
         return set()
     good, done = [], set()
@@ -52,6 +59,8 @@ def read_done(path: str) -> set[int]:
         for line in f:
             try:
                 item = json.loads(line)
+                if "unevaluated" in item:
+                    continue
                 done.add(int(item["id"]))
                 good.append(line if line.endswith("\n") else line + "\n")
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
@@ -89,12 +98,18 @@ def predict(c, task: str, recs, generator, encoder, out_path: str, skips: record
                disable=not (writer and c.train.progress))
     made = 0
     with open(out_path, "a") if writer else open(os.devnull, "w") as f:
-        for k, (batch_recs, batch) in enumerate(prompts_lib.prompt_batches(todo, encoder, pcfg, skips, repeat=n)):
+
+        def miss(r, reason):  # scored as an empty answer
+            f.write(json.dumps({**prediction_line(r), "response": "", "unevaluated": reason},
+                               ensure_ascii=False) + "\n")
+            bar.update(1)
+
+        batches = prompts_lib.prompt_batches(todo, encoder, pcfg, skips, repeat=n, on_skip=miss)
+        for k, (batch_recs, batch) in enumerate(batches):
             tokens = generator(batch, sampling, rng=jax.random.fold_in(jax.random.key(c.seed), k))
             texts = [tok.decode(row, skip_special_tokens=False) for row in gen_lib.trim(tokens, stop_ids)]
             for i, r in enumerate(batch_recs):
-                line = {"id": r.index, "image": os.path.basename(r.images[0]), "question": r.question,
-                        "annotation": r.answer}
+                line = prediction_line(r)
                 if n > 1:
                     cands = texts[i * n:(i + 1) * n]
                     best, scores = sasg.select(cands, similarity=e.sasg_similarity)
@@ -109,17 +124,29 @@ def predict(c, task: str, recs, generator, encoder, out_path: str, skips: record
     return made
 
 
+def prediction_line(r) -> dict:
+    """The BiRD/ClinKD prediction fields of a test record, without the response."""
+    return {"id": r.index, "image": os.path.basename(r.images[0]), "question": r.question, "annotation": r.answer}
+
+
 def score(task: str, predictions: list[dict], scorer_box: dict, spice: bool) -> dict:
+    """The task's metrics; "unevaluated" counts, by reason, the items scored as misses (empty answers)."""
     if task == "VG":
-        return metrics.vg_recall(predictions)
-    if task == "RO":
-        return metrics.roc_accuracy(predictions)
-    if "scorer" not in scorer_box:
-        scorer_box["scorer"] = captions.CaptionScorer(spice=spice)
-    return captions.caption_metrics(predictions, task, scorer_box["scorer"])
+        result = metrics.vg_recall(predictions)
+    elif task == "RO":
+        result = metrics.roc_accuracy(predictions)
+    else:
+        if "scorer" not in scorer_box:
+            scorer_box["scorer"] = captions.CaptionScorer(spice=spice)
+        result = captions.caption_metrics(predictions, task, scorer_box["scorer"])
+    unevaluated: dict[str, int] = {}
+    for p in predictions:
+        if "unevaluated" in p:
+            unevaluated[p["unevaluated"]] = unevaluated.get(p["unevaluated"], 0) + 1
+    return {**result, "unevaluated": unevaluated}
 
 
-def write_reports(c, workdir: str, results: dict, preds: dict, images: str) -> None:
+def write_reports(c, workdir: str, results: dict, preds: dict, images: str, left_out: dict[str, int]) -> None:
     for sub in ("tables", "charts", "gallery"):
         os.makedirs(os.path.join(workdir, sub), exist_ok=True)
     tables = []
@@ -132,23 +159,23 @@ def write_reports(c, workdir: str, results: dict, preds: dict, images: str) -> N
         if images and os.path.isdir(images) and c.eval.gallery_per_modality > 0:
             report.gallery(task, preds[task], images, os.path.join(workdir, "gallery"), c.eval.gallery_per_modality,
                            seed=c.seed)
+    if left_out:
+        tables.append("Test items left out (no usable reference answer, not scorable): "
+                      + ", ".join(f"{k} {v}" for k, v in left_out.items()) + "\n")
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write("\n".join(tables))
 
 
 def validate(c, workdir: str) -> None:
-    from clinkd_jax.train.config import ConfigError, _source, compact_vocab  # the field checks shared with training
-
     e = c.eval
     if e.predictions:
         for p in e.predictions:
             if not os.path.isfile(p):
                 raise ConfigError(f"eval.predictions: {p} does not exist")
-            if metrics.task_of(p) is None:
+            if task_of(p) is None:
                 raise ConfigError(f"eval.predictions: cannot tell the task of {p} (name it like Test_VG.jsonl)")
         return
-    _source(c, "model", required=True)
-    compact_vocab(c)
+    check_common(c)
     unknown = [t for t in e.tasks if t not in TASKS]
     if unknown:
         raise ConfigError(f"eval.tasks has {unknown}; known: {TASKS}")
@@ -173,24 +200,27 @@ def run(c, workdir: str) -> dict:
     validate(c, workdir)
     pred_dir = os.path.join(workdir, "predictions")
     os.makedirs(pred_dir, exist_ok=True)
-    skips = records_lib.SkipLog(strict=c.data.strict)
+    skips = records_lib.SkipLog(strict=c.data.strict)  # items not generated for: scored as misses
+    read_skips = records_lib.SkipLog(strict=c.data.strict)  # items of the test files that cannot be scored
     generated = {}
     if c.eval.predictions:
-        pred_files = {metrics.task_of(p): p for p in c.eval.predictions}
+        pred_files = {task_of(p): p for p in c.eval.predictions}
     else:
         mesh, rules = run_setup.make_run_mesh(c)
-        cfg, params = run_setup.load_model(c.model, mesh, rules, c.seed, run_setup.compact_vocab(c, workdir))
+        cfg, params = run_setup.load_model(c.model, mesh, rules, c.seed, run_setup.compact_vocab(c, workdir),
+                                         c.model.param_dtype)
         model = Qwen2VL(cfg, dtype=c.model.dtype, attention_impl=c.model.attention)
         generator = gen_lib.Generator(model, params, mesh, rules)
         encoder = run_setup.encoder_for(c, cfg.vocab_ids)
         pred_files = {}
         for task, path in test_files(c, workdir).items():
-            recs = records_lib.read_medgrit(path, eval_image_dir(c, workdir), log=skips)
+            recs = run_setup.eval_records(c, path, workdir, read_skips)
             if c.eval.limit > 0:
                 recs = recs[: c.eval.limit]
             pred_files[task] = os.path.join(pred_dir, f"Test_{task}.jsonl")
             generated[task] = predict(c, task, recs, generator, encoder, pred_files[task], skips)
         log.info("generation compiled %d time(s)", generator.compiled)
+    skipped = dict(collections.Counter(read_skips.counts) + collections.Counter(skips.counts))
     results, preds, box = {}, {}, {}
     if jax.process_index() == 0:
         for task, path in pred_files.items():
@@ -199,10 +229,11 @@ def run(c, workdir: str) -> dict:
         if "scorer" in box:
             box["scorer"].close()
         with open(os.path.join(workdir, "metrics.json"), "w") as f:
-            json.dump({"tasks": results, "skipped": dict(skips.counts), "generated": generated,
+            json.dump({"tasks": results, "skipped": skipped, "generated": generated,
                        "predictions": pred_files}, f, indent=2)
-        write_reports(c, workdir, results, preds, eval_image_dir(c, workdir))
-    if skips.total:
-        log.warning("%s", skips.report())
-    return {"stage": "eval", "tasks": results, "skipped": dict(skips.counts), "generated": generated,
+        write_reports(c, workdir, results, preds, eval_image_dir(c, workdir), read_skips.counts)
+    for what, log_ in (("not scorable", read_skips), ("scored as misses", skips)):
+        if log_.total:
+            log.warning("%s: %s", what, log_.report())
+    return {"stage": "eval", "tasks": results, "skipped": skipped, "generated": generated,
             "workdir": workdir, "means": {t: r["mean"] for t, r in results.items()}}

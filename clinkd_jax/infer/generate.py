@@ -41,7 +41,8 @@ class SamplingConfig:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise ValueError(f"bad sampling setting temperature={self.temperature} top_p={self.top_p} top_k={self.top_k}")
+            raise ValueError(f"bad sampling setting temperature={self.temperature} top_p={self.top_p} "
+                             f"top_k={self.top_k}")
         if not self.stop_token_ids:
             raise ValueError("stop_token_ids is empty: generation could never stop early")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 import concurrent.futures
 import dataclasses
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -76,7 +76,8 @@ def bucket_of(sample: dict, cfg: PromptConfig) -> tuple[int, int]:
     return t, n
 
 
-def collate_prompts(samples: Sequence[dict], bucket: tuple[int, int], cfg: PromptConfig, batch_size: int | None = None) -> dict:
+def collate_prompts(samples: Sequence[dict], bucket: tuple[int, int], cfg: PromptConfig,
+                    batch_size: int | None = None) -> dict:
     """Left-pad `samples` into one static batch; rows past len(samples) are empty filler."""
     length, n_patches = bucket
     b = batch_size or cfg.batch_size
@@ -95,9 +96,11 @@ def collate_prompts(samples: Sequence[dict], bucket: tuple[int, int], cfg: Promp
 
 def prompt_batches(
     records: Iterable[Record], encoder: text_lib.ChatEncoder, cfg: PromptConfig, log: SkipLog, repeat: int = 1,
+    on_skip: Callable[[Record, str], None] | None = None,
 ) -> Iterator[tuple[list[Record], dict]]:
     """(records, batch) pairs; bad items are counted in `log` by reason (never raised mid-run unless
-    log.strict). `repeat` > 1 puts each prompt in `repeat` consecutive rows (several samples per question)."""
+    log.strict) and passed to `on_skip(record, reason)`. `repeat` > 1 puts each prompt in `repeat`
+    consecutive rows (several samples per question)."""
     per_batch = cfg.batch_size // repeat
     if per_batch < 1 or cfg.batch_size % repeat:
         raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of repeat={repeat}")
@@ -121,6 +124,8 @@ def prompt_batches(
             for record, sample in pool.map(build, records[start:start + window]):
                 if isinstance(sample, PromptSkip):
                     log.skip(sample.reason, record.source, sample.detail)
+                    if on_skip is not None:
+                        on_skip(record, sample.reason)
                     continue
                 key = bucket_of(sample, cfg)
                 waiting.setdefault(key, []).append((record, sample))

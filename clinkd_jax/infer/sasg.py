@@ -84,7 +84,8 @@ def resolve(similarity: str | Similarity) -> Similarity:
     raise ValueError(f"unknown similarity {similarity!r}: one of {sorted(SIMILARITIES)} or 'module:function'")
 
 
-def scores(candidates: Sequence[str], reference: str | None = None, similarity: str | Similarity = "overlap") -> list[float]:
+def scores(candidates: Sequence[str], reference: str | None = None,
+           similarity: str | Similarity = "overlap") -> list[float]:
     """Similarity to the reference when given, else mean similarity to the other candidates."""
     sim = resolve(similarity)
     if reference is not None:
@@ -97,7 +98,8 @@ def scores(candidates: Sequence[str], reference: str | None = None, similarity: 
     return out
 
 
-def select(candidates: Sequence[str], reference: str | None = None, similarity: str | Similarity = "overlap") -> tuple[int, list[float]]:
+def select(candidates: Sequence[str], reference: str | None = None,
+           similarity: str | Similarity = "overlap") -> tuple[int, list[float]]:
     """(index of the best candidate, all scores); ties go to the earliest candidate."""
     if not candidates:
         raise ValueError("SASG needs at least one candidate")

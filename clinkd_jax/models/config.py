@@ -225,14 +225,17 @@ class Qwen2VLConfig:
 def validate(cfg: Qwen2VLConfig) -> None:
     t, v = cfg.text, cfg.vision
     if t.hidden_size % t.num_attention_heads:
-        raise ConfigError(f"text.hidden_size={t.hidden_size} is not divisible by num_attention_heads={t.num_attention_heads}")
+        raise ConfigError(f"text.hidden_size={t.hidden_size} is not divisible by "
+                          f"num_attention_heads={t.num_attention_heads}")
     if t.num_attention_heads % t.num_key_value_heads:
         raise ConfigError(
-            f"text.num_attention_heads={t.num_attention_heads} is not a multiple of num_key_value_heads={t.num_key_value_heads}"
+            f"text.num_attention_heads={t.num_attention_heads} is not a multiple of "
+            f"num_key_value_heads={t.num_key_value_heads}"
         )
     if t.head_dim % 2 or sum(t.mrope_section) * 2 != t.head_dim:
         raise ConfigError(
-            f"text.mrope_section={list(t.mrope_section)} must sum to head_dim/2={t.head_dim // 2} (head_dim={t.head_dim})"
+            f"text.mrope_section={list(t.mrope_section)} must sum to head_dim/2={t.head_dim // 2} "
+            f"(head_dim={t.head_dim})"
         )
     if len(t.mrope_section) != 3:
         raise ConfigError(f"text.mrope_section must have 3 entries (t, h, w), got {list(t.mrope_section)}")

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from clinkd_jax.sharding import constrain
+
 Dtype = Any
 INIT_STD = 0.02  # transformers' initializer_range for Qwen2-VL
 
@@ -19,8 +21,6 @@ class NamedParam(nn.LogicallyPartitioned):
     def unbox(self, apply_constraint=True):
         if not apply_constraint:
             return self.value
-        from clinkd_jax.sharding import constrain
-
         return constrain(self.value, self.names)
 
 
@@ -56,7 +56,8 @@ class Dense(nn.Module):
         dims = ((axis, tuple(range(len(axis)))), ((), ()))
         y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), dims)
         if self.use_bias:
-            bias = self.param("bias", named(nn.initializers.zeros_init(), self.names[-len(features):]), features, self.param_dtype)
+            bias = self.param("bias", named(nn.initializers.zeros_init(), self.names[-len(features):]), features,
+                              self.param_dtype)
             y = y + bias.astype(self.dtype)
         return y
 

@@ -82,7 +82,8 @@ class Qwen2Attention(nn.Module):
             q, k.astype(q.dtype), v.astype(q.dtype), mask_b1ts, impl=self.attention_impl,
             q_segment_ids=segment_ids_bt, kv_segment_ids=segment_ids_bt, causal=True,
         )
-        out = dense(c.hidden_size, ("q_heads", "head_dim", "embed"), axis=(-2, -1), use_bias=False, name="o_proj", **kw)(out)
+        out = dense(c.hidden_size, ("q_heads", "head_dim", "embed"), axis=(-2, -1), use_bias=False, name="o_proj",
+                    **kw)(out)
         return out, new_cache
 
 
@@ -136,7 +137,8 @@ class Qwen2Model(nn.Module):
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.embed_tokens = nn.Embed(
-            c.vocab_size, c.hidden_size, embedding_init=named(nn.initializers.normal(INIT_STD), ("vocab", "embed")), **kw
+            c.vocab_size, c.hidden_size, embedding_init=named(nn.initializers.normal(INIT_STD), ("vocab", "embed")),
+            **kw
         )
         self.layers = nn.scan(
             maybe_remat(Qwen2DecoderLayer, self.remat),

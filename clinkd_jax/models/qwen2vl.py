@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from clinkd_jax import sharding
 from clinkd_jax.models.config import Qwen2VLConfig
 from clinkd_jax.models.layers import dense
 from clinkd_jax.models.llm import KVCache, Qwen2Model
@@ -55,7 +56,8 @@ class Qwen2VL(nn.Module):
         self.visual = VisionTransformer(self.cfg.vision, t.hidden_size, **kw)
         self.model = Qwen2Model(t, **kw)
         if not t.tie_word_embeddings:
-            self.lm_head = dense(t.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+            self.lm_head = dense(t.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype,
+                                 param_dtype=self.param_dtype)
 
     def __call__(
         self,
@@ -122,15 +124,11 @@ def abstract_params(model: Qwen2VL):
 
 def param_shardings(model: Qwen2VL, mesh, rules=None):
     """NamedShardings of the parameter tree on `mesh` under the logical `rules`."""
-    from clinkd_jax import sharding
-
     return sharding.tree_shardings(abstract_params(model), mesh, rules or sharding.DEFAULT_RULES)
 
 
 def init_params(model: Qwen2VL, rng: jax.Array, mesh=None, rules=None):
     """Random parameters created directly on their shards (jit with out_shardings; no host copy)."""
-    from clinkd_jax import sharding
-
     mesh = mesh or sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     rules = rules or sharding.DEFAULT_RULES
     shardings = param_shardings(model, mesh, rules)

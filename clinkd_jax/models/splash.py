@@ -21,6 +21,8 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 from jax.sharding import PartitionSpec as P
 
+from clinkd_jax import sharding
+
 BLOCK = 128
 
 
@@ -60,8 +62,6 @@ def attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return body(q, k, v, q_segment_ids, kv_segment_ids)
-    from clinkd_jax import sharding
-
     shape = dict(mesh.shape)
     rules = sharding.current_rules()
     batch = sharding.logical_to_spec(("batch",), q.shape[:1], shape, rules)[0]

@@ -8,15 +8,14 @@ import jax
 import numpy as np
 
 from clinkd_jax.data import pseudo_labels as pl_store
-from clinkd_jax.models import config as model_config
 from clinkd_jax.models.attention import IMPLS
-from clinkd_jax.models.config import ConfigError  # noqa: F401  (the package's one ConfigError)
+from clinkd_jax.run_setup import ConfigError, check_common, check_source
 from clinkd_jax.train import losses
 
 
 def kd_config(c) -> losses.KDConfig:
     fields = {k: v for k, v in c.kd.to_dict().items() if k in losses.KDConfig.__dataclass_fields__}
-    return losses.KDConfig(**fields)
+    return losses.KDConfig(**{**fields, "token_weights": losses.resolve_token_weights(c.kd.token_weights)})
 
 
 def pseudo_label_switches(c) -> None:
@@ -45,43 +44,17 @@ def _pseudo_labels(c) -> None:
                               f"with kd.{field}={meta.get(field)!r}; write them again or use the same setting")
 
 
-def _source(c, name: str, required: bool) -> None:
-    src = c[name]
-    given = [k for k in ("hf_dir", "orbax_dir", "preset") if src.get(k)]
-    if len(given) > 1:
-        raise ConfigError(f"{name}: give exactly one of hf_dir / orbax_dir / preset, got {', '.join(f'{name}.{g}' for g in given)}")
-    if not given:
-        if required:
-            raise ConfigError(f"{name}: no source; set {name}.hf_dir, {name}.orbax_dir or {name}.preset")
-        return
-    if src.preset and src.preset not in model_config.PRESETS:
-        raise ConfigError(f"{name}.preset={src.preset!r} is not one of {sorted(model_config.PRESETS)}")
-    for key in ("hf_dir", "orbax_dir"):
-        if src.get(key) and not os.path.isdir(src[key]):
-            raise ConfigError(f"{name}.{key}={src[key]!r} is not a directory")
-
-
-def compact_vocab(c) -> None:
-    vocab = c.model.get("compact_vocab", "")
-    if vocab and c.model.preset:  # a checkpoint keeps its own vocabulary
-        if vocab != "data" and not os.path.isfile(vocab):
-            raise ConfigError(f"model.compact_vocab={vocab!r} is neither 'data' nor a JSON file of token ids")
-        if c.checkpoint.export_hf:
-            raise ConfigError("checkpoint.export_hf: a compact-vocabulary model cannot be exported to the Hugging "
-                              "Face layout (full vocabulary); unset model.compact_vocab or export_hf")
-
-
 def validate(c) -> None:
     if c.stage not in ("sft", "kd", "rct"):
         raise ConfigError(f"stage={c.stage!r} is not one of ('sft', 'kd', 'rct', 'eval')")
-    for f in c.data.get("extra_files", ()):
+    for f in c.data.extra_files:
         if not os.path.isfile(f):
             raise ConfigError(f"data.extra_files: {f} does not exist")
-    if c.data.get("extra_mode", "append") not in ("append", "replace"):
+    if c.data.extra_mode not in ("append", "replace"):
         raise ConfigError(f"data.extra_mode={c.data.extra_mode!r} is not one of ('append', 'replace')")
-    _source(c, "model", required=True)
-    cached = c.stage == "kd" and bool(c.kd.get("pseudo_labels"))
-    _source(c, "teacher", required=c.stage == "kd" and not cached)
+    check_common(c)
+    cached = c.stage == "kd" and bool(c.kd.pseudo_labels)
+    check_source(c, "teacher", required=c.stage == "kd" and not cached)
     if cached:
         _pseudo_labels(c)
     if c.stage == "kd":
@@ -97,12 +70,13 @@ def validate(c) -> None:
             np.dtype(c[section][key])
         except TypeError:
             raise ConfigError(f"{field}={c[section][key]!r} is not a dtype") from None
-    compact_vocab(c)
-    if c.rct.get("every_steps", 0) > 0:
+    if c.rct.every_steps > 0:
         if c.stage != "sft":
-            raise ConfigError(f"rct.every_steps={c.rct.every_steps}: RCT rounds run inside SFT (stage 'sft'), not {c.stage!r}")
+            raise ConfigError(f"rct.every_steps={c.rct.every_steps}: RCT rounds run inside SFT (stage 'sft'), "
+                              f"not {c.stage!r}")
         if c.train.steps <= 0:
-            raise ConfigError("rct.every_steps needs train.steps > 0 (rounds change the pool, so epochs do not say when to stop)")
+            raise ConfigError("rct.every_steps needs train.steps > 0 (rounds change the pool, so epochs do not say "
+                              "when to stop)")
         if c.rct.rounds < 1:
             raise ConfigError(f"rct.rounds={c.rct.rounds} must be >= 1")
     if c.model.attention not in IMPLS:

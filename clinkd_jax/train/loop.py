@@ -6,10 +6,19 @@ every host stops at the same step), stops on a non-finite loss with the step num
 checkpoint is kept), and writes `metrics.jsonl`, TensorBoard events and `loss.png` to the workdir.
 At the end, `<workdir>/params` (with the tokenizer and chat template in hf_assets/: a later stage's
 model or teacher) and optionally `<workdir>/export_hf` (the Hugging Face layout).
+
+Step-end hooks (`run(..., hooks=)`; in-run RCT, `clinkd_jax.train.rct.InRun`, is one) let a stage act
+between steps without the loop knowing it. A hook has
+    due(step) -> bool                  act after this step (a checkpoint is saved right after)
+    __call__(step, params, run)        act; `run` is a `HookContext`
+    pool_files(step) -> list[str]      training files it has added to the pool by `step` (ShareGPT)
+    resume(step)                       the run resumed at `step`
+    summary() -> dict                  merged into the run's summary
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -23,9 +32,11 @@ import jax
 from clinkd_jax import checkpoint, distributed, run_setup, sharding
 from clinkd_jax.convert import hf
 from clinkd_jax.data import pipeline, records
+from clinkd_jax.models.config import Qwen2VLConfig
 from clinkd_jax.models.qwen2vl import Qwen2VL, abstract_params
-from clinkd_jax.train import rct, state as state_lib, steps
-from clinkd_jax.train.config import kd_config, validate
+from clinkd_jax.train import state as state_lib
+from clinkd_jax.train import steps
+from clinkd_jax.train.config import ConfigError, kd_config, validate
 from clinkd_jax.train.report import MetricsWriter
 
 log = logging.getLogger("clinkd_jax.train")
@@ -33,6 +44,17 @@ log = logging.getLogger("clinkd_jax.train")
 
 class NonFiniteLoss(FloatingPointError):
     pass
+
+
+@dataclasses.dataclass(frozen=True)
+class HookContext:
+    """What a step-end hook may use of the running stage."""
+
+    cfg: Qwen2VLConfig
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    records: list
+    encoder: object
 
 
 def batches(c, workdir, recs, encoder, mesh, rules, pool_files=(), skips=None):
@@ -68,12 +90,16 @@ class StopSignal:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def run(c, workdir: str) -> dict:
-    """Train as `c` says; returns a summary (final metrics, steps, skips, paths)."""
+def run(c, workdir: str, hooks=()) -> dict:
+    """Train as `c` says, calling the step-end `hooks`; returns a summary (final metrics, steps, skips, paths)."""
     validate(c)
+    if c.rct.every_steps > 0 and not hooks:  # the rounds would silently not happen
+        raise ConfigError("rct.every_steps: in-run RCT rounds are a step-end hook; run the stage with "
+                          "clinkd_jax.recipe.run_stage (as clinkd_jax.main does)")
     os.makedirs(workdir, exist_ok=True)
     mesh, rules = run_setup.make_run_mesh(c)
-    cfg, params = run_setup.load_model(c.model, mesh, rules, c.seed, run_setup.compact_vocab(c, workdir))
+    cfg, params = run_setup.load_model(c.model, mesh, rules, c.seed, run_setup.compact_vocab(c, workdir),
+                                         c.model.param_dtype)
     model = Qwen2VL(cfg, dtype=c.model.dtype, param_dtype=c.model.param_dtype, attention_impl=c.model.attention,
                     remat=c.model.remat)
     teacher = teacher_params = None
@@ -84,12 +110,15 @@ def run(c, workdir: str) -> dict:
     ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"), save_every=c.checkpoint.save_every,
                                         keep=c.checkpoint.keep, async_save=c.checkpoint.async_save,
                                         commit_files=c.checkpoint.commit_files)
-    in_run = rct.InRun(c, workdir) if c.stage == "sft" and c.rct.every_steps > 0 else None
     start = ckpt.latest_step() or 0
+
+    def pool_files(step):
+        return [f for h in hooks for f in h.pool_files(step)]
+
     read_skips = records.SkipLog(strict=c.data.strict)
     recs = run_setup.training_records(c, workdir, read_skips)
     encoder = run_setup.encoder_for(c, cfg.vocab_ids)
-    data = batches(c, workdir, recs, encoder, mesh, rules, in_run.files_by(start) if in_run else (), read_skips)
+    data = batches(c, workdir, recs, encoder, mesh, rules, pool_files(start), read_skips)
 
     opt = state_lib.OptimConfig(
         learning_rate=c.optim.learning_rate, schedule=c.optim.schedule, warmup_steps=c.optim.warmup_steps,
@@ -107,8 +136,8 @@ def run(c, workdir: str) -> dict:
         else:
             start, state, data_state = restored
             data.set_state(data_state)
-            if in_run:
-                in_run.resume(start)
+            for h in hooks:
+                h.resume(start)
             log.info("resumed from step %d (epoch %d, batch %d of %d)", start, data.epoch, data.batch,
                      data.batches_per_epoch)
         del params
@@ -127,31 +156,33 @@ def run(c, workdir: str) -> dict:
                 batch = next(data, None)
                 if batch is None:
                     break
-                state, metrics = step_fn(state, teacher_params, run_setup.device_batch(batch, mesh, rules, c.data.batch_size))
+                state, metrics = step_fn(state, teacher_params,
+                                         run_setup.device_batch(batch, mesh, rules, c.data.batch_size))
                 step += 1
-                rct_now = in_run is not None and step in in_run.at
+                due = [h for h in hooks if h.due(step)]
                 preempted = stop(step)  # every host answers the same at the same step
-                saving = ckpt.manager.should_save(step) or rct_now or preempted  # a resume must see the grown pool
+                saving = ckpt.manager.should_save(step) or bool(due) or preempted  # a resume must see the grown pool
                 if step % c.train.log_every == 0 or step == c.train.steps or saving:
                     metrics = jax.tree.map(float, metrics)  # a host sync; never save a state without this check
                     if not math.isfinite(metrics["loss"]):
                         raise NonFiniteLoss(f"non-finite loss {metrics['loss']} at step {step}; the last good "
                                             f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
                 if step % c.train.log_every == 0 or step == c.train.steps:
-                    metrics["tokens_per_s"] = metrics["tokens"] * c.train.log_every / max(time.perf_counter() - t0, 1e-9)
+                    elapsed = max(time.perf_counter() - t0, 1e-9)
+                    metrics["tokens_per_s"] = metrics["tokens"] * c.train.log_every / elapsed
                     metrics["epoch"] = data.epoch + data.batch / data.batches_per_epoch
                     t0 = time.perf_counter()
                     writer.write(step, metrics)
-                if rct_now:  # a correction round with the current params; the pool grows from the next step
-                    gen_model = Qwen2VL(cfg, dtype=c.model.dtype, attention_impl=c.model.attention)
-                    in_run.run_round(step, state.params, gen_model, mesh, rules, recs, encoder)
+                if due:  # e.g. a correction round with the current params; the pool grows from the next step
+                    for h in due:
+                        h(step, state.params, HookContext(cfg, mesh, rules, recs, encoder))
                     old = data
-                    data = batches(c, workdir, recs, encoder, mesh, rules, in_run.files_by(step))
+                    data = batches(c, workdir, recs, encoder, mesh, rules, pool_files(step))
                     data.set_state({"epoch": old.epoch, "batch": old.batch})  # the stream goes on, not epoch 0
                     data.load_skips.update(old.load_skips)
-                    t0 = time.perf_counter()  # the round's time is not training throughput
+                    t0 = time.perf_counter()  # the hooks' time is not training throughput
                 if saving:
-                    ckpt.save(step, state, data.get_state(), c.to_dict(), force=rct_now or preempted)
+                    ckpt.save(step, state, data.get_state(), c.to_dict(), force=bool(due) or preempted)
                 if preempted:
                     log.warning("SIGTERM: saved step %d; stopping (run the same command to resume)", step)
                     break
@@ -174,7 +205,7 @@ def run(c, workdir: str) -> dict:
     summary = {"stage": c.stage, "steps": step, "start_step": start, "final": metrics,
                "skipped": data.skips_all_hosts(), "workdir": workdir, "preempted": preempted,
                "epochs": data.epoch + data.batch / data.batches_per_epoch,
-               **({"rct": in_run.rounds} if in_run else {})}
+               **{k: v for h in hooks for k, v in h.summary().items()}}
     if jax.process_index() == 0:  # one writer per shared workdir
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2, default=float)

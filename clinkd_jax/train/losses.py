@@ -12,6 +12,13 @@ Distillation as released (clinkd-spec §2.2), with every switch of §6:
     L_CE = mean over supervised next-token targets
     L = (alpha * L_KD + L_CE) / (1 + alpha)                               (alpha = 0.5, T = 0.5, no T^2)
 
+w_t = 1 reproduces the released code. `kd.token_weights` = "module:function" computes w_t inside each loss
+chunk from the two distributions (clinkd-spec §2.4: v4's confidence-margin curriculum is named but
+unpublished, so it is a hook, not a rule): `fn(teacher_logp, student_logp) -> (B, c)`, both (B, c, V)
+log-probabilities at temperature T over the same entries (the student vocabulary; the k stored tokens with
+pseudo-labels). The weights are coefficients: no gradient flows through them. `confidence_margin` below is
+an example.
+
 Over which rows the sums and means run (`sum_rows`): the released trainer computes L on one device's
 micro-batch (2 rows) and DDP averages the devices' losses. So the batch is cut into groups of
 `sum_rows` consecutive rows, L is computed per group and the groups are averaged: the loss is the same
@@ -22,6 +29,7 @@ on any mesh and for any data-parallel width. `sum_rows=0` sums over the whole gl
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable
 
 import jax
@@ -39,6 +47,7 @@ class KDConfig:
     divergence: str = "forward"  # "forward" KL(teacher||student) | "reverse" KL(student||teacher)
     use_ce: bool = True  # False: L = L_KD alone (the released trainer's other branch)
     sum_rows: int = 2  # rows per loss group: the released per-device micro-batch; 0 = the whole batch
+    token_weights: Callable[[jax.Array, jax.Array], jax.Array] | None = None  # None: w = 1 (released)
 
     def __post_init__(self):
         for name, allowed in (("mask", ("released", "aligned")), ("reduction", ("sum", "mean")),
@@ -51,6 +60,37 @@ class KDConfig:
             raise ValueError(f"kd.alpha must be >= 0, got {self.alpha}")
         if self.sum_rows < 0:
             raise ValueError(f"kd.sum_rows must be >= 0, got {self.sum_rows}")
+
+
+def resolve_token_weights(spec: str) -> Callable | None:
+    """"" -> None (uniform weights); "module:function" -> the function (raises ValueError naming what is wrong)."""
+    if not spec:
+        return None
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ValueError(f"kd.token_weights={spec!r} must be 'module:function' (or '' for uniform weights)")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"kd.token_weights={spec!r}: {e}") from None
+    if not callable(fn):
+        raise ValueError(f"kd.token_weights={spec!r} is not a function")
+    return fn
+
+
+def confidence_margin(teacher_logp: jax.Array, student_logp: jax.Array) -> jax.Array:
+    """An example token weighting: the teacher's top-1 minus top-2 probability (confident tokens count more).
+    Not the paper's v4 rule (unpublished); `kd.token_weights=clinkd_jax.train.losses:confidence_margin`."""
+    del student_logp
+    top2 = jax.lax.top_k(teacher_logp, 2)[0]
+    return jnp.exp(top2[..., 0]) - jnp.exp(top2[..., 1])
+
+
+def _weighted(kd: KDConfig, w: jax.Array, log_p: jax.Array, log_q: jax.Array) -> jax.Array:
+    """Per-token KD weights of a chunk: the static ones times the hook's (held constant)."""
+    if kd.token_weights is None:
+        return w
+    return w * jax.lax.stop_gradient(kd.token_weights(log_p, log_q).astype(jnp.float32))
 
 
 def _chunks(x, chunk):
@@ -106,7 +146,8 @@ def token_losses(
             log_q = jnp.take_along_axis(jax.nn.log_softmax(logits / kd.temperature, axis=-1), x["tk_ids"], axis=-1)
             log_p = x["tk_logp"].astype(jnp.float32)
             m = x["kd_m"] & x["tk_valid"]
-            out["kd_sum"] = rows(jnp.where(m, jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1) * x["w"], 0.0))
+            w = _weighted(kd, x["w"], log_p, log_q)
+            out["kd_sum"] = rows(jnp.where(m, jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1) * w, 0.0))
             out["kd_count"] = rows(m).astype(jnp.float32)
         elif distill:
             t_logits = jax.lax.stop_gradient(teacher_head(x["th"]).astype(jnp.float32))[..., :vocab]
@@ -117,7 +158,7 @@ def token_losses(
             else:
                 kl = jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1)
             m = x["kd_m"]
-            out["kd_sum"] = rows(jnp.where(m, kl * x["w"], 0.0))
+            out["kd_sum"] = rows(jnp.where(m, kl * _weighted(kd, x["w"], log_p, log_q), 0.0))
             out["kd_count"] = rows(m).astype(jnp.float32)
         return jax.tree.map(jnp.add, carry, out), None
 

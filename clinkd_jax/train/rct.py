@@ -47,7 +47,8 @@ def exchanges(records: list[Record]) -> list[Record]:
         turns = [t for t in r.turns if t.role in ("user", "assistant")]
         for k in range(len(turns) - 1):
             if turns[k].role == "user" and turns[k + 1].role == "assistant":
-                out.append(Record(r.id, r.images, (turns[k], turns[k + 1]), r.modality, f"{r.source} turn {k}", r.index))
+                out.append(Record(r.id, r.images, (turns[k], turns[k + 1]), r.modality, f"{r.source} turn {k}",
+                                  r.index))
     return out
 
 
@@ -158,7 +159,7 @@ def write_round(workdir: str, corrected: list[dict], summary: dict) -> str:
 
 
 def has_corrector(c) -> bool:
-    return any(c.teacher.get(k) for k in ("hf_dir", "orbax_dir", "preset"))
+    return any(c.teacher[k] for k in run_setup.SOURCES)
 
 
 def load_corrector(c, mesh, rules, student_cfg):
@@ -171,7 +172,8 @@ def load_corrector(c, mesh, rules, student_cfg):
 def run(c, workdir: str) -> dict:
     """One RCT round as a stage; returns a summary with the counts (also in <workdir>/rct_summary.json)."""
     mesh, rules = run_setup.make_run_mesh(c)
-    s_cfg, params = run_setup.load_model(c.model, mesh, rules, c.seed, run_setup.compact_vocab(c, workdir))
+    s_cfg, params = run_setup.load_model(c.model, mesh, rules, c.seed, run_setup.compact_vocab(c, workdir),
+                                         c.model.param_dtype)
     skips = SkipLog(strict=c.data.strict)
     recs = run_setup.training_records(c, workdir, skips)
     recs = run_setup.with_extra(recs, c.data.extra_files, c.data.extra_mode, skips)
@@ -192,9 +194,9 @@ def run(c, workdir: str) -> dict:
 
 
 class InRun:
-    """RCT inside one SFT run (`rct.every_steps` > 0): after every `every_steps` training steps, at most
-    `rct.rounds` times, a round with the current parameters. Round k is written to
-    `<workdir>/rct_round_<k>/` and its corrections join the training pool from then on
+    """RCT inside one SFT run (`rct.every_steps` > 0), as a step-end hook of the training loop: after every
+    `every_steps` training steps, at most `rct.rounds` times, a round with the current parameters. Round k
+    is written to `<workdir>/rct_round_<k>/` and its corrections join the training pool from then on
     (`data.extra_mode`: append | replace); the optimizer state and learning-rate schedule go on unbroken.
     Resuming at step s re-applies the rounds done by step s (a checkpoint is saved right after each)."""
 
@@ -205,10 +207,18 @@ class InRun:
         self.generator = None
         self.rounds: list[dict] = []
 
+    @classmethod
+    def hooks(cls, c, workdir: str) -> list[InRun]:
+        """The training loop's hooks for config `c`: one when it asks for in-run rounds, else none."""
+        return [cls(c, workdir)] if c.stage == "sft" and c.rct.every_steps > 0 else []
+
     def round_dir(self, k: int) -> str:
         return os.path.join(self.workdir, f"rct_round_{k}")
 
-    def files_by(self, step: int) -> list[str]:
+    def due(self, step: int) -> bool:
+        return step in self.at
+
+    def pool_files(self, step: int) -> list[str]:
         """The corrected files of the rounds run by `step`, in order."""
         out = []
         for k, at in enumerate(self.at, 1):
@@ -228,16 +238,24 @@ class InRun:
                 with open(os.path.join(self.round_dir(k), "rct_summary.json")) as f:
                     self.rounds.append({"round": k, "step": at, **json.load(f)["final"]})
 
-    def run_round(self, step: int, params, model, mesh, rules, recs, encoder) -> None:
+    def summary(self) -> dict:
+        return {"rct": self.rounds}
+
+    def __call__(self, step: int, params, run) -> None:
+        """Round number `at.index(step) + 1` with `params`; `run` holds the training run's model config,
+        mesh, rules, records and encoder."""
         k = self.at.index(step) + 1
+        c = self.c
         if self.generator is None:  # compiled once, reused by every round with the current params
-            self.generator = gen_lib.Generator(model, params, mesh, rules)
+            model = Qwen2VL(run.cfg, dtype=c.model.dtype, attention_impl=c.model.attention)
+            self.generator = gen_lib.Generator(model, params, run.mesh, run.rules)
         self.generator.params = params
 
         def corrector_for():  # loaded for the round and freed after it (it is frozen; memory matters more)
-            return load_corrector(self.c, mesh, rules, model.cfg) if has_corrector(self.c) else self.generator
+            return load_corrector(c, run.mesh, run.rules, run.cfg) if has_corrector(c) else self.generator
 
-        corrected, counts = correction_round(self.c, recs, encoder, self.generator, corrector_for, self.c.rct.seed + k)
+        corrected, counts = correction_round(c, run.records, run.encoder, self.generator, corrector_for,
+                                             c.rct.seed + k)
         summary = {"stage": "rct", "round": k, "step": step, "final": counts, "workdir": self.round_dir(k)}
         write_round(self.round_dir(k), corrected, summary)
         self.rounds.append({"round": k, "step": step, **counts})

@@ -50,7 +50,8 @@ class MetricsWriter:
             self._bar.update(step - self._last)
             shown = {k: metrics[k] for k in ("loss", "loss_ce", "loss_kd") if k in metrics}
             shown["lr"] = metrics.get("learning_rate", 0.0)
-            self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()} | {"tok/s": f"{metrics.get('tokens_per_s', 0):.0f}"})
+            shown = {k: f"{v:.4g}" for k, v in shown.items()}
+            self._bar.set_postfix(shown | {"tok/s": f"{metrics.get('tokens_per_s', 0):.0f}"})
         self._last = step
 
     def close(self) -> None:

@@ -11,12 +11,12 @@ import re
 from typing import Any
 
 import flax
+import flax.linen
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
-
-import flax.linen
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from clinkd_jax.models.qwen2vl import Qwen2VL, abstract_params, param_shardings
 
@@ -80,7 +80,8 @@ def make_optimizer(cfg: OptimConfig, params) -> optax.GradientTransformation:
 
 
 def param_shapes(model: Qwen2VL):
-    return jax.tree.map(lambda b: b.value, abstract_params(model), is_leaf=lambda b: isinstance(b, flax.linen.Partitioned))
+    return jax.tree.map(lambda b: b.value, abstract_params(model),
+                        is_leaf=lambda b: isinstance(b, flax.linen.Partitioned))
 
 
 def optimizer_for(model: Qwen2VL, cfg: OptimConfig) -> optax.GradientTransformation:

@@ -18,7 +18,8 @@ from clinkd_jax.train import losses
 from clinkd_jax.train import state as state_lib
 from clinkd_jax.train.state import TrainState
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "vision_position_ids", "vision_segment_ids")
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "vision_position_ids",
+                "vision_segment_ids")
 
 
 def model_inputs(batch, position_key: str = "position_ids") -> dict:

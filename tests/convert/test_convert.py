@@ -157,7 +157,8 @@ def test_config_layouts():
     [
         (lambda d: d.pop("vocab_size"), "missing field 'vocab_size'"),
         (lambda d: d.update(model_type="llava"), "model_type is 'llava'"),
-        (lambda d: d["rope_scaling"].update(mrope_section=[16, 24, 16]), r"mrope_section=\[16, 24, 16\] must sum to head_dim/2=64"),
+        (lambda d: d["rope_scaling"].update(mrope_section=[16, 24, 16]),
+         r"mrope_section=\[16, 24, 16\] must sum to head_dim/2=64"),
         (lambda d: d.update(num_key_value_heads=5), "not a multiple of num_key_value_heads=5"),
         (lambda d: d["vision_config"].update(hidden_size=3584), "must equal the LLM hidden_size=1536"),
     ],
@@ -197,7 +198,9 @@ def test_index_names_missing_shard(tmp_path):
 def test_wrong_shape(tmp_path):
     d = copy_dir(tmp_path)
     rewrite_tensors(d, lambda t: {**t, "model.layers.1.mlp.up_proj.weight": np.zeros((96, 64), np.float32)})
-    with pytest.raises(CheckpointError, match=r"model.layers.1.mlp.up_proj.weight in model.safetensors has shape \(96, 64\), expected \(128, 64\)"):
+    with pytest.raises(CheckpointError,
+                       match=r"model.layers.1.mlp.up_proj.weight in model.safetensors has shape \(96, 64\), "
+                             r"expected \(128, 64\)"):
         load_hf_checkpoint(str(d))
 
 
@@ -211,7 +214,8 @@ def test_unknown_key(tmp_path):
 def test_missing_key(tmp_path):
     d = copy_dir(tmp_path)
     rewrite_tensors(d, lambda t: {k: v for k, v in t.items() if not k.startswith("visual.merger.mlp.2")})
-    with pytest.raises(CheckpointError, match="2 missing tensor\\(s\\): visual.merger.mlp.2.bias, visual.merger.mlp.2.weight"):
+    with pytest.raises(CheckpointError,
+                       match="2 missing tensor\\(s\\): visual.merger.mlp.2.bias, visual.merger.mlp.2.weight"):
         load_hf_checkpoint(str(d))
 
 

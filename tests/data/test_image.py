@@ -4,15 +4,15 @@ Tolerance 1e-5 on normalised pixel values (range about -1.8..2.2): both sides do
 resize on uint8 and differ only in float rounding of rescale/normalise (observed ~5e-7)."""
 
 import numpy as np
+import pydicom  # noqa: E402
 import pytest
 from PIL import Image
+from pydicom.data import get_testdata_file  # noqa: E402
 
 from clinkd_jax.data import image as I
 
-import pydicom  # noqa: E402
-from pydicom.data import get_testdata_file  # noqa: E402
-
-CASES = [((100, 120), (56 * 56, 112 * 112)), ((333, 517), (56 * 56, 28 * 28 * 1280)), ((40, 30), (256 * 256, 512 * 512)),
+CASES = [((100, 120), (56 * 56, 112 * 112)), ((333, 517), (56 * 56, 28 * 28 * 1280)),
+         ((40, 30), (256 * 256, 512 * 512)),
          ((1024, 700), (512 * 512, 768 * 768)), ((57, 913), (56 * 56, 224 * 224))]
 
 

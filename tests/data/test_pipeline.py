@@ -3,6 +3,7 @@ determinism, exact resume, hosts that agree on every step, and bad inputs that a
 stopping the epoch."""
 
 import dataclasses
+import json
 import logging
 import shutil
 
@@ -12,7 +13,7 @@ import pytest
 from clinkd_jax.data import pipeline as P
 from clinkd_jax.data import plan, positions
 from clinkd_jax.data.image import ImageConfig
-from clinkd_jax.data.records import DataError, SkipLog, Turn, read_medgrit
+from clinkd_jax.data.records import TRUNCATED, DataError, SkipLog, Turn, read_medgrit
 
 # several text and patch buckets, shuffled, finite epochs: the shape multi-host runs meet
 CFG = P.PipelineConfig(batch_size=4, text_buckets=(112, 128, 256), patch_buckets=(64, 128, 256),
@@ -68,7 +69,8 @@ def test_batch_contents_are_consistent(demo_dir, encoder):
     for i in range(4):  # recover each sample's grid from its patch positions
         pos = b["vision_position_ids"][i][b["vision_segment_ids"][i] > 0]
         grids.append((1, pos[:, 0].max() + 1, pos[:, 1].max() + 1))
-    ref, deltas = positions.get_rope_index(b["input_ids"], grids, b["attention_mask"], image_token_id=CFG.image_token_id,
+    ref, deltas = positions.get_rope_index(b["input_ids"], grids, b["attention_mask"],
+                                           image_token_id=CFG.image_token_id,
                                            gap_in=2, gap_out=2)
     np.testing.assert_array_equal(b["position_ids"], ref)  # MCG-RoPE (ClinKD default gaps)
     np.testing.assert_array_equal(b["decode_offsets"], deltas)
@@ -186,6 +188,59 @@ def test_bad_inputs_are_counted_not_fatal(demo_dir, encoder, tmp_path, caplog):
     assert len(ends) == 2 and ends[-1] == f"epoch 2 ({it.batches_per_epoch} batches): {log.report()}"
     with pytest.raises(DataError, match="unreadable image"):
         batches(recs, encoder, cfg_with(strict=True, shuffle=False))
+
+
+def test_one_item_of_each_bad_kind_in_a_file(demo_dir, encoder, tmp_path, monkeypatch, caplog):
+    """One training file holding good items and one item of each bad kind (a literal <|image_pad|>, a bad box,
+    a missing, a corrupt and a half-written image, a first exchange too long, a conversation whose later
+    exchanges do not fit, a failure inside per-item preprocessing): both epochs complete, every kind is counted
+    under its own reason and listed in the report; the long conversation trains on the exchanges that fit."""
+    d = tmp_path / "data"
+    shutil.copytree(demo_dir, d)
+    good = json.load(open(d / "train.json"))[:6]
+    stem = good[0]["id"]
+    for name, data in (("ct_00--corrupt--x", b"not an image"),
+                       ("ct_00--half--x", (d / "images" / f"{stem}.png").read_bytes()[:2000])):
+        (d / "images" / f"{name}.png").write_bytes(data)
+
+    def item(image, *turns):
+        return {"id": image, "conversations": [{"from": r, "value": v} for r,
+                                               v in zip(("user", "assistant") * 9, turns)]}
+
+    bad = [item(stem, "What is at <|image_pad|>?", "a cyst"), item(stem, "Where?", "<box>(50,5),(1,1)</box>"),
+           item("ct_00--nowhere--x", "Where?", "here"), item("ct_00--corrupt--x", "Where?", "here"),
+           item("ct_00--half--x", "Where?", "here"), item(stem, "Describe.", "word " * 400),
+           item(stem, "Name the zebra.", "zebra"),  # fails inside preprocessing (below)
+           item(stem, "Where is the cyst?", "in the middle", "And now?", "word " * 400, "Again?", "word " * 10)]
+    (d / "train.json").write_text(json.dumps(good + bad))
+    zebra = encoder._ids(" zebra")[0]
+    rope = positions.get_rope_index
+
+    def failing_rope(ids, *a, **kw):  # a position error for one item, as a bug or odd input could raise
+        if (ids == zebra).any():
+            raise IndexError("position ids out of range")
+        return rope(ids, *a, **kw)
+
+    monkeypatch.setattr(positions, "get_rope_index", failing_rope)
+    log = SkipLog()
+    recs = records(d, log=log)
+    with caplog.at_level(logging.INFO, logger="clinkd_jax.data"):
+        it = P.make_batches(recs, encoder, cfg_with(num_epochs=2), log)
+        out = list(it)
+    assert len(out) == 2 * it.batches_per_epoch
+    assert dict(log.counts) == {"special token in text": 1, "bad box": 1, "missing image file": 1,
+                                "unreadable image": 1 + 2, "longer than the longest text bucket": 1,
+                                "preprocessing error": 2, TRUNCATED: 1}
+    assert log.total == 9  # the shortened conversation is counted, not skipped
+    report = log.report()
+    assert "9 item(s) skipped:" in report and "1 item(s) shortened (kept in part):" in report
+    assert all(reason in report for reason in log.counts)
+    assert "IndexError: position ids out of range" in "".join(log.examples["preprocessing error"])
+    assert log.examples[TRUNCATED] == [f"{recs[-1].source}: {TRUNCATED} (kept 1 of 3 exchanges)"]
+    long = len(recs) - 1
+    row = [b["labels"][i] for b in out for i in np.flatnonzero(b["record_index"] == long)][0]
+    assert encoder.tok.decode(row[row >= 0]) == "in the middle<|im_end|>\n"  # the exchange that fits, whole
+    assert any(r.getMessage().startswith("epoch 2") and TRUNCATED in r.getMessage() for r in caplog.records)
 
 
 def test_config_errors(demo_dir, encoder):

@@ -168,7 +168,8 @@ def test_pack_vision_inputs_segments_and_overflow():
 @pytest.mark.parametrize(
     "ids, grids, message",
     [
-        ([T, I, I, T], [(1, 4, 4)], r"sample 0: image 0 with grid \(1, 4, 4\) needs 4 image tokens at index 1, found 2"),
+        ([T, I, I, T], [(1, 4, 4)],
+         r"sample 0: image 0 with grid \(1, 4, 4\) needs 4 image tokens at index 1, found 2"),
         ([T, I, I, I, I], [], "sample 0: image token at index 1 but no image grid is left"),
         ([T, I, I, I, I], [(1, 4, 4), (1, 2, 2)], "2 image grids given but the batch holds only 1 images"),
         ([T, I, I, I], [(1, 3, 4)], "not divisible by spatial_merge_size=2"),

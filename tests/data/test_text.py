@@ -30,7 +30,8 @@ def test_rendered_text_is_the_qwen2vl_format():
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
         "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Where is the "
         "<|object_ref_start|>left kidney<|object_ref_end|>?<|im_end|>\n"
-        "<|im_start|>assistant\n<|object_ref_start|>left kidney<|object_ref_end|><|box_start|>(412,318),(530,447)<|box_end|><|im_end|>\n"
+        "<|im_start|>assistant\n<|object_ref_start|>left kidney<|object_ref_end|>"
+        "<|box_start|>(412,318),(530,447)<|box_end|><|im_end|>\n"
         "<|im_start|>user\nAnd what is in <|box_start|>(1,2),(30,40)<|box_end|>?<|im_end|>\n"
         "<|im_start|>assistant\nA cyst.<|im_end|>\n"
     )
@@ -84,4 +85,5 @@ def test_tokenizer_template_is_used_when_present():
     tok.chat_template = T.QWEN2VL_TEMPLATE.replace("You are a helpful assistant.", "You read scans.")
     e = T.ChatEncoder(tok, chat_template=None)
     assert e.template is None
-    assert e.render(e.messages(TURNS[:2], 1), add_generation_prompt=False).startswith("<|im_start|>system\nYou read scans.")
+    assert e.render(e.messages(TURNS[:2], 1),
+                    add_generation_prompt=False).startswith("<|im_start|>system\nYou read scans.")

@@ -2,12 +2,15 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
-
-from clinkd_jax.data import demo, pipeline as P, tfds_medgrit
-from clinkd_jax.data.records import read_medgrit
+from pydicom.data import get_testdata_file
 from test_pipeline import CFG
+
+from clinkd_jax.data import demo, tfds_medgrit
+from clinkd_jax.data import pipeline as P
+from clinkd_jax.data.records import read_medgrit
 
 
 def test_demo_is_deterministic_and_covers_tasks_and_modalities(demo_dir, tmp_path):
@@ -37,6 +40,13 @@ def test_ensure_reuses_or_regenerates(tmp_path):
 
 
 def test_tfds_round_trip_feeds_the_same_batches(demo_dir, tmp_path, encoder):
+    """The built splits hold the JSON files' records and feed identical batches, a DICOM image included."""
+    manual = tmp_path / "manual"
+    shutil.copytree(demo_dir, manual)
+    dicom_id = json.loads((manual / "train.json").read_text())[0]["id"]  # its image becomes the real DICOM file
+    (manual / "images" / f"{dicom_id}.png").unlink()
+    shutil.copy(get_testdata_file(dicom_id.split("--")[2] + ".dcm"), manual / "images" / f"{dicom_id}.dcm")
+    demo_dir = manual
     builder = tfds_medgrit.build(str(tmp_path / "tfds"), str(demo_dir))
     assert {s: builder.info.splits[s].num_examples for s in builder.info.splits} == {
         "train": 48, "test_vg": 16, "test_ro": 16, "test_gc": 16, "test_mii": 16}
@@ -44,6 +54,7 @@ def test_tfds_round_trip_feeds_the_same_batches(demo_dir, tmp_path, encoder):
     from_tfds = tfds_medgrit.records(str(tmp_path / "tfds"), "train")
     from_json = read_medgrit(str(demo_dir / "train.json"), str(demo_dir / "images"))
     by_id = {r.id: r for r in from_json}
+    assert by_id[dicom_id].images[0].endswith(".dcm")
     for i in range(len(from_tfds)):
         r = from_tfds[i]
         assert r.turns == by_id[r.id].turns and r.modality == by_id[r.id].modality

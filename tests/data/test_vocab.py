@@ -75,7 +75,8 @@ def test_compact_model_is_the_full_model_restricted(encoder, ids, demo_recs):
                                        image=ImageConfig(max_pixels=112 * 112), num_epochs=1,
                                        image_token_id=image_id, pad_token_id=enc.pad_id)
         b = next(iter(pipeline.make_batches(demo_recs[:2], enc, pcfg)))
-        keys = ("input_ids", "attention_mask", "position_ids", "pixel_values", "vision_position_ids", "vision_segment_ids")
+        keys = ("input_ids", "attention_mask", "position_ids", "pixel_values", "vision_position_ids",
+                "vision_segment_ids")
         return {k: b[k] for k in keys}
 
     compact_enc = text.ChatEncoder(vocab.CompactTokenizer(encoder.tok, ids), "qwen2vl")

@@ -10,7 +10,8 @@ import pytest
 from clinkd_jax.eval import captions as C
 
 PREDS = [
-    ("ct_1.png", "The liver shows a bright oval lesion in the right lobe.", "a bright oval lesion in the liver.<|im_end|>"),
+    ("ct_1.png", "The liver shows a bright oval lesion in the right lobe.",
+     "a bright oval lesion in the liver.<|im_end|>"),
     ("ct_2.png", "A dark round cyst in the left kidney.", "dark round cyst in the kidney<|im_end|>"),
     ("ct_3.png", "Axial CT of the abdomen with contrast.", "axial ct of the abdomen.<|im_end|>"),
     ("ct_4.png", "No abnormality is seen.", "the image shows no abnormality."),
@@ -21,7 +22,8 @@ PREDS = [
 
 
 def predictions():
-    return [{"id": i, "image": im, "question": "q", "annotation": a, "response": r} for i, (im, a, r) in enumerate(PREDS)]
+    return [{"id": i, "image": im, "question": "q", "annotation": a, "response": r}
+            for i, (im, a, r) in enumerate(PREDS)]
 
 
 needs_java = pytest.mark.skipif(not C.java_available(), reason="no Java runtime: PTB tokenizer and METEOR cannot run")

@@ -9,6 +9,7 @@ import pytest
 import reference as R
 
 from clinkd_jax.data import demo
+from clinkd_jax.eval import metrics
 from clinkd_jax.eval import run as eval_run
 from clinkd_jax.train.config import ConfigError
 
@@ -122,15 +123,27 @@ def test_sasg_mode_keeps_the_most_agreed_candidate(data_dir, tmp_path):
         assert len(set(p["candidates"])) > 1  # sampled, not three copies of the greedy answer
 
 
-def test_bad_items_are_counted_not_fatal(data_dir, tmp_path):
+def test_unevaluable_items_count_as_misses(data_dir, tmp_path):
+    """An item whose image is missing is scored as an empty answer (a miss in the denominator, as the released
+    scripts would score it), marked with its reason, tried again on resume; an item without a reference
+    answer cannot be scored and is counted apart. results.md prints both counts."""
     items = json.load(open(os.path.join(data_dir, "Test_VG.json")))[:3]
     items[1]["id"] = "ct_00--missing--file"
     bad = tmp_path / "Test_VG.json"
-    bad.write_text(json.dumps(items))
+    bad.write_text(json.dumps(items + [{"id": items[0]["id"]}]))
     c = config(data_dir, **{"eval.files": (str(bad),)})
     out = eval_run.run(c, str(tmp_path / "w"))
-    assert out["skipped"] == {"missing image file": 1} and out["generated"] == {"VG": 2}
-    assert json.load(open(tmp_path / "w" / "metrics.json"))["skipped"] == {"missing image file": 1}
+    assert out["skipped"] == {"unreadable image": 1, "malformed item": 1} and out["generated"] == {"VG": 2}
+    preds = {p["id"]: p for p in lines(tmp_path / "w" / "predictions" / "Test_VG.jsonl")}
+    assert sorted(preds) == [0, 1, 2] and (preds[1]["response"], preds[1]["unevaluated"]) == ("", "unreadable image")
+    vg = out["tasks"]["VG"]
+    assert sum(vg["count"].values()) == sum(len(metrics.box_strings(i["conversations"][0][1])) for i in items)
+    assert vg["unevaluated"] == {"unreadable image": 1}
+    results = open(tmp_path / "w" / "results.md").read()
+    assert "1 item(s) could not be evaluated and count as misses (empty answers): unreadable image 1" in results
+    assert "Test items left out (no usable reference answer, not scorable): malformed item 1" in results
+    again = eval_run.run(c, str(tmp_path / "w"))  # the miss is tried again (still missing), nothing else
+    assert again["generated"] == {"VG": 0} and len(lines(tmp_path / "w" / "predictions" / "Test_VG.jsonl")) == 3
 
 
 @pytest.mark.parametrize("change, message", [

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from clinkd_jax import run_setup
 from clinkd_jax.eval import metrics as M
 
 
@@ -76,7 +77,8 @@ def test_roc_containment(annotation, response, ok):
 
 
 def test_roc_accuracy_per_modality():
-    preds = [pred("x_1.png", "lung", "lung"), pred("x_2.png", "lung", "heart"), pred("fundus_3.png", "disc", "optic disc")]
+    preds = [pred("x_1.png", "lung", "lung"), pred("x_2.png", "lung", "heart"),
+             pred("fundus_3.png", "disc", "optic disc")]
     r = M.roc_accuracy(preds)
     assert r["per_modality"] == {"x": 0.5, "fundus": 1.0}
     assert r["mean"] == pytest.approx(1.5 / 8)
@@ -101,4 +103,4 @@ def test_read_predictions(tmp_path):
     ("x_GC_y.jsonl", "GC"), ("Test_other.json", None),
 ])
 def test_task_of(name, task):
-    assert M.task_of(name) == task
+    assert run_setup.task_of(name) == task

@@ -5,8 +5,9 @@
 For each tiny random config in `reference.CONFIGS` it writes the checkpoint directory exactly as
 `save_pretrained` does (config.json + model.safetensors, published key layout) and `outputs.npz`:
 logits of the full model, the vision tower and merger outputs, and `get_rope_index` results for the
-shared batch in `inputs.npz`; `generate.npz`: greedy `generate` tokens for `reference.generation_prompts()`. The Python 3.12 run (no torch) checks our model against these files;
-the Python 3.11 run also recomputes them live and checks they are still what transformers gives.
+shared batch in `inputs.npz`; `generate.npz`: greedy `generate` tokens for `reference.generation_prompts()`.
+The Python 3.12 run (no torch) checks our model against these files; the Python 3.11 run also
+recomputes them live and checks they are still what transformers gives.
 """
 
 from __future__ import annotations

@@ -33,7 +33,8 @@ def test_prompt_contract(demo_dir, encoder):
 def test_eval_pixel_budget(demo_dir, encoder):
     rec = vg_records(demo_dir, 1)[0]
     for lo, hi in ((112 * 112, 224 * 224), (512 * 512, 1024 * 1024)):
-        cfg = P.PromptConfig(image=ImageConfig(min_pixels=lo, max_pixels=hi), text_buckets=(8192,), patch_buckets=(8192,))
+        cfg = P.PromptConfig(image=ImageConfig(min_pixels=lo, max_pixels=hi), text_buckets=(8192,),
+                             patch_buckets=(8192,))
         n = P.build_prompt(rec, encoder, cfg)["n_patches"]
         assert lo <= n * 14 * 14 <= hi  # each patch covers 14x14 pixels of the resized image
 

@@ -38,8 +38,8 @@ def test_kv_cache_prefill_then_decode_equals_full_forward():
     full = np.asarray(jax.jit(model.apply)({"params": params}, **x)["logits"])
     length = x["input_ids"].shape[1]
     p = length - N_DECODE
-    prefix = {k: (v[:, :, :p] if k == "position_ids" else v[:, :p]) if k in ("input_ids", "attention_mask", "position_ids") else v
-              for k, v in x.items()}
+    text_keys = ("input_ids", "attention_mask", "position_ids")
+    prefix = {k: (v[:, :, :p] if k == "position_ids" else v[:, :p]) if k in text_keys else v for k, v in x.items()}
     pos_prefix, delta = positions.get_rope_index(prefix["input_ids"], np.array([g for gs in R.GRIDS for g in gs]),
                                                  prefix["attention_mask"], image_token_id=R.IMAGE)
     np.testing.assert_array_equal(pos_prefix, prefix["position_ids"])
@@ -109,11 +109,14 @@ def test_scatter_image_features_in_order():
 
 def test_text_only_forward_skips_vision():
     cfg, params, x = golden()
-    text = {k: x[k][2:] if k != "position_ids" else x[k][:, 2:] for k in ("input_ids", "attention_mask", "position_ids")}
-    with_vision = Qwen2VL(cfg).apply({"params": params}, **{k: v[2:] for k, v in x.items() if k.startswith(("pixel", "vision"))}, **text)
+    text_keys = ("input_ids", "attention_mask", "position_ids")
+    text = {k: x[k][2:] if k != "position_ids" else x[k][:, 2:] for k in text_keys}
+    vision = {k: v[2:] for k, v in x.items() if k.startswith(("pixel", "vision"))}
+    with_vision = Qwen2VL(cfg).apply({"params": params}, **vision, **text)
     without = Qwen2VL(cfg).apply({"params": params}, **text)
     valid = text["attention_mask"].astype(bool)
-    np.testing.assert_allclose(np.asarray(without["logits"])[valid], np.asarray(with_vision["logits"])[valid], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(without["logits"])[valid], np.asarray(with_vision["logits"])[valid],
+                               atol=1e-6)
 
 
 def _padded_to(x, length, patches):

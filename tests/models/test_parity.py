@@ -40,7 +40,8 @@ def assert_matches(mine, ref, mask):
     np.testing.assert_array_equal(mine["position_ids"], ref["position_ids"])
     for key, per_token in (("vision_hidden", 1), ("vision_merged", 4)):
         for b, ref_b in enumerate(R.per_sample_vision(ref[key], per_token)):
-            np.testing.assert_allclose(mine[key][b, : len(ref_b)], ref_b, atol=ATOL, rtol=0, err_msg=f"{key} sample {b}")
+            np.testing.assert_allclose(mine[key][b, : len(ref_b)], ref_b, atol=ATOL, rtol=0,
+                                       err_msg=f"{key} sample {b}")
     # the scale check keeps this honest: near-zero reference logits would make any model "match"
     assert np.abs(ref["logits"][valid]).max() > 1.0
 

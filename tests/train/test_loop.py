@@ -15,7 +15,8 @@ import reference as R
 
 from clinkd_jax import checkpoint, run_setup, sharding
 from clinkd_jax.models import Qwen2VL
-from clinkd_jax.train import loop, state as state_lib
+from clinkd_jax.train import loop
+from clinkd_jax.train import state as state_lib
 from clinkd_jax.train.config import ConfigError, validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -63,13 +64,15 @@ def test_restore_onto_another_mesh(tmp_path):
     model = Qwen2VL(cfg)
     tx = state_lib.optimizer_for(model, state_lib.OptimConfig(frozen=tuple(c.optim.frozen)))
     mesh = sharding.make_mesh((2, 2, 2))
-    target = checkpoint.abstract_with_shardings(state_lib.abstract_state(model, tx), state_lib.state_shardings(model, tx, mesh))
+    target = checkpoint.abstract_with_shardings(state_lib.abstract_state(model, tx),
+                                                state_lib.state_shardings(model, tx, mesh))
     ckpt = checkpoint.TrainCheckpointer(str(tmp_path / "r" / "checkpoints"))
     step, restored, data_state = ckpt.restore(target)
     ckpt.close()
     assert step == 3 and (data_state["epoch"], data_state["batch"]) == (0, 3)  # one state for all hosts
     up = restored.params["model"]["layers"]["mlp"]["up_proj"]["kernel"]
-    assert up.sharding.mesh.shape == mesh.shape and up.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    assert up.sharding.mesh.shape == mesh.shape
+    assert up.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     for x, y in zip(jax.tree.leaves(saved), jax.tree.leaves(restored)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 

@@ -2,6 +2,7 @@
 
 Tolerance: rtol 1e-5 (float32 sums of a few hundred terms; float64 NumPy reference)."""
 
+import dataclasses
 import itertools
 
 import jax
@@ -38,7 +39,8 @@ def reference(hs, ht, ws, wt, labels, weights, kd: L.KDConfig):
     logp = log_softmax(zs)
     tgt = labels[:, 1:]
     m = tgt != -100
-    ce = -np.sum(np.where(m, np.take_along_axis(logp[:, :-1], np.clip(tgt, 0, None)[..., None], -1)[..., 0], 0)) / m.sum()
+    ce = -np.sum(np.where(m, np.take_along_axis(logp[:, :-1], np.clip(tgt, 0, None)[..., None], -1)[..., 0],
+                          0)) / m.sum()
     lp, lq = log_softmax(zt / kd.temperature), log_softmax(zs / kd.temperature)
     kl = (np.exp(lp) * (lp - lq)).sum(-1) if kd.divergence == "forward" else (np.exp(lq) * (lq - lp)).sum(-1)
     if kd.mask == "released":
@@ -54,15 +56,17 @@ def reference(hs, ht, ws, wt, labels, weights, kd: L.KDConfig):
 
 SWITCHES = [L.KDConfig(mask=m, reduction=r, divergence=d, alpha=a, temperature=t)
             for (m, r, d), (a, t) in itertools.product(
-                itertools.product(("released", "aligned"), ("sum", "mean"), ("forward", "reverse")), ((0.5, 0.5), (1.0, 2.0)))]
+                itertools.product(("released", "aligned"), ("sum", "mean"),
+                                  ("forward", "reverse")), ((0.5, 0.5), (1.0, 2.0)))]
 
 
-@pytest.mark.parametrize("kd", SWITCHES, ids=lambda k: f"{k.mask}-{k.reduction}-{k.divergence}-a{k.alpha}-T{k.temperature}")
+@pytest.mark.parametrize("kd", SWITCHES,
+                         ids=lambda k: f"{k.mask}-{k.reduction}-{k.divergence}-a{k.alpha}-T{k.temperature}")
 def test_matches_spec_formula(kd):
     hs, ht, ws, wt, labels, weights = data()
     f32 = lambda x: jnp.asarray(x, jnp.float32)
-    totals = L.token_losses(f32(hs), lambda h: h @ f32(ws), jnp.asarray(labels), chunk=4,
-                            teacher_hidden_bld=f32(ht), teacher_head=lambda h: h @ f32(wt), kd=kd, kd_weights_bl=f32(weights))
+    totals = L.token_losses(f32(hs), lambda h: h @ f32(ws), jnp.asarray(labels), chunk=4, teacher_hidden_bld=f32(ht),
+                            teacher_head=lambda h: h @ f32(wt), kd=kd, kd_weights_bl=f32(weights))
     out = L.combine(totals, kd)
     ce, l_kd, total = reference(hs, ht, ws, wt, labels, weights, kd)
     np.testing.assert_allclose([out["loss_ce"], out["loss_kd"], out["loss"]], [ce, l_kd, total], rtol=1e-5)
@@ -72,7 +76,8 @@ def test_kd_only_branch_and_plain_ce():
     hs, ht, ws, wt, labels, weights = data(1)
     f32 = lambda x: jnp.asarray(x, jnp.float32)
     kd = L.KDConfig(use_ce=False)
-    out = L.combine(L.token_losses(f32(hs), lambda h: h @ f32(ws), jnp.asarray(labels), chunk=5, teacher_hidden_bld=f32(ht),
+    out = L.combine(L.token_losses(f32(hs), lambda h: h @ f32(ws), jnp.asarray(labels), chunk=5,
+                                   teacher_hidden_bld=f32(ht),
                                    teacher_head=lambda h: h @ f32(wt), kd=kd, kd_weights_bl=f32(weights)), kd)
     np.testing.assert_allclose(out["loss"], reference(hs, ht, ws, wt, labels, weights, kd)[2], rtol=1e-5)
     sft = L.combine(L.token_losses(f32(hs), lambda h: h @ f32(ws), jnp.asarray(labels)), None)
@@ -87,8 +92,9 @@ def test_chunked_equals_dense_with_gradients(chunk):
     kd = L.KDConfig()
 
     def loss(ws_, chunk_):
-        t = L.token_losses(jnp.asarray(hs, jnp.float32), lambda h: h @ ws_, jnp.asarray(labels), chunk=chunk_,
-                           teacher_hidden_bld=jnp.asarray(ht, jnp.float32), teacher_head=lambda h: h @ jnp.asarray(wt, jnp.float32), kd=kd)
+        f32 = lambda x: jnp.asarray(x, jnp.float32)
+        t = L.token_losses(f32(hs), lambda h: h @ ws_, jnp.asarray(labels), chunk=chunk_, teacher_hidden_bld=f32(ht),
+                           teacher_head=lambda h: h @ f32(wt), kd=kd)
         return L.combine(t, kd)["loss"]
 
     w = jnp.asarray(ws, jnp.float32)
@@ -109,6 +115,43 @@ def test_no_full_vocab_logits_in_the_compiled_step():
     assert f"f32[{b},{length},{v}]" not in hlo and f"[{b},{c},{v}]" in hlo
 
 
+def test_token_weight_hook_changes_the_loss_as_by_hand():
+    """`kd.token_weights` (a module:function) multiplies each token's KL by its weight, computed from the
+    teacher/student log-probabilities at temperature T in each chunk; here the teacher's top-1 minus top-2
+    probability, transcribed in NumPy. The weights are constants: the gradient is that of the weighted
+    sum with the weights held fixed."""
+    hs, ht, ws, wt, labels, weights = data(4)
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    kd = L.KDConfig(temperature=0.7, token_weights=L.resolve_token_weights("clinkd_jax.train.losses:confidence_margin"))
+    p = np.sort(np.exp(log_softmax((ht @ wt)[..., :VS] / kd.temperature)), -1)
+    margin = p[..., -1] - p[..., -2]
+
+    def ours(ws_):
+        totals = L.token_losses(f32(hs), lambda h: h @ ws_, jnp.asarray(labels), chunk=4, teacher_hidden_bld=f32(ht),
+                                teacher_head=lambda h: h @ f32(wt), kd=kd, kd_weights_bl=f32(weights))
+        return L.combine(totals, kd)["loss_kd"]
+
+    _, l_kd, _ = reference(hs, ht, ws, wt, labels, weights * margin, kd)
+    _, unweighted, _ = reference(hs, ht, ws, wt, labels, weights, kd)
+    np.testing.assert_allclose(ours(f32(ws)), l_kd, rtol=1e-5)
+    assert abs(l_kd - unweighted) > 0.1 * abs(unweighted)  # the hook matters at this size
+    fixed = dataclasses.replace(kd, token_weights=None)  # the same weights given as constants
+    const = lambda ws_: L.combine(L.token_losses(
+        f32(hs), lambda h: h @ ws_, jnp.asarray(labels), chunk=4, teacher_hidden_bld=f32(ht),
+        teacher_head=lambda h: h @ f32(wt), kd=fixed, kd_weights_bl=f32(weights * margin)), fixed)["loss_kd"]
+    np.testing.assert_allclose(jax.grad(ours)(f32(ws)), jax.grad(const)(f32(ws)), rtol=1e-4, atol=1e-6)
+    # a weight that depends on the student: still a constant for the gradient
+    kd = dataclasses.replace(kd, token_weights=lambda lp, lq: jnp.exp(jnp.max(lq, axis=-1)))
+    peak = np.exp(log_softmax((hs @ ws) / kd.temperature).max(-1))
+    np.testing.assert_allclose(ours(f32(ws)), reference(hs, ht, ws, wt, labels, weights * peak, kd)[1], rtol=1e-5)
+    margin = peak  # what `const` weighs with
+    np.testing.assert_allclose(jax.grad(ours)(f32(ws)), jax.grad(const)(f32(ws)), rtol=1e-4, atol=1e-6)
+    for bad, message in (("nomodule", "must be 'module:function'"), ("clinkd_jax.train.losses:nope",
+                                                                     "has no attribute")):
+        with pytest.raises(ValueError, match=message):
+            L.resolve_token_weights(bad)
+
+
 def test_bad_switches():
     with pytest.raises(ValueError, match="kd.mask='shifted' is not one of"):
         L.KDConfig(mask="shifted")
@@ -116,12 +159,14 @@ def test_bad_switches():
         L.KDConfig(temperature=0)
 
 
-@pytest.mark.parametrize("mask", ["released", "aligned"])
-def test_cached_topk_with_full_vocab_equals_online(mask):
-    """Pseudo-label path (teacher top-k cached, k = V) gives the online KD sum and counts."""
+@pytest.mark.parametrize("mask, token_weights", [("released", ""), ("aligned", ""),
+                                                 ("released", "clinkd_jax.train.losses:confidence_margin")])
+def test_cached_topk_with_full_vocab_equals_online(mask, token_weights):
+    """Pseudo-label path (teacher top-k cached, k = V) gives the online KD sum and counts (with a token-weight
+    hook too: it sees the same distributions, in another order)."""
     hs, ht, ws, wt, labels, weights = data(3)
     f32 = lambda x: jnp.asarray(x, jnp.float32)
-    kd = L.KDConfig(mask=mask)
+    kd = L.KDConfig(mask=mask, token_weights=L.resolve_token_weights(token_weights))
     online = L.token_losses(f32(hs), lambda h: h @ f32(ws), jnp.asarray(labels), chunk=4, teacher_hidden_bld=f32(ht),
                             teacher_head=lambda h: h @ f32(wt), kd=kd)
     logp = jax.nn.log_softmax(f32(ht @ wt)[..., :VS] / kd.temperature, axis=-1)

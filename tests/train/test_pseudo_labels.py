@@ -7,13 +7,14 @@ import functools
 import jax
 import numpy as np
 import pytest
+from test_steps import DROP, feed
 
 from clinkd_jax.data import pipeline
 from clinkd_jax.data import pseudo_labels as store
 from clinkd_jax.models import Qwen2VL
 from clinkd_jax.models.qwen2vl import init_params
-from clinkd_jax.train import losses, pseudo_labels, state as state_lib, steps
-from test_steps import DROP, feed
+from clinkd_jax.train import losses, pseudo_labels, steps
+from clinkd_jax.train import state as state_lib
 
 
 def test_cached_full_vocab_equals_online(tmp_path, tiny_and_batches, mask="released"):
@@ -63,15 +64,15 @@ def test_cached_full_vocab_equals_online(tmp_path, tiny_and_batches, mask="relea
 
 def test_pipeline_attaches_cached_labels(tmp_path):
     """A pseudo-label run's batches carry teacher_topk_* at exactly the cached positions."""
-    from clinkd_jax.data import records, text
+    from clinkd_jax.data import demo, records, text
     from clinkd_jax.data.image import ImageConfig
-    from clinkd_jax.data import demo
 
     d = tmp_path / "demo"
     demo.generate(str(d), train_per_image=1, test_per_image=0, max_side=112)
     recs = records.read_medgrit(str(d / "train.json"), str(d / "images"))
     enc = text.ChatEncoder(text.load_tokenizer(text.bundled_qwen2_tokenizer_dir()), "qwen2vl")
-    base = dict(batch_size=4, text_buckets=(160,), patch_buckets=(64,), image=ImageConfig(max_pixels=112 * 112), shuffle=False)
+    base = dict(batch_size=4, text_buckets=(160,), patch_buckets=(64,), image=ImageConfig(max_pixels=112 * 112),
+                shuffle=False)
     plain = list(pipeline.make_batches(recs, enc, pipeline.PipelineConfig(**base)))
     path = str(tmp_path / "pl")
     fake_topk = lambda params, b: (np.tile(np.arange(3, dtype=np.int32), (*b["input_ids"].shape, 1)),
@@ -87,8 +88,9 @@ def test_pipeline_attaches_cached_labels(tmp_path):
 def test_a_run_refuses_a_store_it_cannot_use(tmp_path):
     """The store records the mask and temperature it was written with; a KD run with other settings, the
     reverse KL (needs the whole distribution) or the teacher on its own positions is refused by name."""
-    from clinkd_jax.train.config import ConfigError, pseudo_label_switches, validate
     from test_loop import small_config
+
+    from clinkd_jax.train.config import ConfigError, pseudo_label_switches, validate
 
     path = tmp_path / "pl"
     path.mkdir()
@@ -102,7 +104,8 @@ def test_a_run_refuses_a_store_it_cannot_use(tmp_path):
     validate(kd_run(**{"kd.pseudo_labels": str(path)}))
     for field, value, message in (("mask", "aligned", "kd.mask='aligned' but the pseudo-labels .* kd.mask='released'"),
                                   ("temperature", 2.0, "kd.temperature=2.0 but .* kd.temperature=0.5"),
-                                  ("divergence", "reverse", "kd.divergence='reverse': pseudo-labels hold the teacher's top-k")):
+                                  ("divergence", "reverse",
+                                   "kd.divergence='reverse': pseudo-labels hold the teacher's top-k")):
         bad = kd_run(**{"kd.pseudo_labels": str(path), f"kd.{field}": value})
         with pytest.raises(ConfigError, match=message):
             validate(bad)

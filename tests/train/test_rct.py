@@ -11,8 +11,7 @@ from ml_collections import ConfigDict
 from clinkd_jax import recipe, run_setup
 from clinkd_jax.data.records import Record, SkipLog, Turn, read_sharegpt
 from clinkd_jax.infer import sasg
-from clinkd_jax.train import rct
-from clinkd_jax.train import loop
+from clinkd_jax.train import loop, rct
 from clinkd_jax.train.config import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -45,7 +44,8 @@ def test_force_boxes():
 
 
 def test_exchanges_split_multi_turn_records():
-    r = Record("x", ("x.png",), (Turn("user", "q1"), Turn("assistant", "a1"), Turn("user", "q2"), Turn("assistant", "a2")),
+    r = Record("x", ("x.png",),
+               (Turn("user", "q1"), Turn("assistant", "a1"), Turn("user", "q2"), Turn("assistant", "a2")),
                "ct", "f[0]", 0)
     ex = rct.exchanges([r])
     assert [(e.question, e.answer) for e in ex] == [("q1", "a1"), ("q2", "a2")]
@@ -85,7 +85,8 @@ def test_round_between_sft_stages(tmp_path):
     # the next SFT stage trains on the original records plus the corrected ones
     plan = {n: cfg for n, cfg, _ in recipe.stage_configs(c, w)}
     assert plan["sft2"].data.extra_files == (os.path.join(w, "rct", "corrected.jsonl"),)
-    assert len(pool(plan["sft2"], os.path.join(w, "sft2"))) == len(pool(plan["sft"], os.path.join(w, "sft"))) + len(corrected)
+    before = len(pool(plan["sft"], os.path.join(w, "sft")))
+    assert len(pool(plan["sft2"], os.path.join(w, "sft2"))) == before + len(corrected)
     assert len(read_sharegpt(plan["sft2"].data.extra_files[0], "", log=SkipLog())) == len(corrected)
     assert out["sft2"]["steps"] == 2 and "| rct | rct | 6 answered, 6 flagged, 6 corrected |" in \
         open(os.path.join(w, "recipe_summary.md")).read()
@@ -100,9 +101,9 @@ def test_rounds_inside_sft_grow_the_pool_and_resume(tmp_path):
                    "train.steps": 5, "checkpoint.save_every": 100, "data.demo_train_per_image": 1,
                    "data.demo_test_per_image": 1})
     w = str(tmp_path)
-    out = loop.run(c, w)
+    out = recipe.run_stage(c, w)
     assert [(r["round"], r["step"], r["flagged"]) for r in out["rct"]] == [(1, 2, 4), (2, 4, 4)]
-    files = rct.InRun(c, w).files_by(5)
+    files = rct.InRun(c, w).pool_files(5)
     assert [len(open(f).readlines()) for f in files] == [r["corrected"] for r in out["rct"]]
     assert all(r["corrected"] == 4 for r in out["rct"])
     assert sorted(int(d) for d in os.listdir(os.path.join(w, "checkpoints")) if d.isdigit()) == [2, 4, 5]
@@ -111,11 +112,13 @@ def test_rounds_inside_sft_grow_the_pool_and_resume(tmp_path):
         assert (data["epoch"], data["batch"]) == (0, step), data  # 8 records, batch 2: an epoch is 4+ batches
     assert len(pool(c, w, files)) == len(pool(c, w)) + 8
     c.train.steps = 7  # resume from step 5: the pool already holds both rounds; rounds = 2, so none more
-    again = loop.run(c, w)
+    again = recipe.run_stage(c, w)
     assert (again["start_step"], again["steps"], again["rct"]) == (5, 7, out["rct"])  # the rounds survive resume
     os.remove(files[0])
     c.train.steps = 9
     with pytest.raises(FileNotFoundError, match="RCT round 1"):
+        recipe.run_stage(c, w)
+    with pytest.raises(ConfigError, match="in-run RCT rounds are a step-end hook"):
         loop.run(c, w)
 
 

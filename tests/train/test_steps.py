@@ -10,7 +10,8 @@ import pytest
 from clinkd_jax import sharding
 from clinkd_jax.models import Qwen2VL
 from clinkd_jax.models.qwen2vl import abstract_params, init_params
-from clinkd_jax.train import losses, state as state_lib, steps
+from clinkd_jax.train import losses, steps
+from clinkd_jax.train import state as state_lib
 
 OPT = state_lib.OptimConfig(learning_rate=3e-3, warmup_steps=2, total_steps=40, grad_clip=1.0)
 DROP = ("index", "sample_mask", "decode_offsets", "record_index")
@@ -54,7 +55,8 @@ def test_sft_lowers_the_loss_and_keeps_the_vision_tower_frozen(sft_run):
         for p in path:
             a, b = a[p], b[p]
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # frozen: bit-identical
-    assert not np.array_equal(np.asarray(params["model"]["norm"]["scale"]), np.asarray(st.params["model"]["norm"]["scale"]))
+    assert not np.array_equal(np.asarray(params["model"]["norm"]["scale"]),
+                              np.asarray(st.params["model"]["norm"]["scale"]))
     assert "loss_kd" not in hist[0] and hist[0]["tokens"] > 0
 
 
@@ -148,7 +150,8 @@ def test_kd_loss_is_the_released_per_device_loss_on_any_mesh(tiny_and_batches):
         def f(params, t_params, batch):
             hidden, head = steps.hidden_and_head(student, params, batch)
             t_hidden, t_head = steps.hidden_and_head(teacher, t_params, batch)
-            out = losses.combine(losses.token_losses(hidden, head, batch["labels"], chunk=64, teacher_hidden_bld=t_hidden,
+            out = losses.combine(losses.token_losses(hidden, head, batch["labels"], chunk=64,
+                                                     teacher_hidden_bld=t_hidden,
                                                      teacher_head=t_head, kd=kd), kd)
             return out["loss"], out
         return jax.jit(jax.value_and_grad(f, has_aux=True) if grad else lambda *a: (f(*a), None))
