@@ -3,6 +3,7 @@ side on the same random checkpoint, prompts and image, greedy, no early stop.
 
     python bench/decode.py                      # medium geometry, batch 4, 128 new tokens
     python bench/decode.py --size small --new 32
+    python bench/decode.py --profile /tmp/prof  # also the top ops by self time of one whole generate call
 
 Time to first token (TTFT) = a whole generate call with max_new_tokens=1 (vision + prefill + one token).
 Decode tokens/s = batch * (N - 1) / (t(N) - t(1)): the per-token loop alone. Each framework runs in its
@@ -22,6 +23,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import machine  # noqa: E402
+import profiling  # noqa: E402
 from train_step import SIZES, hf_config  # noqa: E402  (same geometries as the train-step benchmark)
 
 
@@ -68,8 +71,8 @@ def run_torch(s, args, ckpt):
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    model = Qwen2VLForConditionalGeneration.from_pretrained(ckpt, dtype=dtype,
-                                                            attn_implementation="sdpa").to(dev).eval()
+    model = Qwen2VLForConditionalGeneration.from_pretrained(ckpt, dtype=dtype, attn_implementation="sdpa")
+    model = model.to(dev).eval()
     ids, pixels, grid = prompts(s, args.batch, args.prompt)
     t = lambda x: torch.from_numpy(np.asarray(x)).to(dev)
     kw = dict(input_ids=t(ids), attention_mask=torch.ones_like(t(ids)), pixel_values=t(pixels).to(dtype),
@@ -93,13 +96,17 @@ def run_torch(s, args, ckpt):
     for n in (1, args.new):
         gen(n)  # warm-up
     mem = torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda" else float("nan")
-    return {"t1": median_time(lambda: gen(1), args.repeats), "tN": median_time(lambda: gen(args.new), args.repeats),
-            "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "peak_mem_mb": mem}
+    out = {"t1": median_time(lambda: gen(1), args.repeats), "tN": median_time(lambda: gen(args.new), args.repeats),
+           "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "peak_mem_mb": mem}
+    if args.profile:
+        out["profile"] = profiling.torch_top_ops(lambda: gen(args.new), calls=1)
+    return out
 
 
 def run_jax(s, args, ckpt):
     import jax
 
+    from clinkd_jax import sharding
     from clinkd_jax.convert.hf import load_hf_checkpoint
     from clinkd_jax.data import positions
     from clinkd_jax.infer import generate as G
@@ -114,7 +121,7 @@ def run_jax(s, args, ckpt):
     vis = positions.pack_vision_inputs([[(pixels[i * n:(i + 1) * n], tuple(grid[i]))] for i in range(args.batch)], n)
     batch = {"input_ids": ids.astype(np.int32), "attention_mask": np.ones_like(ids, np.int32), "position_ids": pos,
              "decode_offsets": deltas, **vis}
-    gen = G.Generator(Qwen2VL(cfg, dtype=dtype, attention_impl=args.attention), params)
+    gen = G.Generator(Qwen2VL(cfg, dtype=dtype, attention_impl=args.attention, scan_unroll=args.scan_unroll), params)
 
     def run(k):
         out = gen(batch, G.SamplingConfig(max_new_tokens=k, stop_token_ids=(-1,), pad_token_id=0))  # never stops
@@ -124,8 +131,16 @@ def run_jax(s, args, ckpt):
     for k in (1, args.new):
         run(k)  # compile + warm-up
     stats = jax.devices()[0].memory_stats() or {}
-    return {"t1": median_time(lambda: run(1), args.repeats), "tN": median_time(lambda: run(args.new), args.repeats),
-            "device": jax.devices()[0].device_kind, "peak_mem_mb": stats.get("peak_bytes_in_use", float("nan")) / 2**20}
+    out = {"t1": median_time(lambda: run(1), args.repeats), "tN": median_time(lambda: run(args.new), args.repeats),
+           "device": jax.devices()[0].device_kind, "peak_mem_mb": stats.get("peak_bytes_in_use", float("nan")) / 2**20}
+    if args.profile:  # one whole call: vision + prefill + the decode loop
+        sampling = G.SamplingConfig(max_new_tokens=args.new, stop_token_ids=(-1,), pad_token_id=0)
+        with sharding.use_mesh(gen.mesh, gen.rules):
+            text = gen._fn(sampling).lower(gen.params, gen._place(batch), jax.random.key(0)).compile().as_text()
+        rows, total = profiling.jax_top_ops(lambda: run(args.new), text, os.path.join(args.profile, "jax_generate"),
+                                            calls=1)
+        out["profile"] = profiling.format_jax(rows, total)
+    return out
 
 
 def main():
@@ -136,7 +151,9 @@ def main():
     ap.add_argument("--new", type=int, default=128, help="new tokens per row")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--attention", default="xla", help="clinkd_jax attention implementation")
+    ap.add_argument("--scan-unroll", type=int, default=1, help="clinkd_jax model.scan_unroll")
     ap.add_argument("--frameworks", default="torch,jax")
+    ap.add_argument("--profile", default="", help="a directory: also profile one generate call (traces kept there)")
     ap.add_argument("--child", default="")
     args = ap.parse_args()
     s = SIZES[args.size]
@@ -145,6 +162,7 @@ def main():
         out = (run_jax if args.child == "jax" else run_torch)(s, args, ckpt)
         print("RESULT " + json.dumps(out))
         return
+    print(machine.describe())
     results = {}
     for fw in args.frameworks.split(","):
         cmd = [sys.executable, __file__, *sys.argv[1:], "--child", fw]
@@ -157,6 +175,9 @@ def main():
         r["ttft_ms"] = 1000 * r["t1"]
         r["decode_tok_s"] = args.batch * (args.new - 1) / max(r["tN"] - r["t1"], 1e-9)
         results[fw] = r
+    for fw, r in results.items():
+        if "profile" in r:
+            print(f"\n== profile: {fw}, one generate call of {args.new} tokens ({r['device']})\n{r['profile']}")
     print(f"\nsize={args.size} batch={args.batch} prompt={args.prompt} new={args.new} {s}")
     print(f"{'framework':10} {'device':24} {'TTFT ms':>9} {'decode tok/s':>13} {'total s':>8} {'peak MB':>9}")
     for fw, r in results.items():

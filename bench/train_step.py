@@ -3,6 +3,7 @@ side by side on the same model geometry, batch and optimizer (AdamW on the LLM, 
 
     python bench/train_step.py                 # both frameworks, both steps, prints a table and ratios
     python bench/train_step.py --size small    # a smaller geometry for a quick look
+    python bench/train_step.py --profile /tmp/prof   # also the top ops by self time, JAX trace + torch.profiler
 
 Each (framework, step) runs in its own process so peak RSS is its own. Tokens/s counts supervised
 target tokens. On an accelerator the JAX side also prints model FLOPs utilisation (MFU).
@@ -21,6 +22,10 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import machine  # noqa: E402
+import profiling  # noqa: E402
+
 SIZES = {  # LLM hidden/layers/heads/kv/mlp/vocab, vision depth/width/heads, batch, text length, image side (px)
     "small": dict(hidden=256, layers=4, heads=4, kv=2, mlp=688, vocab=8192, vdepth=2, vwidth=128, vheads=2, batch=2,
                   length=256, side=224),
@@ -37,8 +42,8 @@ def hf_config(s):
 
     return Qwen2VLConfig(
         text_config=dict(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["mlp"],
-                         num_hidden_layers=s["layers"],
-                         num_attention_heads=s["heads"], num_key_value_heads=s["kv"], max_position_embeddings=8192,
+                         num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv"],
+                         max_position_embeddings=8192,
                          rope_parameters={"rope_type": "default", "mrope_section": mrope(s), "rope_theta": 1e6},
                          rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0),
         vision_config=dict(depth=s["vdepth"], embed_dim=s["vwidth"], hidden_size=s["hidden"], num_heads=s["vheads"],
@@ -77,7 +82,7 @@ def flops_per_token(s):
 
 
 # ------------------------------------------------------------------------------------------- torch
-def run_torch(s, mode, steps, warmup):
+def run_torch(s, mode, steps, warmup, profile="", args=None):
     import torch
     from transformers import Qwen2VLForConditionalGeneration
 
@@ -120,11 +125,14 @@ def run_torch(s, mode, steps, warmup):
     out = timed(step, steps, warmup, (lab[:, 1:] != -100).sum().item(), base_rss)
     if dev == "cuda":
         out["device_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    if profile:
+        out["profile"] = profiling.torch_top_ops(step)
+    out["device"] = dev
     return out
 
 
 # --------------------------------------------------------------------------------------------- jax
-def run_jax(s, mode, steps, warmup):
+def run_jax(s, mode, steps, warmup, profile="", args=None):
     import functools
     import tempfile
 
@@ -145,20 +153,19 @@ def run_jax(s, mode, steps, warmup):
     ids, labels, pixels, grid, n_img = make_batch(s)
     pos, _ = positions.get_rope_index(ids, grid, image_token_id=cfg.image_token_id)
     n = s["side"] // 14
-    vis = positions.pack_vision_inputs([[(pixels[i * n * n : (i + 1) * n * n],
-                                          tuple(grid[i]))] for i in range(s["batch"])], n * n)
+    per_image = [[(pixels[i * n * n : (i + 1) * n * n], tuple(grid[i]))] for i in range(s["batch"])]
+    vis = positions.pack_vision_inputs(per_image, n * n)
     batch = {"input_ids": ids.astype(np.int32), "attention_mask": np.ones_like(ids, np.int32),
-             "labels": labels.astype(np.int32),
-             "position_ids": pos, **vis}
+             "labels": labels.astype(np.int32), "position_ids": pos, **vis}
     on_cpu = jax.devices()[0].platform == "cpu"
-    model = Qwen2VL(cfg, dtype="float32" if on_cpu else "bfloat16")  # GPU/TPU: bf16 compute, f32 master weights
+    model = Qwen2VL(cfg, dtype="float32" if on_cpu else "bfloat16",  # GPU/TPU: bf16 compute, f32 master weights
+                    scan_unroll=args.scan_unroll)
     tx = state_lib.optimizer_for(model, state_lib.OptimConfig(learning_rate=1e-5, grad_clip=1.0))
     state = state_lib.create(params, tx)
     teacher_params = jax.tree.map(lambda x: x.copy(), params) if mode == "kd" else None  # never the donated buffers
     kd = losses.KDConfig() if mode == "kd" else None
     fn = jax.jit(functools.partial(steps_lib.train_step, model=model, tx=tx, teacher=model if kd else None, kd=kd,
-                                   chunk=128,
-                                   frozen=("visual/.*",)),
+                                   chunk=args.chunk, frozen=("visual/.*",), loss_remat=args.loss_remat),
                  donate_argnums=(0,))
     compiled = fn.lower(state, teacher_params, batch).compile()
     mem = compiled.memory_analysis()
@@ -170,9 +177,13 @@ def run_jax(s, mode, steps, warmup):
         return float(m["loss"])
 
     out = timed(step, steps, warmup, int((labels[:, 1:] != -100).sum()), base_rss)
+    if profile:
+        rows, total = profiling.jax_top_ops(step, compiled.as_text(), os.path.join(profile, f"jax_{mode}"))
+        out["profile"] = profiling.format_jax(rows, total)
     if mem is not None:
         out["xla_temp_mb"] = mem.temp_size_in_bytes / 2**20
     dev = jax.devices()[0]
+    out["device"] = dev.device_kind
     if dev.platform != "cpu":
         out["device_peak_mb"] = (dev.memory_stats() or {}).get("peak_bytes_in_use", float("nan")) / 2**20
         peak = {"TPU v5 lite": 197e12, "NVIDIA H100 80GB HBM3": 989e12}.get(dev.device_kind)
@@ -202,27 +213,37 @@ def main():
     ap.add_argument("--size", default="medium", choices=sorted(SIZES))
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--modes", default="sft,kd")
+    ap.add_argument("--frameworks", default="torch,jax")
+    ap.add_argument("--profile", default="", help="a directory: also profile each step (traces kept there)")
+    # clinkd_jax levers (config fields of the same names): model.scan_unroll, train.loss_chunk, train.loss_remat
+    ap.add_argument("--scan-unroll", type=int, default=1)
+    ap.add_argument("--chunk", type=int, default=128)
+    ap.add_argument("--loss-remat", type=int, default=1, choices=(0, 1))
     ap.add_argument("--child", default="")  # internal: "<framework>:<mode>"
     args = ap.parse_args()
     s = SIZES[args.size]
     if args.child:
         framework, mode = args.child.split(":")
-        out = (run_jax if framework == "jax" else run_torch)(s, mode, args.steps, args.warmup)
+        out = (run_jax if framework == "jax" else run_torch)(s, mode, args.steps, args.warmup, args.profile, args)
         print("RESULT " + json.dumps(out))
         return
+    print(machine.describe())
     results = {}
-    for mode in ("sft", "kd"):
-        for framework in ("torch", "jax"):
-            proc = subprocess.run([sys.executable, __file__, "--size", args.size, "--steps", str(args.steps),
-                                   "--warmup", str(args.warmup), "--child", f"{framework}:{mode}"],
-                                  capture_output=True, text=True, env={**os.environ,
-                                                                       "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")})
+    for mode in args.modes.split(","):
+        for framework in args.frameworks.split(","):
+            proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", f"{framework}:{mode}"],
+                                  capture_output=True, text=True)
             line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
             if not line:
                 print(f"{framework} {mode} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
                 continue
             results[(framework, mode)] = json.loads(line[0][7:])
-    print(f"\nsize={args.size} {SIZES[args.size]}")
+    for (framework, mode), r in results.items():
+        if "profile" in r:
+            print(f"\n== profile: {framework} {mode} step ({r['device']})\n{r['profile']}")
+    print(f"\nsize={args.size} {SIZES[args.size]}\nclinkd_jax: scan_unroll={args.scan_unroll} chunk={args.chunk} "
+          f"loss_remat={args.loss_remat} XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     print(f"{'step':5} {'framework':9} {'step s':>8} {'tokens/s':>10} {'peak RSS MB':>12} {'XLA temp MB':>12}")
     for (framework, mode), r in sorted(results.items(), key=lambda kv: (kv[0][1] != "sft", kv[0][0])):
         print(f"{mode:5} {framework:9} {r['step_s']:8.3f} {r['tokens_per_s']:10.1f} {r['peak_rss_mb']:12.0f} "

@@ -67,6 +67,13 @@ def load_model(src, mesh, rules, seed: int, vocab_ids=None, dtype: str | None = 
     return cfg, init_params(Qwen2VL(cfg, param_dtype=dtype or "float32"), jax.random.key(seed), mesh, rules)
 
 
+def model_for(c, cfg: model_config.Qwen2VLConfig, dtype: str | None = None, **training) -> Qwen2VL:
+    """The module for geometry `cfg` as the run config sets it up (compute dtype, attention kernel, scan
+    unrolling); `training` adds param_dtype / remat for the model being trained."""
+    return Qwen2VL(cfg, dtype=dtype or c.model.dtype, attention_impl=c.model.attention,
+                   scan_unroll=c.model.scan_unroll, **training)
+
+
 def same_vocab(cfg, other, what: str) -> None:
     if cfg.vocab_ids != other.vocab_ids:
         def n(x):
@@ -249,6 +256,8 @@ def check_common(c) -> None:
                               "Face layout (full vocabulary); unset model.compact_vocab or export_hf")
     if c.data.box_format not in ("auto", *BOX_FORMATS):
         raise ConfigError(f"data.box_format={c.data.box_format!r} is not one of {('auto', *BOX_FORMATS)}")
+    if c.model.scan_unroll < 1:
+        raise ConfigError(f"model.scan_unroll={c.model.scan_unroll} must be >= 1")
     exts = tuple(c.data.image_ext)
     if not exts or not all(isinstance(e, str) and e.startswith(".") for e in exts):
         raise ConfigError(f"data.image_ext={exts} must be file extensions such as ('.png', '.dcm')")

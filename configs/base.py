@@ -27,6 +27,7 @@ def get_config() -> ConfigDict:
     c.model.param_dtype = "float32"  # master weights (optimizer state is float32 too)
     c.model.attention = "xla"  # xla | jax | cudnn (GPU) | splash (TPU)
     c.model.remat = "none"  # none | full | dots | dots_saveable
+    c.model.scan_unroll = 1  # decoder/ViT layers per scan iteration; >= the layer count: fully unrolled
 
     # --- the teacher (stage "kd"): same sources; it shares the mesh, is never donated, has no optimizer state
     c.teacher = ConfigDict()
@@ -103,6 +104,7 @@ def get_config() -> ConfigDict:
     c.train.steps = -1  # micro-steps; -1 = until the data's epochs are done
     c.train.total_steps_hint = 10000  # schedule length when steps = -1 (optimizer updates)
     c.train.loss_chunk = 256  # sequence positions per LM-head chunk in the losses
+    c.train.loss_remat = True  # recompute each chunk's logits in the backward pass (False: keep them; less compute)
     c.train.log_every = 10
     c.train.progress = True
 

@@ -33,7 +33,6 @@ from clinkd_jax.eval import captions, metrics, report
 from clinkd_jax.infer import generate as gen_lib
 from clinkd_jax.infer import prompts as prompts_lib
 from clinkd_jax.infer import sasg
-from clinkd_jax.models.qwen2vl import Qwen2VL
 from clinkd_jax.run_setup import TASKS, ConfigError, check_common, eval_image_dir, task_of, test_files
 
 log = logging.getLogger("clinkd_jax.eval")
@@ -209,7 +208,7 @@ def run(c, workdir: str) -> dict:
         mesh, rules = run_setup.make_run_mesh(c)
         cfg, params = run_setup.load_model(c.model, mesh, rules, c.seed, run_setup.compact_vocab(c, workdir),
                                          c.model.param_dtype)
-        model = Qwen2VL(cfg, dtype=c.model.dtype, attention_impl=c.model.attention)
+        model = run_setup.model_for(c, cfg)
         generator = gen_lib.Generator(model, params, mesh, rules)
         encoder = run_setup.encoder_for(c, cfg.vocab_ids)
         pred_files = {}

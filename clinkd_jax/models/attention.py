@@ -53,17 +53,19 @@ def dot_product_attention(
 
 
 def _xla_attention(q, k, v, mask):
+    """Written for XLA's dot layouts: the (B, K) batch dimensions lead every operand (the small q/k/v and
+    output are transposed, never the (T, S) scores), and the mask is an additive bias, whose gradient needs
+    no mask (nothing per layer is kept for the backward pass but the probabilities)."""
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     g = n // kv_heads
-    q = q.reshape(b, t, kv_heads, g, h)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k) * (h**-0.5)
-    scores = scores.astype(jnp.float32)
-    mask = jnp.broadcast_to(mask, (b, 1, t, k.shape[1]))[:, :, None]  # (B, 1, 1, T, S)
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
-    return out.reshape(b, t, n, h)
+    q = q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 3, 1, 4)  # (B, K, G, T, H)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, K, S, H)
+    scores = (jnp.einsum("bkgth,bksh->bkgts", q, k) * (h**-0.5)).astype(jnp.float32)
+    bias = jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)[:, :, None]  # (B, 1, 1, T, S); min + score == min
+    probs = jax.nn.softmax(scores + bias, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bksh->bkgth", probs, v)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 def segment_mask(q_segments_bt: jax.Array, kv_segments_bs: jax.Array) -> jax.Array:

@@ -132,6 +132,7 @@ class Qwen2Model(nn.Module):
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
     remat: str = "none"
+    scan_unroll: int = 1
 
     def setup(self):
         c = self.cfg
@@ -146,6 +147,7 @@ class Qwen2Model(nn.Module):
             split_rngs={"params": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.num_hidden_layers,
+            unroll=min(self.scan_unroll, c.num_hidden_layers),
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, attention_impl=self.attention_impl, **kw)
         self.norm = RMSNorm(c.rms_norm_eps, **kw)

@@ -49,9 +49,11 @@ class Qwen2VL(nn.Module):
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
     remat: str = "none"  # "none" | "full" | "dots" | "dots_saveable" (per scanned layer)
+    scan_unroll: int = 1  # layers per scan iteration (the layer count = fully unrolled); params stay stacked
 
     def setup(self):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl, remat=self.remat)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl, remat=self.remat,
+                  scan_unroll=self.scan_unroll)
         t = self.cfg.text
         self.visual = VisionTransformer(self.cfg.vision, t.hidden_size, **kw)
         self.model = Qwen2Model(t, **kw)

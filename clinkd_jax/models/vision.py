@@ -107,6 +107,7 @@ class VisionTransformer(nn.Module):
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
     remat: str = "none"
+    scan_unroll: int = 1
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -117,6 +118,7 @@ class VisionTransformer(nn.Module):
             split_rngs={"params": True},
             in_axes=(nn.broadcast,) * 4,
             length=self.cfg.depth,
+            unroll=min(self.scan_unroll, self.cfg.depth),
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(self.cfg, attention_impl=self.attention_impl, **kw)
         self.merger = PatchMerger(self.cfg, self.out_dim, **kw)

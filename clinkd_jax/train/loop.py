@@ -33,7 +33,7 @@ from clinkd_jax import checkpoint, distributed, run_setup, sharding
 from clinkd_jax.convert import hf
 from clinkd_jax.data import pipeline, records
 from clinkd_jax.models.config import Qwen2VLConfig
-from clinkd_jax.models.qwen2vl import Qwen2VL, abstract_params
+from clinkd_jax.models.qwen2vl import abstract_params
 from clinkd_jax.train import state as state_lib
 from clinkd_jax.train import steps
 from clinkd_jax.train.config import ConfigError, kd_config, validate
@@ -100,13 +100,12 @@ def run(c, workdir: str, hooks=()) -> dict:
     mesh, rules = run_setup.make_run_mesh(c)
     cfg, params = run_setup.load_model(c.model, mesh, rules, c.seed, run_setup.compact_vocab(c, workdir),
                                          c.model.param_dtype)
-    model = Qwen2VL(cfg, dtype=c.model.dtype, param_dtype=c.model.param_dtype, attention_impl=c.model.attention,
-                    remat=c.model.remat)
+    model = run_setup.model_for(c, cfg, param_dtype=c.model.param_dtype, remat=c.model.remat)
     teacher = teacher_params = None
     if c.stage == "kd" and not c.kd.pseudo_labels:
         t_cfg, teacher_params = run_setup.load_model(c.teacher, mesh, rules, c.seed + 1, cfg.vocab_ids)
         run_setup.same_vocab(cfg, t_cfg, "the teacher")
-        teacher = Qwen2VL(t_cfg, dtype=c.teacher.dtype, attention_impl=c.model.attention)
+        teacher = run_setup.model_for(c, t_cfg, c.teacher.dtype)
     ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"), save_every=c.checkpoint.save_every,
                                         keep=c.checkpoint.keep, async_save=c.checkpoint.async_save,
                                         commit_files=c.checkpoint.commit_files)
@@ -144,7 +143,7 @@ def run(c, workdir: str, hooks=()) -> dict:
         sched = state_lib.schedule(opt)
         step_fn = steps.jit_train_step(
             st_sh, t_sh, None, model=model, tx=tx, teacher=teacher,
-            kd=kd_config(c) if c.stage == "kd" else None, chunk=c.train.loss_chunk,
+            kd=kd_config(c) if c.stage == "kd" else None, chunk=c.train.loss_chunk, loss_remat=c.train.loss_remat,
             teacher_positions=c.teacher.positions, lr_schedule=lambda s: sched(s // opt.grad_accum), frozen=opt.frozen,
         )
         writer = MetricsWriter(workdir, resume_from=start, progress=c.train.progress and jax.process_index() == 0,

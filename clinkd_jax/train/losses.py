@@ -113,6 +113,7 @@ def token_losses(
     kd: KDConfig = KDConfig(),
     kd_weights_bl: jax.Array | None = None,
     teacher_topk: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+    remat: bool = True,
 ) -> dict[str, jax.Array]:
     """Sums and counts per row: {"ce_sum", "ce_count", "kd_sum", "kd_count"} (float32, shape (B,)).
 
@@ -120,6 +121,8 @@ def token_losses(
     `kd_weights_bl` is the per-token weight hook (uniform = released; the v4 curriculum plugs in here).
     `teacher_topk` = (ids (B, L, k), log p (B, L, k), valid (B, L)): cached pseudo-labels instead of a
     teacher forward (`clinkd_jax.train.pseudo_labels`); forward KL over the k stored tokens.
+    `remat=False` keeps each chunk's logits for the backward pass instead of recomputing them: one LM-head
+    matmul less per chunk, (B, L, V) float32 of memory more (`train.loss_remat`; a CPU choice).
     """
     b, length, _ = hidden_bld.shape
     targets = jnp.concatenate([labels_bl[:, 1:], jnp.full((b, 1), IGNORE, labels_bl.dtype)], axis=1)
@@ -134,7 +137,6 @@ def token_losses(
     if teacher_topk is not None:
         xs["tk_ids"], xs["tk_logp"], xs["tk_valid"] = (_chunks(x, chunk) for x in teacher_topk)
 
-    @jax.checkpoint  # keep nothing of the (B, chunk, V) logits for the backward pass; recompute them
     def body(carry, x):
         logits = head(x["h"]).astype(jnp.float32)
         vocab = logits.shape[-1]
@@ -162,6 +164,8 @@ def token_losses(
             out["kd_count"] = rows(m).astype(jnp.float32)
         return jax.tree.map(jnp.add, carry, out), None
 
+    if remat:  # keep nothing of the (B, chunk, V) logits for the backward pass; recompute them
+        body = jax.checkpoint(body)
     zero = {"ce_sum": 0.0, "ce_count": 0.0}
     if distill:
         zero.update(kd_sum=0.0, kd_count=0.0)

@@ -24,7 +24,6 @@ from jax.sharding import NamedSharding
 from clinkd_jax import distributed, run_setup, sharding
 from clinkd_jax.data import pipeline, records
 from clinkd_jax.data import pseudo_labels as store
-from clinkd_jax.models.qwen2vl import Qwen2VL
 from clinkd_jax.train import steps
 from clinkd_jax.train.config import ConfigError, kd_config, pseudo_label_switches
 
@@ -111,7 +110,7 @@ def write_store(c, workdir: str) -> None:
     s_cfg = run_setup.config_of(c.model, run_setup.compact_vocab(c, workdir))
     t_cfg, t_params = run_setup.load_model(c.teacher, mesh, rules, c.seed + 1, s_cfg.vocab_ids)
     run_setup.same_vocab(s_cfg, t_cfg, "the teacher")
-    teacher = Qwen2VL(t_cfg, dtype=c.teacher.dtype, attention_impl=c.model.attention)
+    teacher = run_setup.model_for(c, t_cfg, c.teacher.dtype)
     encoder = run_setup.encoder_for(c, s_cfg.vocab_ids)
     skips = records.SkipLog(strict=c.data.strict)
     recs = run_setup.training_records(c, workdir, skips)

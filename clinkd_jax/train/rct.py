@@ -34,7 +34,6 @@ from clinkd_jax.eval.metrics import extract_information, vg_item_hits
 from clinkd_jax.infer import generate as gen_lib
 from clinkd_jax.infer import prompts as prompts_lib
 from clinkd_jax.infer import sasg
-from clinkd_jax.models.qwen2vl import Qwen2VL
 
 log = logging.getLogger("clinkd_jax.rct")
 CORRECTED = "corrected.jsonl"  # a round's corrected records (ShareGPT, one per line)
@@ -166,7 +165,7 @@ def load_corrector(c, mesh, rules, student_cfg):
     """The corrector (`teacher.*`) as a Generator, on the student's vocabulary."""
     cfg, params = run_setup.load_model(c.teacher, mesh, rules, c.seed, student_cfg.vocab_ids)
     run_setup.same_vocab(student_cfg, cfg, "the corrector (teacher.*)")
-    return gen_lib.Generator(Qwen2VL(cfg, dtype=c.model.dtype, attention_impl=c.model.attention), params, mesh, rules)
+    return gen_lib.Generator(run_setup.model_for(c, cfg), params, mesh, rules)
 
 
 def run(c, workdir: str) -> dict:
@@ -178,8 +177,7 @@ def run(c, workdir: str) -> dict:
     recs = run_setup.training_records(c, workdir, skips)
     recs = run_setup.with_extra(recs, c.data.extra_files, c.data.extra_mode, skips)
     encoder = run_setup.encoder_for(c, s_cfg.vocab_ids)
-    box = {"student": gen_lib.Generator(Qwen2VL(s_cfg, dtype=c.model.dtype, attention_impl=c.model.attention),
-                                        params, mesh, rules)}
+    box = {"student": gen_lib.Generator(run_setup.model_for(c, s_cfg), params, mesh, rules)}
     del params
 
     def corrector_for():
@@ -247,8 +245,7 @@ class InRun:
         k = self.at.index(step) + 1
         c = self.c
         if self.generator is None:  # compiled once, reused by every round with the current params
-            model = Qwen2VL(run.cfg, dtype=c.model.dtype, attention_impl=c.model.attention)
-            self.generator = gen_lib.Generator(model, params, run.mesh, run.rules)
+            self.generator = gen_lib.Generator(run_setup.model_for(c, run.cfg), params, run.mesh, run.rules)
         self.generator.params = params
 
         def corrector_for():  # loaded for the round and freed after it (it is frozen; memory matters more)

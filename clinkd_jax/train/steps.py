@@ -47,6 +47,7 @@ def train_step(
     teacher_positions: str = "shared",
     lr_schedule=None,
     frozen: tuple[str, ...] = (),
+    loss_remat: bool = True,
 ):
     """One optimizer micro-step. `teacher_params=None` and `kd=None` is plain SFT; `kd` with cached
     pseudo-labels in the batch (`teacher_topk_*`) distils without a teacher forward."""
@@ -67,7 +68,8 @@ def train_step(
             params = jax.tree.map(lambda p, lab: jax.lax.stop_gradient(p) if lab == "frozen" else p, params, labels)
         hidden, head = hidden_and_head(model, params, batch)
         totals = losses.token_losses(hidden, head, batch["labels"], chunk=chunk, teacher_hidden_bld=t_hidden,
-                                     teacher_head=t_head, kd=kd or losses.KDConfig(), teacher_topk=topk)
+                                     teacher_head=t_head, kd=kd or losses.KDConfig(), teacher_topk=topk,
+                                     remat=loss_remat)
         out = losses.combine(totals, kd if distill else None)
         return out["loss"], out
 

@@ -76,17 +76,18 @@ def test_unknown_attention_impl():
         Qwen2VL(cfg, attention_impl="flash2").apply({"params": params}, **x)
 
 
-def test_remat_same_loss_and_grads():
-    """Rematerialisation changes memory, not math."""
+@pytest.mark.parametrize("variant", [{"remat": "full"}, {"scan_unroll": 2}])
+def test_remat_and_unrolling_same_loss_and_grads(variant):
+    """Rematerialisation and unrolled layer scans change memory and schedule, not math."""
     cfg, params, x = golden()
 
     def loss(model, p):
         return jnp.mean(model.apply({"params": p}, **x)["logits"] ** 2)
 
     base = jax.jit(jax.value_and_grad(functools.partial(loss, Qwen2VL(cfg))))(params)
-    remat = jax.jit(jax.value_and_grad(functools.partial(loss, Qwen2VL(cfg, remat="full"))))(params)
-    np.testing.assert_allclose(base[0], remat[0], rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(base[1]), jax.tree.leaves(remat[1])):
+    other = jax.jit(jax.value_and_grad(functools.partial(loss, Qwen2VL(cfg, **variant))))(params)
+    np.testing.assert_allclose(base[0], other[0], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(base[1]), jax.tree.leaves(other[1])):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
 
 

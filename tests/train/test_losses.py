@@ -85,21 +85,22 @@ def test_kd_only_branch_and_plain_ce():
     assert "loss_kd" not in sft
 
 
-@pytest.mark.parametrize("chunk", [1, 4, 13, 64])
-def test_chunked_equals_dense_with_gradients(chunk):
-    """Any chunk size (with padding of the last chunk) gives the dense loss and the dense gradients."""
+@pytest.mark.parametrize("chunk, remat", [(1, True), (4, True), (13, True), (64, True), (4, False)])
+def test_chunked_equals_dense_with_gradients(chunk, remat):
+    """Any chunk size (with padding of the last chunk) gives the dense loss and the dense gradients, with the
+    chunk logits recomputed in the backward pass or kept (`train.loss_remat`)."""
     hs, ht, ws, wt, labels, weights = data(2)
     kd = L.KDConfig()
 
-    def loss(ws_, chunk_):
+    def loss(ws_, chunk_, remat_=True):
         f32 = lambda x: jnp.asarray(x, jnp.float32)
         t = L.token_losses(f32(hs), lambda h: h @ ws_, jnp.asarray(labels), chunk=chunk_, teacher_hidden_bld=f32(ht),
-                           teacher_head=lambda h: h @ f32(wt), kd=kd)
+                           teacher_head=lambda h: h @ f32(wt), kd=kd, remat=remat_)
         return L.combine(t, kd)["loss"]
 
     w = jnp.asarray(ws, jnp.float32)
     dense_v, dense_g = jax.value_and_grad(loss)(w, T)
-    v, g = jax.value_and_grad(loss)(w, chunk)
+    v, g = jax.value_and_grad(loss)(w, chunk, remat)
     np.testing.assert_allclose(v, dense_v, rtol=1e-6)
     np.testing.assert_allclose(g, dense_g, rtol=1e-5, atol=1e-6)
 
