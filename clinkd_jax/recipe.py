@@ -15,12 +15,14 @@ import copy
 import json
 import logging
 import os
+import time
 
 import jax
 from ml_collections import ConfigDict
 
 from clinkd_jax.eval import run as eval_run
-from clinkd_jax.eval.report import comparison_table
+from clinkd_jax.eval.during_training import EvalDuringTraining, format_point
+from clinkd_jax.eval.report import comparison_table, headline_table, mean_value
 from clinkd_jax.run_setup import SOURCES, ConfigError
 from clinkd_jax.train import loop, rct
 
@@ -34,7 +36,7 @@ def _merge(base: ConfigDict, override: ConfigDict, where: str) -> None:
             continue
         if key not in base:
             raise KeyError(f"{where}.{key} is not a config field")
-        if key == "text_overrides":  # an open map: the stage's set replaces the base's
+        if key in ("text_overrides", "vision_overrides"):  # an open map: the stage's set replaces the base's
             with base.unlocked():
                 base[key] = copy.deepcopy(value)
         elif isinstance(value, ConfigDict) and isinstance(base[key], ConfigDict):
@@ -48,6 +50,7 @@ def _use_params(src: ConfigDict, params_dir: str) -> None:
         src[k] = ""
     src.orbax_dir = params_dir
     src.text_overrides = ConfigDict()
+    src.vision_overrides = ConfigDict()
 
 
 def stage_configs(c, workdir: str) -> list[tuple[str, ConfigDict, str]]:
@@ -97,28 +100,62 @@ def run_stage(cfg, stage_dir: str) -> dict:
         return eval_run.run(cfg, stage_dir)
     if cfg.stage == "rct":
         return rct.run(cfg, stage_dir)
-    summary = loop.run(cfg, stage_dir, hooks=rct.InRun.hooks(cfg, stage_dir))
+    hooks = rct.InRun.hooks(cfg, stage_dir) + EvalDuringTraining.hooks(cfg, stage_dir)
+    summary = loop.run(cfg, stage_dir, hooks=hooks)
     summary.pop("state", None)
     return summary
+
+
+def describe(name: str, cfg, settings) -> str:
+    """What a stage does, in words, for the console."""
+    if cfg.stage == "eval":
+        model = settings.get("model_from", "") or ("a random model" if cfg.model.preset else "the last trained model")
+        return f"evaluates {model} on {', '.join(cfg.eval.tasks)} (BiRD/ClinKD protocol)"
+    if cfg.stage == "rct":
+        return "one Reflective Correction round: the model answers, the corrector rewrites the flagged answers"
+    gaps = "MCG-RoPE gaps {}/{}".format(*cfg.data.mrope_gaps)
+    steps = f"{cfg.train.steps} steps" if cfg.train.steps > 0 else f"{cfg.data.num_epochs} epoch(s)"
+    if cfg.stage == "kd":
+        what = (f"ClinKD distillation from {settings.get('teacher_from', '') or 'the teacher'} "
+                f"(alpha {cfg.kd.alpha}, T {cfg.kd.temperature})")
+    else:
+        what = "supervised fine-tuning" + (" with Reflective Correction rounds" if cfg.rct.every_steps > 0 else "")
+    return f"{what}, {steps}, {gaps}"
+
+
+def announce(line: str) -> None:
+    """A stage line on the console (process 0), apart from the log's detail."""
+    if jax.process_index() == 0:
+        print(line, flush=True)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {seconds % 60:04.1f} s"
 
 
 def run(c, workdir: str) -> dict:
     """Run every stage not yet done; returns {"stage": "recipe", "stages": [(name, summary), ...]}."""
     plan = stage_configs(c, workdir)
-    done = []
-    for name, cfg, stage_dir in plan:
+    done, start = [], time.perf_counter()
+    for k, (name, cfg, stage_dir) in enumerate(plan, 1):
         marker = os.path.join(stage_dir, "stage_done.json")
+        where = f"[{k}/{len(plan)}] {name}"
         if os.path.isfile(marker):
-            log.info("stage %s: already done, skipped", name)
+            announce(f"== {where}: already done ({marker}), skipped")
             with open(marker) as f:
                 done.append((name, json.load(f)))
             continue
-        log.info("stage %s (%s) in %s", name, cfg.stage, stage_dir)
+        announce(f"== {where} starts: {describe(name, cfg, c.stage_settings[name])} -> {stage_dir}")
+        began = time.perf_counter()
         summary = run_stage(cfg, stage_dir)
+        now = time.perf_counter()
+        announce(f"== {where} {'interrupted' if summary.get('preempted') else 'done'} in {_minutes(now - began)} "
+                 f"({_minutes(now - start)} since the start)")
         if summary.get("preempted"):
             log.warning("stage %s was interrupted; run the same command again to resume", name)
             return {"stage": "recipe", "stages": done + [(name, summary)], "workdir": workdir, "complete": False}
-        brief = {k: v for k, v in summary.items() if k in ("stage", "steps", "final", "means", "skipped", "rct")}
+        brief = {k: v for k, v in summary.items()
+                 if k in ("stage", "steps", "final", "means", "skipped", "rct", "eval_curve")}
         if jax.process_index() == 0:  # one writer per shared workdir
             os.makedirs(stage_dir, exist_ok=True)
             with open(marker, "w") as f:
@@ -143,7 +180,8 @@ def eval_results(stages) -> dict[str, dict]:
 
 
 def comparison(evals: dict[str, dict]) -> str:
-    return ("Per task and modality (each stage's results.md has every metric; a modality without items counts "
+    return ("The evaluations side by side (8-modality means, ×100):\n\n" + headline_table(evals)
+            + "\nPer task and modality (each stage's results.md has every metric; a modality without items counts "
             "0 in the mean):\n\n" + comparison_table(evals))
 
 
@@ -153,7 +191,7 @@ def summary_table(stages) -> str:
         if s.get("stage") == "eval":
             parts = []
             for task, mean in s.get("means", {}).items():
-                value = mean.get("mBMR", mean.get("CIDEr")) if isinstance(mean, dict) else mean
+                value = mean_value(task, mean)
                 parts.append(f"{task} {100 * value:.2f}" if value is not None else f"{task} –")
             result = ", ".join(parts)
         elif s.get("stage") == "rct":
@@ -167,5 +205,7 @@ def summary_table(stages) -> str:
                 total = {k: sum(r[k] for r in rounds) for k in ("answered", "flagged", "corrected")}
                 result += (f"; RCT {len(rounds)} round(s): {total['answered']} answered, {total['flagged']} flagged, "
                            f"{total['corrected']} corrected")
+        if s.get("eval_curve"):  # evaluations during training
+            result += "; evaluated at " + "; ".join(f"step {p['step']}: {format_point(p)}" for p in s["eval_curve"])
         lines.append(f"| {name} | {s.get('stage', '?')} | {result} |")
     return "\n".join(lines) + "\n"

@@ -43,16 +43,18 @@ def make_run_mesh(c):
 
 # ------------------------------------------------------------------------------------- models
 def config_of(src, vocab_ids=None) -> model_config.Qwen2VLConfig:
-    """The model geometry named by src.hf_dir | src.orbax_dir | src.preset (+ text_overrides, + a compact
-    vocabulary `vocab_ids` for a preset); no weights read."""
+    """The model geometry named by src.hf_dir | src.orbax_dir | src.preset (+ text_overrides and
+    vision_overrides, + a compact vocabulary `vocab_ids` for a preset); no weights read."""
     if src.hf_dir:
         return model_config.Qwen2VLConfig.from_hf_dir(src.hf_dir)
     if src.orbax_dir:
         return checkpoint.load_config(src.orbax_dir)
     cfg = model_config.PRESETS[src.preset]()
-    if src.text_overrides:
-        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in src.text_overrides.to_dict().items()}
-        cfg = cfg.replace(text=dataclasses.replace(cfg.text, **fields))
+    for part in ("text", "vision"):
+        overrides = src.get(f"{part}_overrides")
+        if overrides:
+            fields = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.to_dict().items()}
+            cfg = cfg.replace(**{part: dataclasses.replace(getattr(cfg, part), **fields)})
     return cfg if vocab_ids is None else vocab_lib.compact_config(cfg, vocab_ids)
 
 
@@ -239,6 +241,13 @@ def check_source(c, name: str, required: bool) -> None:
         return
     if src.preset and src.preset not in model_config.PRESETS:
         raise ConfigError(f"{name}.preset={src.preset!r} is not one of {sorted(model_config.PRESETS)}")
+    for part, kind in (("text", model_config.TextConfig), ("vision", model_config.VisionConfig)):
+        overrides = src.get(f"{part}_overrides")
+        if overrides and not src.preset:  # a checkpoint's geometry is its own
+            raise ConfigError(f"{name}.{part}_overrides apply to a preset only, not to {name}.{given[0]}")
+        unknown = sorted(set(overrides or ()) - {f.name for f in dataclasses.fields(kind)})
+        if unknown:
+            raise ConfigError(f"{name}.{part}_overrides: {unknown} are not {kind.__name__} fields")
     for key in ("hf_dir", "orbax_dir"):
         if src[key] and not os.path.isdir(src[key]):
             raise ConfigError(f"{name}.{key}={src[key]!r} is not a directory")

@@ -19,6 +19,7 @@ def get_config() -> ConfigDict:
     c.model.orbax_dir = ""  # a clinkd_jax params checkpoint (python -m clinkd_jax.convert)
     c.model.preset = ""  # build from scratch: tiny | tiny_qwen | qwen2vl_2b | qwen2vl_7b | qwen2vl_72b
     c.model.text_overrides = ConfigDict()  # with a preset: LLM fields to change, e.g. {"hidden_size": 128}
+    c.model.vision_overrides = ConfigDict()  # with a preset: vision-tower fields to change, e.g. {"depth": 4}
     # with a preset: "data" = embedding/LM-head rows only for the token ids the training and test data use
     # (clinkd_jax.data.vocab; the demo's CPU speed-up); a JSON file of ids; "" = the full vocabulary.
     # A checkpoint's own vocabulary (model_config.json) always applies; the teacher shares the model's.
@@ -35,6 +36,7 @@ def get_config() -> ConfigDict:
     c.teacher.orbax_dir = ""
     c.teacher.preset = ""
     c.teacher.text_overrides = ConfigDict()
+    c.teacher.vision_overrides = ConfigDict()
     c.teacher.dtype = "bfloat16"
     c.teacher.positions = "shared"  # "shared": the student's MCG-RoPE ids (released) | "own": gaps (1, 1)
 
@@ -143,6 +145,9 @@ def get_config() -> ConfigDict:
     c.eval.image_dir = ""  # default: data.image_dir
     c.eval.predictions = ()  # score-only: existing prediction JSONL files (any system); no model is loaded
     c.eval.limit = 0  # > 0: only the first N items of each file (a quick look)
+    # > 0 on an sft/kd stage: evaluate the current params (eval.tasks, eval.limit) after every this many steps;
+    # the curve goes to <workdir>/eval_curve.jsonl (clinkd_jax.eval.during_training)
+    c.eval.every_steps = 0
     c.eval.batch_size = 8  # prompts per generate call (global)
     c.eval.text_buckets = (256, 512, 1024, 2048)  # left-padded prompt lengths (one compile each)
     c.eval.patch_buckets = (1600, 2704, 4096, 5376)  # per-prompt patch slots; 1024^2 px -> <= 5329 patches

@@ -1,7 +1,8 @@
 """The embedded demo, the README's main job: the ClinKD recipe end to end on the bundled demo data, on
 a laptop CPU in minutes.
 
-    teacher        SFT of a small model (real Qwen2 tokenizer and vocabulary) from scratch
+    teacher        SFT of a small model (real Qwen2 tokenizer and vocabulary) from scratch; grounding and naming
+                   evaluated every 500 steps (teacher/eval_curve.jsonl)
     kd             ClinKD distillation into a smaller student with MCG-RoPE (gaps 2/2), α = 0.5, T = 0.5
     sft            supervised fine-tuning of the student (from the kd stage's params) with Reflective Correction
                    Training: two rounds inside the run, the teacher correcting the student's flagged answers
@@ -10,6 +11,7 @@ a laptop CPU in minutes.
                    BiRD/ClinKD protocol on the demo test files (scaled-down pixel budget), tables + gallery
 
 The demo's labels are synthetic (one drawn marker per real image); it proves the machinery, not medicine.
+`--config.seed=N` changes every initialisation and the data order, not the data; README: figures over seeds.
 """
 
 from ml_collections import ConfigDict
@@ -41,7 +43,9 @@ def get_config():
     c.rct.max_new_tokens = 40
     c.stages = ("teacher", "kd", "sft", "eval_untrained", "eval_teacher", "eval_student")
     c.stage_settings = ConfigDict({
-        "teacher": {"stage": "sft", "model": {"text_overrides": TEACHER}, "train": {"steps": 2000}},
+        # grounding and naming evaluated every 500 steps while it trains: the curve in teacher/eval_curve.jsonl
+        "teacher": {"stage": "sft", "model": {"text_overrides": TEACHER}, "train": {"steps": 2000},
+                    "eval": {"every_steps": 500, "tasks": ("VG", "RO")}},
         # fresh student
         "kd": {"stage": "kd", "teacher_from": "teacher", "model": {"preset": "tiny_qwen"}, "train": {"steps": 1200}},
         # SFT with RCT: a round after 120 and after 240 steps, the teacher correcting the student's answers

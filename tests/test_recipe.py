@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -32,10 +33,14 @@ def plan_config():
         "teacher": {"stage": "sft", "train": {"steps": 3}},
         "kd": {"stage": "kd", "teacher_from": "teacher", "teacher": {"dtype": "float32"},
                "model": {"preset": "tiny_qwen", "text_overrides": {"num_hidden_layers": 1}}, "train": {"steps": 2}},
-        "sft": {"stage": "sft", "train": {"steps": 2}},
+        "sft": {"stage": "sft", "train": {"steps": 2}, "eval": {"every_steps": 1}},  # evaluated while it trains
         "eval": {"stage": "eval"},
     })
     return c
+
+
+def responses(path):
+    return [json.loads(line)["response"] for line in open(path)]
 
 
 def test_plan_chains_params():
@@ -66,9 +71,14 @@ def test_bad_plans_name_the_field(change, message):
         recipe.stage_configs(c, "/w")
 
 
-def test_runs_in_order_skips_done_and_resumes(tmp_path):
+def test_runs_in_order_skips_done_and_resumes(tmp_path, capsys):
     w = str(tmp_path)
     out = recipe.run(plan_config(), w)
+    console = capsys.readouterr().out  # a line when each stage starts and ends: what it does, elapsed
+    assert f"== [1/4] teacher starts: supervised fine-tuning, 3 steps, MCG-RoPE gaps 2/2 -> {w}/teacher" in console
+    assert "== [2/4] kd starts: ClinKD distillation from teacher (alpha 0.5, T 0.5), 2 steps" in console
+    assert "== [4/4] eval starts: evaluates the last trained model on VG, RO" in console
+    assert re.search(r"== \[4/4\] eval done in 0 min \d+\.\d s \(\d+ min \d+\.\d s since the start\)", console)
     assert out["complete"] and [n for n, _ in out["stages"]] == ["teacher", "kd", "sft", "eval"]
     kd = json.load(open(os.path.join(w, "kd", "stage_done.json")))
     assert kd["stage"] == "kd" and "loss_kd" in kd["final"]
@@ -76,14 +86,25 @@ def test_runs_in_order_skips_done_and_resumes(tmp_path):
     table = open(os.path.join(w, "recipe_summary.md")).read()
     assert "| kd | kd | 2 steps" in table and "| eval | eval | VG" in table
     assert "| modality | n | eval |" in table and set(out["evals"]["eval"]) == {"VG", "RO"}  # per-modality table
+    assert "| model | VG Recall@0.5 | RO Accuracy |\n|---|---:|---:|\n| eval | " in table  # one row per evaluation
     vocab = json.load(open(os.path.join(w, "teacher", "params", "model_config.json")))["clinkd_vocab_ids"]
     assert vocab == json.load(open(os.path.join(w, "kd", "params", "model_config.json")))["clinkd_vocab_ids"]
     assert len(os.listdir(os.path.join(w, "demo_data", "images")))
     assert not os.path.exists(os.path.join(w, "kd", "demo_data"))
+    # evaluation during training: a point per step; the last one is exactly what the eval stage gets from the
+    # saved params (same greedy answers)
+    curve = [json.loads(line) for line in open(os.path.join(w, "sft", "eval_curve.jsonl"))]
+    assert [p["step"] for p in curve] == [1, 2] and set(curve[0]) == {"step", "VG", "RO"}
+    assert dict(out["stages"])["sft"]["eval_curve"] == curve and "evaluated at step 1: VG" in table
+    for task in ("VG", "RO"):
+        during = responses(os.path.join(w, "sft", "eval_during_training", "step_2", "predictions",
+                                        f"Test_{task}.jsonl"))
+        assert during == responses(os.path.join(w, "eval", "predictions", f"Test_{task}.jsonl")) and len(during) == 2
+    assert not os.path.exists(os.path.join(w, "kd", "eval_curve.jsonl"))
     # finished stages are not run again
     stamps = {n: os.path.getmtime(os.path.join(w, n, "stage_done.json")) for n in ("teacher", "kd", "sft", "eval")}
     again = recipe.run(plan_config(), w)
-    assert again["complete"]
+    assert again["complete"] and "== [3/4] sft: already done" in capsys.readouterr().out
     assert stamps == {n: os.path.getmtime(os.path.join(w, n, "stage_done.json")) for n in stamps}
     # an unfinished stage resumes from its own checkpoint; later stages run again
     os.remove(os.path.join(w, "sft", "stage_done.json"))
@@ -93,6 +114,7 @@ def test_runs_in_order_skips_done_and_resumes(tmp_path):
     third = dict(recipe.run(c, w)["stages"])
     assert third["sft"]["steps"] == 4
     assert json.load(open(os.path.join(w, "sft", "summary.json")))["start_step"] == 2
+    assert [p["step"] for p in third["sft"]["eval_curve"]] == [1, 2, 3, 4] and third["sft"]["eval_curve"][:2] == curve
 
 
 def test_demo_recipe_plan():
@@ -109,7 +131,32 @@ def test_demo_recipe_plan():
     assert all(cfg.rct.every_steps == 0 for name, cfg in plan.items() if name != "sft")
     assert plan["eval_untrained"].model.preset == "tiny_qwen" and plan["eval_untrained"].model.orbax_dir == ""
     assert plan["eval_student"].model.orbax_dir == "/w/sft/params"
+    # the teacher is evaluated on grounding and naming while it trains; the evaluation stages run every task
+    assert plan["teacher"].eval.every_steps == 500 and tuple(plan["teacher"].eval.tasks) == ("VG", "RO")
+    assert all(plan[n].eval.every_steps == 0 for n in ("kd", "sft"))
+    assert tuple(plan["eval_student"].eval.tasks) == ("VG", "RO", "GC", "MII")
     assert {cfg.data.demo_dir for cfg in plan.values()} == {"/w/demo_data"}  # generated once for all stages
+
+
+def test_demo_ablation_plan():
+    from configs import demo, demo_ablation
+
+    plan = {name: cfg for name, cfg, _ in recipe.stage_configs(demo_ablation.get_config(), "/w")}
+    arms = ["clinkd", "no_mcg", "no_kd", "neither"]
+    assert list(plan) == ["teacher", *arms, *(f"eval_{a}" for a in arms)]
+    gaps = {a: tuple(plan[a].data.mrope_gaps) for a in arms}
+    assert gaps == {"clinkd": (2, 2), "no_mcg": (1, 1), "no_kd": (2, 2), "neither": (1, 1)}
+    assert {a: plan[a].stage for a in arms} == {"clinkd": "kd", "no_mcg": "kd", "no_kd": "sft", "neither": "sft"}
+    for a in arms:  # the same fresh student, the same steps and seed; evaluated with its own positions
+        assert plan[a].model.preset == "tiny_qwen" and plan[a].model.orbax_dir == ""
+        assert plan[a].train.steps == plan["clinkd"].train.steps and plan[a].seed == plan["clinkd"].seed
+        assert plan[a].rct.every_steps == 0
+        assert plan[f"eval_{a}"].model.orbax_dir == f"/w/{a}/params"
+        assert tuple(plan[f"eval_{a}"].data.mrope_gaps) == gaps[a]
+    assert plan["clinkd"].teacher.orbax_dir == plan["no_mcg"].teacher.orbax_dir == "/w/teacher/params"
+    same = {name: cfg for name, cfg, _ in recipe.stage_configs(demo.get_config(), "/w")}["teacher"]
+    drop = lambda d: {k: v for k, v in d.items() if k != "stage_settings"}  # noqa: E731
+    assert drop(plan["teacher"].to_dict()) == drop(same.to_dict())  # the demo's teacher
 
 
 @pytest.mark.parametrize("name", ["clinkd_qwen2vl_7b", "clinkd_2b_from_7b"])

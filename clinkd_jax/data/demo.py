@@ -3,9 +3,10 @@ inside installed packages (pydicom, pydicom-data, scikit-image), with SYNTHETIC 
 
 The images are real (CT head and spine, MR shoulder and abdomen, chest and leg radiographs, an
 ultrasound of a lymph node, a fundus photograph). The findings are not: each image gets one drawn
-marker — a "bright oval lesion" or a "dark round cyst" — at a random place, and every question and
-answer is generated from that marker and the image's modality and body part. A model can learn the
-four Med-GRIT tasks on it (grounding, naming the object in a box, region caption, whole-image
+marker — a "bright oval lesion" or a "dark round cyst", a fifth to two fifths of the side — at a random
+place, and every question and answer is generated from that marker and the image's modality and body
+part. A training conversation asks 2-4 of the tasks, grounding before any question that names the box. A model can
+learn the four Med-GRIT tasks on it (grounding, naming the object in a box, region caption, whole-image
 description); nothing it learns is medicine.
 
     python -m clinkd_jax.data.demo /tmp/demo      # writes images/, train.json, Test_{VG,RO,GC,MII}.json
@@ -36,6 +37,7 @@ SOURCES = (
 )
 OBJECTS = ("bright oval lesion", "dark round cyst")
 TASK_FILES = {"VG": "Test_VG.json", "RO": "Test_RO.json", "GC": "Test_GC.json", "MII": "Test_MII.json"}
+VERSION = 2  # of what generate() writes; a demo folder written by another version is written again
 
 
 def source_image(name: str, max_side: int) -> Image.Image:
@@ -66,7 +68,8 @@ def _where(cx: float, cy: float) -> str:
 def draw_marker(img: Image.Image, kind: int, rng: np.random.Generator):
     """Draw one marker; returns (image, box on the 0-1000 scale, relative centre)."""
     w, h = img.size
-    bw, bh = (rng.uniform(0.12, 0.3) * w, rng.uniform(0.12, 0.3) * h)
+    # a fifth to two fifths of the side: at the demo's 224 px, at least two merged image tokens across
+    bw, bh = (rng.uniform(0.2, 0.4) * w, rng.uniform(0.2, 0.4) * h)
     if kind == 1:
         bh = bw * h / w  # round cyst: circle
     x1, y1 = rng.uniform(0.05, 0.95 - bw / w) * w, rng.uniform(0.05, 0.95 - bh / h) * h
@@ -109,6 +112,9 @@ def generate(out_dir: str, *, train_per_image: int = 6, test_per_image: int = 2,
             obj, where = OBJECTS[kind], _where(cx, cy)
             if v < train_per_image:
                 tasks = list(rng.permutation(list(TASK_FILES)))[: int(rng.integers(2, 5))]
+                if "VG" in tasks:  # before the questions that name the box (RO, GC): nothing to copy it from
+                    tasks.remove("VG")
+                    tasks.insert(next((i for i, t in enumerate(tasks) if t in ("RO", "GC")), len(tasks)), "VG")
                 conv = []
                 for k, task in enumerate(tasks):
                     q, a = qa(task, stem + ".png", obj, box, where, desc)
@@ -130,17 +136,18 @@ def generate(out_dir: str, *, train_per_image: int = 6, test_per_image: int = 2,
 
 def ensure(out_dir: str, **kw) -> str:
     """`out_dir` holding the demo set generated with `kw` (generate's arguments); (re)written when absent
-    or made with other arguments. Returns out_dir."""
+    or made with other arguments or by another VERSION. Returns out_dir."""
     meta_file = os.path.join(out_dir, "demo.json")
+    meta = {**kw, "version": VERSION}
     try:
         with open(meta_file) as f:
-            if json.load(f) == kw and os.path.isfile(os.path.join(out_dir, "train.json")):
+            if json.load(f) == meta and os.path.isfile(os.path.join(out_dir, "train.json")):
                 return out_dir
     except (OSError, ValueError):
         pass
     counts = generate(out_dir, **kw)
     with open(meta_file, "w") as f:
-        json.dump(kw, f)
+        json.dump(meta, f)
     logging.getLogger("clinkd_jax.data").info("demo data set %s written to %s", counts, out_dir)
     return out_dir
 

@@ -145,6 +145,19 @@ STRUCTURAL_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vi
 IMAGE_EXTS = (".png", ".dcm", ".dicom", ".jpg", ".jpeg")  # Med-GRIT ids carry no extension: tried in this order
 
 
+def text_problem(text: str, role: str = "assistant") -> tuple[str, str] | None:
+    """(skip reason, detail) when a turn's text cannot be trained on (a literal structural token, a
+    malformed box); None when it can."""
+    token = next((s for s in STRUCTURAL_TOKENS if s in text), None)
+    if token:
+        return "special token in text", f"{token} written literally in a {role} turn"
+    try:
+        markup.validate_boxes(text)
+    except markup.MarkupError as e:
+        return "bad box", str(e)
+    return None
+
+
 def _check(turns, images, where, log: SkipLog, check_images: bool) -> bool:
     """Item-level validation shared by all readers; returns False (after logging) for a bad item."""
     if not any(t.role == "assistant" for t in turns) or any(
@@ -153,14 +166,9 @@ def _check(turns, images, where, log: SkipLog, check_images: bool) -> bool:
         log.skip("empty or missing answer", where)
         return False
     for t in turns:
-        token = next((s for s in STRUCTURAL_TOKENS if s in t.text), None)
-        if token:
-            log.skip("special token in text", where, f"{token} written literally in a {t.role} turn")
-            return False
-        try:
-            markup.validate_boxes(t.text)
-        except markup.MarkupError as e:
-            log.skip("bad box", where, str(e))
+        problem = text_problem(t.text, t.role)
+        if problem:
+            log.skip(*problem, where)
             return False
     for image in images:
         if modality_of(image) not in MODALITIES:

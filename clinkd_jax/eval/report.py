@@ -79,6 +79,25 @@ def headline(task: str, result: dict) -> str:
     return want if want in result["mean"] else next(iter(result["mean"]))
 
 
+def mean_value(task: str, mean) -> float | None:
+    """The 8-modality mean of the task's headline metric from a result's "mean" (a number, or per metric)."""
+    if not isinstance(mean, dict):
+        return mean
+    return mean.get("mBMR" if task == "MII" else "CIDEr", next(iter(mean.values()), None))
+
+
+def headline_table(runs: dict[str, dict]) -> str:
+    """Several evaluations side by side in one table ({name: {task: result}}): a row per run, a column per
+    task holding its headline metric's 8-modality mean (×100)."""
+    tasks = [t for t in TASK_NAMES if any(t in r for r in runs.values())]
+    cols = [f"{t} {headline(t, next(r[t] for r in runs.values() if t in r))}" for t in tasks]
+    lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for name, r in runs.items():
+        cells = [mean_value(t, r[t]["mean"]) if t in r else None for t in tasks]
+        lines.append(f"| {name} | " + " | ".join("–" if v is None else f"{100 * v:.2f}" for v in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def comparison_table(runs: dict[str, dict]) -> str:
     """Several evaluations side by side ({name: {task: result}}): per task, each modality's headline metric
     (×100) per run, and the 8-modality mean."""

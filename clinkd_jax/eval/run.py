@@ -197,28 +197,39 @@ def run(c, workdir: str) -> dict:
     """Predict (unless score-only) and score; returns {task: result} plus skips and paths."""
     os.makedirs(workdir, exist_ok=True)
     validate(c, workdir)
-    pred_dir = os.path.join(workdir, "predictions")
-    os.makedirs(pred_dir, exist_ok=True)
     skips = records_lib.SkipLog(strict=c.data.strict)  # items not generated for: scored as misses
     read_skips = records_lib.SkipLog(strict=c.data.strict)  # items of the test files that cannot be scored
-    generated = {}
     if c.eval.predictions:
-        pred_files = {task_of(p): p for p in c.eval.predictions}
+        pred_files, generated = {task_of(p): p for p in c.eval.predictions}, {}
     else:
         mesh, rules = run_setup.make_run_mesh(c)
         cfg, params = run_setup.load_model(c.model, mesh, rules, c.seed, run_setup.compact_vocab(c, workdir),
                                          c.model.param_dtype)
-        model = run_setup.model_for(c, cfg)
-        generator = gen_lib.Generator(model, params, mesh, rules)
+        generator = gen_lib.Generator(run_setup.model_for(c, cfg), params, mesh, rules)
         encoder = run_setup.encoder_for(c, cfg.vocab_ids)
-        pred_files = {}
-        for task, path in test_files(c, workdir).items():
-            recs = run_setup.eval_records(c, path, workdir, read_skips)
-            if c.eval.limit > 0:
-                recs = recs[: c.eval.limit]
-            pred_files[task] = os.path.join(pred_dir, f"Test_{task}.jsonl")
-            generated[task] = predict(c, task, recs, generator, encoder, pred_files[task], skips)
+        pred_files, generated = predict_all(c, workdir, generator, encoder, read_skips, skips)
         log.info("generation compiled %d time(s)", generator.compiled)
+    return scored(c, workdir, pred_files, generated, read_skips, skips)
+
+
+def predict_all(c, workdir: str, generator, encoder, read_skips, skips, out_dir: str = "") -> tuple[dict, dict]:
+    """Predictions for every test file into <out_dir or workdir>/predictions/Test_<task>.jsonl: ({task: path},
+    {task: items generated now})."""
+    pred_dir = os.path.join(out_dir or workdir, "predictions")
+    os.makedirs(pred_dir, exist_ok=True)
+    pred_files, generated = {}, {}
+    for task, path in test_files(c, workdir).items():
+        recs = run_setup.eval_records(c, path, workdir, read_skips)
+        if c.eval.limit > 0:
+            recs = recs[: c.eval.limit]
+        pred_files[task] = os.path.join(pred_dir, f"Test_{task}.jsonl")
+        generated[task] = predict(c, task, recs, generator, encoder, pred_files[task], skips)
+    return pred_files, generated
+
+
+def scored(c, workdir: str, pred_files: dict, generated: dict, read_skips, skips, reports: bool = True) -> dict:
+    """Scores the prediction files (process 0 writes metrics.json and, with `reports`, the tables, charts and
+    gallery); returns the evaluation's summary."""
     skipped = dict(collections.Counter(read_skips.counts) + collections.Counter(skips.counts))
     results, preds, box = {}, {}, {}
     if jax.process_index() == 0:
@@ -230,7 +241,8 @@ def run(c, workdir: str) -> dict:
         with open(os.path.join(workdir, "metrics.json"), "w") as f:
             json.dump({"tasks": results, "skipped": skipped, "generated": generated,
                        "predictions": pred_files}, f, indent=2)
-        write_reports(c, workdir, results, preds, eval_image_dir(c, workdir), read_skips.counts)
+        if reports:
+            write_reports(c, workdir, results, preds, eval_image_dir(c, workdir), read_skips.counts)
     for what, log_ in (("not scorable", read_skips), ("scored as misses", skips)):
         if log_.total:
             log.warning("%s: %s", what, log_.report())

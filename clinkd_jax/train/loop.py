@@ -9,8 +9,10 @@ model or teacher) and optionally `<workdir>/export_hf` (the Hugging Face layout)
 
 Step-end hooks (`run(..., hooks=)`; in-run RCT, `clinkd_jax.train.rct.InRun`, is one) let a stage act
 between steps without the loop knowing it. A hook has
-    due(step) -> bool                  act after this step (a checkpoint is saved right after)
+    due(step) -> bool                  act after this step
     __call__(step, params, run)        act; `run` is a `HookContext`
+    changes_pool: bool                 whether acting adds training files (then a checkpoint is saved right
+                                       after, and the data stream goes on over the grown pool)
     pool_files(step) -> list[str]      training files it has added to the pool by `step` (ShareGPT)
     resume(step)                       the run resumed at `step`
     summary() -> dict                  merged into the run's summary
@@ -159,8 +161,9 @@ def run(c, workdir: str, hooks=()) -> dict:
                                          run_setup.device_batch(batch, mesh, rules, c.data.batch_size))
                 step += 1
                 due = [h for h in hooks if h.due(step)]
+                grows = any(h.changes_pool for h in due)
                 preempted = stop(step)  # every host answers the same at the same step
-                saving = ckpt.manager.should_save(step) or bool(due) or preempted  # a resume must see the grown pool
+                saving = ckpt.manager.should_save(step) or grows or preempted  # a resume must see the grown pool
                 if step % c.train.log_every == 0 or step == c.train.steps or saving:
                     metrics = jax.tree.map(float, metrics)  # a host sync; never save a state without this check
                     if not math.isfinite(metrics["loss"]):
@@ -172,16 +175,17 @@ def run(c, workdir: str, hooks=()) -> dict:
                     metrics["epoch"] = data.epoch + data.batch / data.batches_per_epoch
                     t0 = time.perf_counter()
                     writer.write(step, metrics)
-                if due:  # e.g. a correction round with the current params; the pool grows from the next step
-                    for h in due:
-                        h(step, state.params, HookContext(cfg, mesh, rules, recs, encoder))
+                for h in due:  # e.g. a correction round with the current params
+                    h(step, state.params, HookContext(cfg, mesh, rules, recs, encoder))
+                if grows:  # the pool grows from the next step
                     old = data
                     data = batches(c, workdir, recs, encoder, mesh, rules, pool_files(step))
                     data.set_state({"epoch": old.epoch, "batch": old.batch})  # the stream goes on, not epoch 0
                     data.load_skips.update(old.load_skips)
+                if due:
                     t0 = time.perf_counter()  # the hooks' time is not training throughput
                 if saving:
-                    ckpt.save(step, state, data.get_state(), c.to_dict(), force=bool(due) or preempted)
+                    ckpt.save(step, state, data.get_state(), c.to_dict(), force=grows or preempted)
                 if preempted:
                     log.warning("SIGTERM: saved step %d; stopping (run the same command to resume)", step)
                     break

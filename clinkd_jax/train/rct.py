@@ -29,7 +29,7 @@ import numpy as np
 from clinkd_jax import run_setup
 from clinkd_jax.data import markup
 from clinkd_jax.data.image import ImageConfig
-from clinkd_jax.data.records import Record, SkipLog, Turn
+from clinkd_jax.data.records import Record, SkipLog, Turn, text_problem
 from clinkd_jax.eval.metrics import extract_information, vg_item_hits
 from clinkd_jax.infer import generate as gen_lib
 from clinkd_jax.infer import prompts as prompts_lib
@@ -121,13 +121,19 @@ def correction_round(c, recs, encoder, student, corrector_for, seed: int) -> tup
                                      stop_token_ids=stops, pad_token_id=pad)
     cands = _answers(corrector_for(), hinted, encoder, dataclasses.replace(pcfg, batch_size=r.batch_size * r.samples),
                      sampled, seed + 1, repeat=r.samples) if hinted else {}
-    corrected = []
+    corrected, unusable = [], 0
     for j, i in enumerate(flagged):
         if j not in cands:
             continue
         item = items[i]
-        best, scores = sasg.select(cands[j], reference=item.answer, similarity=sim)
-        answer = force_boxes(cands[j][best], item.answer)
+        # (candidate, with the reference boxes); one that could not be trained on (a sampled <|im_start|>, a
+        # broken box) takes no part
+        usable = [(a, fixed) for a in cands[j] if not text_problem(fixed := force_boxes(a, item.answer))]
+        if not usable:
+            unusable += 1
+            continue
+        best, scores = sasg.select([a for a, _ in usable], reference=item.answer, similarity=sim)
+        answer = usable[best][1]
         corrected.append({"id": item.id, "images": [os.path.abspath(p) for p in item.images],
                           "messages": [{"role": "user", "content": item.question},
                                        {"role": "assistant", "content": answer}],
@@ -136,7 +142,7 @@ def correction_round(c, recs, encoder, student, corrector_for, seed: int) -> tup
     counts = {"items": len(items), "answered": len(answers), "flagged": len(flagged),
               "flagged_grounding": sum(v == "grounding" for v in flagged.values()),
               "flagged_similarity": sum(v == "similarity" for v in flagged.values()),
-              "corrected": len(corrected)}
+              "corrected": len(corrected), "unusable": unusable}
     return corrected, counts
 
 
@@ -197,6 +203,8 @@ class InRun:
     is written to `<workdir>/rct_round_<k>/` and its corrections join the training pool from then on
     (`data.extra_mode`: append | replace); the optimizer state and learning-rate schedule go on unbroken.
     Resuming at step s re-applies the rounds done by step s (a checkpoint is saved right after each)."""
+
+    changes_pool = True
 
     def __init__(self, c, workdir: str):
         e, n = c.rct.every_steps, c.rct.rounds

@@ -27,6 +27,14 @@ def test_demo_is_deterministic_and_covers_tasks_and_modalities(demo_dir, tmp_pat
         assert len(items) == 16 and all(len(i["conversations"]) == 1 for i in items), task
     vg = json.loads((demo_dir / "Test_VG.json").read_text())[0]["conversations"][0][1]
     assert vg.startswith("<ref>") and "<box>(" in vg
+    first = set()
+    for item in json.loads((demo_dir / "train.json").read_text()):  # grounding before any box in a question
+        questions = [t["value"].split("</img> ")[-1] for t in item["conversations"][::2]]
+        first.add(questions[0].split()[0])
+        vg = [k for k, q in enumerate(questions) if q.startswith("Where is the")]
+        assert not vg or "<box>" not in " ".join(questions[: vg[0]]), questions
+        assert 2 <= len(questions) <= 4
+    assert first == {"Where", "What", "Describe"}  # every kind of question also opens conversations
 
 
 def test_ensure_reuses_or_regenerates(tmp_path):
@@ -37,6 +45,11 @@ def test_ensure_reuses_or_regenerates(tmp_path):
     assert os.path.getmtime(os.path.join(root, "train.json")) == stamp
     demo.ensure(root, train_per_image=2, test_per_image=1, max_side=56)  # other arguments: written again
     assert len(json.load(open(os.path.join(root, "train.json")))) == 16
+    meta = json.load(open(os.path.join(root, "demo.json")))
+    json.dump({**meta, "version": demo.VERSION - 1}, open(os.path.join(root, "demo.json"), "w"))
+    stamp = os.path.getmtime(os.path.join(root, "train.json"))
+    demo.ensure(root, train_per_image=2, test_per_image=1, max_side=56)  # written by another version: again
+    assert os.path.getmtime(os.path.join(root, "train.json")) > stamp
 
 
 def test_tfds_round_trip_feeds_the_same_batches(demo_dir, tmp_path, encoder):

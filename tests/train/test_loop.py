@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 import reference as R
+from ml_collections import ConfigDict
 
 from clinkd_jax import checkpoint, run_setup, sharding
 from clinkd_jax.models import Qwen2VL
@@ -93,13 +94,16 @@ def test_non_finite_loss_stops_with_the_step(tmp_path):
     ({"mesh.shape": (3, 3, 1)}, r"mesh.shape=\(3, 3, 1\) does not fit the 8 available devices"),
     ({"model.attention": "flash"}, "model.attention='flash' is not one of"),
     ({"data.format": "csv"}, "data.format='csv'"),
+    ({"model.vision_overrides": {"depht": 4}}, r"model.vision_overrides: \['depht'\] are not VisionConfig fields"),
+    ({"model.preset": "", "model.orbax_dir": "/tmp", "model.text_overrides": {"hidden_size": 8}},
+     "model.text_overrides apply to a preset only"),
 ])
 def test_config_errors_name_the_field(changes, message):
     c = small_config()
     for key, value in changes.items():
         if "." in key:
             section, field = key.split(".")
-            c[section][field] = value
+            c[section][field] = ConfigDict(value) if isinstance(value, dict) else value
         else:
             c[key] = value
     with pytest.raises(ConfigError, match=message):

@@ -9,7 +9,7 @@ import reference as R
 from ml_collections import ConfigDict
 
 from clinkd_jax import recipe, run_setup
-from clinkd_jax.data.records import Record, SkipLog, Turn, read_sharegpt
+from clinkd_jax.data.records import Record, SkipLog, Turn, read_sharegpt, text_problem
 from clinkd_jax.infer import sasg
 from clinkd_jax.train import loop, rct
 from clinkd_jax.train.config import ConfigError
@@ -105,12 +105,15 @@ def test_rounds_inside_sft_grow_the_pool_and_resume(tmp_path):
     assert [(r["round"], r["step"], r["flagged"]) for r in out["rct"]] == [(1, 2, 4), (2, 4, 4)]
     files = rct.InRun(c, w).pool_files(5)
     assert [len(open(f).readlines()) for f in files] == [r["corrected"] for r in out["rct"]]
-    assert all(r["corrected"] == 4 for r in out["rct"])
+    # a sampled candidate that could not be trained on (e.g. a literal <|im_start|>) is never written
+    assert all(r["corrected"] + r["unusable"] == 4 and r["corrected"] for r in out["rct"])
+    for f in files:
+        assert all(text_problem(json.loads(line)["messages"][1]["content"]) is None for line in open(f))
     assert sorted(int(d) for d in os.listdir(os.path.join(w, "checkpoints")) if d.isdigit()) == [2, 4, 5]
     for step in (2, 4):  # saved right after the round, with the grown pool: the stream went on
         data = json.load(open(os.path.join(w, "checkpoints", str(step), "data", "metadata")))
         assert (data["epoch"], data["batch"]) == (0, step), data  # 8 records, batch 2: an epoch is 4+ batches
-    assert len(pool(c, w, files)) == len(pool(c, w)) + 8
+    assert len(pool(c, w, files)) == len(pool(c, w)) + sum(r["corrected"] for r in out["rct"])
     c.train.steps = 7  # resume from step 5: the pool already holds both rounds; rounds = 2, so none more
     again = recipe.run_stage(c, w)
     assert (again["start_step"], again["steps"], again["rct"]) == (5, 7, out["rct"])  # the rounds survive resume
