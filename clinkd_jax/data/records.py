@@ -168,7 +168,8 @@ def _check(turns, images, where, log: SkipLog, check_images: bool) -> bool:
     for t in turns:
         problem = text_problem(t.text, t.role)
         if problem:
-            log.skip(*problem, where)
+            reason, detail = problem
+            log.skip(reason, where, detail)
             return False
     for image in images:
         if modality_of(image) not in MODALITIES:
