@@ -69,7 +69,7 @@ class EvalDuringTraining:
                 f.writelines(json.dumps(p) + "\n" for p in self.curve)
             root = os.path.dirname(self.step_dir(0))
             for name in os.listdir(root) if os.path.isdir(root) else ():
-                if int(name.split("_")[-1]) > step:
+                if name.startswith("step_") and name[5:].isdigit() and int(name[5:]) > step:
                     shutil.rmtree(os.path.join(root, name))
 
     def summary(self) -> dict:
