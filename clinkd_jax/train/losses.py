@@ -93,6 +93,15 @@ def _weighted(kd: KDConfig, w: jax.Array, log_p: jax.Array, log_q: jax.Array) ->
     return w * jax.lax.stop_gradient(kd.token_weights(log_p, log_q).astype(jnp.float32))
 
 
+def forward_kl(t: jax.Array, s: jax.Array) -> jax.Array:
+    """KL(softmax(t) || softmax(s)) over the last axis, written as sum p (t - s) - lse(t) + lse(s) (sum p = 1):
+    no (.., V) log-probabilities are formed, and the gradient in s is softmax(s) - p. On CPU the two
+    log_softmax + exp form was the KD step's largest elementwise cost (bench/README.md, issue 17)."""
+    lse_t = jax.nn.logsumexp(t, axis=-1, keepdims=True)
+    p = jnp.exp(t - lse_t)
+    return jnp.sum(p * (t - s), axis=-1) - lse_t[..., 0] + jax.nn.logsumexp(s, axis=-1)
+
+
 def _chunks(x, chunk):
     """(B, L, ...) -> (L/chunk, B, chunk, ...), zero-padding L up to a multiple of `chunk`."""
     b, length = x.shape[:2]
@@ -130,14 +139,19 @@ def token_losses(
     kd_mask = (labels_bl != IGNORE) if kd.mask == "released" else ce_mask
     weights = jnp.ones((b, length), jnp.float32) if kd_weights_bl is None else kd_weights_bl.astype(jnp.float32)
     distill = teacher_hidden_bld is not None or teacher_topk is not None
-    xs = {"h": _chunks(hidden_bld, chunk), "tgt": _chunks(targets, chunk), "ce_m": _chunks(ce_mask, chunk),
-          "kd_m": _chunks(kd_mask, chunk), "w": _chunks(weights, chunk)}
+    # Positions that enter no loss (image and prompt tokens, padding) are moved behind those that do, per row
+    # and in order; chunks left with nothing to score skip the LM head (often half the positions, more with
+    # large images). Per-row sums do not depend on the order.
+    order = jnp.argsort(~(ce_mask | kd_mask), axis=1, stable=True)
+    first = lambda x: _chunks(jax.vmap(lambda row, o: row[o])(x, order), chunk)
+    xs = {"h": first(hidden_bld), "tgt": first(targets), "ce_m": first(ce_mask), "kd_m": first(kd_mask),
+          "w": first(weights)}
     if teacher_hidden_bld is not None:
-        xs["th"] = _chunks(jax.lax.stop_gradient(teacher_hidden_bld), chunk)
+        xs["th"] = first(jax.lax.stop_gradient(teacher_hidden_bld))
     if teacher_topk is not None:
-        xs["tk_ids"], xs["tk_logp"], xs["tk_valid"] = (_chunks(x, chunk) for x in teacher_topk)
+        xs["tk_ids"], xs["tk_logp"], xs["tk_valid"] = (first(x) for x in teacher_topk)
 
-    def body(carry, x):
+    def scored(x):
         logits = head(x["h"]).astype(jnp.float32)
         vocab = logits.shape[-1]
         lse = jax.nn.logsumexp(logits, axis=-1)
@@ -153,23 +167,32 @@ def token_losses(
             out["kd_count"] = rows(m).astype(jnp.float32)
         elif distill:
             t_logits = jax.lax.stop_gradient(teacher_head(x["th"]).astype(jnp.float32))[..., :vocab]
-            log_p = jax.nn.log_softmax(t_logits / kd.temperature, axis=-1)
-            log_q = jax.nn.log_softmax(logits / kd.temperature, axis=-1)
-            if kd.divergence == "forward":
-                kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+            t, s = t_logits / kd.temperature, logits / kd.temperature
+            if kd.divergence == "forward" and kd.token_weights is None:
+                kl, w = forward_kl(t, s), x["w"]
             else:
-                kl = jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1)
+                log_p, log_q = jax.nn.log_softmax(t, axis=-1), jax.nn.log_softmax(s, axis=-1)
+                if kd.divergence == "forward":
+                    kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+                else:
+                    kl = jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1)
+                w = _weighted(kd, x["w"], log_p, log_q)
             m = x["kd_m"]
-            out["kd_sum"] = rows(jnp.where(m, kl * _weighted(kd, x["w"], log_p, log_q), 0.0))
+            out["kd_sum"] = rows(jnp.where(m, kl * w, 0.0))
             out["kd_count"] = rows(m).astype(jnp.float32)
-        return jax.tree.map(jnp.add, carry, out), None
+        return out
 
-    if remat:  # keep nothing of the (B, chunk, V) logits for the backward pass; recompute them
-        body = jax.checkpoint(body)
     zero = {"ce_sum": 0.0, "ce_count": 0.0}
     if distill:
         zero.update(kd_sum=0.0, kd_count=0.0)
     zero = jax.tree.map(lambda v: jnp.zeros((b,), jnp.float32), zero)
+
+    def body(carry, x):
+        out = jax.lax.cond(jnp.any(x["ce_m"] | x["kd_m"]), scored, lambda x: zero, x)
+        return jax.tree.map(jnp.add, carry, out), None
+
+    if remat:  # keep nothing of the (B, chunk, V) logits for the backward pass; recompute them
+        body = jax.checkpoint(body)
     totals, _ = jax.lax.scan(body, zero, xs)
     return totals
 

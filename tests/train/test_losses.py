@@ -105,6 +105,30 @@ def test_chunked_equals_dense_with_gradients(chunk, remat):
     np.testing.assert_allclose(g, dense_g, rtol=1e-5, atol=1e-6)
 
 
+def test_lm_head_runs_only_on_chunks_that_hold_scored_positions():
+    """Positions that enter no loss (prompt, padding) are moved behind the scored ones, and a chunk with none
+    of the latter skips the LM head: with chunk 1 the head runs max-over-rows(#scored) times, not L times;
+    the loss is still the spec formula's (NumPy reference, rtol 1e-5)."""
+    hs, ht, ws, wt, labels, weights = data(4)
+    labels[:, : T - 4] = -100  # a long prompt: 3-4 scored positions per row out of 13
+    kd = L.KDConfig()
+    calls = []
+
+    def head(h):
+        jax.debug.callback(lambda: calls.append(1))
+        return h @ jnp.float32(ws)
+
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    t = L.token_losses(f32(hs), head, jnp.asarray(labels), chunk=1, teacher_hidden_bld=f32(ht),
+                       teacher_head=lambda h: h @ f32(wt), kd=kd, kd_weights_bl=f32(weights))
+    loss = float(L.combine(t, kd)["loss"])
+    jax.effects_barrier()
+    targets = np.concatenate([labels[:, 1:], np.full((B, 1), -100)], 1)
+    scored = ((targets != -100) | (labels != -100)).sum(1).max()  # kd.mask "released" scores label positions
+    assert len(calls) == scored < T
+    np.testing.assert_allclose(loss, reference(hs, ht, ws, wt, labels, weights, kd)[2], rtol=1e-5)
+
+
 def test_no_full_vocab_logits_in_the_compiled_step():
     """With chunk c the largest float32 logits buffer the compiled loss holds is (B, c, V), not (B, L, V)."""
     b, length, d, v, c = 2, 512, 16, 4096, 64
@@ -151,6 +175,22 @@ def test_token_weight_hook_changes_the_loss_as_by_hand():
                                                                      "has no attribute")):
         with pytest.raises(ValueError, match=message):
             L.resolve_token_weights(bad)
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_forward_kl_form_equals_log_softmax_form(scale):
+    """The KD step's KL(p||q) = sum p (t - s) - lse t + lse s against the float64 log-softmax form, value and
+    gradient in s, at logit scales of a random init (1) and of a trained LM head (30: big cancellations).
+    Tolerance: atol 2e-5 on KL values of 0.1-20 (float32 rounding of lse terms of |z| <= ~150; the
+    reference is float64), rtol 1e-4 on the gradient."""
+    rng = np.random.default_rng(3)
+    t, s = rng.standard_normal((2, 5, 300)) * scale, rng.standard_normal((2, 5, 300)) * scale
+    lp, lq = log_softmax(t), log_softmax(s)
+    want = (np.exp(lp) * (lp - lq)).sum(-1)
+    got = L.forward_kl(jnp.float32(t), jnp.float32(s))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5)
+    grad = jax.grad(lambda z: jnp.sum(L.forward_kl(jnp.float32(t), z)))(jnp.float32(s))
+    np.testing.assert_allclose(grad, np.exp(lq) - np.exp(lp), rtol=1e-4, atol=1e-6)
 
 
 def test_bad_switches():
