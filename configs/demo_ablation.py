@@ -29,8 +29,7 @@ ARMS = {  # name: (training stage kind, MCG-RoPE gaps)
 
 def get_config():
     c = demo.get_config()
-    teacher = demo.get_config().stage_settings.teacher
-    settings = {"teacher": teacher.to_dict()}
+    settings = {"teacher": c.stage_settings.teacher.to_dict()}
     for name, (kind, gaps) in ARMS.items():
         arm = {"stage": kind, "model": {"preset": "tiny_qwen"}, "train": {"steps": STUDENT_STEPS},
                "data": {"mrope_gaps": gaps}}

@@ -71,19 +71,24 @@ def markdown_table(task: str, result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _headline_key(task: str, mean: dict) -> str | None:
+    want = "mBMR" if task == "MII" else "CIDEr"
+    return want if want in mean else next(iter(mean), None)
+
+
 def headline(task: str, result: dict) -> str:
     """The one number per task that comparisons show: the task's metric; CIDEr for GC, mBMR for MII."""
     if not isinstance(result["mean"], dict):
         return result["metric"]
-    want = "mBMR" if task == "MII" else "CIDEr"
-    return want if want in result["mean"] else next(iter(result["mean"]))
+    return _headline_key(task, result["mean"])
 
 
 def mean_value(task: str, mean) -> float | None:
     """The 8-modality mean of the task's headline metric from a result's "mean" (a number, or per metric)."""
     if not isinstance(mean, dict):
         return mean
-    return mean.get("mBMR" if task == "MII" else "CIDEr", next(iter(mean.values()), None))
+    key = _headline_key(task, mean)
+    return None if key is None else mean[key]
 
 
 def headline_table(runs: dict[str, dict]) -> str:
