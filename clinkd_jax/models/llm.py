@@ -2,7 +2,8 @@
 
 Layers are scanned (params stacked on a leading "layers" axis), which keeps compile time flat in depth.
 
-KV cache: one static-size buffer per layer, written at a shared slot index. Prompts of different
+KV cache: one static-size buffer for all layers (layers, B, S, kv_heads, head_dim), carried through the layer
+scan and written in place at a shared slot index. Prompts of different
 lengths are left-padded, so every sample writes its next token at the same slot and `valid` marks
 which slots hold real tokens. A decode step's position ids are `slot + decode_offset` per sample
 (`clinkd_jax.data.positions`), which continues M-RoPE / MCG-RoPE positions correctly.
@@ -62,7 +63,7 @@ class Qwen2Attention(nn.Module):
     attention_impl: str = "xla"
 
     @nn.compact
-    def __call__(self, x_btd, cos_bth, sin_bth, mask_b1ts, segment_ids_bt, layer_cache, cache_index):
+    def __call__(self, x_btd, cos_bth, sin_bth, mask_b1ts, segment_ids_bt, cache, layer, cache_index):
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         q = dense((c.num_attention_heads, c.head_dim), ("embed", "q_heads", "head_dim"), name="q_proj", **kw)(x_btd)
@@ -71,20 +72,24 @@ class Qwen2Attention(nn.Module):
         q = constrain(rope.apply_rotary(q, cos_bth, sin_bth), ("batch", "length", "act_heads", "head_dim"))
         k = constrain(rope.apply_rotary(k, cos_bth, sin_bth), ("batch", "length", "act_kv_heads", "head_dim"))
         v = constrain(v, ("batch", "length", "act_kv_heads", "head_dim"))
-        new_cache = None
-        if layer_cache is not None:  # write this chunk at [index, index + T) and attend over the whole buffer
-            ck, cv = layer_cache
+        if cache is not None:  # write this chunk at [index, index + T) of this layer, attend over its buffer
+            # The stacked (layers, ...) cache rides the layer scan's carry and is written in place: a decode
+            # step moves one slot per layer, not the layer's whole buffer in and out of the scan.
+            ck, cv = cache
             zero = jnp.zeros((), jnp.int32)
-            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (zero, cache_index, zero, zero))
-            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (zero, cache_index, zero, zero))
-            new_cache = (k, v)
+            at = (layer, zero, cache_index, zero, zero)
+            ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
+            cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
+            cache = (ck, cv)
+            k = jax.lax.dynamic_index_in_dim(ck, layer, keepdims=False)
+            v = jax.lax.dynamic_index_in_dim(cv, layer, keepdims=False)
         out = attn_lib.dot_product_attention(
             q, k.astype(q.dtype), v.astype(q.dtype), mask_b1ts, impl=self.attention_impl,
             q_segment_ids=segment_ids_bt, kv_segment_ids=segment_ids_bt, causal=True,
         )
         out = dense(c.hidden_size, ("q_heads", "head_dim", "embed"), axis=(-2, -1), use_bias=False, name="o_proj",
                     **kw)(out)
-        return out, new_cache
+        return out, cache
 
 
 class Qwen2MLP(nn.Module):
@@ -103,7 +108,7 @@ class Qwen2MLP(nn.Module):
 
 
 class Qwen2DecoderLayer(nn.Module):
-    """Pre-norm block; a scan body with signature (x, per-layer cache) -> (x, new per-layer cache)."""
+    """Pre-norm block; a scan body: carry (x, stacked KV cache or None), this layer's index -> new carry."""
 
     cfg: TextConfig
     dtype: Dtype = jnp.float32
@@ -111,17 +116,18 @@ class Qwen2DecoderLayer(nn.Module):
     attention_impl: str = "xla"
 
     @nn.compact
-    def __call__(self, x_btd, layer_cache, cos_bth, sin_bth, mask_b1ts, segment_ids_bt, cache_index):
+    def __call__(self, carry, layer, cos_bth, sin_bth, mask_b1ts, segment_ids_bt, cache_index):
+        x_btd, cache = carry
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         eps = self.cfg.rms_norm_eps
         h = RMSNorm(eps, name="input_layernorm", **kw)(x_btd)
-        h, new_cache = Qwen2Attention(self.cfg, attention_impl=self.attention_impl, name="self_attn", **kw)(
-            h, cos_bth, sin_bth, mask_b1ts, segment_ids_bt, layer_cache, cache_index
+        h, cache = Qwen2Attention(self.cfg, attention_impl=self.attention_impl, name="self_attn", **kw)(
+            h, cos_bth, sin_bth, mask_b1ts, segment_ids_bt, cache, layer, cache_index
         )
         x_btd = x_btd + h
         h = RMSNorm(eps, name="post_attention_layernorm", **kw)(x_btd)
         x_btd = x_btd + Qwen2MLP(self.cfg, name="mlp", **kw)(h)
-        return constrain(x_btd, ("batch", "length", "act_embed")), new_cache
+        return (constrain(x_btd, ("batch", "length", "act_embed")), cache), None
 
 
 class Qwen2Model(nn.Module):
@@ -169,7 +175,9 @@ class Qwen2Model(nn.Module):
             segment_ids = None  # queries sit at an offset into the cache: dense mask only
         q_slots = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
         mask = attn_lib.causal_mask(q_slots, valid)
-        x_btd, new_layer_caches = self.layers(x_btd, layer_caches, cos, sin, mask, segment_ids, index)
+        layer_ids = jnp.arange(c.num_hidden_layers, dtype=jnp.int32)
+        (x_btd, new_layer_caches), _ = self.layers((x_btd, layer_caches), layer_ids, cos, sin, mask, segment_ids,
+                                                   index)
         x_btd = self.norm(x_btd)
         new_cache = None
         if cache is not None:
