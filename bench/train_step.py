@@ -6,7 +6,8 @@ side by side on the same model geometry, batch and optimizer (AdamW on the LLM, 
     python bench/train_step.py --profile /tmp/prof   # also the top ops by self time, JAX trace + torch.profiler
 
 Each (framework, step) runs in its own process so peak RSS is its own. Tokens/s counts supervised
-target tokens. On an accelerator the JAX side also prints model FLOPs utilisation (MFU).
+target tokens. Both sides print model TFLOP/s and, where the chip's peak is known, MFU two ways: model
+FLOPs (clinkd_jax.models.flops) over every processed position, and over supervised positions only.
 PyTorch needs the Python 3.11 environment (torch 2.13 CPU).
 """
 
@@ -34,6 +35,11 @@ SIZES = {  # LLM hidden/layers/heads/kv/mlp/vocab, vision depth/width/heads, bat
     # accelerators: Qwen2-VL-2B widths (LLM 1536 / MLP 8960 / vocab 151936, ViT 1280 x 16 heads), fewer layers
     "large": dict(hidden=1536, layers=8, heads=12, kv=2, mlp=8960, vocab=151936, vdepth=8, vwidth=1280, vheads=16,
                   batch=8, length=1024, side=448),
+    # Qwen2-VL-2B and -7B, full depth, ClinKD's 2048-token cutoff (7b: the KD teacher of --teacher-size 7b)
+    "2b": dict(hidden=1536, layers=28, heads=12, kv=2, mlp=8960, vocab=151936, vdepth=32, vwidth=1280, vheads=16,
+               batch=4, length=2048, side=448),
+    "7b": dict(hidden=3584, layers=28, heads=28, kv=4, mlp=18944, vocab=152064, vdepth=32, vwidth=1280, vheads=16,
+               batch=4, length=2048, side=448),
 }
 
 
@@ -74,11 +80,34 @@ def make_batch(s, seed=0):
     return ids, labels, pixels, np.array([[1, g, g]] * b), n_img
 
 
-def flops_per_token(s):
-    """Rough 6 * N (LLM parameters incl. LM head) per supervised token, for MFU."""
-    h, layers, mlp, v, kv, heads = s["hidden"], s["layers"], s["mlp"], s["vocab"], s["kv"], s["heads"]
-    per_layer = h * h * 2 + 2 * h * (h // heads) * kv + 3 * h * mlp
-    return 6 * (layers * per_layer + h * v)
+def model_config(s):
+    from clinkd_jax.models.config import Qwen2VLConfig
+
+    return Qwen2VLConfig.from_hf_dict(hf_config(s).to_dict())
+
+
+def model_flops(s, mode, args):
+    """(model FLOPs of one step over every processed position, the same share of them over supervised
+    positions only): clinkd_jax.models.flops (causal attention, LM head at every position, the frozen vision
+    tower forward only, the KD teacher forward only)."""
+    from clinkd_jax.models import flops
+
+    ids, labels, _, _, n_img = make_batch(s)
+    teacher = model_config(SIZES[args.teacher_size or args.size]) if mode == "kd" else None
+    total = flops.train_step_flops(model_config(s), s["batch"], s["length"], [4 * n_img], teacher=teacher)
+    return total, total * float((labels[:, 1:] != -100).sum()) / ids.size
+
+
+def add_mfu(out, s, mode, device_kind, args):
+    """Model TFLOP/s, and MFU both ways where the chip's peak is known (flops.PEAK_BF16 or --peak-tflops)."""
+    from clinkd_jax.models import flops
+
+    total, supervised = model_flops(s, mode, args)
+    out["model_tflops"] = total / out["step_s"] / 1e12
+    peak = args.peak_tflops * 1e12 or flops.PEAK_BF16.get(device_kind)
+    if peak:
+        out["mfu"] = total / out["step_s"] / peak
+        out["mfu_supervised"] = supervised / out["step_s"] / peak
 
 
 # ------------------------------------------------------------------------------------------- torch
@@ -100,7 +129,7 @@ def run_torch(s, mode, steps, warmup, profile="", args=None):
         p.requires_grad_(False)
     teacher = None
     if mode == "kd":
-        teacher = Qwen2VLForConditionalGeneration._from_config(hf_config(s),
+        teacher = Qwen2VLForConditionalGeneration._from_config(hf_config(SIZES[args.teacher_size or args.size]),
                                                                attn_implementation="sdpa").to(dev, dtype).eval()
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0)
     lab = t(labels)
@@ -125,6 +154,7 @@ def run_torch(s, mode, steps, warmup, profile="", args=None):
     out = timed(step, steps, warmup, (lab[:, 1:] != -100).sum().item(), base_rss)
     if dev == "cuda":
         out["device_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    add_mfu(out, s, mode, torch.cuda.get_device_name() if dev == "cuda" else "cpu", args)
     if profile:
         out["profile"] = profiling.torch_top_ops(step)
     out["device"] = dev
@@ -134,22 +164,17 @@ def run_torch(s, mode, steps, warmup, profile="", args=None):
 # --------------------------------------------------------------------------------------------- jax
 def run_jax(s, mode, steps, warmup, profile="", args=None):
     import functools
-    import tempfile
 
     import jax
-    import torch  # noqa: F401  (only to build the same random checkpoint; absent -> geometry only)
-    from transformers import Qwen2VLForConditionalGeneration
 
-    from clinkd_jax.convert.hf import load_hf_checkpoint
     from clinkd_jax.data import positions
     from clinkd_jax.models import Qwen2VL
+    from clinkd_jax.models.qwen2vl import init_params
     from clinkd_jax.train import losses
     from clinkd_jax.train import state as state_lib
     from clinkd_jax.train import steps as steps_lib
 
-    d = tempfile.mkdtemp()
-    Qwen2VLForConditionalGeneration._from_config(hf_config(s)).save_pretrained(d)
-    cfg, params = load_hf_checkpoint(d)
+    cfg = model_config(s)  # random weights, drawn on the device: speed does not depend on their values
     ids, labels, pixels, grid, n_img = make_batch(s)
     pos, _ = positions.get_rope_index(ids, grid, image_token_id=cfg.image_token_id)
     n = s["side"] // 14
@@ -158,13 +183,19 @@ def run_jax(s, mode, steps, warmup, profile="", args=None):
     batch = {"input_ids": ids.astype(np.int32), "attention_mask": np.ones_like(ids, np.int32),
              "labels": labels.astype(np.int32), "position_ids": pos, **vis}
     on_cpu = jax.devices()[0].platform == "cpu"
-    model = Qwen2VL(cfg, dtype="float32" if on_cpu else "bfloat16",  # GPU/TPU: bf16 compute, f32 master weights
-                    scan_unroll=args.scan_unroll)
-    tx = state_lib.optimizer_for(model, state_lib.OptimConfig(learning_rate=1e-5, grad_clip=1.0))
-    state = state_lib.create(params, tx)
-    teacher_params = jax.tree.map(lambda x: x.copy(), params) if mode == "kd" else None  # never the donated buffers
-    kd = losses.KDConfig() if mode == "kd" else None
-    fn = jax.jit(functools.partial(steps_lib.train_step, model=model, tx=tx, teacher=model if kd else None, kd=kd,
+    compute = "float32" if on_cpu else "bfloat16"  # GPU/TPU: bf16 compute, f32 master weights
+    kw = dict(dtype=compute, scan_unroll=args.scan_unroll, attention_impl=args.attention)
+    model = Qwen2VL(cfg, remat=args.remat, **kw)
+    tx = state_lib.optimizer_for(model, state_lib.OptimConfig(learning_rate=1e-5, grad_clip=1.0,
+                                                              mu_dtype=args.mu_dtype))
+    state = jax.jit(functools.partial(state_lib.create, tx=tx), donate_argnums=0)(init_params(model, jax.random.key(0)))
+    teacher = teacher_params = kd = None
+    if mode == "kd":  # the teacher's weights in the compute dtype, as a published checkpoint loads
+        t_cfg = model_config(SIZES[args.teacher_size or args.size])
+        teacher = Qwen2VL(t_cfg, param_dtype=compute, **kw)
+        teacher_params = init_params(teacher, jax.random.key(1))
+        kd = losses.KDConfig()
+    fn = jax.jit(functools.partial(steps_lib.train_step, model=model, tx=tx, teacher=teacher, kd=kd,
                                    chunk=args.chunk, frozen=("visual/.*",), loss_remat=args.loss_remat),
                  donate_argnums=(0,))
     compiled = fn.lower(state, teacher_params, batch).compile()
@@ -186,9 +217,7 @@ def run_jax(s, mode, steps, warmup, profile="", args=None):
     out["device"] = dev.device_kind
     if dev.platform != "cpu":
         out["device_peak_mb"] = (dev.memory_stats() or {}).get("peak_bytes_in_use", float("nan")) / 2**20
-        peak = {"TPU v5 lite": 197e12, "NVIDIA H100 80GB HBM3": 989e12}.get(dev.device_kind)
-        if peak:
-            out["mfu"] = out["tokens_per_s"] * flops_per_token(s) * (2 if kd else 1) / peak
+    add_mfu(out, s, mode, dev.device_kind, args)
     return out
 
 
@@ -220,9 +249,16 @@ def main():
     ap.add_argument("--scan-unroll", type=int, default=1)
     ap.add_argument("--chunk", type=int, default=128)
     ap.add_argument("--loss-remat", type=int, default=1, choices=(0, 1))
+    ap.add_argument("--remat", default="none", help="model.remat: none | minimal | minimal_with_context | "
+                    "dots_saveable | full")
+    ap.add_argument("--attention", default="xla", help="model.attention: xla | jax | cudnn (GPU) | splash (TPU)")
+    ap.add_argument("--mu-dtype", default="", help="optim.mu_dtype: '' (float32) | bfloat16")
+    ap.add_argument("--batch", type=int, default=0, help="rows per step (0: the size's own)")
+    ap.add_argument("--teacher-size", default="", choices=["", *sorted(SIZES)], help="KD teacher ('': --size)")
+    ap.add_argument("--peak-tflops", type=float, default=0.0, help="the chip's peak, where flops.PEAK_BF16 lacks it")
     ap.add_argument("--child", default="")  # internal: "<framework>:<mode>"
     args = ap.parse_args()
-    s = SIZES[args.size]
+    s = dict(SIZES[args.size], **({"batch": args.batch} if args.batch else {}))
     if args.child:
         framework, mode = args.child.split(":")
         out = (run_jax if framework == "jax" else run_torch)(s, mode, args.steps, args.warmup, args.profile, args)
@@ -242,12 +278,16 @@ def main():
     for (framework, mode), r in results.items():
         if "profile" in r:
             print(f"\n== profile: {framework} {mode} step ({r['device']})\n{r['profile']}")
-    print(f"\nsize={args.size} {SIZES[args.size]}\nclinkd_jax: scan_unroll={args.scan_unroll} chunk={args.chunk} "
-          f"loss_remat={args.loss_remat} XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
-    print(f"{'step':5} {'framework':9} {'step s':>8} {'tokens/s':>10} {'peak RSS MB':>12} {'XLA temp MB':>12}")
+    print(f"\nsize={args.size} {s}" + (f" teacher={args.teacher_size}" if args.teacher_size else "")
+          + f"\nclinkd_jax: scan_unroll={args.scan_unroll} chunk={args.chunk} loss_remat={args.loss_remat} "
+          f"remat={args.remat} attention={args.attention} mu_dtype={args.mu_dtype or 'float32'} "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    print(f"{'step':5} {'framework':9} {'step s':>8} {'tokens/s':>10} {'peak RSS MB':>12} {'XLA temp MB':>12} "
+          f"{'model TFLOP/s':>14}")
     for (framework, mode), r in sorted(results.items(), key=lambda kv: (kv[0][1] != "sft", kv[0][0])):
         print(f"{mode:5} {framework:9} {r['step_s']:8.3f} {r['tokens_per_s']:10.1f} {r['peak_rss_mb']:12.0f} "
-              f"{r.get('xla_temp_mb', float('nan')):12.1f}" + (f"  MFU {r['mfu']:.1%}" if "mfu" in r else "")
+              f"{r.get('xla_temp_mb', float('nan')):12.1f} {r['model_tflops']:14.3f}"
+              + (f"  MFU {r['mfu']:.1%} (supervised positions only: {r['mfu_supervised']:.1%})" if "mfu" in r else "")
               + (f"  device peak {r['device_peak_mb']:.0f} MB" if "device_peak_mb" in r else ""))
     for mode in ("sft", "kd"):
         if ("jax", mode) in results and ("torch", mode) in results:

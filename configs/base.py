@@ -27,7 +27,9 @@ def get_config() -> ConfigDict:
     c.model.dtype = "bfloat16"  # compute dtype
     c.model.param_dtype = "float32"  # master weights (optimizer state is float32 too)
     c.model.attention = "xla"  # xla | jax | cudnn (GPU) | splash (TPU)
-    c.model.remat = "none"  # none | full | dots | dots_saveable
+    # activations recomputed in the backward pass, per layer (least recompute first):
+    # none | minimal | minimal_with_context | dots_saveable | full  (clinkd_jax.models.layers.maybe_remat)
+    c.model.remat = "none"
     c.model.scan_unroll = 1  # decoder/ViT layers per scan iteration; >= the layer count: fully unrolled
 
     # --- the teacher (stage "kd"): same sources; it shares the mesh, is never donated, has no optimizer state
@@ -99,6 +101,7 @@ def get_config() -> ConfigDict:
     c.optim.weight_decay = 0.0
     c.optim.grad_clip = 1.0
     c.optim.grad_accum = 8
+    c.optim.mu_dtype = ""  # AdamW first moment's dtype: "" = float32 like the master weights | "bfloat16" (-2 B/param)
     c.optim.frozen = ("visual/.*",)  # vision tower + merger frozen (clinkd-spec §1.4)
 
     # --- loop

@@ -113,15 +113,25 @@ def activation(name: str):
     raise ValueError(f"unsupported activation {name!r}")
 
 
+REMAT_POLICIES = ("none", "minimal", "minimal_with_context", "dots_saveable", "full")
+
+
 def maybe_remat(module_cls, policy: str):
-    """Wrap a layer class in `nn.remat` with a named checkpoint policy ("none" keeps activations)."""
+    """Wrap a layer class in `nn.remat` with a named checkpoint policy, least recompute first:
+    "none" keeps every activation; "minimal" keeps the projections' outputs (dots without batch
+    dimensions) and recomputes attention and elementwise work; "minimal_with_context" also keeps the
+    attention output ("context", tagged in the attention layer), so only scores/softmax are recomputed;
+    "dots_saveable" keeps every matmul output, attention's included; "full" keeps only the layer input."""
     if policy == "none":
         return module_cls
+    cp = jax.checkpoint_policies
     policies = {
+        "minimal": cp.dots_with_no_batch_dims_saveable,
+        "minimal_with_context": cp.save_from_both_policies(cp.dots_with_no_batch_dims_saveable,
+                                                           cp.save_only_these_names("context")),
+        "dots_saveable": cp.checkpoint_dots,
         "full": None,  # recompute everything
-        "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        "dots_saveable": jax.checkpoint_policies.checkpoint_dots,
     }
     if policy not in policies:
-        raise ValueError(f"remat policy {policy!r} is not one of {['none', *policies]}")
+        raise ValueError(f"remat policy {policy!r} is not one of {REMAT_POLICIES}")
     return nn.remat(module_cls, policy=policies[policy], prevent_cse=False)

@@ -17,6 +17,7 @@ import flax
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 from clinkd_jax.models import attention as attn_lib
 from clinkd_jax.models import rope
@@ -87,6 +88,7 @@ class Qwen2Attention(nn.Module):
             q, k.astype(q.dtype), v.astype(q.dtype), mask_b1ts, impl=self.attention_impl,
             q_segment_ids=segment_ids_bt, kv_segment_ids=segment_ids_bt, causal=True,
         )
+        out = checkpoint_name(out, "context")  # kept by model.remat="minimal_with_context"
         out = dense(c.hidden_size, ("q_heads", "head_dim", "embed"), axis=(-2, -1), use_bias=False, name="o_proj",
                     **kw)(out)
         return out, cache

@@ -48,7 +48,7 @@ class Qwen2VL(nn.Module):
     dtype: Dtype = jnp.float32  # compute dtype (bfloat16 for training on accelerators)
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
-    remat: str = "none"  # "none" | "full" | "dots" | "dots_saveable" (per scanned layer)
+    remat: str = "none"  # a name of layers.REMAT_POLICIES, per scanned layer
     scan_unroll: int = 1  # layers per scan iteration (the layer count = fully unrolled); params stay stacked
 
     def setup(self):
@@ -106,9 +106,10 @@ class Qwen2VL(nn.Module):
 
 
 # ------------------------------------------------------------------------------ creating params
-def dummy_inputs(cfg: Qwen2VLConfig, batch: int = 1, length: int = 8) -> dict[str, jax.Array]:
-    """Smallest inputs that touch every parameter (used for shape inference and init)."""
-    n = cfg.vision.merge_tokens
+def dummy_inputs(cfg: Qwen2VLConfig, batch: int = 1, length: int = 8, patches: int = 0) -> dict[str, jax.Array]:
+    """Smallest inputs that touch every parameter (used for shape inference and init); `patches` slots per row
+    (default: one merge window)."""
+    n = patches or cfg.vision.merge_tokens
     return {
         "input_ids": jnp.zeros((batch, length), jnp.int32),
         "attention_mask": jnp.ones((batch, length), jnp.int32),

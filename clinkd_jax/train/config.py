@@ -9,6 +9,7 @@ import numpy as np
 
 from clinkd_jax.data import pseudo_labels as pl_store
 from clinkd_jax.models.attention import IMPLS
+from clinkd_jax.models.layers import REMAT_POLICIES
 from clinkd_jax.run_setup import ConfigError, check_common, check_source
 from clinkd_jax.train import losses
 
@@ -64,8 +65,10 @@ def validate(c) -> None:
             raise ConfigError(str(e)) from None
         if c.teacher.positions not in ("shared", "own"):
             raise ConfigError(f"teacher.positions={c.teacher.positions!r} is not one of ('shared', 'own')")
-    for field in ("model.dtype", "model.param_dtype", "teacher.dtype", "checkpoint.export_dtype"):
+    for field in ("model.dtype", "model.param_dtype", "teacher.dtype", "checkpoint.export_dtype", "optim.mu_dtype"):
         section, key = field.split(".")
+        if field == "optim.mu_dtype" and not c.optim.mu_dtype:
+            continue  # "" = the parameters' dtype
         try:
             np.dtype(c[section][key])
         except TypeError:
@@ -81,8 +84,8 @@ def validate(c) -> None:
             raise ConfigError(f"rct.rounds={c.rct.rounds} must be >= 1")
     if c.model.attention not in IMPLS:
         raise ConfigError(f"model.attention={c.model.attention!r} is not one of {IMPLS}")
-    if c.model.remat not in ("none", "full", "dots", "dots_saveable"):
-        raise ConfigError(f"model.remat={c.model.remat!r} is not one of none/full/dots/dots_saveable")
+    if c.model.remat not in REMAT_POLICIES:
+        raise ConfigError(f"model.remat={c.model.remat!r} is not one of {REMAT_POLICIES}")
     d = c.data
     if d.format not in ("medgrit", "sharegpt", "demo"):
         raise ConfigError(f"data.format={d.format!r} is not one of ('medgrit', 'sharegpt', 'demo')")

@@ -125,7 +125,7 @@ def run(c, workdir: str, hooks=()) -> dict:
         learning_rate=c.optim.learning_rate, schedule=c.optim.schedule, warmup_steps=c.optim.warmup_steps,
         total_steps=_total_updates(c, data), end_lr_ratio=c.optim.end_lr_ratio, b1=c.optim.b1, b2=c.optim.b2,
         eps=c.optim.eps, weight_decay=c.optim.weight_decay, grad_clip=c.optim.grad_clip, grad_accum=c.optim.grad_accum,
-        frozen=tuple(c.optim.frozen),
+        frozen=tuple(c.optim.frozen), mu_dtype=c.optim.mu_dtype,
     )
     tx = state_lib.optimizer_for(model, opt)
     st_sh = state_lib.state_shardings(model, tx, mesh, rules)

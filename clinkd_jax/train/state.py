@@ -34,6 +34,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # global norm; 0 = off
     grad_accum: int = 1  # micro-batches per optimizer update
+    mu_dtype: str = ""  # AdamW first moment: "" = the parameters' dtype; "bfloat16" halves its memory
     frozen: tuple[str, ...] = ("visual/.*",)  # regexes over "a/b/c" parameter paths
 
 
@@ -71,7 +72,8 @@ def schedule(cfg: OptimConfig):
 
 def make_optimizer(cfg: OptimConfig, params) -> optax.GradientTransformation:
     inner = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip else []
-    inner.append(optax.adamw(schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))
+    inner.append(optax.adamw(schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                             mu_dtype=cfg.mu_dtype or None))
     labels = trainable_labels(params, cfg.frozen)
     if "trainable" not in jax.tree.leaves(labels):
         raise ValueError(f"optim.frozen={cfg.frozen} freezes every parameter")

@@ -1,16 +1,21 @@
 """Model internals: KV-cache decoding, interchangeable attention kernels, remat, image-feature scatter."""
 
+import contextlib
 import functools
+import io
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference as R
+from jax.ad_checkpoint import print_saved_residuals
 
 from clinkd_jax.convert.hf import load_hf_checkpoint
 from clinkd_jax.data import positions
 from clinkd_jax.models import KVCache, Qwen2VL
+from clinkd_jax.models.layers import REMAT_POLICIES
 from clinkd_jax.models.qwen2vl import scatter_image_features
 
 N_DECODE = 3  # every reference sample ends with >= 3 text tokens
@@ -70,13 +75,26 @@ def test_attention_impls_agree(impl):
     np.testing.assert_allclose(other[valid], ref[valid], atol=1e-5, rtol=0)
 
 
+@pytest.mark.skipif(jax.devices()[0].platform != "gpu",
+                    reason="cuDNN attention needs an NVIDIA GPU (bench/device_check.sh runs this test there)")
+def test_cudnn_attention_agrees_with_xla_in_bfloat16():
+    """model.attention=cudnn (flash attention, bfloat16 only) against the XLA path at the same dtype, on the
+    left-padded golden batch. Both round q/k/v and every layer's output to bfloat16 (8-bit mantissa): logits of
+    size ~1 agree to a few bfloat16 steps, 3e-2; a wrong mask or head layout moves them by O(1)."""
+    cfg, params, x = golden("gqa4_tied")
+    logits = {impl: np.asarray(jax.jit(Qwen2VL(cfg, dtype="bfloat16", attention_impl=impl).apply)(
+        {"params": params}, **x)["logits"], np.float32) for impl in ("xla", "cudnn")}
+    valid = x["attention_mask"].astype(bool)
+    np.testing.assert_allclose(logits["cudnn"][valid], logits["xla"][valid], atol=3e-2, rtol=3e-2)
+
+
 def test_unknown_attention_impl():
     cfg, params, x = golden()
     with pytest.raises(ValueError, match="attention impl 'flash2' is not one of"):
         Qwen2VL(cfg, attention_impl="flash2").apply({"params": params}, **x)
 
 
-@pytest.mark.parametrize("variant", [{"remat": "full"}, {"scan_unroll": 2}])
+@pytest.mark.parametrize("variant", [{"remat": r} for r in REMAT_POLICIES[1:]] + [{"scan_unroll": 2}])
 def test_remat_and_unrolling_same_loss_and_grads(variant):
     """Rematerialisation and unrolled layer scans change memory and schedule, not math."""
     cfg, params, x = golden()
@@ -89,6 +107,29 @@ def test_remat_and_unrolling_same_loss_and_grads(variant):
     np.testing.assert_allclose(base[0], other[0], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(base[1]), jax.tree.leaves(other[1])):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_remat_policies_keep_what_their_names_say():
+    """What each policy keeps for the backward pass (jax.ad_checkpoint.print_saved_residuals): fewer bytes
+    the further down the list a policy sits (none > minimal_with_context > minimal > full), and
+    minimal_with_context keeps exactly one (layers, B, T, heads, head_dim) array more than minimal: the
+    attention output, tagged "context" (the scan hides the tag's name, not the shape)."""
+    cfg, params, x = golden()
+    t = cfg.text
+    context = (t.num_hidden_layers, *x["input_ids"].shape, t.num_attention_heads, t.head_dim)
+
+    def kept(policy):  # shapes and bytes of what the backward pass keeps
+        f = lambda p: jnp.sum(Qwen2VL(cfg, remat=policy).apply({"params": p}, **x)["logits"] ** 2)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            print_saved_residuals(f, params)
+        arrays = [(int(bits) // 8, tuple(int(d) for d in dims.split(",") if d))
+                  for bits, dims in re.findall(r"^[a-z]+(\d+)\[([\d,]*)\]", out.getvalue(), re.M)]
+        return [shape for _, shape in arrays], sum(n * int(np.prod(shape)) for n, shape in arrays)
+
+    (none, s0), (with_ctx, s1), (minimal, s2), (_, s3) = map(kept, ("none", "minimal_with_context", "minimal", "full"))
+    assert s0 > s1 > s2 > s3, (s0, s1, s2, s3)
+    assert with_ctx.count(context) == minimal.count(context) + 1, (context, with_ctx, minimal)
 
 
 def test_return_hidden_then_logits_equals_logits():
