@@ -63,7 +63,14 @@ class EvalDuringTraining:
         self.curve = []
         if os.path.isfile(path):
             with open(path) as f:
-                self.curve = [p for p in map(json.loads, f) if p["step"] <= step]
+                for line in f:
+                    try:
+                        point = json.loads(line)
+                    except json.JSONDecodeError:  # a line torn by a kill mid-write: that evaluation runs again
+                        log.warning("%s: dropping an unreadable line (interrupted write?)", path)
+                        continue
+                    if point["step"] <= step:
+                        self.curve.append(point)
         if jax.process_index() == 0:
             with open(path, "w") as f:
                 f.writelines(json.dumps(p) + "\n" for p in self.curve)

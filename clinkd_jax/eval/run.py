@@ -13,13 +13,16 @@ response and the reason in "unevaluated": it counts as a miss, as the released s
 item they got no answer for, and never shrinks the denominator; results.md says how many.
 
 Resumes: items already in a prediction file are not generated again (a torn last line is dropped; items
-marked unevaluated are tried again). Score-only: `eval.predictions` lists existing JSONL files (ours or
-another system's); no model is loaded.
+marked unevaluated are tried again), if the same model and settings made it: each file has a record of what
+made it (`Test_<task>.made_by.json`: model source and a stamp of its checkpoint files, prompt and decoding
+settings, the test file); a file made otherwise moves to predictions/stale/ and is generated afresh.
+Score-only: `eval.predictions` lists existing JSONL files (ours or another system's); no model is loaded.
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import logging
 import os
@@ -207,14 +210,71 @@ def run(c, workdir: str) -> dict:
                                          c.model.param_dtype)
         generator = gen_lib.Generator(run_setup.model_for(c, cfg), params, mesh, rules)
         encoder = run_setup.encoder_for(c, cfg.vocab_ids)
-        pred_files, generated = predict_all(c, workdir, generator, encoder, read_skips, skips)
+        pred_files, generated = predict_all(c, workdir, generator, encoder, read_skips, skips, stamped=True)
         log.info("generation compiled %d time(s)", generator.compiled)
     return scored(c, workdir, pred_files, generated, read_skips, skips)
 
 
-def predict_all(c, workdir: str, generator, encoder, read_skips, skips, out_dir: str = "") -> tuple[dict, dict]:
+# eval fields that change which items run or how they are shown, never an item's answer
+NOT_IN_STAMP = ("tasks", "files", "data_dir", "image_dir", "predictions", "limit", "every_steps", "batch_size",
+                "threads", "spice", "gallery_per_modality")
+
+
+def files_stamp(path: str) -> str:
+    """A digest of the name, size and modification time of every file under `path` (or of the file): it changes
+    when a checkpoint or test file is rewritten, without reading their bytes."""
+    h = hashlib.sha1()
+    found = [path] if os.path.isfile(path) else sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+    for f in found:
+        st = os.stat(f)
+        h.update(f"{os.path.relpath(f, path)} {st.st_size} {st.st_mtime_ns}\n".encode())
+    return h.hexdigest() if found else f"nothing at {path}"
+
+
+def made_by(c, test_file: str) -> dict:
+    """What decides the answers in a prediction file: the model (its source, and a stamp of its checkpoint
+    files), tokenizer and prompt settings, decoding settings and the test file."""
+    m = c.model
+    source = m.hf_dir or m.orbax_dir
+    stamp = {
+        "model": {k: str(m[k]) for k in ("hf_dir", "orbax_dir", "preset", "text_overrides", "vision_overrides",
+                                          "compact_vocab", "dtype", "param_dtype")},
+        "checkpoint": files_stamp(source) if source else f"random initialisation, seed {c.seed}",
+        "text": {"tokenizer": c.data.tokenizer, "chat_template": c.data.chat_template,
+                 "mrope_gaps": list(c.data.mrope_gaps)},
+        "decoding": {"seed": c.seed, **{k: v for k, v in c.eval.to_dict().items() if k not in NOT_IN_STAMP}},
+        "test_file": files_stamp(test_file),
+    }
+    return json.loads(json.dumps(stamp))  # as it reads back from disk (tuples become lists)
+
+
+def set_aside_if_stale(pred_path: str, stamp: dict) -> None:
+    """Resuming is only right for predictions of the same model and settings: a prediction file made by other
+    ones (or with no record of what made it) moves to predictions/stale/ and is generated afresh. Process 0."""
+    meta = pred_path[: -len(".jsonl")] + ".made_by.json"
+    old = json.load(open(meta)) if os.path.isfile(meta) else None
+    if os.path.isfile(pred_path) and old != stamp:
+        stale = os.path.join(os.path.dirname(pred_path), "stale")
+        os.makedirs(stale, exist_ok=True)
+        name = os.path.basename(pred_path)[: -len(".jsonl")]
+        k = sum(f.startswith(name + ".") and f.endswith(".jsonl") for f in os.listdir(stale))
+        dest = os.path.join(stale, f"{name}.{k}.jsonl")
+        os.replace(pred_path, dest)
+        if old is not None:
+            os.replace(meta, dest[: -len(".jsonl")] + ".made_by.json")
+        changed = "no record of what made it" if old is None else \
+            "other " + ", ".join(k for k in stamp if stamp[k] != old.get(k))
+        log.warning("%s: made by another model or settings (%s); moved to %s, generating again", pred_path,
+                    changed, dest)
+    with open(meta, "w") as f:
+        json.dump(stamp, f, indent=1)
+
+
+def predict_all(c, workdir: str, generator, encoder, read_skips, skips, out_dir: str = "",
+                stamped: bool = False) -> tuple[dict, dict]:
     """Predictions for every test file into <out_dir or workdir>/predictions/Test_<task>.jsonl: ({task: path},
-    {task: items generated now})."""
+    {task: items generated now}). `stamped`: the model comes from c.model, and existing predictions are resumed
+    only if the same model and settings made them (`set_aside_if_stale`)."""
     pred_dir = os.path.join(out_dir or workdir, "predictions")
     os.makedirs(pred_dir, exist_ok=True)
     pred_files, generated = {}, {}
@@ -223,6 +283,8 @@ def predict_all(c, workdir: str, generator, encoder, read_skips, skips, out_dir:
         if c.eval.limit > 0:
             recs = recs[: c.eval.limit]
         pred_files[task] = os.path.join(pred_dir, f"Test_{task}.jsonl")
+        if stamped and jax.process_index() == 0:  # the only writer; predict() broadcasts what is done
+            set_aside_if_stale(pred_files[task], made_by(c, path))
         generated[task] = predict(c, task, recs, generator, encoder, pred_files[task], skips)
     return pred_files, generated
 

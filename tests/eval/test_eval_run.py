@@ -90,6 +90,29 @@ def test_resume_generates_only_missing_items(first_run, data_dir, tmp_path):
     assert again["tasks"]["RO"] == first["tasks"]["RO"]  # greedy: the same answers again
 
 
+def test_predictions_of_another_model_are_set_aside_not_resumed(first_run, data_dir, tmp_path):
+    """A re-run in the same workdir with another model (here: another random initialisation) must not resume
+    the first model's answers: they move to predictions/stale/ and every item is generated again. Unchanged
+    settings resume as before; a prediction file with no record of what made it is set aside too."""
+    workdir, _ = first_run
+    import shutil
+
+    shutil.copytree(workdir, tmp_path / "w")
+    pred = tmp_path / "w" / "predictions"
+    first_ro = lines(pred / "Test_RO.jsonl")
+    c = config(data_dir)
+    c.seed = 7  # a preset model is initialised from the seed
+    other = eval_run.run(c, str(tmp_path / "w"))
+    assert other["generated"] == {t: LIMIT for t in ("VG", "RO", "GC", "MII")}
+    assert lines(pred / "stale" / "Test_RO.0.jsonl") == first_ro
+    assert json.load(open(pred / "stale" / "Test_RO.0.made_by.json"))["checkpoint"] == "random initialisation, seed 0"
+    assert eval_run.run(c, str(tmp_path / "w"))["generated"] == {t: 0 for t in other["generated"]}
+    os.remove(pred / "Test_VG.made_by.json")  # e.g. written by an older version
+    again = eval_run.run(c, str(tmp_path / "w"))
+    assert again["generated"] == {"VG": LIMIT, "RO": 0, "GC": 0, "MII": 0}
+    assert os.path.isfile(pred / "stale" / "Test_VG.1.jsonl")
+
+
 def test_score_only_rescores_existing_files(first_run, data_dir, tmp_path):
     workdir, first = first_run
     files = [os.path.join(workdir, "predictions", f"Test_{t}.jsonl") for t in ("VG", "RO")]
@@ -156,3 +179,18 @@ def test_unevaluable_items_count_as_misses(data_dir, tmp_path):
 def test_config_errors_name_the_field(data_dir, tmp_path, change, message):
     with pytest.raises(ConfigError, match=message):
         eval_run.run(config(data_dir, **change), str(tmp_path))
+
+
+def test_training_eval_curve_resumes_past_a_torn_line(data_dir, tmp_path):
+    """eval.every_steps: a run killed while appending to eval_curve.jsonl resumes; the torn point and points
+    after the resume step are dropped (evaluated again), earlier ones kept, step folders after it removed."""
+    from clinkd_jax.eval.during_training import CURVE, EvalDuringTraining
+
+    hook = EvalDuringTraining(config(data_dir, **{"eval.every_steps": 2}), str(tmp_path))
+    (tmp_path / CURVE).write_text('{"step": 2, "VG": 0.1}\n{"step": 4, "VG": 0.2}\n{"step": 6, "VG": 0.')
+    for step in (2, 4, 6):
+        os.makedirs(hook.step_dir(step))
+    hook.resume(4)
+    assert hook.curve == [{"step": 2, "VG": 0.1}, {"step": 4, "VG": 0.2}]
+    assert lines(tmp_path / CURVE) == hook.curve
+    assert os.path.isdir(hook.step_dir(4)) and not os.path.exists(hook.step_dir(6))
