@@ -210,7 +210,7 @@ def pipeline_config(c, encoder, mesh, rules, **changes) -> pipeline.PipelineConf
         text_buckets=tuple(d.text_buckets), patch_buckets=tuple(d.patch_buckets),
         image=ImageConfig(min_pixels=d.min_pixels, max_pixels=d.max_pixels), mrope_gaps=tuple(d.mrope_gaps),
         seed=c.seed, shuffle=d.shuffle, num_epochs=d.num_epochs or None, worker_count=d.worker_count,
-        read_threads=d.read_threads, strict=d.strict,
+        read_threads=d.read_threads, strict=d.strict, pack=d.pack,
         teacher_mrope_gaps=(1, 1) if c.stage == "kd" and c.teacher.positions == "own" else None,
         pseudo_labels=(c.kd.pseudo_labels or None) if c.stage == "kd" else None,
         image_token_id=encoder.image_pad_id, pad_token_id=encoder.pad_id,

@@ -7,7 +7,8 @@
 
 Each batch is a dict of NumPy arrays (B = this host's rows, L = text bucket, N = patch bucket):
     input_ids            (B, L)    int32   right-padded with the pad id
-    attention_mask       (B, L)    int32   1 = real token
+    attention_mask       (B, L)    int32   0 = padding, else the number of the row's conversation: 1 (2, 3, ...
+                                           follow in a packed row; no attention across them)
     labels               (B, L)    int32   token id where supervised, -100 elsewhere (not shifted)
     position_ids         (3, B, L) int32   M-RoPE / MCG-RoPE ids (gaps from the config)
     decode_offsets       (B,)      int32   position of KV slot c is c + offset
@@ -15,7 +16,8 @@ Each batch is a dict of NumPy arrays (B = this host's rows, L = text bucket, N =
     vision_position_ids  (B, N, 2) int32   (row, col) of each patch
     vision_segment_ids   (B, N)    int32   image number of each patch, 0 = padding
     sample_mask          (B,)      int32   0 for filler rows (a last partial batch, an item that failed to load)
-    record_index         (B,)      int64   position of the sample's record in the input list, -1 = filler
+    record_index         (B,)      int64   position of the sample's record in the input list (packed: the
+                                           first one's), -1 = filler
     teacher_position_ids (3, B, L) int32   only with `teacher_mrope_gaps` (teacher on its own M-RoPE ids)
     teacher_topk_ids / _logp (B, L, k), teacher_topk_valid (B, L): only with `pseudo_labels`
 
@@ -65,6 +67,7 @@ class PipelineConfig:
     shuffle: bool = True
     num_epochs: int | None = 1  # None = repeat forever
     drop_remainder: bool = False  # False: the last partial batch of a bucket is completed with filler rows
+    pack: bool = False  # several conversations per row, up to the largest buckets (training; see plan.pack)
     worker_count: int = 0  # >0: grain worker processes for preprocessing
     read_threads: int = 2
     strict: bool = False
@@ -137,45 +140,50 @@ class Preprocess:
         return self._cache
 
 
-def collate(samples: Sequence[dict | None], bucket: tuple[int, int], cfg: PipelineConfig) -> dict:
-    """Pad `samples` (None = a filler row) into one static-shape batch of len(samples) rows."""
+def collate(rows: Sequence[Sequence[dict]], bucket: tuple[int, int], cfg: PipelineConfig) -> dict:
+    """Pad `rows` (each the samples of one row, in order: one, several when packed, none for a filler row)
+    into one static-shape batch. The samples of a packed row follow each other; attention_mask numbers
+    them (1, 2, ...: no attention across them) and each keeps its own positions from 0."""
     length, n_patches = bucket
-    b = len(samples)
-    real = [(i, s) for i, s in enumerate(samples) if s is not None]
+    b = len(rows)
     ids = np.full((b, length), cfg.pad_token_id, np.int32)
     mask = np.zeros((b, length), np.int32)
     labels = np.full((b, length), text_lib.IGNORE, np.int32)
     pos = np.zeros((3, b, length), np.int32)
+    t_pos = np.zeros((3, b, length), np.int32) if cfg.teacher_mrope_gaps is not None else None
+    k = next((s["teacher_topk_ids"].shape[1] for row in rows for s in row), 1) if cfg.pseudo_labels else 0
+    topk = {"teacher_topk_ids": np.zeros((b, length, k), np.int32),
+            "teacher_topk_logp": np.zeros((b, length, k), np.float32),
+            "teacher_topk_valid": np.zeros((b, length), bool)} if k else {}
     offsets = np.zeros((b,), np.int32)
     record_index = np.full((b,), -1, np.int64)
-    for i, s in real:
-        n = len(s["input_ids"])
-        ids[i, :n], mask[i, :n], labels[i, :n], pos[:, i, :n] = s["input_ids"], 1, s["labels"], s["position_ids"]
-        offsets[i] = s["position_ids"].max() + 1 - length
-        record_index[i] = s["record_index"]
-    vision = positions.pack_vision_inputs([s["images"] if s is not None else [] for s in samples], n_patches,
+    for i, row in enumerate(rows):
+        at = 0
+        for j, s in enumerate(row):
+            n, span = len(s["input_ids"]), slice(at, at + len(s["input_ids"]))
+            ids[i, span], mask[i, span], labels[i, span], pos[:, i, span] = (s["input_ids"], j + 1, s["labels"],
+                                                                             s["position_ids"])
+            labels[i, at] = text_lib.IGNORE  # a row's first token is never a target; in a pack, not the one before
+            if t_pos is not None:
+                t_pos[:, i, span] = s["teacher_position_ids"]
+            for key, arr in topk.items():
+                arr[i, span] = s[key]
+            at += n
+        if row:  # packed rows: the first record's index; decode offsets only mean something for one sample
+            offsets[i] = row[-1]["position_ids"].max() + 1 - length
+            record_index[i] = row[0]["record_index"]
+    vision = positions.pack_vision_inputs([[im for s in row for im in s["images"]] for row in rows], n_patches,
                                           cfg.image.merge_size)
     out = {"input_ids": ids, "attention_mask": mask, "labels": labels, "position_ids": pos, "decode_offsets": offsets,
-           **vision, "sample_mask": np.asarray([s is not None for s in samples], np.int32),
-           "record_index": record_index}
-    if cfg.teacher_mrope_gaps is not None:
-        t_pos = np.zeros((3, b, length), np.int32)
-        for i, s in real:
-            t_pos[:, i, : len(s["input_ids"])] = s["teacher_position_ids"]
+           **vision, "sample_mask": np.asarray([len(row) > 0 for row in rows], np.int32),
+           "record_index": record_index, **topk}
+    if t_pos is not None:
         out["teacher_position_ids"] = t_pos
-    if cfg.pseudo_labels:
-        k = next((s["teacher_topk_ids"].shape[1] for _, s in real), 1)
-        for key, dtype in (("teacher_topk_ids", np.int32), ("teacher_topk_logp", np.float32),
-                           ("teacher_topk_valid", bool)):
-            arr = np.zeros((b, length, k) if key != "teacher_topk_valid" else (b, length), dtype)
-            for i, s in real:
-                arr[i, : len(s["input_ids"])] = s[key]
-            out[key] = arr
     return out
 
 
 class LoadBatch:
-    """(bucket id, this host's record indices, -1 = filler) -> (batch, skips). Picklable."""
+    """(bucket id, this host's rows: each a tuple of record indices, () = filler) -> (batch, skips). Picklable."""
 
     def __init__(self, records: Sequence[Record], cfg: PipelineConfig, encoder: text_lib.ChatEncoder):
         self.records, self.cfg, self.preprocess = records, cfg, Preprocess(cfg, encoder)
@@ -183,33 +191,43 @@ class LoadBatch:
     def __call__(self, item):
         bucket_id, rows = item
         bucket = plan.bucket_shape(bucket_id, self.cfg.text_buckets, self.cfg.patch_buckets)
-        samples, skips = [], []
-        for i in rows:
-            s = self.preprocess(int(i), self.records[i]) if i >= 0 else None
-            if isinstance(s, dict) and (len(s["input_ids"]) > bucket[0] or s["n_patches"] > bucket[1]):
-                s = Skip("size changed since the batch plan", self.records[i].source,
-                         f"{len(s['input_ids'])} tokens, {s['n_patches']} patches; planned for {bucket}")
-            if isinstance(s, Skip):
-                skips.append(s)
-                s = None
-            samples.append(s)
-        return collate(samples, bucket, self.cfg), skips
+        out, skips = [], []
+        for row in rows:
+            samples = [self.preprocess(int(i), self.records[i]) for i in row]
+            tokens = sum(len(s["input_ids"]) for s in samples if isinstance(s, dict))
+            patches = sum(s["n_patches"] for s in samples if isinstance(s, dict))
+            if tokens > bucket[0] or patches > bucket[1]:
+                samples = [Skip("size changed since the batch plan", self.records[i].source,
+                                f"{tokens} tokens, {patches} patches in its row; planned for {bucket}") for i in row]
+            skips += [s for s in samples if isinstance(s, Skip)]
+            out.append([s for s in samples if isinstance(s, dict)])
+        return collate(out, bucket, self.cfg), skips
 
 
 class BatchIterator:
     """This host's batches, epoch after epoch, following the global plan; checkpointable as (epoch, batch)."""
 
     def __init__(self, records: Sequence[Record], ids: np.ndarray, cfg: PipelineConfig, encoder, log: SkipLog,
-                 plan_skips: dict[str, int] | None = None):
-        self.records, self.ids, self.cfg, self.log = records, ids, cfg, log
+                 plan_skips: dict[str, int] | None = None, sizes: np.ndarray | None = None):
+        self.records, self.cfg, self.log = records, cfg, log
+        # the units the plan shuffles and batches: records, or packs of them (`cfg.pack`), with their bucket ids
+        self.units, self.ids = ([(i,) for i in range(len(records))], ids) if not cfg.pack else plan.pack(
+            sizes, ids, cfg.text_buckets, cfg.patch_buckets, seed=cfg.seed)
+        if cfg.pack:
+            positions_of = lambda bucket_ids: sum(plan.bucket_shape(int(i), cfg.text_buckets, cfg.patch_buckets)[0]
+                                                  for i in bucket_ids if i >= 0)
+            log_.info("data.pack: %d records in %d rows; text positions per epoch %d unpacked -> %d packed "
+                      "(%d real tokens)", int((ids >= 0).sum()), len(self.units), positions_of(ids),
+                      positions_of(self.ids), int(sizes[ids >= 0, 0].sum()))
         self.plan_skips = collections.Counter(plan_skips or {})  # not read or left out of the plan: equal on all hosts
         self.load_skips: collections.Counter[str] = collections.Counter()  # failed to load on this host
-        self.batches_per_epoch = plan.batches_per_epoch(ids, cfg.batch_size, cfg.drop_remainder)
+        self.batches_per_epoch = plan.batches_per_epoch(self.ids, cfg.batch_size, cfg.drop_remainder)
         if self.batches_per_epoch == 0:
             raise ValueError(f"no batch can be formed: {int((ids >= 0).sum())} usable of {len(records)} records "
                              f"(global batch {cfg.batch_size}, drop_remainder={cfg.drop_remainder}); {log.report()}")
         self._load = LoadBatch(records, cfg, encoder)
-        self.fingerprint = hashlib.sha1(ids.astype(np.int64).tobytes()).hexdigest()
+        planned = self.ids.astype(np.int64).tobytes() + (repr(self.units).encode() if cfg.pack else b"")
+        self.fingerprint = hashlib.sha1(planned).hexdigest()
         self.epoch, self.batch, self._it = 0, 0, None
 
     def __iter__(self):
@@ -222,10 +240,8 @@ class BatchIterator:
                                      drop_remainder=cfg.drop_remainder)
         items = []
         for bucket_id, idx in batches[self.batch:]:
-            mine = np.full(stop - start, -1, np.int64)
-            part = idx[start:stop]
-            mine[: len(part)] = part
-            items.append((bucket_id, mine))
+            mine = [self.units[u] for u in idx[start:stop].tolist()]
+            items.append((bucket_id, tuple(mine + [()] * (stop - start - len(mine)))))  # () = a filler row
         ds = grain.MapDataset.source(items).map(self._load)
         it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
                                                   prefetch_buffer_size=2 * max(1, cfg.read_threads)))
@@ -295,4 +311,4 @@ def make_batches(records: Sequence[Record], encoder: text_lib.ChatEncoder, cfg: 
     found = collections.Counter(log.counts) - before
     if found:
         log_.warning("batch plan over %d records: %s %s", len(records), skip_summary(found), dict(found))
-    return BatchIterator(records, ids, cfg, encoder, log, log.counts)  # read + plan skips, equal on all hosts
+    return BatchIterator(records, ids, cfg, encoder, log, log.counts, sizes)  # read + plan skips: equal on all hosts

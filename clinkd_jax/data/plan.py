@@ -13,6 +13,10 @@ never from what a host happened to load:
 
 Every host derives the same list, so the batches per epoch and each step's shapes agree everywhere,
 and the number of batches in an epoch is known before it starts (sum over buckets of ceil(n / batch)).
+
+Packing (`data.pack`): before any epoch, the valid records are packed once, in a seeded order, into
+rows of several conversations whose tokens and patches fit the largest buckets (`pack`); the packs then
+take the records' place above (shuffled per epoch, queued by the bucket their totals fit).
 """
 
 from __future__ import annotations
@@ -188,6 +192,32 @@ def epoch_batches(ids: np.ndarray, global_batch: int, *, seed: int, epoch: int, 
     if not drop_remainder:
         out += [(b, np.asarray(q)) for b, q in sorted(queues.items()) if q]
     return out
+
+
+def pack(sizes: np.ndarray, ids: np.ndarray, text_buckets: Sequence[int], patch_buckets: Sequence[int], *,
+         seed: int, window: int = 16) -> tuple[list[tuple[int, ...]], np.ndarray]:
+    """Records (those with ids >= 0) packed into rows: (packs, each a tuple of record indices in row order;
+    the bucket id of each pack's token and patch totals). First fit, in a seeded order, into the open packs
+    whose totals stay within the largest text and patch buckets; at most `window` packs stay open (the
+    oldest is closed first), which keeps the packing close to the seeded order. The same on every host."""
+    cap_t, cap_p = text_buckets[-1], patch_buckets[-1]
+    order = np.random.default_rng((seed, 0x9ACC)).permutation(np.flatnonzero(ids >= 0))
+    open_, packs = [], []  # open_: [record indices, tokens, patches]
+    for i in order.tolist():
+        t, p = int(sizes[i, 0]), int(sizes[i, 1])
+        for row in open_:
+            if row[1] + t <= cap_t and row[2] + p <= cap_p:
+                row[0].append(i)
+                row[1] += t
+                row[2] += p
+                break
+        else:
+            open_.append([[i], t, p])
+            if len(open_) > window:
+                packs.append(open_.pop(0))
+    packs += open_
+    totals = np.asarray([[t, p, 0] for _, t, p in packs], np.int64).reshape(-1, 3)
+    return [tuple(r) for r, _, _ in packs], bucket_ids(totals, text_buckets, patch_buckets)
 
 
 def batches_per_epoch(ids: np.ndarray, global_batch: int, drop_remainder: bool) -> int:

@@ -165,18 +165,20 @@ class Qwen2Model(nn.Module):
         c = self.cfg
         b, t, _ = x_btd.shape
         cos, sin = rope.mrope_cos_sin(position_ids_3bt, c.head_dim, c.rope_theta, c.mrope_section)
-        if cache is None:
+        q_slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if cache is None:  # attention_mask: 0 = padding, else the conversation's number in a packed row
             index = jnp.zeros((), jnp.int32)
-            valid = attention_mask_bt.astype(bool)
+            segment_ids = attention_mask_bt.astype(jnp.int32)  # also what segment-id kernels (splash) take
             layer_caches = None
-            segment_ids = valid.astype(jnp.int32)  # for segment-id kernels: padding = 0, tokens = 1
+            # no attention across a packed row's conversations; padding queries see as before (never read)
+            same = attn_lib.segment_mask(segment_ids, segment_ids) | (segment_ids == 0)[:, None, :, None]
+            mask = attn_lib.causal_mask(q_slots, segment_ids > 0) & same
         else:
             index = cache.index
             valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask_bt.astype(bool), (0, index))
             layer_caches = (cache.k, cache.v)
             segment_ids = None  # queries sit at an offset into the cache: dense mask only
-        q_slots = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
-        mask = attn_lib.causal_mask(q_slots, valid)
+            mask = attn_lib.causal_mask(index + q_slots, valid)
         layer_ids = jnp.arange(c.num_hidden_layers, dtype=jnp.int32)
         (x_btd, new_layer_caches), _ = self.layers((x_btd, layer_caches), layer_ids, cos, sin, mask, segment_ids,
                                                    index)

@@ -115,7 +115,7 @@ def write_store(c, workdir: str) -> None:
     skips = records.SkipLog(strict=c.data.strict)
     recs = run_setup.training_records(c, workdir, skips)
     pcfg = run_setup.pipeline_config(c, encoder, mesh, rules, shuffle=False, num_epochs=1, pseudo_labels=None,
-                                     teacher_mrope_gaps=None)
+                                     teacher_mrope_gaps=None, pack=False)  # entries are per record: one per row
     batches = pipeline.make_batches(recs, encoder, pcfg, skips, sizes_cache=run_setup.sizes_cache(c, workdir))
     kd = kd_config(c)
     out = NamedSharding(mesh, sharding.batch_spec("input_ids", 3, c.data.batch_size, mesh, rules))

@@ -114,15 +114,16 @@ def test_resume_is_exact(demo_dir, encoder, stop_after):
             np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
-@pytest.mark.parametrize("hosts", [2, 4])
-def test_hosts_agree_on_every_step(demo_dir, encoder, hosts):
+@pytest.mark.parametrize("hosts, pack", [(2, False), (4, False), (2, True)])
+def test_hosts_agree_on_every_step(demo_dir, encoder, hosts, pack):
     """Each host loads its rows of the same global plan: the same number of batches, the same shapes at
-    every step, and their rows put together are the one-host batches. Shuffle on, several buckets, 2 epochs."""
+    every step, and their rows put together are the one-host batches. Shuffle on, several buckets, 2 epochs;
+    also with packed rows."""
     recs = records(demo_dir)
-    cfg = cfg_with(num_epochs=2, batch_size=8)
+    cfg = cfg_with(num_epochs=2, batch_size=8, pack=pack)
     whole = batches(recs, encoder, cfg)
     per = 8 // hosts
-    parts = [batches(recs, encoder, cfg_with(num_epochs=2, batch_size=8, rows=(h * per, (h + 1) * per)))
+    parts = [batches(recs, encoder, cfg_with(num_epochs=2, batch_size=8, rows=(h * per, (h + 1) * per), pack=pack))
              for h in range(hosts)]
     assert all(len(p) == len(whole) for p in parts)
     for step, full in enumerate(whole):
@@ -131,6 +132,36 @@ def test_hosts_agree_on_every_step(demo_dir, encoder, hosts):
             assert len({p[step][k].shape[:axis] + p[step][k].shape[axis + 1:] for p in parts}) == 1, (step, k)
             joined = np.concatenate([p[step][k] for p in parts], axis=axis)
             np.testing.assert_array_equal(joined, full[k], err_msg=f"step {step} {k}")
+
+
+def conversations(out):
+    """Every conversation of the batches as (token ids, M-RoPE ids, patches of its image), from the segments
+    attention_mask numbers within each row."""
+    found = []
+    for b in out:
+        for i in range(len(b["input_ids"])):
+            seg, image = b["attention_mask"][i], b["vision_segment_ids"][i]
+            for j in range(1, seg.max() + 1):  # the demo: one image per conversation, in the same order
+                at = seg == j
+                found.append((tuple(b["input_ids"][i, at]), tuple(b["position_ids"][:, i, at].ravel()),
+                              b["pixel_values"][i, image == j].tobytes()))
+    return sorted(found)
+
+
+def test_packing_keeps_every_conversation_whole_and_once(demo_dir, encoder):
+    """data.pack: each record once per epoch, in rows whose totals fit a bucket, with the same tokens,
+    positions (from 0) and image patches as unpacked, in fewer rows; the first token of each packed
+    conversation is no target (the token before it belongs to another conversation)."""
+    recs = records(demo_dir)
+    room = dict(text_buckets=(112, 128, 256, 512), patch_buckets=(64, 128, 256, 1024))  # a row fits ~4 of them
+    plain, packed = batches(recs, encoder, cfg_with(**room)), batches(recs, encoder, cfg_with(pack=True, **room))
+    assert conversations(packed) == conversations(plain) and len(conversations(plain)) == len(recs)
+    rows = sum(int(b["sample_mask"].sum()) for b in packed)
+    assert rows < len(recs) // 2, rows  # demo conversations are short: several share a row
+    assert any(b["attention_mask"].max() >= 3 for b in packed)
+    for b in packed:
+        starts = (b["attention_mask"] > 0) & (np.diff(b["attention_mask"], prepend=0, axis=1) != 0)
+        assert (b["labels"][starts] == -100).all()
 
 
 def test_the_plan_is_the_same_list_everywhere():

@@ -13,7 +13,7 @@ TINY_VOCAB = 1024
 
 
 @functools.lru_cache(maxsize=None)
-def demo_batches(batch_size=4, num_epochs=1, seed=0):
+def demo_batches(batch_size=4, num_epochs=1, seed=0, text_buckets=(160,), patch_buckets=(64,), pack=False):
     """Demo-set batches whose token ids are compacted into a 1024-token vocabulary (the real Qwen2
     tokenizer's ids go up to 151k; a tiny test model with that vocabulary would dominate test time)."""
     import tempfile
@@ -22,8 +22,8 @@ def demo_batches(batch_size=4, num_epochs=1, seed=0):
     demo.generate(d, train_per_image=4, test_per_image=0, max_side=112)
     recs = records.read_medgrit(f"{d}/train.json", f"{d}/images")
     enc = text.ChatEncoder(text.load_tokenizer(text.bundled_qwen2_tokenizer_dir()), "qwen2vl")
-    cfg = pipeline.PipelineConfig(batch_size=batch_size, text_buckets=(160,), patch_buckets=(64,),
-                                  image=ImageConfig(max_pixels=112 * 112), num_epochs=num_epochs, seed=seed)
+    cfg = pipeline.PipelineConfig(batch_size=batch_size, text_buckets=text_buckets, patch_buckets=patch_buckets,
+                                  image=ImageConfig(max_pixels=112 * 112), num_epochs=num_epochs, seed=seed, pack=pack)
     batches = list(pipeline.make_batches(recs, enc, cfg))
     tiny = mcfg.tiny(vocab_size=TINY_VOCAB)
     used = np.unique(np.concatenate([b["input_ids"].ravel() for b in batches]))
@@ -44,3 +44,11 @@ def demo_batches(batch_size=4, num_epochs=1, seed=0):
 @pytest.fixture(scope="session")
 def tiny_and_batches():
     return demo_batches()
+
+
+@pytest.fixture(scope="session")
+def plain_and_packed():
+    """The 32 demo conversations in one batch twice: one per row, and packed several per row."""
+    room = dict(batch_size=32, text_buckets=(512,), patch_buckets=(256,))
+    tiny, plain = demo_batches(**room)
+    return tiny, plain, demo_batches(**room, pack=True)[1]
