@@ -3,7 +3,7 @@
 # budget is 15 minutes with the machine's start), each step bounded so a slow one cannot eat the rest:
 #   1. baseline, both frameworks side by side: `--size large`, SFT and KD, MFU both ways
 #   2. the levers one by one, JAX only, same geometry: remat policies, cuDNN attention, bf16 first moment,
-#      layers unrolled
+#      the XLA flag presets of launch/gpu.sh (none / lhs / lhs_cublas; the bench itself runs with none)
 #   3. the full-depth 2B geometry (seq 2048) at the remat policy that fits, both frameworks
 #   4. the 7B -> 2B KD memory plan on this device (largest batch, online teacher and pseudo-labels)
 #   5. the GPU-only test: cuDNN attention against XLA
@@ -27,10 +27,14 @@ step 10 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 case "${1:-levers}" in
   levers)
     step 120 "$PY" bench/train_step.py --size large --steps 5
-    for lever in "--remat minimal_with_context" "--attention cudnn" "--mu-dtype bfloat16" "--scan-unroll 8"; do
+    for lever in "--remat minimal_with_context" "--attention cudnn" "--mu-dtype bfloat16"; do
       # shellcheck disable=SC2086  # the lever is two words on purpose
-      step 50 "$PY" bench/train_step.py --size large --steps 5 --frameworks jax $lever
-    done ;;
+      step 45 "$PY" bench/train_step.py --size large --steps 5 --frameworks jax $lever
+    done
+    step 45 env XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true \
+      "$PY" bench/train_step.py --size large --steps 5 --frameworks jax
+    step 45 env "XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_triton_gemm=false" \
+      "$PY" bench/train_step.py --size large --steps 5 --frameworks jax ;;
   full_depth)
     step 150 "$PY" bench/train_step.py --size 2b --steps 3 --remat minimal_with_context
     step 120 "$PY" bench/kd_memory.py --remat none,minimal_with_context,full --max-rows 16

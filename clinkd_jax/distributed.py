@@ -52,6 +52,14 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
     return jax.process_count() > 1
 
 
+def describe() -> str:
+    """One line naming what this process runs on (speed and float results depend on it)."""
+    d = jax.devices()
+    return (f"jax {jax.__version__}, {len(d)} {d[0].platform} device(s) ({d[0].device_kind}) over "
+            f"{jax.process_count()} process(es), this one {jax.process_index()}; "
+            f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+
+
 def _encode(obj) -> np.ndarray:
     return np.frombuffer(json.dumps(obj).encode(), np.uint8)
 

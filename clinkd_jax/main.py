@@ -34,6 +34,7 @@ def main(argv):
     for noisy in ("absl", "jax", "orbax"):  # Orbax and Grain (through absl) log every save and read at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
     distributed.initialize_from_flags()
+    logging.getLogger("clinkd_jax").info("running on %s", distributed.describe())
     c = _CONFIG.value
     if _WORKDIR.value.startswith("gs://"):
         print("config error: --workdir is a gs:// URL; mount the bucket with gcsfuse on every host (launch/tpu.sh "

@@ -160,8 +160,11 @@ def test_gpu_launcher_argument_errors():
     gpu = lambda *a: subprocess.run(["bash", os.path.join(ROOT, "launch", "gpu.sh"), *a], capture_output=True,
                                     text=True)
     assert gpu("--gpus", "2").returncode == 2 and gpu("--bogus").returncode == 2
+    assert "not one of none | lhs | lhs_cublas" in gpu("--xla-flags", "fast", "--config", "c", "--workdir", "w").stderr
     one = gpu("--config", "configs/demo.py", "--workdir", "/w", "--dry-run", "--", "--config.data.text_buckets=(1, 2)")
-    assert shlex.split(one.stdout) == ["python3", "-m", "clinkd_jax.main", "--config=configs/demo.py", "--workdir=/w",
+    assert shlex.split(one.stdout) == ["env", "XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true"
+                                       + (" " + os.environ["XLA_FLAGS"] if os.environ.get("XLA_FLAGS") else ""),
+                                       "python3", "-m", "clinkd_jax.main", "--config=configs/demo.py", "--workdir=/w",
                                        "--config.data.text_buckets=(1, 2)"]  # printed so that it pastes back as typed
 
 

@@ -54,7 +54,8 @@ RECIPE = textwrap.dedent('''
         c.checkpoint.async_save = False
         c.mesh.shape = (1, -1, 1)
         c.stages = ("sft", "kd")
-        c.stage_settings = ConfigDict({"sft": {"stage": "sft"},
+        # SFT packs conversations into rows (data.pack), distillation does not: both plans meet several hosts
+        c.stage_settings = ConfigDict({"sft": {"stage": "sft", "data": {"pack": True}},
                                        "kd": {"stage": "kd", "teacher_from": "sft", "model": {"preset": "tiny_qwen"}}})
         return c
 ''')
@@ -141,7 +142,10 @@ def test_sft_and_kd_with_buckets_and_epochs_agree_with_one_process(setup, tmp_pa
     two = gpu_sh("--gpus", "2", "--config", str(recipe), "--workdir", str(tmp_path / "two"), "--", *data_args(data),
                  devices=2)  # both at once: three processes share the cores
     out = finish([*one, two])[1]
-    assert len(process_logs(tmp_path / "two")) == 2, out
+    logs = process_logs(tmp_path / "two")
+    assert len(logs) == 2, out
+    for log in logs:  # the launcher's XLA flag preset, then the caller's own flags, reached each process
+        assert "XLA_FLAGS='--xla_gpu_enable_latency_hiding_scheduler=true --xla_backend_opt" in log, log[:3000]
     for stage in ("sft", "kd"):
         one, two = losses(tmp_path / "one" / stage), losses(tmp_path / "two" / stage)
         summary = json.load(open(tmp_path / "two" / stage / "summary.json"))
