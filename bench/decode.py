@@ -154,6 +154,7 @@ def main():
     ap.add_argument("--scan-unroll", type=int, default=1, help="clinkd_jax model.scan_unroll")
     ap.add_argument("--frameworks", default="torch,jax")
     ap.add_argument("--profile", default="", help="a directory: also profile one generate call (traces kept there)")
+    machine.add_malloc_flag(ap)
     ap.add_argument("--child", default="")
     args = ap.parse_args()
     s = SIZES[args.size]
@@ -162,7 +163,8 @@ def main():
         out = (run_jax if args.child == "jax" else run_torch)(s, args, ckpt)
         print("RESULT " + json.dumps(out))
         return
-    print(machine.describe())
+    machine.set_malloc_hugepages(args.malloc_hugepages)
+    print(machine.describe())  # the children (both frameworks) start with this environment
     results = {}
     for fw in args.frameworks.split(","):
         cmd = [sys.executable, __file__, *sys.argv[1:], "--child", fw]

@@ -256,6 +256,7 @@ def main():
     ap.add_argument("--batch", type=int, default=0, help="rows per step (0: the size's own)")
     ap.add_argument("--teacher-size", default="", choices=["", *sorted(SIZES)], help="KD teacher ('': --size)")
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="the chip's peak, where flops.PEAK_BF16 lacks it")
+    machine.add_malloc_flag(ap)
     ap.add_argument("--child", default="")  # internal: "<framework>:<mode>"
     args = ap.parse_args()
     s = dict(SIZES[args.size], **({"batch": args.batch} if args.batch else {}))
@@ -264,7 +265,8 @@ def main():
         out = (run_jax if framework == "jax" else run_torch)(s, mode, args.steps, args.warmup, args.profile, args)
         print("RESULT " + json.dumps(out))
         return
-    print(machine.describe())
+    machine.set_malloc_hugepages(args.malloc_hugepages)
+    print(machine.describe())  # the children (both frameworks) start with this environment
     results = {}
     for mode in args.modes.split(","):
         for framework in args.frameworks.split(","):

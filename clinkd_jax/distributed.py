@@ -57,7 +57,7 @@ def describe() -> str:
     d = jax.devices()
     return (f"jax {jax.__version__}, {len(d)} {d[0].platform} device(s) ({d[0].device_kind}) over "
             f"{jax.process_count()} process(es), this one {jax.process_index()}; "
-            f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+            f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
 
 
 def _encode(obj) -> np.ndarray:

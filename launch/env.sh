@@ -1,6 +1,15 @@
 #!/usr/bin/env bash
 # Shared set-up: find a Python of a given version and build/refresh its virtual environment in .venv/.
-# Sourced by tests/run_all.sh (both environments) and launch/demo.sh (Python 3.11).
+# Sourced by tests/run_all.sh (both environments) and launch/demo.sh (Python 3.11), which also take its
+# process settings (GLIBC_TUNABLES below).
+
+# glibc's malloc backs its large buffers with transparent huge pages (madvise). XLA:CPU allocates fresh
+# buffers every step (a scan's stacked residuals, gradient accumulators), and faulting them in page by page
+# cost 15-20 % of a CPU train step on a Zen 3 EPYC (bench/README.md). Unknown to other C libraries: ignored.
+case ":${GLIBC_TUNABLES:-}:" in
+  *:glibc.malloc.hugetlb=*) ;;
+  *) export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1" ;;
+esac
 
 is_version() { "$1" -c "import sys; sys.exit(sys.version_info[:2] != tuple(map(int, '$2'.split('.'))))" >/dev/null 2>&1; }
 
