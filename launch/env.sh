@@ -5,7 +5,7 @@
 
 # glibc's malloc backs its large buffers with transparent huge pages (madvise). XLA:CPU allocates fresh
 # buffers every step (a scan's stacked residuals, gradient accumulators), and faulting them in page by page
-# cost 15-20 % of a CPU train step on a Zen 3 EPYC (bench/README.md). Unknown to other C libraries: ignored.
+# cost up to ~20 % of a CPU train step on a Zen 3 EPYC (bench/README.md). Unknown to other C libraries: ignored.
 case ":${GLIBC_TUNABLES:-}:" in
   *:glibc.malloc.hugetlb=*) ;;
   *) export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1" ;;
