@@ -2,18 +2,17 @@
 distillation step (same loss terms, same parameters after two steps); the store's meta data guards
 against a training run with other settings."""
 
-import functools
 
 import jax
 import numpy as np
 import pytest
-from test_steps import DROP, feed
+from test_steps import DROP, feed, on_one_device, one_device_step
 
 from clinkd_jax.data import pipeline
 from clinkd_jax.data import pseudo_labels as store
 from clinkd_jax.models import Qwen2VL
 from clinkd_jax.models.qwen2vl import init_params
-from clinkd_jax.train import losses, pseudo_labels, steps
+from clinkd_jax.train import losses, pseudo_labels
 from clinkd_jax.train import state as state_lib
 
 
@@ -47,9 +46,9 @@ def test_cached_full_vocab_equals_online(tmp_path, tiny_and_batches, mask="relea
         cached.append(b)
 
     tx = state_lib.optimizer_for(student, state_lib.OptimConfig(learning_rate=1e-3, total_steps=4))
-    online = jax.jit(functools.partial(steps.train_step, model=student, tx=tx, teacher=teacher, kd=kd, chunk=64))
-    offline = jax.jit(functools.partial(steps.train_step, model=student, tx=tx, kd=kd, chunk=64))
-    a = b_ = state_lib.create(s_params, tx)
+    online = one_device_step(model=student, tx=tx, teacher=teacher, kd=kd, chunk=64)
+    offline = one_device_step(model=student, tx=tx, kd=kd, chunk=64)
+    a = b_ = on_one_device(state_lib.create(s_params, tx))
     for on_batch, off_batch in zip(batches, cached):
         a, ma = online(a, t_params, feed(on_batch))
         b_, mb = offline(b_, None, {k: v for k, v in off_batch.items() if k not in DROP})

@@ -23,6 +23,20 @@ def feed(batch):
     return {k: v for k, v in batch.items() if k not in DROP}
 
 
+def one_device_step(**kw):
+    """train_step jitted with the state on one device in and out: an uncommitted state going in and a
+    committed one coming out would compile the step a second time on its second call."""
+    return jax.jit(functools.partial(steps.train_step, **kw), out_shardings=(_one_device(), None))
+
+
+def on_one_device(tree):
+    return jax.device_put(tree, _one_device())
+
+
+def _one_device():
+    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
 def run(model, params, batches, n, teacher=None, teacher_params=None, kd=None, opt=OPT, mesh=None):
     mesh = mesh or sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     tx = state_lib.optimizer_for(model, opt)
@@ -154,8 +168,8 @@ def test_gradient_accumulation_averages_micro_batches(tiny_and_batches):
     acc_opt = state_lib.OptimConfig(learning_rate=1e-3, grad_accum=2, total_steps=10)
     one_opt = state_lib.OptimConfig(learning_rate=1e-3, grad_accum=1, total_steps=10)
     tx2, tx1 = state_lib.optimizer_for(model, acc_opt), state_lib.optimizer_for(model, one_opt)
-    step2 = jax.jit(functools.partial(steps.train_step, model=model, tx=tx2, chunk=64, frozen=acc_opt.frozen))
-    st = state_lib.create(params, tx2)
+    step2 = one_device_step(model=model, tx=tx2, chunk=64, frozen=acc_opt.frozen)
+    st = on_one_device(state_lib.create(params, tx2))
     st, _ = step2(st, None, a)
     for x, y in zip(jax.tree.leaves(st.params), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -165,7 +179,8 @@ def test_gradient_accumulation_averages_micro_batches(tiny_and_batches):
         hidden, head = steps.hidden_and_head(model, p, batch)
         return losses.combine(losses.token_losses(hidden, head, batch["labels"], chunk=64), None)["loss"]
 
-    ga, gb = jax.grad(loss)(params, a), jax.grad(loss)(params, b)
+    grad = jax.jit(jax.grad(loss))
+    ga, gb = grad(params, a), grad(params, b)
     mean = jax.tree.map(lambda x, y: (x + y) / 2, ga, gb)
     upd, _ = tx1.update(mean, tx1.init(params), params)
     manual = jax.tree.map(lambda p, u: p + u, params, upd)
