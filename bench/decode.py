@@ -121,7 +121,9 @@ def run_jax(s, args, ckpt):
     vis = positions.pack_vision_inputs([[(pixels[i * n:(i + 1) * n], tuple(grid[i]))] for i in range(args.batch)], n)
     batch = {"input_ids": ids.astype(np.int32), "attention_mask": np.ones_like(ids, np.int32), "position_ids": pos,
              "decode_offsets": deltas, **vis}
-    gen = G.Generator(Qwen2VL(cfg, dtype=dtype, attention_impl=args.attention, scan_unroll=args.scan_unroll), params)
+    model = Qwen2VL(cfg, dtype=dtype, attention_impl=args.attention, scan_unroll=args.scan_unroll,
+                    vision_query_block=args.vision_query_block)
+    gen = G.Generator(model, params)
 
     def run(k):
         out = gen(batch, G.SamplingConfig(max_new_tokens=k, stop_token_ids=(-1,), pad_token_id=0))  # never stops
@@ -152,6 +154,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--attention", default="xla", help="clinkd_jax attention implementation")
     ap.add_argument("--scan-unroll", type=int, default=1, help="clinkd_jax model.scan_unroll")
+    ap.add_argument("--vision-query-block", type=int, default=-1,
+                    help="clinkd_jax model.vision_query_block: -1 auto (256 on CPU) | 0 whole | rows per block")
     ap.add_argument("--frameworks", default="torch,jax")
     ap.add_argument("--profile", default="", help="a directory: also profile one generate call (traces kept there)")
     machine.add_malloc_flag(ap)

@@ -73,7 +73,7 @@ def model_for(c, cfg: model_config.Qwen2VLConfig, dtype: str | None = None, **tr
     """The module for geometry `cfg` as the run config sets it up (compute dtype, attention kernel, scan
     unrolling); `training` adds param_dtype / remat for the model being trained."""
     return Qwen2VL(cfg, dtype=dtype or c.model.dtype, attention_impl=c.model.attention,
-                   scan_unroll=c.model.scan_unroll, **training)
+                   scan_unroll=c.model.scan_unroll, vision_query_block=c.model.vision_query_block, **training)
 
 
 def same_vocab(cfg, other, what: str) -> None:
@@ -267,6 +267,9 @@ def check_common(c) -> None:
         raise ConfigError(f"data.box_format={c.data.box_format!r} is not one of {('auto', *BOX_FORMATS)}")
     if c.model.scan_unroll < 1:
         raise ConfigError(f"model.scan_unroll={c.model.scan_unroll} must be >= 1")
+    if c.model.vision_query_block < -1:
+        raise ConfigError(f"model.vision_query_block={c.model.vision_query_block} must be -1 (auto), 0 (whole) or "
+                          "a row count")
     exts = tuple(c.data.image_ext)
     if not exts or not all(isinstance(e, str) and e.startswith(".") for e in exts):
         raise ConfigError(f"data.image_ext={exts} must be file extensions such as ('.png', '.dcm')")

@@ -10,6 +10,9 @@
                shapes it cannot take (single-token decode, reads of a longer KV cache) use "xla".
 
 Masks are boolean, True = may attend, broadcastable to (B, 1, T, S).
+
+`query_block` (impl "xla", non-causal calls: the vision tower) computes the queries in blocks of that many
+rows: the same arithmetic on a smaller (block, S) score tensor, which stays in cache (bench/README.md).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ def dot_product_attention(
     q_segment_ids: jax.Array | None = None,
     kv_segment_ids: jax.Array | None = None,
     causal: bool = False,
+    query_block: int = 0,
 ) -> jax.Array:
     """Scaled dot-product attention; K/V may have fewer heads than Q (grouped-query attention).
 
@@ -38,7 +42,12 @@ def dot_product_attention(
     segment ids instead of a dense mask (splash).
     """
     if impl == "xla":
-        return _xla_attention(q_btnh, k_bskh, v_bskh, mask_b1ts)
+        t = q_btnh.shape[1]
+        if causal or not 0 < query_block < t or mask_b1ts.shape[-2] != t:
+            return _xla_attention(q_btnh, k_bskh, v_bskh, mask_b1ts)
+        blocks = range(0, t, query_block)
+        return jnp.concatenate([_xla_attention(q_btnh[:, i:i + query_block], k_bskh, v_bskh,
+                                               mask_b1ts[..., i:i + query_block, :]) for i in blocks], axis=1)
     if impl in ("jax", "cudnn"):
         return jax.nn.dot_product_attention(
             q_btnh, k_bskh, v_bskh, mask=mask_b1ts, implementation=None if impl == "jax" else "cudnn"

@@ -88,6 +88,25 @@ def test_cudnn_attention_agrees_with_xla_in_bfloat16():
     np.testing.assert_allclose(logits["cudnn"][valid], logits["xla"][valid], atol=3e-2, rtol=3e-2)
 
 
+def test_vision_attention_in_query_blocks_equals_one_pass():
+    """model.vision_query_block: the vision tower's output is that of one pass over all query rows, on rows
+    holding several images and padding slots, for a block that divides the row and one that does not (a
+    shorter last block). Each query row's arithmetic is the same; XLA may tile the smaller matmuls
+    differently, so float32 rounding of ~1e-6 on outputs of size ~1 is allowed (1e-5)."""
+    cfg, params, x = golden()
+    vis = {k: x[k] for k in ("pixel_values", "vision_position_ids", "vision_segment_ids")}
+    seg = vis["vision_segment_ids"]
+    assert seg.max() > 1 and (seg == 0).any()  # a row with two images, rows with padding slots
+
+    def tower(block):
+        apply = functools.partial(Qwen2VL(cfg, vision_query_block=block).apply, method="vision_tower")
+        return np.asarray(jax.jit(apply)({"params": params}, **vis))
+
+    whole, n = tower(0), vis["pixel_values"].shape[1]
+    for block in (n // 4, n // 3 + 1):
+        np.testing.assert_allclose(tower(block), whole, atol=1e-5, rtol=0)
+
+
 def test_unknown_attention_impl():
     cfg, params, x = golden()
     with pytest.raises(ValueError, match="attention impl 'flash2' is not one of"):

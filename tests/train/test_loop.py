@@ -93,6 +93,7 @@ def test_non_finite_loss_stops_with_the_step(tmp_path):
     ({"data.text_buckets": (512, 256)}, "must be increasing"),
     ({"mesh.shape": (3, 3, 1)}, r"mesh.shape=\(3, 3, 1\) does not fit the 8 available devices"),
     ({"model.attention": "flash"}, "model.attention='flash' is not one of"),
+    ({"model.vision_query_block": -2}, r"model.vision_query_block=-2 must be -1 \(auto\)"),
     ({"data.format": "csv"}, "data.format='csv'"),
     ({"model.vision_overrides": {"depht": 4}}, r"model.vision_overrides: \['depht'\] are not VisionConfig fields"),
     ({"model.preset": "", "model.orbax_dir": "/tmp", "model.text_overrides": {"hidden_size": 8}},
