@@ -94,9 +94,7 @@ class VisionBlock(nn.Module):
         h = layer_norm(eps, name="norm1", **kw)(x_bne)
         attn = VisionAttention(self.cfg, attention_impl=self.attention_impl, query_block=self.query_block, name="attn",
                                **kw)
-        x_bne = x_bne + attn(
-            h, cos_bnh, sin_bnh, mask_b1nn, segment_ids_bn
-        )
+        x_bne = x_bne + attn(h, cos_bnh, sin_bnh, mask_b1nn, segment_ids_bn)
         h = layer_norm(eps, name="norm2", **kw)(x_bne)
         x_bne = x_bne + VisionMLP(self.cfg, name="mlp", **kw)(h)
         return constrain(x_bne, ("batch", "patches", "act_embed")), None
