@@ -23,7 +23,7 @@ from clinkd_jax.data.image import ImageConfig
 from clinkd_jax.data.markup import BOX_FORMATS
 from clinkd_jax.models import config as model_config
 from clinkd_jax.models.config import ConfigError
-from clinkd_jax.models.qwen2vl import Qwen2VL, init_params
+from clinkd_jax.models.qwen2vl import VISION_ATTENTION_LOOPS, Qwen2VL, init_params
 
 log = logging.getLogger("clinkd_jax.setup")
 TASKS = ("VG", "RO", "GC", "MII")
@@ -73,7 +73,8 @@ def model_for(c, cfg: model_config.Qwen2VLConfig, dtype: str | None = None, **tr
     """The module for geometry `cfg` as the run config sets it up (compute dtype, attention kernel, scan
     unrolling); `training` adds param_dtype / remat for the model being trained."""
     return Qwen2VL(cfg, dtype=dtype or c.model.dtype, attention_impl=c.model.attention,
-                   scan_unroll=c.model.scan_unroll, vision_query_block=c.model.vision_query_block, **training)
+                   scan_unroll=c.model.scan_unroll, vision_attention_loop=c.model.vision_attention_loop,
+                   vision_query_block=c.model.vision_query_block, **training)
 
 
 def same_vocab(cfg, other, what: str) -> None:
@@ -267,9 +268,11 @@ def check_common(c) -> None:
         raise ConfigError(f"data.box_format={c.data.box_format!r} is not one of {('auto', *BOX_FORMATS)}")
     if c.model.scan_unroll < 1:
         raise ConfigError(f"model.scan_unroll={c.model.scan_unroll} must be >= 1")
-    if c.model.vision_query_block < -1:
-        raise ConfigError(f"model.vision_query_block={c.model.vision_query_block} must be -1 (auto), 0 (whole) or "
-                          "a row count")
+    if c.model.vision_query_block < 0:
+        raise ConfigError(f"model.vision_query_block={c.model.vision_query_block} must be 0 (all rows) or a row count")
+    if c.model.vision_attention_loop not in VISION_ATTENTION_LOOPS:
+        raise ConfigError(f"model.vision_attention_loop={c.model.vision_attention_loop!r} is not one of "
+                          f"{VISION_ATTENTION_LOOPS}")
     exts = tuple(c.data.image_ext)
     if not exts or not all(isinstance(e, str) and e.startswith(".") for e in exts):
         raise ConfigError(f"data.image_ext={exts} must be file extensions such as ('.png', '.dcm')")

@@ -31,8 +31,10 @@ def get_config() -> ConfigDict:
     # none | minimal | minimal_with_context | dots_saveable | full  (clinkd_jax.models.layers.maybe_remat)
     c.model.remat = "none"
     c.model.scan_unroll = 1  # decoder/ViT layers per scan iteration; >= the layer count: fully unrolled
-    # vision attention ("xla") in blocks of this many query rows; -1: 256 on CPU (measured), whole elsewhere
-    c.model.vision_query_block = -1
+    # vision attention ("xla"): "per_head" = one (sample, head) pair at a time (2-D matmuls, scores in cache),
+    # "batched" = all pairs in one matmul, "auto" = per_head on CPU (measured faster there), batched elsewhere
+    c.model.vision_attention_loop = "auto"
+    c.model.vision_query_block = 0  # vision attention query rows per block (bounds memory on big images); 0 = all
 
     # --- the teacher (stage "kd"): same sources; it shares the mesh, is never donated, has no optimizer state
     c.teacher = ConfigDict()

@@ -11,8 +11,11 @@
 
 Masks are boolean, True = may attend, broadcastable to (B, 1, T, S).
 
-`query_block` (impl "xla", non-causal calls: the vision tower) computes the queries in blocks of that many
-rows: the same arithmetic on a smaller (block, S) score tensor, which stays in cache (bench/README.md).
+Two CPU levers of impl "xla", for non-causal calls (the vision tower), same arithmetic in another order:
+  * `per_head` — one (sample, KV head) pair at a time in a loop: each step's matmuls are 2-D and its (T, S)
+    scores stay in cache (XLA:CPU ran the batched (B, K) matmuls at about a quarter of its 2-D rate).
+  * `query_block` — the queries in blocks of that many rows: a (block, S) score tensor at a time, which bounds
+    the memory of large images.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ def dot_product_attention(
     q_segment_ids: jax.Array | None = None,
     kv_segment_ids: jax.Array | None = None,
     causal: bool = False,
+    per_head: bool = False,
     query_block: int = 0,
 ) -> jax.Array:
     """Scaled dot-product attention; K/V may have fewer heads than Q (grouped-query attention).
@@ -42,12 +46,11 @@ def dot_product_attention(
     segment ids instead of a dense mask (splash).
     """
     if impl == "xla":
-        t = q_btnh.shape[1]
-        if causal or not 0 < query_block < t or mask_b1ts.shape[-2] != t:
+        if causal or mask_b1ts.shape[-2] != q_btnh.shape[1]:  # the decoder, decode steps: one pass
             return _xla_attention(q_btnh, k_bskh, v_bskh, mask_b1ts)
-        blocks = range(0, t, query_block)
-        return jnp.concatenate([_xla_attention(q_btnh[:, i:i + query_block], k_bskh, v_bskh,
-                                               mask_b1ts[..., i:i + query_block, :]) for i in blocks], axis=1)
+        if per_head:
+            return _xla_attention_per_head(q_btnh, k_bskh, v_bskh, mask_b1ts, query_block)
+        return _in_query_blocks(_xla_attention, q_btnh, k_bskh, v_bskh, mask_b1ts, query_block)
     if impl in ("jax", "cudnn"):
         return jax.nn.dot_product_attention(
             q_btnh, k_bskh, v_bskh, mask=mask_b1ts, implementation=None if impl == "jax" else "cudnn"
@@ -77,6 +80,75 @@ def _xla_attention(q, k, v, mask):
     probs = jax.nn.softmax(scores + bias, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bksh->bkgth", probs, v)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+def _in_query_blocks(attend, q, k, v, mask, block: int):
+    """`attend` over blocks of `block` query rows (q's axis 1, the mask's axis -2), concatenated; 0 = at once."""
+    t = q.shape[1]
+    if not 0 < block < t:
+        return attend(q, k, v, mask)
+    return jnp.concatenate([attend(q[:, i:i + block], k, v, mask[..., i:i + block, :]) for i in range(0, t, block)],
+                           axis=1)
+
+
+def _xla_attention_per_head(q, k, v, mask, query_block: int):
+    """`_xla_attention` one (sample, KV head) pair per step of a `lax.map`: (G*T, H) x (H, S) matmuls without
+    batch dimensions, and (G, T, S) scores that fit in cache, where XLA:CPU's batched matmuls over all pairs
+    ran at ~40 GFLOP/s against ~130 (bench/README.md)."""
+    b, t, n, h = q.shape
+    s, kv_heads = k.shape[1], k.shape[2]
+    g = n // kv_heads
+    q = (q * jnp.asarray(h**-0.5, q.dtype)).reshape(b, t, kv_heads, g, h).transpose(0, 2, 3, 1, 4)
+    q = q.reshape(b * kv_heads, g, t, h)
+    k, v = (x.transpose(0, 2, 1, 3).reshape(b * kv_heads, s, h) for x in (k, v))
+    mask = jnp.broadcast_to(mask, (b, 1, t, s))
+
+    def pair(xs):
+        i, q_gth, k_sh, v_sh = xs
+        return _in_query_blocks(_attend_2d, q_gth, k_sh, v_sh, mask[i // kv_heads, 0], query_block)
+
+    out = jax.lax.map(pair, (jnp.arange(b * kv_heads), q, k, v))  # (B*K, G, T, H)
+    return out.reshape(b, kv_heads, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+def _scores_2d(q_gth, k_sh, mask_ts):
+    scores = jnp.einsum("gth,sh->gts", q_gth, k_sh).astype(jnp.float32)
+    return scores + jnp.where(mask_ts, 0.0, jnp.finfo(jnp.float32).min)
+
+
+@jax.custom_vjp
+def _attend_2d(q_gth, k_sh, v_sh, mask_ts):
+    """One pair's attention, q already scaled. Its backward is written out (below), flash-attention style:
+    only the output and each row's log-sum-exp are kept, and the probabilities are recomputed from q and k
+    (one more (T, H) x (H, S) matmul) instead of being stacked per pair (a (T, S) float32 buffer to fill,
+    write and read back per pair and layer); and every matmul takes the (T, S) operand in its stored
+    layout (differentiated automatically, XLA:CPU copied a transpose of it per pair; bench/README.md)."""
+    return _attend_2d_fwd(q_gth, k_sh, v_sh, mask_ts)[0]
+
+
+def _attend_2d_fwd(q_gth, k_sh, v_sh, mask_ts):
+    scores = _scores_2d(q_gth, k_sh, mask_ts)
+    top = jnp.max(scores, axis=-1, keepdims=True)
+    unnormalised = jnp.exp(scores - top)
+    total = jnp.sum(unnormalised, axis=-1, keepdims=True)
+    out = jnp.einsum("gts,sh->gth", (unnormalised / total).astype(v_sh.dtype), v_sh)
+    return out, (q_gth, k_sh, v_sh, mask_ts, out, top + jnp.log(total))
+
+
+def _attend_2d_bwd(res, d_out):
+    q, k, v, mask, out, log_sum_exp = res
+    probs = jnp.exp(_scores_2d(q, k, mask) - log_sum_exp)
+    d_probs = jnp.einsum("gth,sh->gts", d_out, v).astype(jnp.float32)
+    # softmax backward: P * (dP - rowsum(dP * P)), and rowsum(dP * P) = rowsum(dO * O), a (T, H) product
+    row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    d_scores = (probs * (d_probs - row)).astype(q.dtype)
+    d_q = jnp.einsum("gts,sh->gth", d_scores, k)
+    d_k = jnp.einsum("gth,gts->hs", q, d_scores).T  # XLA folds the .T into the matmul: no (T, S) transpose
+    d_v = jnp.einsum("gth,gts->hs", d_out, probs.astype(d_out.dtype)).T
+    return d_q, d_k, d_v, None
+
+
+_attend_2d.defvjp(_attend_2d_fwd, _attend_2d_bwd)
 
 
 def segment_mask(q_segments_bt: jax.Array, kv_segments_bs: jax.Array) -> jax.Array:

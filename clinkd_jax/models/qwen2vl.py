@@ -30,7 +30,7 @@ from clinkd_jax.models.vision import VisionTransformer
 from clinkd_jax.sharding import constrain
 
 Dtype = Any
-CPU_VISION_QUERY_BLOCK = 256  # prefill of 4 x 1024-patch images on 2 cores: 1.11-1.16 s vs 1.19-1.50 s whole
+VISION_ATTENTION_LOOPS = ("auto", "per_head", "batched")
 
 
 def scatter_image_features(embeds_bld: jax.Array, is_image_bl: jax.Array, image_feats_bmd: jax.Array) -> jax.Array:
@@ -51,17 +51,20 @@ class Qwen2VL(nn.Module):
     attention_impl: str = "xla"
     remat: str = "none"  # a name of layers.REMAT_POLICIES, per scanned layer
     scan_unroll: int = 1  # layers per scan iteration (the layer count = fully unrolled); params stay stacked
-    # vision attention query rows per block (impl "xla"); -1: 256 on CPU, where it was measured, else 0 (whole)
-    vision_query_block: int = -1
+    # vision attention (impl "xla"): "per_head" | "batched" | "auto" = per_head on CPU, where it was measured
+    vision_attention_loop: str = "auto"
+    vision_query_block: int = 0  # vision attention query rows per block; 0 = all at once
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl, remat=self.remat,
                   scan_unroll=self.scan_unroll)
         t = self.cfg.text
-        block = self.vision_query_block
-        if block < 0:
-            block = CPU_VISION_QUERY_BLOCK if jax.default_backend() == "cpu" else 0
-        self.visual = VisionTransformer(self.cfg.vision, t.hidden_size, query_block=block, **kw)
+        loop = self.vision_attention_loop
+        if loop not in VISION_ATTENTION_LOOPS:
+            raise ValueError(f"vision_attention_loop={loop!r} is not one of {VISION_ATTENTION_LOOPS}")
+        per_head = loop == "per_head" or (loop == "auto" and jax.default_backend() == "cpu")
+        self.visual = VisionTransformer(self.cfg.vision, t.hidden_size, per_head=per_head,
+                                        query_block=self.vision_query_block, **kw)
         self.model = Qwen2Model(t, **kw)
         if not t.tie_word_embeddings:
             self.lm_head = dense(t.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype,

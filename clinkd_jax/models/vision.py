@@ -45,6 +45,7 @@ class VisionAttention(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
+    per_head: bool = False
     query_block: int = 0
 
     @nn.compact
@@ -59,7 +60,8 @@ class VisionAttention(nn.Module):
         k = rope.apply_rotary(k, cos_bnh, sin_bnh)
         out = attn_lib.dot_product_attention(
             q, k, v, mask_b1nn, impl=self.attention_impl,
-            q_segment_ids=segment_ids_bn, kv_segment_ids=segment_ids_bn, query_block=self.query_block,
+            q_segment_ids=segment_ids_bn, kv_segment_ids=segment_ids_bn, per_head=self.per_head,
+            query_block=self.query_block,
         )
         out = constrain(out.reshape(b, n, heads * hd), ("batch", "patches", "act_heads"))
         return dense(self.cfg.embed_dim, ("vit_qkv", "vit_embed"), name="proj", **kw)(out)
@@ -85,6 +87,7 @@ class VisionBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
+    per_head: bool = False
     query_block: int = 0
 
     @nn.compact
@@ -92,8 +95,8 @@ class VisionBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         eps = self.cfg.layer_norm_eps
         h = layer_norm(eps, name="norm1", **kw)(x_bne)
-        attn = VisionAttention(self.cfg, attention_impl=self.attention_impl, query_block=self.query_block, name="attn",
-                               **kw)
+        attn = VisionAttention(self.cfg, attention_impl=self.attention_impl, per_head=self.per_head,
+                               query_block=self.query_block, name="attn", **kw)
         x_bne = x_bne + attn(h, cos_bnh, sin_bnh, mask_b1nn, segment_ids_bn)
         h = layer_norm(eps, name="norm2", **kw)(x_bne)
         x_bne = x_bne + VisionMLP(self.cfg, name="mlp", **kw)(h)
@@ -110,6 +113,7 @@ class VisionTransformer(nn.Module):
     attention_impl: str = "xla"
     remat: str = "none"
     scan_unroll: int = 1
+    per_head: bool = False  # attention one (sample, head) pair at a time (models.attention)
     query_block: int = 0  # attention query rows per block (models.attention); 0 = all at once
 
     def setup(self):
@@ -123,7 +127,7 @@ class VisionTransformer(nn.Module):
             length=self.cfg.depth,
             unroll=min(self.scan_unroll, self.cfg.depth),
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(self.cfg, attention_impl=self.attention_impl, query_block=self.query_block, **kw)
+        )(self.cfg, attention_impl=self.attention_impl, per_head=self.per_head, query_block=self.query_block, **kw)
         self.merger = PatchMerger(self.cfg, self.out_dim, **kw)
 
     def encode(self, pixel_values_bnp, vision_position_ids_bn2, vision_segment_ids_bn):

@@ -88,23 +88,25 @@ def test_cudnn_attention_agrees_with_xla_in_bfloat16():
     np.testing.assert_allclose(logits["cudnn"][valid], logits["xla"][valid], atol=3e-2, rtol=3e-2)
 
 
-def test_vision_attention_in_query_blocks_equals_one_pass():
-    """model.vision_query_block: the vision tower's output is that of one pass over all query rows, on rows
-    holding several images and padding slots, for a block that divides the row and one that does not (a
-    shorter last block). Each query row's arithmetic is the same; XLA may tile the smaller matmuls
-    differently, so float32 rounding of ~1e-6 on outputs of size ~1 is allowed (1e-5)."""
+@pytest.mark.parametrize("loop", ["per_head", "batched"])
+def test_vision_attention_per_head_and_in_query_blocks_equals_one_pass(loop):
+    """model.vision_attention_loop / vision_query_block: the vision tower's output is that of one batched pass
+    over all query rows, on rows holding several images and padding slots, pair by pair and for a block that
+    divides the row and one that does not (a shorter last block). Each query row's arithmetic is the same;
+    XLA may tile the smaller matmuls differently, so float32 rounding of ~1e-6 on outputs of size ~1 is
+    allowed (1e-5). A mask taken from the wrong sample or rows would be off by O(1)."""
     cfg, params, x = golden()
     vis = {k: x[k] for k in ("pixel_values", "vision_position_ids", "vision_segment_ids")}
     seg = vis["vision_segment_ids"]
-    assert seg.max() > 1 and (seg == 0).any()  # a row with two images, rows with padding slots
+    assert seg.max() > 1 and (seg == 0).any() and len({r.tobytes() for r in seg}) > 1  # rows differ
 
-    def tower(block):
-        apply = functools.partial(Qwen2VL(cfg, vision_query_block=block).apply, method="vision_tower")
-        return np.asarray(jax.jit(apply)({"params": params}, **vis))
+    def tower(loop, block):
+        model = Qwen2VL(cfg, vision_attention_loop=loop, vision_query_block=block)
+        return np.asarray(jax.jit(functools.partial(model.apply, method="vision_tower"))({"params": params}, **vis))
 
-    whole, n = tower(0), vis["pixel_values"].shape[1]
-    for block in (n // 4, n // 3 + 1):
-        np.testing.assert_allclose(tower(block), whole, atol=1e-5, rtol=0)
+    whole, n = tower("batched", 0), vis["pixel_values"].shape[1]
+    for block in (0, n // 4, n // 3 + 1) if loop == "per_head" else (n // 4, n // 3 + 1):
+        np.testing.assert_allclose(tower(loop, block), whole, atol=1e-5, rtol=0)
 
 
 def test_unknown_attention_impl():
@@ -113,15 +115,18 @@ def test_unknown_attention_impl():
         Qwen2VL(cfg, attention_impl="flash2").apply({"params": params}, **x)
 
 
-@pytest.mark.parametrize("variant", [{"remat": r} for r in REMAT_POLICIES[1:]] + [{"scan_unroll": 2}])
-def test_remat_and_unrolling_same_loss_and_grads(variant):
-    """Rematerialisation and unrolled layer scans change memory and schedule, not math."""
+@pytest.mark.parametrize("variant", [{"remat": r} for r in REMAT_POLICIES[1:]] + [{"scan_unroll": 2}] + [
+    {"vision_attention_loop": "per_head"}, {"vision_attention_loop": "per_head", "vision_query_block": 24}])
+def test_remat_unrolling_and_attention_loops_same_loss_and_grads(variant):
+    """Rematerialisation, unrolled layer scans and the vision attention's loops change memory and schedule, not
+    math; the reference is the batched vision attention, differentiated by JAX (the per-head loop has its
+    own backward, models.attention._attend_2d). The other variants run with the default loop ("auto")."""
     cfg, params, x = golden()
 
     def loss(model, p):
         return jnp.mean(model.apply({"params": p}, **x)["logits"] ** 2)
 
-    base = jax.jit(jax.value_and_grad(functools.partial(loss, Qwen2VL(cfg))))(params)
+    base = jax.jit(jax.value_and_grad(functools.partial(loss, Qwen2VL(cfg, vision_attention_loop="batched"))))(params)
     other = jax.jit(jax.value_and_grad(functools.partial(loss, Qwen2VL(cfg, **variant))))(params)
     np.testing.assert_allclose(base[0], other[0], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(base[1]), jax.tree.leaves(other[1])):
