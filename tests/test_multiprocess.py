@@ -134,18 +134,25 @@ def losses(workdir):
 
 @pytest.mark.slow
 @pytest.mark.multihost
-def test_sft_and_kd_with_buckets_and_epochs_agree_with_one_process(setup, tmp_path):
+def test_sft_and_kd_with_buckets_and_epochs_agree_with_one_process(setup, tmp_path, monkeypatch):
     """2 processes x 2 devices against 1 process x 4: both stages finish their 2 epochs in step, with the
-    same number of steps and the same losses."""
+    same number of steps and the same losses; each process compiles the step exactly once per batch shape
+    its loop meets (jax logs each compile; a state that changed sharding, commitment or weak types after the
+    first step would compile it again)."""
     data, recipe = setup
+    monkeypatch.setenv("JAX_LOG_COMPILES", "1")
     one = start(1, 4, [f"--config={recipe}", f"--workdir={tmp_path / 'one'}", *data_args(data)])
     two = gpu_sh("--gpus", "2", "--config", str(recipe), "--workdir", str(tmp_path / "two"), "--", *data_args(data),
                  devices=2)  # both at once: three processes share the cores
-    out = finish([*one, two])[1]
+    outs = finish([*one, two])
     logs = process_logs(tmp_path / "two")
-    assert len(logs) == 2, out
+    assert len(logs) == 2, outs[1]
     for log in logs:  # the launcher's XLA flag preset, then the caller's own flags, reached each process
         assert "XLA_FLAGS='--xla_gpu_enable_latency_hiding_scheduler=true --xla_backend_opt" in log, log[:3000]
+    for run, texts in (("one", outs[:1]), ("two", logs)):
+        shapes = [json.load(open(tmp_path / run / stage / "summary.json"))["batch_shapes"] for stage in ("sft", "kd")]
+        for text in texts:
+            assert text.count("Compiling jit(train_step) ") == sum(shapes) and min(shapes) >= 2, (run, shapes)
     for stage in ("sft", "kd"):
         one, two = losses(tmp_path / "one" / stage), losses(tmp_path / "two" / stage)
         summary = json.load(open(tmp_path / "two" / stage / "summary.json"))

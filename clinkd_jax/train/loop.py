@@ -30,6 +30,7 @@ import signal
 import time
 
 import jax
+import numpy as np
 
 from clinkd_jax import checkpoint, distributed, run_setup, sharding
 from clinkd_jax.convert import hf
@@ -152,11 +153,17 @@ def run(c, workdir: str, hooks=()) -> dict:
                                total=None if c.train.steps < 0 else c.train.steps)
         stop = StopSignal()
         step, metrics, t0 = start, {}, time.perf_counter()
+        shapes = set()  # batch shapes met so far: the step compiles once for each, never again
         try:
             while c.train.steps < 0 or step < c.train.steps:
                 batch = next(data, None)
                 if batch is None:
                     break
+                shape = tuple((k, np.shape(v)) for k, v in sorted(batch.items()))
+                if shape not in shapes:
+                    shapes.add(shape)
+                    named = ", ".join(f"{k} {np.shape(batch[k])}" for k in ("input_ids", "pixel_values") if k in batch)
+                    log.info("step %d: a new batch shape (%s); the step compiles for it once", step + 1, named)
                 state, metrics = step_fn(state, teacher_params,
                                          run_setup.device_batch(batch, mesh, rules, c.data.batch_size))
                 step += 1
@@ -207,7 +214,7 @@ def run(c, workdir: str, hooks=()) -> dict:
                               assets_from=run_setup.tokenizer_dir(c), chat_template=encoder.template)
     summary = {"stage": c.stage, "steps": step, "start_step": start, "final": metrics,
                "skipped": data.skips_all_hosts(), "workdir": workdir, "preempted": preempted,
-               "epochs": data.epoch + data.batch / data.batches_per_epoch,
+               "epochs": data.epoch + data.batch / data.batches_per_epoch, "batch_shapes": len(shapes),
                **{k: v for h in hooks for k, v in h.summary().items()}}
     if jax.process_index() == 0:  # one writer per shared workdir
         with open(os.path.join(workdir, "summary.json"), "w") as f:
