@@ -122,7 +122,7 @@ def run_jax(s, args, ckpt):
     batch = {"input_ids": ids.astype(np.int32), "attention_mask": np.ones_like(ids, np.int32), "position_ids": pos,
              "decode_offsets": deltas, **vis}
     model = Qwen2VL(cfg, dtype=dtype, attention_impl=args.attention, scan_unroll=args.scan_unroll,
-                    vision_attention_loop=args.vision_attention_loop, vision_query_block=args.vision_query_block)
+                    attention_loop=args.attention_loop, vision_query_block=args.vision_query_block)
     gen = G.Generator(model, params)
 
     def run(k):
@@ -154,7 +154,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--attention", default="xla", help="clinkd_jax attention implementation")
     ap.add_argument("--scan-unroll", type=int, default=1, help="clinkd_jax model.scan_unroll")
-    ap.add_argument("--vision-attention-loop", default="auto", help="clinkd_jax model.vision_attention_loop: "
+    ap.add_argument("--attention-loop", default="auto", help="clinkd_jax model.attention_loop: "
                     "auto (per_head on CPU) | per_head | batched")
     ap.add_argument("--vision-query-block", type=int, default=0,
                     help="clinkd_jax model.vision_query_block: 0 all rows | rows per block")
@@ -187,8 +187,8 @@ def main():
         if "profile" in r:
             print(f"\n== profile: {fw}, one generate call of {args.new} tokens ({r['device']})\n{r['profile']}")
     print(f"\nsize={args.size} batch={args.batch} prompt={args.prompt} new={args.new} {s}")
-    print(f"clinkd_jax: attention={args.attention} scan_unroll={args.scan_unroll} vision_attention_loop="
-          f"{args.vision_attention_loop} vision_query_block={args.vision_query_block} "
+    print(f"clinkd_jax: attention={args.attention} scan_unroll={args.scan_unroll} attention_loop="
+          f"{args.attention_loop} vision_query_block={args.vision_query_block} "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     print(f"{'framework':10} {'device':24} {'TTFT ms':>9} {'decode tok/s':>13} {'total s':>8} {'peak MB':>9}")
     for fw, r in results.items():

@@ -185,7 +185,7 @@ def run_jax(s, mode, steps, warmup, profile="", args=None):
     on_cpu = jax.devices()[0].platform == "cpu"
     compute = "float32" if on_cpu else "bfloat16"  # GPU/TPU: bf16 compute, f32 master weights
     kw = dict(dtype=compute, scan_unroll=args.scan_unroll, attention_impl=args.attention,
-              vision_attention_loop=args.vision_attention_loop, vision_query_block=args.vision_query_block)
+              attention_loop=args.attention_loop, vision_query_block=args.vision_query_block)
     model = Qwen2VL(cfg, remat=args.remat, **kw)
     tx = state_lib.optimizer_for(model, state_lib.OptimConfig(learning_rate=1e-5, grad_clip=1.0,
                                                               mu_dtype=args.mu_dtype))
@@ -253,8 +253,8 @@ def main():
     ap.add_argument("--remat", default="none", help="model.remat: none | minimal | minimal_with_context | "
                     "dots_saveable | full")
     ap.add_argument("--attention", default="xla", help="model.attention: xla | jax | cudnn (GPU) | splash (TPU)")
-    ap.add_argument("--vision-attention-loop", default="auto",
-                    help="model.vision_attention_loop: auto (per_head on CPU) | per_head | batched")
+    ap.add_argument("--attention-loop", default="auto",
+                    help="model.attention_loop: auto (per_head on CPU) | per_head | batched")
     ap.add_argument("--vision-query-block", type=int, default=0,
                     help="model.vision_query_block: 0 all rows | rows per block")
     ap.add_argument("--mu-dtype", default="", help="optim.mu_dtype: '' (float32) | bfloat16")
@@ -287,7 +287,7 @@ def main():
             print(f"\n== profile: {framework} {mode} step ({r['device']})\n{r['profile']}")
     print(f"\nsize={args.size} {s}" + (f" teacher={args.teacher_size}" if args.teacher_size else "")
           + f"\nclinkd_jax: scan_unroll={args.scan_unroll} chunk={args.chunk} loss_remat={args.loss_remat} "
-          f"remat={args.remat} attention={args.attention} vision_attention_loop={args.vision_attention_loop} "
+          f"remat={args.remat} attention={args.attention} attention_loop={args.attention_loop} "
           f"vision_query_block={args.vision_query_block} "
           f"mu_dtype={args.mu_dtype or 'float32'} "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")

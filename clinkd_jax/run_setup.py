@@ -23,7 +23,7 @@ from clinkd_jax.data.image import ImageConfig
 from clinkd_jax.data.markup import BOX_FORMATS
 from clinkd_jax.models import config as model_config
 from clinkd_jax.models.config import ConfigError
-from clinkd_jax.models.qwen2vl import VISION_ATTENTION_LOOPS, Qwen2VL, init_params
+from clinkd_jax.models.qwen2vl import ATTENTION_LOOPS, Qwen2VL, init_params
 
 log = logging.getLogger("clinkd_jax.setup")
 TASKS = ("VG", "RO", "GC", "MII")
@@ -73,7 +73,7 @@ def model_for(c, cfg: model_config.Qwen2VLConfig, dtype: str | None = None, **tr
     """The module for geometry `cfg` as the run config sets it up (compute dtype, attention kernel, scan
     unrolling); `training` adds param_dtype / remat for the model being trained."""
     return Qwen2VL(cfg, dtype=dtype or c.model.dtype, attention_impl=c.model.attention,
-                   scan_unroll=c.model.scan_unroll, vision_attention_loop=c.model.vision_attention_loop,
+                   scan_unroll=c.model.scan_unroll, attention_loop=c.model.attention_loop,
                    vision_query_block=c.model.vision_query_block, **training)
 
 
@@ -270,9 +270,9 @@ def check_common(c) -> None:
         raise ConfigError(f"model.scan_unroll={c.model.scan_unroll} must be >= 1")
     if c.model.vision_query_block < 0:
         raise ConfigError(f"model.vision_query_block={c.model.vision_query_block} must be 0 (all rows) or a row count")
-    if c.model.vision_attention_loop not in VISION_ATTENTION_LOOPS:
-        raise ConfigError(f"model.vision_attention_loop={c.model.vision_attention_loop!r} is not one of "
-                          f"{VISION_ATTENTION_LOOPS}")
+    if c.model.attention_loop not in ATTENTION_LOOPS:
+        raise ConfigError(f"model.attention_loop={c.model.attention_loop!r} is not one of "
+                          f"{ATTENTION_LOOPS}")
     exts = tuple(c.data.image_ext)
     if not exts or not all(isinstance(e, str) and e.startswith(".") for e in exts):
         raise ConfigError(f"data.image_ext={exts} must be file extensions such as ('.png', '.dcm')")

@@ -31,9 +31,10 @@ def get_config() -> ConfigDict:
     # none | minimal | minimal_with_context | dots_saveable | full  (clinkd_jax.models.layers.maybe_remat)
     c.model.remat = "none"
     c.model.scan_unroll = 1  # decoder/ViT layers per scan iteration; >= the layer count: fully unrolled
-    # vision attention ("xla"): "per_head" = one (sample, head) pair at a time (2-D matmuls, scores in cache),
-    # "batched" = all pairs in one matmul, "auto" = per_head on CPU (measured faster there), batched elsewhere
-    c.model.vision_attention_loop = "auto"
+    # attention "xla" (both towers; decode steps always batched): "per_head" = one (sample, KV head) pair at a
+    # time (2-D matmuls, scores in cache, flash-style backward), "batched" = all pairs in one matmul,
+    # "auto" = per_head on CPU (measured faster there, bench/README.md), batched elsewhere
+    c.model.attention_loop = "auto"
     c.model.vision_query_block = 0  # vision attention query rows per block (bounds memory on big images); 0 = all
 
     # --- the teacher (stage "kd"): same sources; it shares the mesh, is never donated, has no optimizer state

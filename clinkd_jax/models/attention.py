@@ -11,11 +11,12 @@
 
 Masks are boolean, True = may attend, broadcastable to (B, 1, T, S).
 
-Two CPU levers of impl "xla", for non-causal calls (the vision tower), same arithmetic in another order:
+Two CPU levers of impl "xla" (calls of more than one query row), same arithmetic in another order:
   * `per_head` — one (sample, KV head) pair at a time in a loop: each step's matmuls are 2-D and its (T, S)
-    scores stay in cache (XLA:CPU ran the batched (B, K) matmuls at about a quarter of its 2-D rate).
+    scores stay in cache (XLA:CPU ran the batched (B, K) matmuls at about a quarter of its 2-D rate), with
+    a flash-style backward that keeps no (T, S) tensor.
   * `query_block` — the queries in blocks of that many rows: a (block, S) score tensor at a time, which bounds
-    the memory of large images.
+    the memory of large images (the vision tower uses it).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def dot_product_attention(
     segment ids instead of a dense mask (splash).
     """
     if impl == "xla":
-        if causal or mask_b1ts.shape[-2] != q_btnh.shape[1]:  # the decoder, decode steps: one pass
+        t = q_btnh.shape[1]
+        if t == 1 or mask_b1ts.shape[-2] != t:  # a decode step, a broadcast mask: one pass
             return _xla_attention(q_btnh, k_bskh, v_bskh, mask_b1ts)
         if per_head:
             return _xla_attention_per_head(q_btnh, k_bskh, v_bskh, mask_b1ts, query_block)
@@ -119,7 +121,7 @@ def _scores_2d(q_gth, k_sh, mask_ts):
 @jax.custom_vjp
 def _attend_2d(q_gth, k_sh, v_sh, mask_ts):
     """One pair's attention, q already scaled. Its backward is written out (below), flash-attention style:
-    only the output and each row's log-sum-exp are kept, and the probabilities are recomputed from q and k
+    only the output and each row's max and sum are kept, and the probabilities are recomputed from q and k
     (one more (T, H) x (H, S) matmul) instead of being stacked per pair (a (T, S) float32 buffer to fill,
     write and read back per pair and layer); and every matmul takes the (T, S) operand in its stored
     layout (differentiated automatically, XLA:CPU copied a transpose of it per pair; bench/README.md)."""
@@ -132,12 +134,13 @@ def _attend_2d_fwd(q_gth, k_sh, v_sh, mask_ts):
     unnormalised = jnp.exp(scores - top)
     total = jnp.sum(unnormalised, axis=-1, keepdims=True)
     out = jnp.einsum("gts,sh->gth", (unnormalised / total).astype(v_sh.dtype), v_sh)
-    return out, (q_gth, k_sh, v_sh, mask_ts, out, top + jnp.log(total))
+    # the max and the sum, not their log-sum-exp: a fully masked row (scores ~ float32 min) would lose log(S)
+    return out, (q_gth, k_sh, v_sh, mask_ts, out, top, total)
 
 
 def _attend_2d_bwd(res, d_out):
-    q, k, v, mask, out, log_sum_exp = res
-    probs = jnp.exp(_scores_2d(q, k, mask) - log_sum_exp)
+    q, k, v, mask, out, top, total = res
+    probs = jnp.exp(_scores_2d(q, k, mask) - top) / total  # the forward's probabilities, bit for bit
     d_probs = jnp.einsum("gth,sh->gts", d_out, v).astype(jnp.float32)
     # softmax backward: P * (dP - rowsum(dP * P)), and rowsum(dP * P) = rowsum(dO * O), a (T, H) product
     row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)

@@ -62,6 +62,7 @@ class Qwen2Attention(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
+    per_head: bool = False  # "xla" attention one (sample, KV head) pair at a time (models.attention)
 
     @nn.compact
     def __call__(self, x_btd, cos_bth, sin_bth, mask_b1ts, segment_ids_bt, cache, layer, cache_index):
@@ -86,7 +87,7 @@ class Qwen2Attention(nn.Module):
             v = jax.lax.dynamic_index_in_dim(cv, layer, keepdims=False)
         out = attn_lib.dot_product_attention(
             q, k.astype(q.dtype), v.astype(q.dtype), mask_b1ts, impl=self.attention_impl,
-            q_segment_ids=segment_ids_bt, kv_segment_ids=segment_ids_bt, causal=True,
+            q_segment_ids=segment_ids_bt, kv_segment_ids=segment_ids_bt, causal=True, per_head=self.per_head,
         )
         out = checkpoint_name(out, "context")  # kept by model.remat="minimal_with_context"
         out = dense(c.hidden_size, ("q_heads", "head_dim", "embed"), axis=(-2, -1), use_bias=False, name="o_proj",
@@ -116,6 +117,7 @@ class Qwen2DecoderLayer(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
+    per_head: bool = False
 
     @nn.compact
     def __call__(self, carry, layer, cos_bth, sin_bth, mask_b1ts, segment_ids_bt, cache_index):
@@ -123,7 +125,8 @@ class Qwen2DecoderLayer(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         eps = self.cfg.rms_norm_eps
         h = RMSNorm(eps, name="input_layernorm", **kw)(x_btd)
-        h, cache = Qwen2Attention(self.cfg, attention_impl=self.attention_impl, name="self_attn", **kw)(
+        h, cache = Qwen2Attention(self.cfg, attention_impl=self.attention_impl, per_head=self.per_head,
+                                  name="self_attn", **kw)(
             h, cos_bth, sin_bth, mask_b1ts, segment_ids_bt, cache, layer, cache_index
         )
         x_btd = x_btd + h
@@ -141,6 +144,7 @@ class Qwen2Model(nn.Module):
     attention_impl: str = "xla"
     remat: str = "none"
     scan_unroll: int = 1
+    per_head: bool = False  # attention one (sample, KV head) pair at a time (models.attention)
 
     def setup(self):
         c = self.cfg
@@ -157,7 +161,7 @@ class Qwen2Model(nn.Module):
             length=c.num_hidden_layers,
             unroll=min(self.scan_unroll, c.num_hidden_layers),
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c, attention_impl=self.attention_impl, **kw)
+        )(c, attention_impl=self.attention_impl, per_head=self.per_head, **kw)
         self.norm = RMSNorm(c.rms_norm_eps, **kw)
 
     def __call__(self, x_btd, position_ids_3bt, attention_mask_bt, cache: KVCache | None = None):

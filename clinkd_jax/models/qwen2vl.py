@@ -30,7 +30,7 @@ from clinkd_jax.models.vision import VisionTransformer
 from clinkd_jax.sharding import constrain
 
 Dtype = Any
-VISION_ATTENTION_LOOPS = ("auto", "per_head", "batched")
+ATTENTION_LOOPS = ("auto", "per_head", "batched")
 
 
 def scatter_image_features(embeds_bld: jax.Array, is_image_bl: jax.Array, image_feats_bmd: jax.Array) -> jax.Array:
@@ -51,21 +51,21 @@ class Qwen2VL(nn.Module):
     attention_impl: str = "xla"
     remat: str = "none"  # a name of layers.REMAT_POLICIES, per scanned layer
     scan_unroll: int = 1  # layers per scan iteration (the layer count = fully unrolled); params stay stacked
-    # vision attention (impl "xla"): "per_head" | "batched" | "auto" = per_head on CPU, where it was measured
-    vision_attention_loop: str = "auto"
+    # attention (impl "xla", both towers): "per_head" | "batched" | "auto" = per_head on CPU, where it was measured
+    attention_loop: str = "auto"
     vision_query_block: int = 0  # vision attention query rows per block; 0 = all at once
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl, remat=self.remat,
                   scan_unroll=self.scan_unroll)
         t = self.cfg.text
-        loop = self.vision_attention_loop
-        if loop not in VISION_ATTENTION_LOOPS:
-            raise ValueError(f"vision_attention_loop={loop!r} is not one of {VISION_ATTENTION_LOOPS}")
+        loop = self.attention_loop
+        if loop not in ATTENTION_LOOPS:
+            raise ValueError(f"attention_loop={loop!r} is not one of {ATTENTION_LOOPS}")
         per_head = loop == "per_head" or (loop == "auto" and jax.default_backend() == "cpu")
         self.visual = VisionTransformer(self.cfg.vision, t.hidden_size, per_head=per_head,
                                         query_block=self.vision_query_block, **kw)
-        self.model = Qwen2Model(t, **kw)
+        self.model = Qwen2Model(t, per_head=per_head, **kw)
         if not t.tie_word_embeddings:
             self.lm_head = dense(t.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype,
                                  param_dtype=self.param_dtype)

@@ -90,7 +90,7 @@ def test_cudnn_attention_agrees_with_xla_in_bfloat16():
 
 @pytest.mark.parametrize("loop", ["per_head", "batched"])
 def test_vision_attention_per_head_and_in_query_blocks_equals_one_pass(loop):
-    """model.vision_attention_loop / vision_query_block: the vision tower's output is that of one batched pass
+    """model.attention_loop / vision_query_block: the vision tower's output is that of one batched pass
     over all query rows, on rows holding several images and padding slots, pair by pair and for a block that
     divides the row and one that does not (a shorter last block). Each query row's arithmetic is the same;
     XLA may tile the smaller matmuls differently, so float32 rounding of ~1e-6 on outputs of size ~1 is
@@ -101,7 +101,7 @@ def test_vision_attention_per_head_and_in_query_blocks_equals_one_pass(loop):
     assert seg.max() > 1 and (seg == 0).any() and len({r.tobytes() for r in seg}) > 1  # rows differ
 
     def tower(loop, block):
-        model = Qwen2VL(cfg, vision_attention_loop=loop, vision_query_block=block)
+        model = Qwen2VL(cfg, attention_loop=loop, vision_query_block=block)
         return np.asarray(jax.jit(functools.partial(model.apply, method="vision_tower"))({"params": params}, **vis))
 
     whole, n = tower("batched", 0), vis["pixel_values"].shape[1]
@@ -116,7 +116,7 @@ def test_unknown_attention_impl():
 
 
 @pytest.mark.parametrize("variant", [{"remat": r} for r in REMAT_POLICIES[1:]] + [{"scan_unroll": 2}] + [
-    {"vision_attention_loop": "per_head"}, {"vision_attention_loop": "per_head", "vision_query_block": 24}])
+    {"attention_loop": "per_head"}, {"attention_loop": "per_head", "vision_query_block": 24}])
 def test_remat_unrolling_and_attention_loops_same_loss_and_grads(variant):
     """Rematerialisation, unrolled layer scans and the vision attention's loops change memory and schedule, not
     math; the reference is the batched vision attention, differentiated by JAX (the per-head loop has its
@@ -126,7 +126,7 @@ def test_remat_unrolling_and_attention_loops_same_loss_and_grads(variant):
     def loss(model, p):
         return jnp.mean(model.apply({"params": p}, **x)["logits"] ** 2)
 
-    base = jax.jit(jax.value_and_grad(functools.partial(loss, Qwen2VL(cfg, vision_attention_loop="batched"))))(params)
+    base = jax.jit(jax.value_and_grad(functools.partial(loss, Qwen2VL(cfg, attention_loop="batched"))))(params)
     other = jax.jit(jax.value_and_grad(functools.partial(loss, Qwen2VL(cfg, **variant))))(params)
     np.testing.assert_allclose(base[0], other[0], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(base[1]), jax.tree.leaves(other[1])):
