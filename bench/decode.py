@@ -122,7 +122,8 @@ def run_jax(s, args, ckpt):
     batch = {"input_ids": ids.astype(np.int32), "attention_mask": np.ones_like(ids, np.int32), "position_ids": pos,
              "decode_offsets": deltas, **vis}
     model = Qwen2VL(cfg, dtype=dtype, attention_impl=args.attention, scan_unroll=args.scan_unroll,
-                    attention_loop=args.attention_loop, vision_query_block=args.vision_query_block)
+                    attention_loop=args.attention_loop, vision_query_block=args.vision_query_block,
+                    decode_layers=args.decode_layers)
     gen = G.Generator(model, params)
 
     def run(k):
@@ -158,6 +159,8 @@ def main():
                     "auto (per_head on CPU) | per_head | batched")
     ap.add_argument("--vision-query-block", type=int, default=0,
                     help="clinkd_jax model.vision_query_block: 0 all rows | rows per block")
+    ap.add_argument("--decode-layers", default="auto", help="clinkd_jax model.decode_layers: "
+                    "auto (unrolled on CPU) | unrolled | scan")
     ap.add_argument("--frameworks", default="torch,jax")
     ap.add_argument("--profile", default="", help="a directory: also profile one generate call (traces kept there)")
     machine.add_malloc_flag(ap)
@@ -188,7 +191,7 @@ def main():
             print(f"\n== profile: {fw}, one generate call of {args.new} tokens ({r['device']})\n{r['profile']}")
     print(f"\nsize={args.size} batch={args.batch} prompt={args.prompt} new={args.new} {s}")
     print(f"clinkd_jax: attention={args.attention} scan_unroll={args.scan_unroll} attention_loop="
-          f"{args.attention_loop} vision_query_block={args.vision_query_block} "
+          f"{args.attention_loop} vision_query_block={args.vision_query_block} decode_layers={args.decode_layers} "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     print(f"{'framework':10} {'device':24} {'TTFT ms':>9} {'decode tok/s':>13} {'total s':>8} {'peak MB':>9}")
     for fw, r in results.items():
@@ -196,8 +199,9 @@ def main():
               f"{r['peak_mem_mb']:9.0f}")
     if len(results) == 2:
         j, t = results["jax"], results["torch"]
-        print(f"clinkd_jax / transformers: decode throughput {j['decode_tok_s'] / t['decode_tok_s']:.2f}x, "
-              f"TTFT {t['ttft_ms'] / j['ttft_ms']:.2f}x faster, whole generate call {t['tN'] / j['tN']:.2f}x faster")
+        decode = f"decode throughput {j['decode_tok_s'] / t['decode_tok_s']:.2f}x, " if args.new > 1 else ""
+        print(f"clinkd_jax / transformers: {decode}TTFT {t['ttft_ms'] / j['ttft_ms']:.2f}x faster, "
+              f"whole generate call {t['tN'] / j['tN']:.2f}x faster")
 
 
 if __name__ == "__main__":

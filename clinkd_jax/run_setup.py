@@ -23,7 +23,7 @@ from clinkd_jax.data.image import ImageConfig
 from clinkd_jax.data.markup import BOX_FORMATS
 from clinkd_jax.models import config as model_config
 from clinkd_jax.models.config import ConfigError
-from clinkd_jax.models.qwen2vl import ATTENTION_LOOPS, Qwen2VL, init_params
+from clinkd_jax.models.qwen2vl import ATTENTION_LOOPS, DECODE_LAYERS, Qwen2VL, init_params
 
 log = logging.getLogger("clinkd_jax.setup")
 TASKS = ("VG", "RO", "GC", "MII")
@@ -74,7 +74,7 @@ def model_for(c, cfg: model_config.Qwen2VLConfig, dtype: str | None = None, **tr
     unrolling); `training` adds param_dtype / remat for the model being trained."""
     return Qwen2VL(cfg, dtype=dtype or c.model.dtype, attention_impl=c.model.attention,
                    scan_unroll=c.model.scan_unroll, attention_loop=c.model.attention_loop,
-                   vision_query_block=c.model.vision_query_block, **training)
+                   vision_query_block=c.model.vision_query_block, decode_layers=c.model.decode_layers, **training)
 
 
 def same_vocab(cfg, other, what: str) -> None:
@@ -273,6 +273,8 @@ def check_common(c) -> None:
     if c.model.attention_loop not in ATTENTION_LOOPS:
         raise ConfigError(f"model.attention_loop={c.model.attention_loop!r} is not one of "
                           f"{ATTENTION_LOOPS}")
+    if c.model.decode_layers not in DECODE_LAYERS:
+        raise ConfigError(f"model.decode_layers={c.model.decode_layers!r} is not one of {DECODE_LAYERS}")
     exts = tuple(c.data.image_ext)
     if not exts or not all(isinstance(e, str) and e.startswith(".") for e in exts):
         raise ConfigError(f"data.image_ext={exts} must be file extensions such as ('.png', '.dcm')")

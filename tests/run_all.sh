@@ -36,7 +36,8 @@ for v in $PYTHONS; do
   fi
   echo "== Python $v: $("$venv/bin/python" -c 'import sys, jax, flax; print(sys.version.split()[0], "jax", jax.__version__, "flax", flax.__version__)')"
   # two workers, one test file each at a time (module fixtures stay per file)
-  "$venv/bin/python" -m pytest -n 2 --dist loadfile "${marker[@]}" "$@" 2>&1 | tee "$LOG_DIR/pytest-py${v/./}.log"
+  # --durations: the slowest tests in every log, to keep the suite within its time budget
+  "$venv/bin/python" -m pytest -n 2 --dist loadfile --durations=20 "${marker[@]}" "$@" 2>&1 | tee "$LOG_DIR/pytest-py${v/./}.log"
   rc=${PIPESTATUS[0]}
   summary+=("Python $v: pytest exit $rc in $(( $(date +%s) - start ))s — $(grep -E '^(=+ )?[0-9]+ (passed|failed)' "$LOG_DIR/pytest-py${v/./}.log" | tail -1 | tr -d '=')")
   [ "$rc" -eq 0 ] || status=1

@@ -22,7 +22,7 @@ import numpy as np
 
 from clinkd_jax import sharding
 from clinkd_jax.models.llm import KVCache
-from clinkd_jax.models.qwen2vl import Qwen2VL
+from clinkd_jax.models.qwen2vl import Qwen2VL, decode_model
 
 VISION_KEYS = ("pixel_values", "vision_position_ids", "vision_segment_ids")
 DEVICE_KEYS = ("input_ids", "attention_mask", "position_ids", "decode_offsets", *VISION_KEYS)
@@ -74,14 +74,14 @@ def generate(params, batch: dict, rng: jax.Array, *, model: Qwen2VL, sampling: S
     variables = {"params": params}
     cache = KVCache.init(model.cfg.text, b, p + n, cache_dtype or model.dtype)
     vision = {k: batch[k] for k in VISION_KEYS if k in batch}
+    decoder, decoder_params, last_logits = decode_model(model, params)  # hidden (B, D) -> logits (B, V)
     out = model.apply(variables, batch["input_ids"], batch["attention_mask"], batch["position_ids"], **vision,
                       cache=cache, return_hidden=True)
-    last_logits = lambda hidden: model.apply(variables, hidden[:, -1:], method=Qwen2VL.logits)[:, 0]
     stop = jnp.asarray(sampling.stop_token_ids, jnp.int32)
     offsets = batch["decode_offsets"].astype(jnp.int32)
 
     rng, sub = jax.random.split(rng)
-    first = sample_token(last_logits(out["hidden"]), sub, sampling)
+    first = sample_token(last_logits(out["hidden"][:, -1]), sub, sampling)
     tokens = jnp.full((b, n), sampling.pad_token_id, jnp.int32).at[:, 0].set(first)
     done = jnp.isin(first, stop) | ~batch["attention_mask"].astype(bool).any(axis=1)
 
@@ -93,9 +93,10 @@ def generate(params, batch: dict, rng: jax.Array, *, model: Qwen2VL, sampling: S
         step, cache, tokens, done, rng = carry
         prev = jax.lax.dynamic_slice_in_dim(tokens, step - 1, 1, axis=1)
         pos = jnp.broadcast_to((cache.index + offsets)[None, :, None], (3, b, 1))
-        o = model.apply(variables, prev, jnp.ones((b, 1), jnp.int32), pos, cache=cache, return_hidden=True)
+        o = decoder.apply({"params": decoder_params}, prev, jnp.ones((b, 1), jnp.int32), pos, cache=cache,
+                          return_hidden=True)
         rng, sub = jax.random.split(rng)
-        tok = jnp.where(done, sampling.pad_token_id, sample_token(last_logits(o["hidden"]), sub, sampling))
+        tok = jnp.where(done, sampling.pad_token_id, sample_token(last_logits(o["hidden"][:, -1]), sub, sampling))
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], step, axis=1)
         return step + 1, o["cache"], tokens, done | jnp.isin(tok, stop), rng
 

@@ -136,7 +136,12 @@ class Qwen2DecoderLayer(nn.Module):
 
 
 class Qwen2Model(nn.Module):
-    """`model.*`: token embedding, decoder layers (scanned, params stacked on "layers"), final norm."""
+    """`model.*`: token embedding, decoder layers (scanned, params stacked on "layers"), final norm.
+
+    `stacked=False` runs the layers as a Python loop over their own param trees `layers_0` ... (`unstack_layers`
+    converts): generation's decode steps on CPU, where the scan copied every layer's weights out of the stacked
+    arrays at every token (a fifth of a generate call's op time, bench/README.md).
+    """
 
     cfg: TextConfig
     dtype: Dtype = jnp.float32
@@ -145,6 +150,7 @@ class Qwen2Model(nn.Module):
     remat: str = "none"
     scan_unroll: int = 1
     per_head: bool = False  # attention one (sample, KV head) pair at a time (models.attention)
+    stacked: bool = True  # params stacked on "layers" and scanned; False: one param tree per layer, unrolled
 
     def setup(self):
         c = self.cfg
@@ -153,15 +159,19 @@ class Qwen2Model(nn.Module):
             c.vocab_size, c.hidden_size, embedding_init=named(nn.initializers.normal(INIT_STD), ("vocab", "embed")),
             **kw
         )
-        self.layers = nn.scan(
+        if not self.stacked:  # named layers_0, layers_1, ... (unstack_layers)
+            self.layers = [Qwen2DecoderLayer(c, attention_impl=self.attention_impl, per_head=self.per_head, **kw)
+                           for _ in range(c.num_hidden_layers)]
+        else:
+            self.layers = nn.scan(
             maybe_remat(Qwen2DecoderLayer, self.remat),
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-            length=c.num_hidden_layers,
-            unroll=min(self.scan_unroll, c.num_hidden_layers),
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c, attention_impl=self.attention_impl, per_head=self.per_head, **kw)
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=c.num_hidden_layers,
+                unroll=min(self.scan_unroll, c.num_hidden_layers),
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(c, attention_impl=self.attention_impl, per_head=self.per_head, **kw)
         self.norm = RMSNorm(c.rms_norm_eps, **kw)
 
     def __call__(self, x_btd, position_ids_3bt, attention_mask_bt, cache: KVCache | None = None):
@@ -183,12 +193,26 @@ class Qwen2Model(nn.Module):
             layer_caches = (cache.k, cache.v)
             segment_ids = None  # queries sit at an offset into the cache: dense mask only
             mask = attn_lib.causal_mask(index + q_slots, valid)
-        layer_ids = jnp.arange(c.num_hidden_layers, dtype=jnp.int32)
-        (x_btd, new_layer_caches), _ = self.layers((x_btd, layer_caches), layer_ids, cos, sin, mask, segment_ids,
-                                                   index)
+        carry = (x_btd, layer_caches)
+        if self.stacked:
+            carry, _ = self.layers(carry, jnp.arange(c.num_hidden_layers, dtype=jnp.int32), cos, sin, mask,
+                                   segment_ids, index)
+        else:
+            for i, layer in enumerate(self.layers):
+                carry, _ = layer(carry, jnp.asarray(i, jnp.int32), cos, sin, mask, segment_ids, index)
+        x_btd, new_layer_caches = carry
         x_btd = self.norm(x_btd)
         new_cache = None
         if cache is not None:
             k, v = new_layer_caches
             new_cache = KVCache(k=k, v=v, valid=valid, index=index + t)
         return x_btd, new_cache
+
+
+def unstack_layers(model_params: dict) -> dict:
+    """Qwen2Model params: the scanned `layers` (stacked on axis 0) -> `layers_0`, `layers_1`, ... (stacked=False)."""
+    params = dict(model_params)
+    stacked = params.pop("layers")
+    depth = jax.tree.leaves(stacked)[0].shape[0]
+    params.update({f"layers_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(depth)})
+    return params

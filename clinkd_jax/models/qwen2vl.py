@@ -16,7 +16,7 @@ Inputs (all static-shaped; positions are computed on the host, `clinkd_jax.data.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,12 +25,13 @@ from flax import linen as nn
 from clinkd_jax import sharding
 from clinkd_jax.models.config import Qwen2VLConfig
 from clinkd_jax.models.layers import dense
-from clinkd_jax.models.llm import KVCache, Qwen2Model
+from clinkd_jax.models.llm import KVCache, Qwen2Model, unstack_layers
 from clinkd_jax.models.vision import VisionTransformer
 from clinkd_jax.sharding import constrain
 
 Dtype = Any
 ATTENTION_LOOPS = ("auto", "per_head", "batched")
+DECODE_LAYERS = ("auto", "scan", "unrolled")
 
 
 def scatter_image_features(embeds_bld: jax.Array, is_image_bl: jax.Array, image_feats_bmd: jax.Array) -> jax.Array:
@@ -54,6 +55,10 @@ class Qwen2VL(nn.Module):
     # attention (impl "xla", both towers): "per_head" | "batched" | "auto" = per_head on CPU, where it was measured
     attention_loop: str = "auto"
     vision_query_block: int = 0  # vision attention query rows per block; 0 = all at once
+    # generation's decode steps: "scan" over the stacked layers | "unrolled" over per-layer params (no weight
+    # copies out of the stack at every token) | "auto" = unrolled on CPU, where it was measured
+    decode_layers: str = "auto"
+    stacked_layers: bool = True  # the param layout this instance runs: False for `decode_model`'s unrolled layers
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl, remat=self.remat,
@@ -62,10 +67,12 @@ class Qwen2VL(nn.Module):
         loop = self.attention_loop
         if loop not in ATTENTION_LOOPS:
             raise ValueError(f"attention_loop={loop!r} is not one of {ATTENTION_LOOPS}")
+        if self.decode_layers not in DECODE_LAYERS:
+            raise ValueError(f"decode_layers={self.decode_layers!r} is not one of {DECODE_LAYERS}")
         per_head = loop == "per_head" or (loop == "auto" and jax.default_backend() == "cpu")
         self.visual = VisionTransformer(self.cfg.vision, t.hidden_size, per_head=per_head,
                                         query_block=self.vision_query_block, **kw)
-        self.model = Qwen2Model(t, per_head=per_head, **kw)
+        self.model = Qwen2Model(t, per_head=per_head, stacked=self.stacked_layers, **kw)
         if not t.tie_word_embeddings:
             self.lm_head = dense(t.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype,
                                  param_dtype=self.param_dtype)
@@ -112,6 +119,28 @@ class Qwen2VL(nn.Module):
     def vision_tower(self, pixel_values, vision_position_ids, vision_segment_ids):
         """ViT output before the merger (B, N, embed_dim), for parity checks and feature extraction."""
         return self.visual.encode(pixel_values, vision_position_ids, vision_segment_ids)
+
+
+def decode_model(model: Qwen2VL, params) -> tuple[Qwen2VL, Any, Callable[[jax.Array], jax.Array]]:
+    """What a decode step runs: (model, params, hidden (B, D) -> float32 logits (B, V)).
+
+    decode_layers="scan" (and "auto" off CPU): the model and params as given. "unrolled": its weights laid out
+    for one-token steps once per call, outside the decode loop: the layers' params sliced out of the stack (the
+    scan copied them at every token), and the LM head as (V, D) rows, whose logits are one multiply-reduce per
+    row (XLA:CPU's dot repacked the whole head at every token: 12 GB/s against 28 for the reduce,
+    bench/README.md)."""
+    unrolled = model.decode_layers == "unrolled" or (model.decode_layers == "auto" and jax.default_backend() == "cpu")
+    if not unrolled or not model.stacked_layers:
+        head = lambda h: model.apply({"params": params}, h[:, None], method=Qwen2VL.logits)[:, 0]
+        return model, params, head
+    t = model.cfg.text
+    head_vd = (params["model"]["embed_tokens"]["embedding"] if t.tie_word_embeddings
+               else params["lm_head"]["kernel"].T)
+    # the barrier makes the copies here, once: without it XLA sinks the slices back into the decode loop
+    layers, head_vd = jax.lax.optimization_barrier((unstack_layers(params["model"]), head_vd))
+    f32 = jnp.float32  # summed in float32 whatever the weights' dtype (the dot accumulates in float32 too)
+    head = lambda h: jnp.sum(h.astype(model.dtype).astype(f32)[:, None, :] * head_vd.astype(f32)[None], axis=-1)
+    return model.clone(stacked_layers=False), {**params, "model": layers}, head
 
 
 # ------------------------------------------------------------------------------ creating params

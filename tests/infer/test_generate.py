@@ -16,7 +16,7 @@ import reference as R
 from clinkd_jax import sharding
 from clinkd_jax.convert.hf import load_hf_checkpoint
 from clinkd_jax.infer import generate as G
-from clinkd_jax.models import Qwen2VL
+from clinkd_jax.models import KVCache, Qwen2VL
 
 
 @functools.lru_cache(maxsize=None)
@@ -77,6 +77,34 @@ def test_cached_decode_equals_full_forward_with_mcg_gaps():
     for i in range(len(tokens)):
         real = batch["attention_mask"][i].astype(bool)
         assert new_pos[i, 0] == batch["position_ids"][:, i, real].max() + 1
+
+
+@pytest.mark.parametrize("name", sorted(R.CONFIGS))
+def test_unrolled_decode_equals_scanned_decode(name):
+    """model.decode_layers: "unrolled" (per-layer weights, LM head as (V, D) rows; the CPU default, which the
+    parity tests above run) and "scan" (over the stacked layers; the default elsewhere) give the same tokens,
+    and one decode step the same logits and cache to float32 rounding (1e-5: sums of different order)."""
+    model, params = golden_model(name)
+    batch = R.jax_generation_batch(R.generation_prompts())
+    tokens = {v: G.Generator(model.clone(decode_layers=v), params)(batch, sampling([255]))
+              for v in ("scan", "unrolled")}
+    np.testing.assert_array_equal(tokens["unrolled"], tokens["scan"])
+
+    b, p = batch["input_ids"].shape
+    cache = KVCache.init(model.cfg.text, b, p + 1, jnp.float32)
+    vision = {k: batch[k] for k in G.VISION_KEYS}
+    prefill = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"], batch["position_ids"],
+                          **vision, cache=cache, return_hidden=True)
+    step = (tokens["scan"][:, :1], np.ones((b, 1), np.int32),
+            np.broadcast_to((p + batch["decode_offsets"])[None, :, None], (3, b, 1)))
+    out = {}
+    for v in ("scan", "unrolled"):
+        decoder, decoder_params, logits = G.decode_model(model.clone(decode_layers=v), params)
+        o = decoder.apply({"params": decoder_params}, *step, cache=prefill["cache"], return_hidden=True)
+        out[v] = (logits(o["hidden"][:, -1]), o["cache"].k, o["cache"].v)
+    assert "layers_0" in G.decode_model(model.clone(decode_layers="unrolled"), params)[1]["model"]
+    for a, b_ in zip(out["unrolled"], out["scan"]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b_), atol=1e-5, rtol=1e-5)
 
 
 def test_stop_pad_and_filler_rows():
