@@ -37,8 +37,9 @@ def get_config() -> ConfigDict:
     c.model.attention_loop = "auto"
     c.model.vision_query_block = 0  # vision attention query rows per block (bounds memory on big images); 0 = all
     # generation's one-token decode steps: "scan" = over the stacked layer weights as training does, "unrolled" =
-    # the weights laid out for decoding once per generate call (per-layer copies, LM head as rows; no weight
-    # copy per token), "auto" = unrolled on CPU (measured faster there, bench/README.md), scan elsewhere
+    # the weights and KV cache laid out for decoding once per generate call (per-layer copies, LM head as rows,
+    # a cache buffer per layer; no copy per token), "auto" = unrolled on CPU (measured faster there,
+    # bench/README.md), scan elsewhere
     c.model.decode_layers = "auto"
 
     # --- the teacher (stage "kd"): same sources; it shares the mesh, is never donated, has no optimizer state

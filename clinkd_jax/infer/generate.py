@@ -74,14 +74,18 @@ def generate(params, batch: dict, rng: jax.Array, *, model: Qwen2VL, sampling: S
     variables = {"params": params}
     cache = KVCache.init(model.cfg.text, b, p + n, cache_dtype or model.dtype)
     vision = {k: batch[k] for k in VISION_KEYS if k in batch}
-    decoder, decoder_params, last_logits = decode_model(model, params)  # hidden (B, D) -> logits (B, V)
     out = model.apply(variables, batch["input_ids"], batch["attention_mask"], batch["position_ids"], **vision,
                       cache=cache, return_hidden=True)
     stop = jnp.asarray(sampling.stop_token_ids, jnp.int32)
     offsets = batch["decode_offsets"].astype(jnp.int32)
 
     rng, sub = jax.random.split(rng)
-    first = sample_token(last_logits(out["hidden"][:, -1]), sub, sampling)
+    first_logits = model.apply(variables, out["hidden"][:, -1:], method=Qwen2VL.logits)[:, 0]
+    first = sample_token(first_logits, sub, sampling)
+    if n == 1:  # no decode step: nothing to lay out for one
+        return first[:, None]
+    # the first token does not wait for the decode layout (XLA may copy it while the prefill runs)
+    decoder, decoder_params, last_logits = decode_model(model, params)  # hidden (B, D) -> logits (B, V)
     tokens = jnp.full((b, n), sampling.pad_token_id, jnp.int32).at[:, 0].set(first)
     done = jnp.isin(first, stop) | ~batch["attention_mask"].astype(bool).any(axis=1)
 
@@ -100,7 +104,8 @@ def generate(params, batch: dict, rng: jax.Array, *, model: Qwen2VL, sampling: S
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], step, axis=1)
         return step + 1, o["cache"], tokens, done | jnp.isin(tok, stop), rng
 
-    carry = (jnp.ones((), jnp.int32), out["cache"], tokens, done, rng)
+    cache = out["cache"] if decoder.stacked_layers else out["cache"].per_layer()
+    carry = (jnp.ones((), jnp.int32), cache, tokens, done, rng)
     _, _, tokens, _, _ = jax.lax.while_loop(cond, body, carry)
     return tokens
 

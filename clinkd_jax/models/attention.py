@@ -28,9 +28,9 @@ IMPLS = ("xla", "jax", "cudnn", "splash")
 
 
 def dot_product_attention(
-    q_btnh: jax.Array,
-    k_bskh: jax.Array,
-    v_bskh: jax.Array,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
     mask_b1ts: jax.Array,
     *,
     impl: str = "xla",
@@ -39,30 +39,35 @@ def dot_product_attention(
     causal: bool = False,
     per_head: bool = False,
     query_block: int = 0,
+    kv_heads_first: bool = False,
 ) -> jax.Array:
     """Scaled dot-product attention; K/V may have fewer heads than Q (grouped-query attention).
 
-    q (B, T, N, H); k, v (B, S, K, H) with N % K == 0; returns (B, T, N, H) in q's dtype.
+    q (B, T, N, H); k, v (B, S, K, H) with N % K == 0, or (B, K, S, H) with `kv_heads_first` (the KV cache's
+    layout, which the "xla" matmuls take as it is); returns (B, T, N, H) in q's dtype.
     `q_segment_ids`/`kv_segment_ids`/`causal` describe the same mask for kernels that take
     segment ids instead of a dense mask (splash).
     """
-    if impl == "xla":
-        t = q_btnh.shape[1]
+    swap = lambda x: x.transpose(0, 2, 1, 3)  # (B, S, K, H) <-> (B, K, S, H)
+    k_first, v_first = (k, v) if kv_heads_first else (swap(k), swap(v))  # the "xla" paths' layout
+    t = q.shape[1]
+    # a decode step over the cache takes the "xla" path with every impl: one query row is memory-bound, and the
+    # cache is laid out for these matmuls (the kernels would need it transposed, a copy per layer and token)
+    if impl == "xla" or (kv_heads_first and t == 1):
         if t == 1 or mask_b1ts.shape[-2] != t:  # a decode step, a broadcast mask: one pass
-            return _xla_attention(q_btnh, k_bskh, v_bskh, mask_b1ts)
+            return _xla_attention(q, k_first, v_first, mask_b1ts)
         if per_head:
-            return _xla_attention_per_head(q_btnh, k_bskh, v_bskh, mask_b1ts, query_block)
-        return _in_query_blocks(_xla_attention, q_btnh, k_bskh, v_bskh, mask_b1ts, query_block)
+            return _xla_attention_per_head(q, k_first, v_first, mask_b1ts, query_block)
+        return _in_query_blocks(_xla_attention, q, k_first, v_first, mask_b1ts, query_block)
+    k, v = (swap(k), swap(v)) if kv_heads_first else (k, v)  # the kernels' layout: (B, S, K, H)
     if impl in ("jax", "cudnn"):
-        return jax.nn.dot_product_attention(
-            q_btnh, k_bskh, v_bskh, mask=mask_b1ts, implementation=None if impl == "jax" else "cudnn"
-        )
+        return jax.nn.dot_product_attention(q, k, v, mask=mask_b1ts, implementation=None if impl == "jax" else "cudnn")
     if impl == "splash":
         from clinkd_jax.models import splash  # imported lazily: Pallas TPU kernels
 
-        if q_segment_ids is not None and splash.supported(q_btnh.shape[1], k_bskh.shape[1]):
-            return splash.attention(q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids, causal=causal)
-        return _xla_attention(q_btnh, k_bskh, v_bskh, mask_b1ts)  # decode steps, cache reads
+        if q_segment_ids is not None and splash.supported(q.shape[1], k.shape[1]):
+            return splash.attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal)
+        return _xla_attention(q, k_first, v_first, mask_b1ts)  # decode steps, cache reads
     raise ValueError(f"attention impl {impl!r} is not one of {IMPLS}")
 
 
@@ -73,10 +78,9 @@ def _xla_attention(q, k, v, mask):
     goes on q, a (T, H) pass instead of one over the (T, S) scores (on XLA:CPU the latter was a separate
     copy of the scores: 3 % of the time to first token, bench/README.md)."""
     b, t, n, h = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = k.shape[1]  # k, v (B, K, S, H)
     g = n // kv_heads
     q = (q * jnp.asarray(h**-0.5, q.dtype)).reshape(b, t, kv_heads, g, h).transpose(0, 2, 3, 1, 4)  # (B,K,G,T,H)
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, K, S, H)
     scores = jnp.einsum("bkgth,bksh->bkgts", q, k).astype(jnp.float32)
     bias = jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)[:, :, None]  # (B, 1, 1, T, S); min + score == min
     probs = jax.nn.softmax(scores + bias, axis=-1).astype(v.dtype)
@@ -98,11 +102,11 @@ def _xla_attention_per_head(q, k, v, mask, query_block: int):
     batch dimensions, and (G, T, S) scores that fit in cache, where XLA:CPU's batched matmuls over all pairs
     ran at ~40 GFLOP/s against ~130 (bench/README.md)."""
     b, t, n, h = q.shape
-    s, kv_heads = k.shape[1], k.shape[2]
+    kv_heads, s = k.shape[1], k.shape[2]  # k, v (B, K, S, H)
     g = n // kv_heads
     q = (q * jnp.asarray(h**-0.5, q.dtype)).reshape(b, t, kv_heads, g, h).transpose(0, 2, 3, 1, 4)
     q = q.reshape(b * kv_heads, g, t, h)
-    k, v = (x.transpose(0, 2, 1, 3).reshape(b * kv_heads, s, h) for x in (k, v))
+    k, v = (x.reshape(b * kv_heads, s, h) for x in (k, v))
     mask = jnp.broadcast_to(mask, (b, 1, t, s))
 
     def pair(xs):

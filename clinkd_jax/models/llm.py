@@ -3,8 +3,9 @@
 Layers are scanned (params stacked on a leading "layers" axis), which keeps compile time flat in depth.
 
 KV cache: one static-size buffer for all layers (layers, B, S, kv_heads, head_dim), carried through the layer
-scan and written in place at a shared slot index. Prompts of different
-lengths are left-padded, so every sample writes its next token at the same slot and `valid` marks
+scan and written in place at a shared slot index; or, for unrolled decode steps (`KVCache.per_layer`), one
+(B, kv_heads, S, head_dim) buffer per layer, which the attention's matmuls read as written. Prompts of
+different lengths are left-padded, so every sample writes its next token at the same slot and `valid` marks
 which slots hold real tokens. A decode step's position ids are `slot + decode_offset` per sample
 (`clinkd_jax.data.positions`), which continues M-RoPE / MCG-RoPE positions correctly.
 """
@@ -32,7 +33,8 @@ Dtype = Any
 class KVCache:
     """Keys/values of every layer plus slot bookkeeping. A plain pytree: jit-, scan- and shard-friendly.
 
-    k, v:   (layers, B, S, kv_heads, head_dim) in the compute dtype
+    k, v:   (layers, B, S, kv_heads, head_dim) in the compute dtype; or, for unrolled layers (`per_layer`),
+            a tuple of one (B, kv_heads, S, head_dim) buffer per layer
     valid:  (B, S) bool, slot holds a real (non-padding) token
     index:  () int32, the next slot to write (shared by the batch)
     """
@@ -53,6 +55,13 @@ class KVCache:
     @property
     def max_length(self) -> int:
         return self.valid.shape[1]
+
+    def per_layer(self) -> "KVCache":
+        """The same cache as one (B, kv_heads, S, head_dim) buffer per layer, for unrolled layers
+        (Qwen2Model(stacked=False)): each updated in place and read by the attention's matmuls as it is, where
+        a layer's slice of the stack was a transposed copy per layer and token on XLA:CPU. One copy per call."""
+        split = lambda x: x if isinstance(x, tuple) else tuple(x[i].transpose(0, 2, 1, 3) for i in range(len(x)))
+        return self.replace(k=split(self.k), v=split(self.v))
 
     logical_axes = ("layers", "batch", "cache_length", "act_kv_heads", "head_dim")
 
@@ -79,15 +88,21 @@ class Qwen2Attention(nn.Module):
             # step moves one slot per layer, not the layer's whole buffer in and out of the scan.
             ck, cv = cache
             zero = jnp.zeros((), jnp.int32)
-            at = (layer, zero, cache_index, zero, zero)
-            ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
-            cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
+            k, v = k.astype(ck.dtype), v.astype(cv.dtype)
+            if ck.ndim == 5:  # the stacked (layers, B, S, K, H) buffer: this layer's slab
+                at = (layer, zero, cache_index, zero, zero)
+                ck, cv = jax.lax.dynamic_update_slice(ck, k[None], at), jax.lax.dynamic_update_slice(cv, v[None], at)
+                k, v = (jax.lax.dynamic_index_in_dim(x, layer, keepdims=False) for x in (ck, cv))
+            else:  # this layer's own (B, K, S, H) buffer, read as written (no slice, no transpose to copy)
+                at = (zero, zero, cache_index, zero)
+                ck = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 1, 3), at)
+                cv = jax.lax.dynamic_update_slice(cv, v.transpose(0, 2, 1, 3), at)
+                k, v = ck, cv
             cache = (ck, cv)
-            k = jax.lax.dynamic_index_in_dim(ck, layer, keepdims=False)
-            v = jax.lax.dynamic_index_in_dim(cv, layer, keepdims=False)
         out = attn_lib.dot_product_attention(
             q, k.astype(q.dtype), v.astype(q.dtype), mask_b1ts, impl=self.attention_impl,
             q_segment_ids=segment_ids_bt, kv_segment_ids=segment_ids_bt, causal=True, per_head=self.per_head,
+            kv_heads_first=cache is not None and cache[0].ndim == 4,
         )
         out = checkpoint_name(out, "context")  # kept by model.remat="minimal_with_context"
         out = dense(c.hidden_size, ("q_heads", "head_dim", "embed"), axis=(-2, -1), use_bias=False, name="o_proj",
@@ -193,13 +208,20 @@ class Qwen2Model(nn.Module):
             layer_caches = (cache.k, cache.v)
             segment_ids = None  # queries sit at an offset into the cache: dense mask only
             mask = attn_lib.causal_mask(index + q_slots, valid)
+        if layer_caches is not None and isinstance(layer_caches[0], tuple) == self.stacked:
+            raise ValueError("stacked layers take the stacked KVCache, unrolled ones (stacked=False) one buffer per "
+                             "layer (cache.per_layer())")
         carry = (x_btd, layer_caches)
         if self.stacked:
             carry, _ = self.layers(carry, jnp.arange(c.num_hidden_layers, dtype=jnp.int32), cos, sin, mask,
                                    segment_ids, index)
         else:
-            for i, layer in enumerate(self.layers):
-                carry, _ = layer(carry, jnp.asarray(i, jnp.int32), cos, sin, mask, segment_ids, index)
+            new = []
+            for i, layer in enumerate(self.layers):  # each layer with its own cache buffers
+                own = None if layer_caches is None else (layer_caches[0][i], layer_caches[1][i])
+                (x_btd, own), _ = layer((x_btd, own), None, cos, sin, mask, segment_ids, index)
+                new.append(own)
+            carry = (x_btd, None if layer_caches is None else tuple(zip(*new)))
         x_btd, new_layer_caches = carry
         x_btd = self.norm(x_btd)
         new_cache = None

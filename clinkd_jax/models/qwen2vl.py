@@ -55,8 +55,8 @@ class Qwen2VL(nn.Module):
     # attention (impl "xla", both towers): "per_head" | "batched" | "auto" = per_head on CPU, where it was measured
     attention_loop: str = "auto"
     vision_query_block: int = 0  # vision attention query rows per block; 0 = all at once
-    # generation's decode steps: "scan" over the stacked layers | "unrolled" over per-layer params (no weight
-    # copies out of the stack at every token) | "auto" = unrolled on CPU, where it was measured
+    # generation's decode steps: "scan" over the stacked layers | "unrolled" over per-layer params and cache
+    # buffers (no copies out of the stacks at every token) | "auto" = unrolled on CPU, where it was measured
     decode_layers: str = "auto"
     stacked_layers: bool = True  # the param layout this instance runs: False for `decode_model`'s unrolled layers
 
@@ -127,8 +127,8 @@ def decode_model(model: Qwen2VL, params) -> tuple[Qwen2VL, Any, Callable[[jax.Ar
     decode_layers="scan" (and "auto" off CPU): the model and params as given. "unrolled": its weights laid out
     for one-token steps once per call, outside the decode loop: the layers' params sliced out of the stack (the
     scan copied them at every token), and the LM head as (V, D) rows, whose logits are one multiply-reduce per
-    row (XLA:CPU's dot repacked the whole head at every token: 12 GB/s against 28 for the reduce,
-    bench/README.md)."""
+    row (XLA:CPU's dot streamed the head at 12 GB/s against 28 for the reduce, bench/README.md). The unrolled
+    model takes the KV cache as one buffer per layer (`KVCache.per_layer`)."""
     unrolled = model.decode_layers == "unrolled" or (model.decode_layers == "auto" and jax.default_backend() == "cpu")
     if not unrolled or not model.stacked_layers:
         head = lambda h: model.apply({"params": params}, h[:, None], method=Qwen2VL.logits)[:, 0]

@@ -81,29 +81,34 @@ def test_cached_decode_equals_full_forward_with_mcg_gaps():
 
 @pytest.mark.parametrize("name", sorted(R.CONFIGS))
 def test_unrolled_decode_equals_scanned_decode(name):
-    """model.decode_layers: "unrolled" (per-layer weights, LM head as (V, D) rows; the CPU default, which the
-    parity tests above run) and "scan" (over the stacked layers; the default elsewhere) give the same tokens,
-    and one decode step the same logits and cache to float32 rounding (1e-5: sums of different order)."""
+    """model.decode_layers: "scan" (over the stacked layers; the default off CPU) gives transformers' tokens as
+    "unrolled" (per-layer weights and cache buffers, LM head as (V, D) rows; the CPU default, which the tests
+    above run) does, and one decode step of each gives the same logits and cache to float32 rounding (1e-5:
+    sums of another order)."""
     model, params = golden_model(name)
     batch = R.jax_generation_batch(R.generation_prompts())
-    tokens = {v: G.Generator(model.clone(decode_layers=v), params)(batch, sampling([255]))
-              for v in ("scan", "unrolled")}
-    np.testing.assert_array_equal(tokens["unrolled"], tokens["scan"])
+    ref = np.load(f"{R.GOLDEN}/{name}/generate.npz")
+    scanned = G.Generator(model.clone(decode_layers="scan"), params)(batch, sampling(ref["stop_token_ids"]))
+    np.testing.assert_array_equal(scanned, ref["tokens"])
 
     b, p = batch["input_ids"].shape
-    cache = KVCache.init(model.cfg.text, b, p + 1, jnp.float32)
     vision = {k: batch[k] for k in G.VISION_KEYS}
-    prefill = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"], batch["position_ids"],
-                          **vision, cache=cache, return_hidden=True)
-    step = (tokens["scan"][:, :1], np.ones((b, 1), np.int32),
+    prefill = jax.jit(lambda params: model.apply(
+        {"params": params}, batch["input_ids"], batch["attention_mask"], batch["position_ids"], **vision,
+        cache=KVCache.init(model.cfg.text, b, p + 1, jnp.float32), return_hidden=True)["cache"])(params)
+    step = (ref["tokens"][:, :1], np.ones((b, 1), np.int32),
             np.broadcast_to((p + batch["decode_offsets"])[None, :, None], (3, b, 1)))
-    out = {}
-    for v in ("scan", "unrolled"):
-        decoder, decoder_params, logits = G.decode_model(model.clone(decode_layers=v), params)
-        o = decoder.apply({"params": decoder_params}, *step, cache=prefill["cache"], return_hidden=True)
-        out[v] = (logits(o["hidden"][:, -1]), o["cache"].k, o["cache"].v)
-    assert "layers_0" in G.decode_model(model.clone(decode_layers="unrolled"), params)[1]["model"]
-    for a, b_ in zip(out["unrolled"], out["scan"]):
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def decode_step(layout, params, cache):
+        decoder, decoder_params, logits = G.decode_model(model.clone(decode_layers=layout), params)
+        assert decoder.stacked_layers == (layout == "scan")
+        cache = cache if layout == "scan" else cache.per_layer()
+        o = decoder.apply({"params": decoder_params}, *step, cache=cache, return_hidden=True)
+        merge = lambda x: jnp.stack(x).swapaxes(2, 3) if isinstance(x, tuple) else x  # per layer -> stacked
+        return logits(o["hidden"][:, -1]), merge(o["cache"].k), merge(o["cache"].v)
+
+    for a, b_ in zip(decode_step("unrolled", params, prefill), decode_step("scan", params, prefill)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b_), atol=1e-5, rtol=1e-5)
 
 
