@@ -38,7 +38,8 @@ def get_config() -> ConfigDict:
     c.model.vision_query_block = 0  # vision attention query rows per block (bounds memory on big images); 0 = all
     # generation's one-token decode steps: "scan" = over the stacked layer weights as training does, "unrolled" =
     # the weights and KV cache laid out for decoding once per generate call (per-layer copies, LM head as rows,
-    # a cache buffer per layer; no copy per token), "auto" = unrolled on CPU (measured faster there,
+    # a cache buffer per layer; no copy per token; costs a second copy of the decoder's weights while generating
+    # and a decode-step compile time that grows with depth), "auto" = unrolled on CPU (measured faster there,
     # bench/README.md), scan elsewhere
     c.model.decode_layers = "auto"
 
