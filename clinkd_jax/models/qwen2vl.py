@@ -34,6 +34,14 @@ ATTENTION_LOOPS = ("auto", "per_head", "batched")
 DECODE_LAYERS = ("auto", "scan", "unrolled")
 
 
+def resolve_auto(setting: str, on_cpu: str, elsewhere: str) -> str:
+    """A CPU-specific setting: "auto" is `on_cpu` on the CPU backend (where the choice was measured), else
+    `elsewhere`; any other value stands."""
+    if setting != "auto":
+        return setting
+    return on_cpu if jax.default_backend() == "cpu" else elsewhere
+
+
 def scatter_image_features(embeds_bld: jax.Array, is_image_bl: jax.Array, image_feats_bmd: jax.Array) -> jax.Array:
     """Put the m-th merged image token of each sample into that sample's m-th <|image_pad|> position.
 
@@ -69,7 +77,7 @@ class Qwen2VL(nn.Module):
             raise ValueError(f"attention_loop={loop!r} is not one of {ATTENTION_LOOPS}")
         if self.decode_layers not in DECODE_LAYERS:
             raise ValueError(f"decode_layers={self.decode_layers!r} is not one of {DECODE_LAYERS}")
-        per_head = loop == "per_head" or (loop == "auto" and jax.default_backend() == "cpu")
+        per_head = resolve_auto(loop, "per_head", "batched") == "per_head"
         self.visual = VisionTransformer(self.cfg.vision, t.hidden_size, per_head=per_head,
                                         query_block=self.vision_query_block, **kw)
         self.model = Qwen2Model(t, per_head=per_head, stacked=self.stacked_layers, **kw)
@@ -129,8 +137,7 @@ def decode_model(model: Qwen2VL, params) -> tuple[Qwen2VL, Any, Callable[[jax.Ar
     scan copied them at every token), and the LM head as (V, D) rows, whose logits are one multiply-reduce per
     row (XLA:CPU's dot streamed the head at 12 GB/s against 28 for the reduce, bench/README.md). The unrolled
     model takes the KV cache as one buffer per layer (`KVCache.per_layer`)."""
-    unrolled = model.decode_layers == "unrolled" or (model.decode_layers == "auto" and jax.default_backend() == "cpu")
-    if not unrolled or not model.stacked_layers:
+    if resolve_auto(model.decode_layers, "unrolled", "scan") == "scan" or not model.stacked_layers:
         head = lambda h: model.apply({"params": params}, h[:, None], method=Qwen2VL.logits)[:, 0]
         return model, params, head
     t = model.cfg.text
