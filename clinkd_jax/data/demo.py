@@ -3,11 +3,14 @@ inside installed packages (pydicom, pydicom-data, scikit-image), with SYNTHETIC 
 
 The images are real (CT head and spine, MR shoulder and abdomen, chest and leg radiographs, an
 ultrasound of a lymph node, a fundus photograph). The findings are not: each image gets one drawn
-marker — a "bright oval lesion" or a "dark round cyst", a fifth to two fifths of the side — at a random
-place, and every question and answer is generated from that marker and the image's modality and body
-part. A training conversation asks 2-4 of the tasks, grounding before any question that names the box. A model can
-learn the four Med-GRIT tasks on it (grounding, naming the object in a box, region caption, whole-image
-description); nothing it learns is medicine.
+marker — a "bright oval lesion" (bright yellow) or a "dark round cyst" (dark blue), a fifth to two fifths of
+the side — at a random place, and every question and answer is generated from that marker and the image's
+modality and body part. The colours make the marker's kind visible in each patch it covers: drawn in grey
+(near white and near black, VERSION 2), the demo's from-scratch vision tower did not tell the two kinds
+apart better than always answering the commoner one. A training conversation asks 2-4 of the tasks,
+grounding before any question that names the box. A model can learn the four Med-GRIT tasks on it
+(grounding, naming the object in a box, region caption, whole-image description); nothing it learns is
+medicine.
 
     python -m clinkd_jax.data.demo /tmp/demo      # writes images/, train.json, Test_{VG,RO,GC,MII}.json
 """
@@ -36,8 +39,9 @@ SOURCES = (
     ("skimage:retina", "fundus", "scikit-image", "fundus photograph of the retina"),
 )
 OBJECTS = ("bright oval lesion", "dark round cyst")
+COLOURS = ((250, 220, 0), (20, 40, 160))  # RGB of each OBJECTS kind: bright yellow, dark blue
 TASK_FILES = {"VG": "Test_VG.json", "RO": "Test_RO.json", "GC": "Test_GC.json", "MII": "Test_MII.json"}
-VERSION = 2  # of what generate() writes; a demo folder written by another version is written again
+VERSION = 3  # of what generate() writes; a demo folder written by another version is written again
 
 
 def source_image(name: str, max_side: int) -> Image.Image:
@@ -75,10 +79,7 @@ def draw_marker(img: Image.Image, kind: int, rng: np.random.Generator):
     x1, y1 = rng.uniform(0.05, 0.95 - bw / w) * w, rng.uniform(0.05, 0.95 - bh / h) * h
     out = img.copy()
     d = ImageDraw.Draw(out)
-    if kind == 0:
-        d.ellipse([x1, y1, x1 + bw, y1 + bh], fill=(245, 245, 245), outline=(255, 255, 255))
-    else:
-        d.ellipse([x1, y1, x1 + bw, y1 + bh], fill=(15, 15, 15), outline=(200, 200, 200), width=2)
+    d.ellipse([x1, y1, x1 + bw, y1 + bh], fill=COLOURS[kind])
     box = tuple(int(round(v)) for v in (x1 / w * 1000, y1 / h * 1000, (x1 + bw) / w * 1000, (y1 + bh) / h * 1000))
     return out, box, ((x1 + bw / 2) / w, (y1 + bh / 2) / h)
 

@@ -5,6 +5,7 @@ import os
 import shutil
 
 import numpy as np
+from PIL import Image
 from pydicom.data import get_testdata_file
 from test_pipeline import CFG
 
@@ -35,6 +36,18 @@ def test_demo_is_deterministic_and_covers_tasks_and_modalities(demo_dir, tmp_pat
         assert not vg or "<box>" not in " ".join(questions[: vg[0]]), questions
         assert 2 <= len(questions) <= 4
     assert first == {"Where", "What", "Describe"}  # every kind of question also opens conversations
+
+
+def test_marker_is_drawn_in_its_kind_colour_inside_its_box():
+    base = Image.new("RGB", (200, 100), (90, 90, 90))
+    for kind, colour in enumerate(demo.COLOURS):
+        img, box, (cx, cy) = demo.draw_marker(base, kind, np.random.default_rng(kind))
+        px = np.asarray(img)
+        assert tuple(px[int(cy * 100), int(cx * 200)]) == colour  # the centre holds the kind's colour
+        x1, y1, x2, y2 = (round(v / 1000 * s) for v, s in zip(box, (200, 100, 200, 100)))
+        outside = np.ones((100, 200), bool)
+        outside[max(y1 - 1, 0):y2 + 1, max(x1 - 1, 0):x2 + 1] = False
+        assert (px[outside] == 90).all()  # nothing drawn outside the box the answers give
 
 
 def test_ensure_reuses_or_regenerates(tmp_path):
