@@ -57,7 +57,9 @@ def get_config() -> ConfigDict:
     c.kd = ConfigDict()
     c.kd.alpha = 0.5
     c.kd.temperature = 0.5
-    c.kd.mask = "released"  # released (unshifted labels) | aligned
+    # released (unshifted labels: no KL on the prediction of an answer's first token) | aligned. At demo scale
+    # the released mask cost KD students first-token decisions (task, object name); README, demo ablation
+    c.kd.mask = "released"
     c.kd.reduction = "sum"  # sum (released) | mean
     c.kd.divergence = "forward"  # forward KL(teacher||student) | reverse
     c.kd.use_ce = True  # False: L = L_KD only
