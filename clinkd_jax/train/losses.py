@@ -29,6 +29,7 @@ on any mesh and for any data-parallel width. `sum_rows=0` sums over the whole gl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 from collections.abc import Callable
 
@@ -151,7 +152,7 @@ def token_losses(
     if teacher_topk is not None:
         xs["tk_ids"], xs["tk_logp"], xs["tk_valid"] = (first(x) for x in teacher_topk)
 
-    def scored(x):
+    def scored(head, teacher_head, x):
         logits = head(x["h"]).astype(jnp.float32)
         vocab = logits.shape[-1]
         lse = jax.nn.logsumexp(logits, axis=-1)
@@ -182,19 +183,71 @@ def token_losses(
             out["kd_count"] = rows(m).astype(jnp.float32)
         return out
 
-    zero = {"ce_sum": 0.0, "ce_count": 0.0}
-    if distill:
-        zero.update(kd_sum=0.0, kd_count=0.0)
-    zero = jax.tree.map(lambda v: jnp.zeros((b,), jnp.float32), zero)
+    keys = ("ce_sum", "ce_count") + (("kd_sum", "kd_count") if distill else ())
+    if remat:  # keep nothing of the (B, chunk, V) logits for the backward pass; recompute them
+        return _sums_recomputed(scored, keys, xs, head, teacher_head)
+    return _sums(functools.partial(scored, head, teacher_head), keys, xs)
+
+
+def _has_scores(x) -> jax.Array:
+    return jnp.any(x["ce_m"] | x["kd_m"])
+
+
+def _sums(scored, keys, xs):
+    """Per-row sums over the chunks; a chunk with nothing to score skips the LM head (`lax.cond`)."""
+    zero = {k: jnp.zeros(xs["h"].shape[1:2], jnp.float32) for k in keys}
 
     def body(carry, x):
-        out = jax.lax.cond(jnp.any(x["ce_m"] | x["kd_m"]), scored, lambda x: zero, x)
+        out = jax.lax.cond(_has_scores(x), scored, lambda x: zero, x)
         return jax.tree.map(jnp.add, carry, out), None
 
-    if remat:  # keep nothing of the (B, chunk, V) logits for the backward pass; recompute them
-        body = jax.checkpoint(body)
-    totals, _ = jax.lax.scan(body, zero, xs)
-    return totals
+    return jax.lax.scan(body, zero, xs)[0]
+
+
+def _sums_recomputed(scored, keys, xs, head, teacher_head):
+    """`_sums` with a backward pass written per chunk: each scored chunk's logits are recomputed (nothing of
+    them is kept) and the LM head's gradient is summed over the scored chunks only, starting from the first
+    one's. They are a prefix (scored positions are sorted first), so the backward loop runs exactly over them.
+    Differentiated as a scan with `jax.checkpoint` instead, every chunk, scored or not, added a (D, V)
+    gradient to the running sum (zeros for the skipped ones): 6 % of the CPU SFT step at vocab 32000
+    (bench/README.md, issue 17)."""
+    s_fn, s_consts = jax.closure_convert(head, xs["h"][0])
+    t_fn, t_consts = (None, []) if teacher_head is None else jax.closure_convert(teacher_head, xs["th"][0])
+
+    def chunk(s_consts, x):
+        t_head = None if t_fn is None else (lambda h: t_fn(h, *t_consts))
+        return scored(lambda h: s_fn(h, *s_consts), t_head, x)
+
+    @jax.custom_vjp
+    def sums(s_consts, xs):
+        return _sums(functools.partial(chunk, s_consts), keys, xs)
+
+    def fwd(s_consts, xs):
+        return sums(s_consts, xs), (s_consts, xs)
+
+    def bwd(res, ct):
+        s_consts, xs = res
+
+        def grads(x):  # one chunk's cotangents: (head consts, hidden states)
+            _, vjp = jax.vjp(lambda s, h: chunk(s, {**x, "h": h}), s_consts, x["h"])
+            return vjp(ct)
+
+        at = lambda i: jax.tree.map(lambda v: jax.lax.dynamic_index_in_dim(v, i, keepdims=False), xs)
+        n = jnp.sum(jax.vmap(_has_scores)(xs))  # the scored chunks: 0 .. n-1
+        d_s, dh0 = jax.lax.cond(n > 0, grads, lambda x: (jax.tree.map(jnp.zeros_like, s_consts),
+                                                         jnp.zeros_like(x["h"])), at(0))
+
+        def body(i, carry):
+            d_s, dh = carry
+            g_s, g_h = grads(at(i))
+            return jax.tree.map(jnp.add, d_s, g_s), jax.lax.dynamic_update_index_in_dim(dh, g_h, i, 0)
+
+        dh = jnp.zeros_like(xs["h"]).at[0].set(dh0)
+        d_s, dh = jax.lax.fori_loop(1, n, body, (d_s, dh))
+        return d_s, {k: dh if k == "h" else None for k in xs}
+
+    sums.defvjp(fwd, bwd)
+    return sums(s_consts, xs)
 
 
 def combine(totals: dict[str, jax.Array], kd: KDConfig | None) -> dict[str, jax.Array]:

@@ -27,27 +27,28 @@ def data(seed=0):
     return hs, ht, ws, wt, labels, weights
 
 
-def log_softmax(z):
+def log_softmax(z, xp=np):
     z = z - z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+    return z - xp.log(xp.exp(z).sum(-1, keepdims=True))
 
 
-def reference(hs, ht, ws, wt, labels, weights, kd: L.KDConfig):
-    """Line by line the formula in clinkd-spec §2.2 (float64)."""
+def reference(hs, ht, ws, wt, labels, weights, kd: L.KDConfig, xp=np):
+    """Line by line the formula in clinkd-spec §2.2 on dense logits (float64 in NumPy; `xp=jnp`: the same in
+    float32 JAX, to differentiate)."""
     zs, zt = hs @ ws, (ht @ wt)[..., :VS]
     # L_CE: shifted next-token CE, mean over targets != -100
-    logp = log_softmax(zs)
+    logp = log_softmax(zs, xp)
     tgt = labels[:, 1:]
     m = tgt != -100
-    ce = -np.sum(np.where(m, np.take_along_axis(logp[:, :-1], np.clip(tgt, 0, None)[..., None], -1)[..., 0],
+    ce = -xp.sum(xp.where(m, xp.take_along_axis(logp[:, :-1], xp.clip(tgt, 0, None)[..., None], -1)[..., 0],
                           0)) / m.sum()
-    lp, lq = log_softmax(zt / kd.temperature), log_softmax(zs / kd.temperature)
-    kl = (np.exp(lp) * (lp - lq)).sum(-1) if kd.divergence == "forward" else (np.exp(lq) * (lq - lp)).sum(-1)
+    lp, lq = log_softmax(zt / kd.temperature, xp), log_softmax(zs / kd.temperature, xp)
+    kl = (xp.exp(lp) * (lp - lq)).sum(-1) if kd.divergence == "forward" else (xp.exp(lq) * (lq - lp)).sum(-1)
     if kd.mask == "released":
         mask = labels != -100
     else:
-        mask = np.concatenate([labels[:, 1:] != -100, np.zeros((B, 1), bool)], 1)
-    l_kd = np.sum(kl * weights * mask)
+        mask = xp.concatenate([labels[:, 1:] != -100, xp.zeros((B, 1), bool)], 1)
+    l_kd = xp.sum(kl * weights * mask)
     if kd.reduction == "mean":
         l_kd /= mask.sum()
     total = (kd.alpha * l_kd + ce) / (1 + kd.alpha) if kd.use_ce else l_kd
@@ -85,24 +86,45 @@ def test_kd_only_branch_and_plain_ce():
     assert "loss_kd" not in sft
 
 
-@pytest.mark.parametrize("chunk, remat", [(1, True), (4, True), (13, True), (64, True), (4, False)])
-def test_chunked_equals_dense_with_gradients(chunk, remat):
-    """Any chunk size (with padding of the last chunk) gives the dense loss and the dense gradients, with the
-    chunk logits recomputed in the backward pass or kept (`train.loss_remat`)."""
+@pytest.mark.parametrize("chunk, remat, prompt", [(1, True, 4), (4, True, 4), (13, True, 4), (64, True, 4),
+                                                 (4, True, 10), (1, True, 10), (4, False, 4), (4, False, 10)])
+def test_chunked_gradients_equal_the_dense_formula(chunk, remat, prompt):
+    """Any chunk size (with padding of the last chunk), chunk logits recomputed in the backward pass or kept
+    (`train.loss_remat`): the loss and its gradients in the LM head and in the hidden states are jax.grad of
+    the spec formula on dense float32 logits (`reference` in JAX), for SFT and two KD switch sets.
+    `prompt=10` leaves 2-3 scored positions per row, so most chunks are skipped in both passes.
+    Tolerance: rtol 1e-5 / atol 1e-6 (float32 both sides; only the summation order differs)."""
     hs, ht, ws, wt, labels, weights = data(2)
+    labels[:, :prompt] = -100
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    for kd in (None, L.KDConfig(), L.KDConfig(mask="aligned", divergence="reverse", reduction="mean")):
+        def ours(ws_, hs_):
+            t = L.token_losses(hs_, lambda h: h @ ws_, jnp.asarray(labels), chunk=chunk, kd=kd or L.KDConfig(),
+                               teacher_hidden_bld=None if kd is None else f32(ht), remat=remat,
+                               teacher_head=None if kd is None else (lambda h: h @ f32(wt)), kd_weights_bl=f32(weights))
+            return L.combine(t, kd)["loss"]
+
+        def dense(ws_, hs_):
+            ce, _, total = reference(hs_, f32(ht), ws_, f32(wt), jnp.asarray(labels), f32(weights), kd or L.KDConfig(),
+                                     xp=jnp)
+            return ce if kd is None else total
+
+        (v, g), (want_v, want_g) = (jax.value_and_grad(f, argnums=(0, 1))(f32(ws), f32(hs)) for f in (ours, dense))
+        np.testing.assert_allclose(v, want_v, rtol=1e-5, err_msg=str(kd))
+        for got, want in zip(g, want_g):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=str(kd))
+
+
+def test_nothing_to_score_gives_zero_loss_and_gradients():
+    """A batch of filler rows (every label -100): no chunk is scored, loss and gradients are exactly 0."""
+    hs, ht, ws, wt, labels, weights = data(2)
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
     kd = L.KDConfig()
-
-    def loss(ws_, chunk_, remat_=True):
-        f32 = lambda x: jnp.asarray(x, jnp.float32)
-        t = L.token_losses(f32(hs), lambda h: h @ ws_, jnp.asarray(labels), chunk=chunk_, teacher_hidden_bld=f32(ht),
-                           teacher_head=lambda h: h @ f32(wt), kd=kd, remat=remat_)
-        return L.combine(t, kd)["loss"]
-
-    w = jnp.asarray(ws, jnp.float32)
-    dense_v, dense_g = jax.value_and_grad(loss)(w, T)
-    v, g = jax.value_and_grad(loss)(w, chunk, remat)
-    np.testing.assert_allclose(v, dense_v, rtol=1e-6)
-    np.testing.assert_allclose(g, dense_g, rtol=1e-5, atol=1e-6)
+    loss = lambda ws_, hs_: L.combine(L.token_losses(
+        hs_, lambda h: h @ ws_, jnp.full((B, T), -100), chunk=4, kd=kd, teacher_hidden_bld=f32(ht),
+        teacher_head=lambda h: h @ f32(wt)), kd)["loss"]
+    v, (g_w, g_h) = jax.value_and_grad(loss, argnums=(0, 1))(f32(ws), f32(hs))
+    assert float(v) == 0.0 and not np.any(g_w) and not np.any(g_h)
 
 
 def test_lm_head_runs_only_on_chunks_that_hold_scored_positions():
