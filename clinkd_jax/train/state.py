@@ -70,8 +70,23 @@ def schedule(cfg: OptimConfig):
     raise ValueError(f"optim.schedule={cfg.schedule!r} is not one of ('cosine', 'constant')")
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """Scale all gradients by min(1, max_norm / global norm), as `optax.clip_by_global_norm` (same empty state)
+    and `torch.nn.utils.clip_grad_norm_` do, but as one scalar times each gradient: optax divides every element
+    by the norm, and XLA:CPU wrote those quotients out as a second copy of every gradient for the two AdamW
+    moments to read (one more pass over the parameters per step; bench/README.md, issue 17)."""
+
+    def update(updates, state, params=None):
+        del params
+        norm = optax.tree.norm(updates)
+        scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+        return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
+
+
 def make_optimizer(cfg: OptimConfig, params) -> optax.GradientTransformation:
-    inner = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip else []
+    inner = [clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip else []
     inner.append(optax.adamw(schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                              mu_dtype=cfg.mu_dtype or None))
     labels = trainable_labels(params, cfg.frozen)

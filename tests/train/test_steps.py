@@ -7,6 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from clinkd_jax import sharding
@@ -235,3 +236,23 @@ def test_kd_loss_is_the_released_per_device_loss_on_any_mesh(tiny_and_batches):
     np.testing.assert_allclose(float(l1), float(l8), rtol=1e-5)
     (_, whole), _ = loss_fn(losses.KDConfig(sum_rows=0), grad=False)(s_params, t_params, batch)
     np.testing.assert_allclose(float(whole["loss_kd"]), 8 * float(out8["loss_kd"]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("norm", [0.5, 5.0])
+def test_clip_by_global_norm_scales_every_gradient_by_one_factor(norm):
+    """`state_lib.clip_by_global_norm` against torch.nn.utils.clip_grad_norm_'s formula (float64 NumPy:
+    g * min(1, max / (|g| + 1e-6))) and optax.clip_by_global_norm, below and above the threshold 1.
+    Tolerance: rtol 1e-6 (float32 rounding of one scalar product; torch's 1e-6 in the denominator is
+    < 2e-7 relative here)."""
+    rng = np.random.default_rng(0)
+    grads = {"a": rng.standard_normal((7, 5)), "b": {"c": rng.standard_normal(11)}}
+    total = np.sqrt(sum(np.sum(g ** 2) for g in jax.tree.leaves(grads)))
+    grads = jax.tree.map(lambda g: g * norm / total, grads)
+    want = jax.tree.map(lambda g: g * min(1.0, 1.0 / (norm + 1e-6)), grads)
+    f32 = jax.tree.map(lambda g: jnp.asarray(g, jnp.float32), grads)
+    ours, state = state_lib.clip_by_global_norm(1.0).update(f32, optax.EmptyState())
+    theirs, _ = optax.clip_by_global_norm(1.0).update(f32, optax.EmptyState())
+    for got, w, o in zip(jax.tree.leaves(ours), jax.tree.leaves(want), jax.tree.leaves(theirs)):
+        np.testing.assert_allclose(got, w, rtol=1e-6)
+        np.testing.assert_allclose(got, o, rtol=1e-6)
+    assert state == optax.EmptyState()  # checkpoints of optax's clip keep restoring
