@@ -23,7 +23,7 @@ from jax.ad_checkpoint import checkpoint_name
 from clinkd_jax.models import attention as attn_lib
 from clinkd_jax.models import rope
 from clinkd_jax.models.config import TextConfig
-from clinkd_jax.models.layers import INIT_STD, RMSNorm, activation, dense, maybe_remat, named
+from clinkd_jax.models.layers import INIT_STD, RMSNorm, dense, gated_activation, maybe_remat, named
 from clinkd_jax.sharding import constrain
 
 Dtype = Any
@@ -121,7 +121,7 @@ class Qwen2MLP(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)
         gate = dense(c.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x_btd)
         up = dense(c.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x_btd)
-        h = constrain(activation(c.hidden_act)(gate) * up, ("batch", "length", "act_mlp"))
+        h = constrain(gated_activation(c.hidden_act)(gate, up), ("batch", "length", "act_mlp"))
         return dense(c.hidden_size, ("mlp", "embed"), name="down_proj", **kw)(h)
 
 
