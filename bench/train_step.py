@@ -197,7 +197,7 @@ def run_jax(s, mode, steps, warmup, profile="", args=None):
         teacher_params = init_params(teacher, jax.random.key(1))
         kd = losses.KDConfig()
     fn = jax.jit(functools.partial(steps_lib.train_step, model=model, tx=tx, teacher=teacher, kd=kd,
-                                   chunk=args.chunk, frozen=("visual/.*",), loss_remat=args.loss_remat),
+                                   chunk=args.chunk, frozen=("visual/.*",), loss_backward=args.loss_backward),
                  donate_argnums=(0,))
     compiled = fn.lower(state, teacher_params, batch).compile()
     mem = compiled.memory_analysis()
@@ -246,10 +246,10 @@ def main():
     ap.add_argument("--modes", default="sft,kd")
     ap.add_argument("--frameworks", default="torch,jax")
     ap.add_argument("--profile", default="", help="a directory: also profile each step (traces kept there)")
-    # clinkd_jax levers (config fields of the same names): model.scan_unroll, train.loss_chunk, train.loss_remat
+    # clinkd_jax levers (config fields of the same names): model.scan_unroll, train.loss_chunk, train.loss_backward
     ap.add_argument("--scan-unroll", type=int, default=1)
     ap.add_argument("--chunk", type=int, default=128)
-    ap.add_argument("--loss-remat", type=int, default=1, choices=(0, 1))
+    ap.add_argument("--loss-backward", default="fused", choices=("fused", "autodiff"))
     ap.add_argument("--remat", default="none", help="model.remat: none | minimal | minimal_with_context | "
                     "dots_saveable | full")
     ap.add_argument("--attention", default="xla", help="model.attention: xla | jax | cudnn (GPU) | splash (TPU)")
@@ -286,7 +286,7 @@ def main():
         if "profile" in r:
             print(f"\n== profile: {framework} {mode} step ({r['device']})\n{r['profile']}")
     print(f"\nsize={args.size} {s}" + (f" teacher={args.teacher_size}" if args.teacher_size else "")
-          + f"\nclinkd_jax: scan_unroll={args.scan_unroll} chunk={args.chunk} loss_remat={args.loss_remat} "
+          + f"\nclinkd_jax: scan_unroll={args.scan_unroll} chunk={args.chunk} loss_backward={args.loss_backward} "
           f"remat={args.remat} attention={args.attention} attention_loop={args.attention_loop} "
           f"vision_query_block={args.vision_query_block} "
           f"mu_dtype={args.mu_dtype or 'float32'} "

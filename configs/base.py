@@ -126,7 +126,9 @@ def get_config() -> ConfigDict:
     c.train.steps = -1  # micro-steps; -1 = until the data's epochs are done
     c.train.total_steps_hint = 10000  # schedule length when steps = -1 (optimizer updates)
     c.train.loss_chunk = 256  # sequence positions per LM-head chunk in the losses
-    c.train.loss_remat = True  # recompute each chunk's logits in the backward pass (False: keep them; less compute)
+    # "fused": the loss's gradient is computed chunk by chunk in its forward pass (no logits kept or recomputed)
+    # | "autodiff": JAX differentiates the chunk loop, keeping each scored chunk's logits (a reference)
+    c.train.loss_backward = "fused"
     c.train.log_every = 10
     c.train.progress = True
 

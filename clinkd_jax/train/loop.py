@@ -146,7 +146,7 @@ def run(c, workdir: str, hooks=()) -> dict:
         sched = state_lib.schedule(opt)
         step_fn = steps.jit_train_step(
             st_sh, t_sh, None, model=model, tx=tx, teacher=teacher,
-            kd=kd_config(c) if c.stage == "kd" else None, chunk=c.train.loss_chunk, loss_remat=c.train.loss_remat,
+            kd=kd_config(c) if c.stage == "kd" else None, chunk=c.train.loss_chunk, loss_backward=c.train.loss_backward,
             teacher_positions=c.teacher.positions, lr_schedule=lambda s: sched(s // opt.grad_accum), frozen=opt.frozen,
         )
         writer = MetricsWriter(workdir, resume_from=start, progress=c.train.progress and jax.process_index() == 0,

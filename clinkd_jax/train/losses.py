@@ -1,8 +1,9 @@
 """Cross-entropy and ClinKD's distillation loss, computed in sequence chunks with the LM head inside.
 
 The (B, L, V) float32 logits never exist: hidden states are projected one chunk of positions at a
-time inside a rematerialised scan, so the forward keeps one chunk of logits and the backward
-recomputes it. (V = 151,936 makes full logits 4.9 GB for a batch of 4 x 2048 tokens.)
+time, and the training loss (`chunked_loss`) computes each chunk's gradient in the LM head and in the
+hidden states right there, in its forward pass, so nothing of the logits is kept or recomputed.
+(V = 151,936 makes full logits 4.9 GB for a batch of 4 x 2048 tokens.)
 
 Distillation as released (clinkd-spec §2.2), with every switch of §6:
     p = softmax(z_T / T)[:V_S],  log q = log_softmax(z_S / T)          (float32, teacher cut to the student vocab)
@@ -112,34 +113,13 @@ def _chunks(x, chunk):
     return jnp.moveaxis(x.reshape(b, -1, chunk, *x.shape[2:]), 1, 0)
 
 
-def token_losses(
-    hidden_bld: jax.Array,
-    head: Callable[[jax.Array], jax.Array],
-    labels_bl: jax.Array,
-    *,
-    chunk: int = 256,
-    teacher_hidden_bld: jax.Array | None = None,
-    teacher_head: Callable[[jax.Array], jax.Array] | None = None,
-    kd: KDConfig = KDConfig(),
-    kd_weights_bl: jax.Array | None = None,
-    teacher_topk: tuple[jax.Array, jax.Array, jax.Array] | None = None,
-    remat: bool = True,
-) -> dict[str, jax.Array]:
-    """Sums and counts per row: {"ce_sum", "ce_count", "kd_sum", "kd_count"} (float32, shape (B,)).
-
-    `head(h)` maps (B, c, D) hidden states to (B, c, V) logits; the teacher's head may be wider.
-    `kd_weights_bl` is the per-token weight hook (uniform = released; the v4 curriculum plugs in here).
-    `teacher_topk` = (ids (B, L, k), log p (B, L, k), valid (B, L)): cached pseudo-labels instead of a
-    teacher forward (`clinkd_jax.train.pseudo_labels`); forward KL over the k stored tokens.
-    `remat=False` keeps each chunk's logits for the backward pass instead of recomputing them: one LM-head
-    matmul less per chunk, (B, L, V) float32 of memory more (`train.loss_remat`; a CPU choice).
-    """
+def _chunked_inputs(hidden_bld, labels_bl, *, chunk, teacher_hidden_bld, kd, kd_weights_bl, teacher_topk):
+    """The per-position inputs of the loss in chunks (`_chunks` layout), scored positions first per row."""
     b, length, _ = hidden_bld.shape
     targets = jnp.concatenate([labels_bl[:, 1:], jnp.full((b, 1), IGNORE, labels_bl.dtype)], axis=1)
     ce_mask = targets != IGNORE
     kd_mask = (labels_bl != IGNORE) if kd.mask == "released" else ce_mask
     weights = jnp.ones((b, length), jnp.float32) if kd_weights_bl is None else kd_weights_bl.astype(jnp.float32)
-    distill = teacher_hidden_bld is not None or teacher_topk is not None
     # Positions that enter no loss (image and prompt tokens, padding) are moved behind those that do, per row
     # and in order; chunks left with nothing to score skip the LM head (often half the positions, more with
     # large images). Per-row sums do not depend on the order.
@@ -151,42 +131,118 @@ def token_losses(
         xs["th"] = first(jax.lax.stop_gradient(teacher_hidden_bld))
     if teacher_topk is not None:
         xs["tk_ids"], xs["tk_logp"], xs["tk_valid"] = (first(x) for x in teacher_topk)
+    return xs
 
-    def scored(head, teacher_head, x):
-        logits = head(x["h"]).astype(jnp.float32)
-        vocab = logits.shape[-1]
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, jnp.clip(x["tgt"], 0, vocab - 1)[..., None], axis=-1)[..., 0]
-        rows = lambda v: jnp.sum(v, axis=-1)  # over the chunk's positions, per row
-        out = {"ce_sum": rows(jnp.where(x["ce_m"], lse - picked, 0.0)), "ce_count": rows(x["ce_m"]).astype(jnp.float32)}
-        if "tk_ids" in x:
-            log_q = jnp.take_along_axis(jax.nn.log_softmax(logits / kd.temperature, axis=-1), x["tk_ids"], axis=-1)
-            log_p = x["tk_logp"].astype(jnp.float32)
-            m = x["kd_m"] & x["tk_valid"]
-            w = _weighted(kd, x["w"], log_p, log_q)
-            out["kd_sum"] = rows(jnp.where(m, jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1) * w, 0.0))
-            out["kd_count"] = rows(m).astype(jnp.float32)
-        elif distill:
-            t_logits = jax.lax.stop_gradient(teacher_head(x["th"]).astype(jnp.float32))[..., :vocab]
-            t, s = t_logits / kd.temperature, logits / kd.temperature
-            if kd.divergence == "forward" and kd.token_weights is None:
-                kl, w = forward_kl(t, s), x["w"]
-            else:
-                log_p, log_q = jax.nn.log_softmax(t, axis=-1), jax.nn.log_softmax(s, axis=-1)
-                if kd.divergence == "forward":
-                    kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
-                else:
-                    kl = jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1)
-                w = _weighted(kd, x["w"], log_p, log_q)
-            m = x["kd_m"]
-            out["kd_sum"] = rows(jnp.where(m, kl * w, 0.0))
-            out["kd_count"] = rows(m).astype(jnp.float32)
+
+def _kd_mask(x):
+    return x["kd_m"] & x["tk_valid"] if "tk_ids" in x else x["kd_m"]
+
+
+def _scored(kd: KDConfig, distill: bool, head, teacher_head, x) -> dict[str, jax.Array]:
+    """One chunk's per-row sums and counts, (B,) each."""
+    logits = head(x["h"]).astype(jnp.float32)
+    vocab = logits.shape[-1]
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, jnp.clip(x["tgt"], 0, vocab - 1)[..., None], axis=-1)[..., 0]
+    rows = lambda v: jnp.sum(v, axis=-1)  # over the chunk's positions, per row
+    out = {"ce_sum": rows(jnp.where(x["ce_m"], lse - picked, 0.0)), "ce_count": rows(x["ce_m"]).astype(jnp.float32)}
+    if not distill:
         return out
+    m = _kd_mask(x)
+    if "tk_ids" in x:
+        log_q = jnp.take_along_axis(jax.nn.log_softmax(logits / kd.temperature, axis=-1), x["tk_ids"], axis=-1)
+        log_p = x["tk_logp"].astype(jnp.float32)
+        w = _weighted(kd, x["w"], log_p, log_q)
+        kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+    else:
+        t_logits = jax.lax.stop_gradient(teacher_head(x["th"]).astype(jnp.float32))[..., :vocab]
+        t, s = t_logits / kd.temperature, logits / kd.temperature
+        if kd.divergence == "forward" and kd.token_weights is None:
+            kl, w = forward_kl(t, s), x["w"]
+        else:
+            log_p, log_q = jax.nn.log_softmax(t, axis=-1), jax.nn.log_softmax(s, axis=-1)
+            if kd.divergence == "forward":
+                kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+            else:
+                kl = jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1)
+            w = _weighted(kd, x["w"], log_p, log_q)
+    out["kd_sum"] = rows(jnp.where(m, kl * w, 0.0))
+    out["kd_count"] = rows(m).astype(jnp.float32)
+    return out
 
+
+def token_losses(
+    hidden_bld: jax.Array,
+    head: Callable[[jax.Array], jax.Array],
+    labels_bl: jax.Array,
+    *,
+    chunk: int = 256,
+    teacher_hidden_bld: jax.Array | None = None,
+    teacher_head: Callable[[jax.Array], jax.Array] | None = None,
+    kd: KDConfig = KDConfig(),
+    kd_weights_bl: jax.Array | None = None,
+    teacher_topk: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+) -> dict[str, jax.Array]:
+    """Sums and counts per row: {"ce_sum", "ce_count", "kd_sum", "kd_count"} (float32, shape (B,)).
+
+    `head(h)` maps (B, c, D) hidden states to (B, c, V) logits; the teacher's head may be wider.
+    `kd_weights_bl` is the per-token weight hook (uniform = released; the v4 curriculum plugs in here).
+    `teacher_topk` = (ids (B, L, k), log p (B, L, k), valid (B, L)): cached pseudo-labels instead of a
+    teacher forward (`clinkd_jax.train.pseudo_labels`); forward KL over the k stored tokens.
+    Differentiable as written (JAX keeps each scored chunk's logits for the backward pass); a training step
+    takes `chunked_loss`, whose gradient is computed during the forward pass.
+    """
+    xs = _chunked_inputs(hidden_bld, labels_bl, chunk=chunk, teacher_hidden_bld=teacher_hidden_bld, kd=kd,
+                         kd_weights_bl=kd_weights_bl, teacher_topk=teacher_topk)
+    distill = teacher_hidden_bld is not None or teacher_topk is not None
     keys = ("ce_sum", "ce_count") + (("kd_sum", "kd_count") if distill else ())
-    if remat:  # keep nothing of the (B, chunk, V) logits for the backward pass; recompute them
-        return _sums_recomputed(scored, keys, xs, head, teacher_head)
-    return _sums(functools.partial(scored, head, teacher_head), keys, xs)
+    return _sums(functools.partial(_scored, kd, distill, head, teacher_head), keys, xs)
+
+
+def chunked_loss(
+    hidden_bld: jax.Array,
+    head: Callable[[jax.Array], jax.Array],
+    labels_bl: jax.Array,
+    *,
+    kd: KDConfig | None = None,
+    backward: str = "fused",
+    chunk: int = 256,
+    teacher_hidden_bld: jax.Array | None = None,
+    teacher_head: Callable[[jax.Array], jax.Array] | None = None,
+    kd_weights_bl: jax.Array | None = None,
+    teacher_topk: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+) -> dict[str, jax.Array]:
+    """The training loss: `combine(token_losses(...), kd)` (`kd=None`: SFT), as {"loss", "loss_ce",
+    ["loss_kd",] "tokens"}. Only "loss" carries a gradient; the parts are for logging.
+
+    backward="fused" (`train.loss_backward`): the gradient in the LM head and in the hidden states is
+    computed chunk by chunk during the forward pass, for the loss itself (each row's sums enter the loss with
+    a coefficient that depends on the label masks only, `coefficients`, so it is known before the head runs);
+    the backward pass multiplies it by the loss's cotangent. Three LM-head matmuls per scored chunk (logits,
+    then the gradients in the hidden states and in the head); no logits kept or recomputed, the teacher's
+    computed once. The head's (D, V) gradient is held from the loss's forward pass on, where the backward
+    pass would have made it first thing.
+    "autodiff": JAX differentiates the chunk loop (each scored chunk's float32 logits kept for the backward).
+    """
+    distill = teacher_hidden_bld is not None or teacher_topk is not None
+    if distill != (kd is not None):
+        raise ValueError("distillation takes kd and a teacher (its hidden states or cached top-k); SFT neither")
+    if backward not in ("fused", "autodiff"):
+        raise ValueError(f"train.loss_backward={backward!r} is not one of ('fused', 'autodiff')")
+    kd_ = kd or KDConfig()
+    if backward == "autodiff":
+        return combine(token_losses(hidden_bld, head, labels_bl, chunk=chunk, teacher_hidden_bld=teacher_hidden_bld,
+                                    teacher_head=teacher_head, kd=kd_, kd_weights_bl=kd_weights_bl,
+                                    teacher_topk=teacher_topk), kd)
+    xs = _chunked_inputs(hidden_bld, labels_bl, chunk=chunk, teacher_hidden_bld=teacher_hidden_bld, kd=kd_,
+                         kd_weights_bl=kd_weights_bl, teacher_topk=teacher_topk)
+    counts = {"ce_count": jnp.sum(xs["ce_m"], axis=(0, 2)).astype(jnp.float32)}
+    if distill:
+        counts["kd_count"] = jnp.sum(_kd_mask(xs), axis=(0, 2)).astype(jnp.float32)
+    coef = coefficients(counts, kd)
+    keys = ("ce_sum", "ce_count") + (("kd_sum", "kd_count") if distill else ())
+    loss, totals = _fused(functools.partial(_scored, kd_, distill), keys, xs, head, teacher_head, coef)
+    return {**combine(totals, kd), "loss": loss}
 
 
 def _has_scores(x) -> jax.Array:
@@ -204,70 +260,97 @@ def _sums(scored, keys, xs):
     return jax.lax.scan(body, zero, xs)[0]
 
 
-def _sums_recomputed(scored, keys, xs, head, teacher_head):
-    """`_sums` with a backward pass written per chunk: each scored chunk's logits are recomputed (nothing of
-    them is kept) and the LM head's gradient is summed over the scored chunks only, starting from the first
-    one's. They are a prefix (scored positions are sorted first), so the backward loop runs exactly over them
-    (an unscored chunk inside them, or chunk 0 of a batch with nothing to score, adds a zero gradient: correct,
-    only slower).
-    Differentiated as a scan with `jax.checkpoint` instead, every chunk, scored or not, added a (D, V)
-    gradient to the running sum (zeros for the skipped ones): 6 % of the CPU SFT step at vocab 32000
-    (bench/README.md, issue 17)."""
+def _fused(scored, keys, xs, head, teacher_head, coef):
+    """(loss, per-row sums) with the loss's gradient computed during the forward pass (`chunked_loss`).
+
+    The loop runs over the scored chunks only: they are a prefix (scored positions are sorted first), and it
+    ends at the last one whatever the order (an unscored chunk inside adds zeros: correct, only slower).
+    Chunk 0 always runs, so the head's gradient starts from a chunk's, not from zeros. Differentiating the
+    chunk scan instead recomputed each chunk's logits (or kept them) and added a (D, V) gradient per chunk,
+    scored or not (bench/README.md, issue 17)."""
     s_fn, s_consts = jax.closure_convert(head, xs["h"][0])
     t_fn, t_consts = (None, []) if teacher_head is None else jax.closure_convert(teacher_head, xs["th"][0])
+    loss_of = functools.partial(_weighted_sum, coef)
 
     def chunk(s_consts, x):
         t_head = None if t_fn is None else (lambda h: t_fn(h, *t_consts))
         return scored(lambda h: s_fn(h, *s_consts), t_head, x)
 
     @jax.custom_vjp
-    def sums(s_consts, xs):
-        return _sums(functools.partial(chunk, s_consts), keys, xs)
+    def fused(s_consts, xs):
+        sums = _sums(functools.partial(chunk, s_consts), keys, xs)
+        return loss_of(sums), sums
 
     def fwd(s_consts, xs):
-        return sums(s_consts, xs), (s_consts, xs)
-
-    def bwd(res, ct):
-        s_consts, xs = res
-
-        def grads(x):  # one chunk's cotangents: (head consts, hidden states)
-            _, vjp = jax.vjp(lambda s, h: chunk(s, {**x, "h": h}), s_consts, x["h"])
-            return vjp(ct)
+        def grads(x):  # one chunk's sums, and their gradients for the loss's coefficients
+            sums, vjp = jax.vjp(lambda s, h: chunk(s, {**x, "h": h}), s_consts, x["h"])
+            return sums, vjp({k: coef.get(k, jnp.zeros_like(v)) for k, v in sums.items()})
 
         at = lambda i: jax.tree.map(lambda v: jax.lax.dynamic_index_in_dim(v, i, keepdims=False), xs)
-        scored_chunks = jax.vmap(_has_scores)(xs)  # a prefix; the loop ends at the last one whatever the order
+        scored_chunks = jax.vmap(_has_scores)(xs)
         n = jnp.max(jnp.where(scored_chunks, jnp.arange(1, scored_chunks.shape[0] + 1), 0))
-        d_s, dh0 = grads(at(0))  # always: the head's gradient starts from a chunk's, not from zeros
+        sums, (d_s, dh0) = grads(at(0))
 
         def body(i, carry):
-            d_s, dh = carry
-            g_s, g_h = grads(at(i))
-            return jax.tree.map(jnp.add, d_s, g_s), jax.lax.dynamic_update_index_in_dim(dh, g_h, i, 0)
+            sums, d_s, dh = carry
+            out, (g_s, g_h) = grads(at(i))
+            add = functools.partial(jax.tree.map, jnp.add)
+            return add(sums, out), add(d_s, g_s), jax.lax.dynamic_update_index_in_dim(dh, g_h, i, 0)
 
         dh = jnp.zeros_like(xs["h"]).at[0].set(dh0)
-        d_s, dh = jax.lax.fori_loop(1, n, body, (d_s, dh))
-        return d_s, {k: dh if k == "h" else None for k in xs}
+        sums, d_s, dh = jax.lax.fori_loop(1, n, body, (sums, d_s, dh))
+        return (loss_of(sums), sums), (d_s, dh)
 
-    sums.defvjp(fwd, bwd)
-    return sums(s_consts, xs)
+    def bwd(res, ct):
+        (d_s, dh), (g, _) = res, ct  # the sums leave through stop_gradient: their cotangent is zero
+        scale = lambda v: (g * v).astype(v.dtype)
+        return jax.tree.map(scale, d_s), {k: scale(dh) if k == "h" else None for k in xs}
+
+    fused.defvjp(fwd, bwd)
+    loss, sums = fused(s_consts, xs)
+    return loss, jax.lax.stop_gradient(sums)
 
 
-def combine(totals: dict[str, jax.Array], kd: KDConfig | None) -> dict[str, jax.Array]:
-    """The training loss and its parts from per-row statistics: SFT = CE mean over all supervised tokens;
-    KD = per group of `kd.sum_rows` rows (L_CE mean, L_KD sum or mean, mixed), then the mean over the
-    groups that hold supervised tokens."""
-    tokens = jnp.sum(totals["ce_count"])
-    if kd is None or "kd_sum" not in totals:
-        ce = jnp.sum(totals["ce_sum"]) / jnp.maximum(tokens, 1.0)
-        return {"loss": ce, "loss_ce": ce, "tokens": tokens}
-    b = totals["ce_sum"].shape[0]
+def coefficients(counts: dict[str, jax.Array], kd: KDConfig | None) -> dict[str, jax.Array]:
+    """{"ce_sum": (B,), ["kd_sum": (B,)]}: the loss is the sum over rows of these times the per-row sums. They
+    depend on the counts (the label masks) only. SFT: 1 / supervised tokens. KD: per group of `kd.sum_rows`
+    rows, L_CE is the group's CE sum over its count and L_KD its KL sum (or mean), mixed as (alpha * L_KD +
+    L_CE) / (1 + alpha), and the groups that hold supervised tokens are averaged."""
+    ce_count = counts["ce_count"]
+    if kd is None or "kd_count" not in counts:  # SFT
+        return {"ce_sum": jnp.broadcast_to(1.0 / jnp.maximum(jnp.sum(ce_count), 1.0), ce_count.shape)}
+    b = ce_count.shape[0]
     g = kd.sum_rows or b
     if b % g:
         raise ValueError(f"a batch of {b} rows does not split into loss groups of kd.sum_rows={g}")
+    per_row = lambda v: jnp.repeat(jnp.sum(v.reshape(-1, g), axis=1), g)  # the row's group total
+    ce_g, kd_g = per_row(ce_count), per_row(counts["kd_count"])
+    used = (ce_g + kd_g) > 0  # groups of filler rows only do not count
+    share = jnp.where(used, 1.0, 0.0) / jnp.maximum(jnp.sum(used) / g, 1.0)  # 1 / (groups used)
+    kd_scale = 1.0 if kd.reduction == "sum" else 1.0 / jnp.maximum(kd_g, 1.0)
+    if not kd.use_ce:
+        return {"ce_sum": jnp.zeros_like(ce_count), "kd_sum": share * kd_scale}
+    return {"ce_sum": share / ((1.0 + kd.alpha) * jnp.maximum(ce_g, 1.0)),
+            "kd_sum": share * kd.alpha / (1.0 + kd.alpha) * kd_scale}
+
+
+def combine(totals: dict[str, jax.Array], kd: KDConfig | None) -> dict[str, jax.Array]:
+    """The training loss (`coefficients`) and its parts from per-row statistics: SFT = CE mean over all
+    supervised tokens; KD = per group of `kd.sum_rows` rows (L_CE mean, L_KD sum or mean, mixed), then the
+    mean over the groups that hold supervised tokens."""
+    coef = coefficients(totals, kd)
+    loss = _weighted_sum(coef, totals)
+    tokens = jnp.sum(totals["ce_count"])
+    if "kd_sum" not in coef:
+        return {"loss": loss, "loss_ce": loss, "tokens": tokens}
+    g = kd.sum_rows or totals["ce_sum"].shape[0]
     t = {k: jnp.sum(v.reshape(-1, g), axis=1) for k, v in totals.items()}
     ce = t["ce_sum"] / jnp.maximum(t["ce_count"], 1.0)
     l_kd = t["kd_sum"] if kd.reduction == "sum" else t["kd_sum"] / jnp.maximum(t["kd_count"], 1.0)
-    loss = (kd.alpha * l_kd + ce) / (1.0 + kd.alpha) if kd.use_ce else l_kd
-    used = (t["ce_count"] + t["kd_count"]) > 0  # groups of filler rows only do not count
+    used = (t["ce_count"] + t["kd_count"]) > 0
     mean = lambda v: jnp.sum(jnp.where(used, v, 0.0)) / jnp.maximum(jnp.sum(used), 1)
-    return {"loss": mean(loss), "loss_ce": mean(ce), "loss_kd": mean(l_kd), "tokens": tokens}
+    return {"loss": loss, "loss_ce": mean(ce), "loss_kd": mean(l_kd), "tokens": tokens}
+
+
+def _weighted_sum(coef, sums):
+    return sum(jnp.sum(c * sums[k]) for k, c in coef.items())

@@ -3,7 +3,7 @@
 SFT: shifted next-token cross-entropy, mean over supervised tokens.
 Distillation: the teacher's forward (stop-gradient; never donated, no optimizer state) and the
 student's forward/backward in one function, loss (alpha * L_KD + L_CE) / (1 + alpha) (losses.py).
-Both project hidden states to logits in sequence chunks (losses.token_losses).
+Both project hidden states to logits in sequence chunks (losses.chunked_loss).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def train_step(
     teacher_positions: str = "shared",
     lr_schedule=None,
     frozen: tuple[str, ...] = (),
-    loss_remat: bool = True,
+    loss_backward: str = "fused",
 ):
     """One optimizer micro-step. `teacher_params=None` and `kd=None` is plain SFT; `kd` with cached
     pseudo-labels in the batch (`teacher_topk_*`) distils without a teacher forward."""
@@ -67,10 +67,8 @@ def train_step(
         if labels is not None:  # no backward pass at all through frozen parts (the vision tower)
             params = jax.tree.map(lambda p, lab: jax.lax.stop_gradient(p) if lab == "frozen" else p, params, labels)
         hidden, head = hidden_and_head(model, params, batch)
-        totals = losses.token_losses(hidden, head, batch["labels"], chunk=chunk, teacher_hidden_bld=t_hidden,
-                                     teacher_head=t_head, kd=kd or losses.KDConfig(), teacher_topk=topk,
-                                     remat=loss_remat)
-        out = losses.combine(totals, kd if distill else None)
+        out = losses.chunked_loss(hidden, head, batch["labels"], kd=kd if distill else None, backward=loss_backward,
+                                  chunk=chunk, teacher_hidden_bld=t_hidden, teacher_head=t_head, teacher_topk=topk)
         return out["loss"], out
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

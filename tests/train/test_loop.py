@@ -96,6 +96,7 @@ def test_non_finite_loss_stops_with_the_step(tmp_path):
     ({"model.vision_query_block": -1}, r"model.vision_query_block=-1 must be 0 \(all rows\)"),
     ({"model.attention_loop": "heads"}, "model.attention_loop='heads' is not one of"),
     ({"model.decode_layers": "loop"}, "model.decode_layers='loop' is not one of"),
+    ({"train.loss_backward": "remat"}, "train.loss_backward='remat' is not one of"),
     ({"data.format": "csv"}, "data.format='csv'"),
     ({"model.vision_overrides": {"depht": 4}}, r"model.vision_overrides: \['depht'\] are not VisionConfig fields"),
     ({"model.preset": "", "model.orbax_dir": "/tmp", "model.text_overrides": {"hidden_size": 8}},

@@ -86,27 +86,41 @@ def test_kd_only_branch_and_plain_ce():
     assert "loss_kd" not in sft
 
 
-@pytest.mark.parametrize("chunk, remat, prompt", [(1, True, 4), (4, True, 4), (13, True, 4), (64, True, 4),
-                                                 (4, True, 10), (1, True, 10), (4, False, 4), (4, False, 10)])
-def test_chunked_gradients_equal_the_dense_formula(chunk, remat, prompt):
-    """Any chunk size (with padding of the last chunk), chunk logits recomputed in the backward pass or kept
-    (`train.loss_remat`): the loss and its gradients in the LM head and in the hidden states are jax.grad of
-    the spec formula on dense float32 logits (`reference` in JAX), for SFT and two KD switch sets.
-    `prompt=10` leaves 2-3 scored positions per row, so most chunks are skipped in both passes.
+KD_VARIANTS = (None, L.KDConfig(), L.KDConfig(mask="aligned", divergence="reverse", reduction="mean"),
+               L.KDConfig(sum_rows=1, use_ce=False, alpha=2.0),
+               L.KDConfig(temperature=0.7, token_weights=L.confidence_margin))
+
+
+@pytest.mark.parametrize("chunk, backward, prompt", [(1, "fused", 4), (4, "fused", 4), (13, "fused", 4),
+                                                     (64, "fused", 4), (4, "fused", 10), (1, "fused", 10),
+                                                     (4, "autodiff", 4), (4, "autodiff", 10)])
+def test_chunked_gradients_equal_the_dense_formula(chunk, backward, prompt):
+    """Any chunk size (with padding of the last chunk), the gradient computed in the loss's forward pass or by
+    autodiff (`train.loss_backward`): the loss and its gradients in the LM head and in the hidden states are
+    jax.grad of the spec formula on dense float32 logits (`reference` in JAX), for SFT and KD switch sets
+    (one loss group per row without CE, and a token-weight hook, whose weights are constants). `prompt=10`
+    leaves 2-3 scored positions per row, so most chunks are skipped in both passes.
     Tolerance: rtol 1e-5 / atol 1e-6 (float32 both sides; only the summation order differs)."""
     hs, ht, ws, wt, labels, weights = data(2)
     labels[:, :prompt] = -100
     f32 = lambda x: jnp.asarray(x, jnp.float32)
-    for kd in (None, L.KDConfig(), L.KDConfig(mask="aligned", divergence="reverse", reduction="mean")):
+    for kd in KD_VARIANTS:
         def ours(ws_, hs_):
-            t = L.token_losses(hs_, lambda h: h @ ws_, jnp.asarray(labels), chunk=chunk, kd=kd or L.KDConfig(),
-                               teacher_hidden_bld=None if kd is None else f32(ht), remat=remat,
-                               teacher_head=None if kd is None else (lambda h: h @ f32(wt)), kd_weights_bl=f32(weights))
-            return L.combine(t, kd)["loss"]
+            return L.chunked_loss(hs_, lambda h: h @ ws_, jnp.asarray(labels), kd=kd, backward=backward, chunk=chunk,
+                                  teacher_hidden_bld=None if kd is None else f32(ht), kd_weights_bl=f32(weights),
+                                  teacher_head=None if kd is None else (lambda h: h @ f32(wt)))["loss"]
 
         def dense(ws_, hs_):
-            ce, _, total = reference(hs_, f32(ht), ws_, f32(wt), jnp.asarray(labels), f32(weights), kd or L.KDConfig(),
-                                     xp=jnp)
+            w = f32(weights)
+            if kd is not None and kd.token_weights is not None:
+                lp = jax.nn.log_softmax((f32(ht) @ f32(wt))[..., :VS] / kd.temperature, axis=-1)
+                lq = jax.nn.log_softmax((hs_ @ ws_) / kd.temperature, axis=-1)
+                w = w * jax.lax.stop_gradient(kd.token_weights(lp, lq))
+            if kd is not None and kd.sum_rows == 1:  # one loss group per row, averaged over rows with labels
+                rows = [i for i in range(B) if np.any(labels[i] != -100)]
+                return sum(reference(hs_[i:i + 1], f32(ht)[i:i + 1], ws_, f32(wt), jnp.asarray(labels)[i:i + 1],
+                                     w[i:i + 1], kd, xp=jnp)[2] for i in rows) / len(rows)
+            ce, _, total = reference(hs_, f32(ht), ws_, f32(wt), jnp.asarray(labels), w, kd or L.KDConfig(), xp=jnp)
             return ce if kd is None else total
 
         (v, g), (want_v, want_g) = (jax.value_and_grad(f, argnums=(0, 1))(f32(ws), f32(hs)) for f in (ours, dense))
@@ -115,16 +129,54 @@ def test_chunked_gradients_equal_the_dense_formula(chunk, remat, prompt):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=str(kd))
 
 
-def test_nothing_to_score_gives_zero_loss_and_gradients():
+@pytest.mark.parametrize("backward", ["fused", "autodiff"])
+def test_loss_groups_of_filler_rows_do_not_count(backward):
+    """kd.sum_rows=2 over 4 rows where the second group is filler (every label -100): the loss, its parts and
+    its gradient are those of the first group alone (reference). The gradient is taken of -3 x the loss, so
+    the fused backward pass must scale what its forward pass computed by the loss's cotangent."""
+    hs, ht, ws, wt, labels, weights = data(5)
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    two = lambda x: np.concatenate([x, x])
+    labels4 = two(labels)
+    labels4[B:] = -100
+    kd = L.KDConfig(reduction="mean")
+
+    def ours(ws_):
+        return L.chunked_loss(f32(two(hs)), lambda h: h @ ws_, jnp.asarray(labels4), kd=kd, backward=backward,
+                              chunk=4, teacher_hidden_bld=f32(two(ht)), teacher_head=lambda h: h @ f32(wt),
+                              kd_weights_bl=f32(two(weights)))
+
+    def dense(ws_):
+        return reference(f32(hs), f32(ht), ws_, f32(wt), jnp.asarray(labels), f32(weights), kd, xp=jnp)[2]
+
+    out = ours(f32(ws))
+    ce, l_kd, total = reference(hs, ht, ws, wt, labels, weights, kd)
+    np.testing.assert_allclose([out["loss"], out["loss_ce"], out["loss_kd"]], [total, ce, l_kd], rtol=1e-5)
+    np.testing.assert_allclose(jax.grad(lambda w: -3.0 * ours(w)["loss"])(f32(ws)),
+                               jax.grad(lambda w: -3.0 * dense(w))(f32(ws)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backward", ["fused", "autodiff"])
+def test_nothing_to_score_gives_zero_loss_and_gradients(backward):
     """A batch of filler rows (every label -100): no chunk is scored, loss and gradients are exactly 0."""
     hs, ht, ws, wt, labels, weights = data(2)
     f32 = lambda x: jnp.asarray(x, jnp.float32)
     kd = L.KDConfig()
-    loss = lambda ws_, hs_: L.combine(L.token_losses(
-        hs_, lambda h: h @ ws_, jnp.full((B, T), -100), chunk=4, kd=kd, teacher_hidden_bld=f32(ht),
-        teacher_head=lambda h: h @ f32(wt)), kd)["loss"]
+    loss = lambda ws_, hs_: L.chunked_loss(
+        hs_, lambda h: h @ ws_, jnp.full((B, T), -100), kd=kd, backward=backward, chunk=4,
+        teacher_hidden_bld=f32(ht), teacher_head=lambda h: h @ f32(wt))["loss"]
     v, (g_w, g_h) = jax.value_and_grad(loss, argnums=(0, 1))(f32(ws), f32(hs))
     assert float(v) == 0.0 and not np.any(g_w) and not np.any(g_h)
+
+
+def test_bad_chunked_loss_arguments():
+    hs, ht, ws, wt, labels, _ = data()
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    head = lambda h: h @ f32(ws)
+    with pytest.raises(ValueError, match="train.loss_backward='remat' is not one of"):
+        L.chunked_loss(f32(hs), head, jnp.asarray(labels), backward="remat")
+    with pytest.raises(ValueError, match="distillation takes kd and a teacher"):
+        L.chunked_loss(f32(hs), head, jnp.asarray(labels), kd=L.KDConfig())
 
 
 def test_lm_head_runs_only_on_chunks_that_hold_scored_positions():
@@ -157,7 +209,7 @@ def test_no_full_vocab_logits_in_the_compiled_step():
     h = jnp.zeros((b, length, d))
     w = jnp.zeros((d, v))
     lab = jnp.zeros((b, length), jnp.int32)
-    f = jax.jit(jax.grad(lambda w_: L.combine(L.token_losses(h, lambda x: x @ w_, lab, chunk=c), None)["loss"]))
+    f = jax.jit(jax.grad(lambda w_: L.chunked_loss(h, lambda x: x @ w_, lab, chunk=c)["loss"]))
     hlo = f.lower(w).compile().as_text()
     assert f"f32[{b},{length},{v}]" not in hlo and f"[{b},{c},{v}]" in hlo
 
@@ -238,3 +290,10 @@ def test_cached_topk_with_full_vocab_equals_online(mask, token_weights):
                             teacher_topk=(ids, vals, jnp.ones((B, T), bool)))
     for key in ("kd_sum", "kd_count", "ce_sum", "ce_count"):
         np.testing.assert_allclose(cached[key], online[key], rtol=1e-5, err_msg=key)
+    # and the training loss's gradient, computed in the fused forward pass of each (rtol 1e-4: a sum of V
+    # terms in another order, through the softmax)
+    grad = lambda **teacher: jax.grad(lambda w: L.chunked_loss(f32(hs), lambda h: h @ w, jnp.asarray(labels), kd=kd,
+                                                               chunk=4, **teacher)["loss"])(f32(ws))
+    np.testing.assert_allclose(grad(teacher_topk=(ids, vals, jnp.ones((B, T), bool))),
+                               grad(teacher_hidden_bld=f32(ht), teacher_head=lambda h: h @ f32(wt)),
+                               rtol=1e-4, atol=1e-6)

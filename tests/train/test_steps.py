@@ -149,9 +149,8 @@ def test_packed_rows_give_the_loss_of_unpacked_ones(plain_and_packed, kd):
         batch = feed(batch)
         hidden, head = steps.hidden_and_head(model, p, batch)
         t_hidden, t_head = steps.hidden_and_head(model, t_params, batch) if kd else (None, None)
-        totals = losses.token_losses(hidden, head, batch["labels"], chunk=64, teacher_hidden_bld=t_hidden,
-                                     teacher_head=t_head, kd=kd or losses.KDConfig())
-        return losses.combine(totals, kd)["loss"]
+        return losses.chunked_loss(hidden, head, batch["labels"], kd=kd, chunk=64, teacher_hidden_bld=t_hidden,
+                                   teacher_head=t_head)["loss"]
 
     (a, ga), (b, gb) = (jax.jit(jax.value_and_grad(loss))(params, x[0]) for x in (plain, packed))
     np.testing.assert_allclose(float(b), float(a), rtol=2e-5)
@@ -178,7 +177,7 @@ def test_gradient_accumulation_averages_micro_batches(tiny_and_batches):
 
     def loss(p, batch):
         hidden, head = steps.hidden_and_head(model, p, batch)
-        return losses.combine(losses.token_losses(hidden, head, batch["labels"], chunk=64), None)["loss"]
+        return losses.chunked_loss(hidden, head, batch["labels"], chunk=64)["loss"]
 
     grad = jax.jit(jax.grad(loss))
     ga, gb = grad(params, a), grad(params, b)
@@ -211,9 +210,8 @@ def test_kd_loss_is_the_released_per_device_loss_on_any_mesh(tiny_and_batches):
         def f(params, t_params, batch):
             hidden, head = steps.hidden_and_head(student, params, batch)
             t_hidden, t_head = steps.hidden_and_head(teacher, t_params, batch)
-            out = losses.combine(losses.token_losses(hidden, head, batch["labels"], chunk=64,
-                                                     teacher_hidden_bld=t_hidden,
-                                                     teacher_head=t_head, kd=kd), kd)
+            out = losses.chunked_loss(hidden, head, batch["labels"], kd=kd, chunk=64, teacher_hidden_bld=t_hidden,
+                                      teacher_head=t_head)
             return out["loss"], out
         return jax.jit(jax.value_and_grad(f, has_aux=True) if grad else lambda *a: (f(*a), None))
 
@@ -276,9 +274,8 @@ def test_bfloat16_compute_tracks_float32_through_the_kd_loss(tiny_and_batches):
         def f(params):
             hidden, head = steps.hidden_and_head(student, params, batch)
             t_hidden, t_head = steps.hidden_and_head(teacher, t_params, batch)
-            totals = losses.token_losses(hidden, head, batch["labels"], chunk=64, teacher_hidden_bld=t_hidden,
-                                         teacher_head=t_head, kd=kd)
-            return losses.combine(totals, kd)["loss"]
+            return losses.chunked_loss(hidden, head, batch["labels"], kd=kd, chunk=64, teacher_hidden_bld=t_hidden,
+                                       teacher_head=t_head)["loss"]
 
         return jax.jit(jax.value_and_grad(f))(s_params)
 
