@@ -137,14 +137,15 @@ def _attend_2d_fwd(q_gth, k_sh, v_sh, mask_ts):
     top = jnp.max(scores, axis=-1, keepdims=True)
     unnormalised = jnp.exp(scores - top)
     total = jnp.sum(unnormalised, axis=-1, keepdims=True)
-    out = jnp.einsum("gts,sh->gth", (unnormalised / total).astype(v_sh.dtype), v_sh)
+    # normalised after the matmul: a (T, H) division instead of a (T, S) one written out for it
+    out = (jnp.einsum("gts,sh->gth", unnormalised.astype(v_sh.dtype), v_sh) / total).astype(v_sh.dtype)
     # the max and the sum, not their log-sum-exp: a fully masked row (scores ~ float32 min) would lose log(S)
     return out, (q_gth, k_sh, v_sh, mask_ts, out, top, total)
 
 
 def _attend_2d_bwd(res, d_out):
     q, k, v, mask, out, top, total = res
-    probs = jnp.exp(_scores_2d(q, k, mask) - top) / total  # the forward's probabilities, bit for bit
+    probs = jnp.exp(_scores_2d(q, k, mask) - top) / total  # the forward's, from its max and sum
     d_probs = jnp.einsum("gth,sh->gts", d_out, v).astype(jnp.float32)
     # softmax backward: P * (dP - rowsum(dP * P)), and rowsum(dP * P) = rowsum(dO * O), a (T, H) product
     row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
