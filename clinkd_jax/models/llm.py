@@ -43,13 +43,14 @@ class KVCache:
     v: jax.Array
     valid: jax.Array
     index: jax.Array
+    fresh: bool = flax.struct.field(pytree_node=False, default=False)  # nothing written yet (static)
 
     @classmethod
     def init(cls, cfg: TextConfig, batch: int, max_length: int, dtype=jnp.bfloat16) -> "KVCache":
         shape = (cfg.num_hidden_layers, batch, max_length, cfg.num_key_value_heads, cfg.head_dim)
         return cls(
             k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-            valid=jnp.zeros((batch, max_length), bool), index=jnp.zeros((), jnp.int32),
+            valid=jnp.zeros((batch, max_length), bool), index=jnp.zeros((), jnp.int32), fresh=True,
         )
 
     @property
@@ -83,6 +84,9 @@ class Qwen2Attention(nn.Module):
         q = constrain(rope.apply_rotary(q, cos_bth, sin_bth), ("batch", "length", "act_heads", "head_dim"))
         k = constrain(rope.apply_rotary(k, cos_bth, sin_bth), ("batch", "length", "act_kv_heads", "head_dim"))
         v = constrain(v, ("batch", "length", "act_kv_heads", "head_dim"))
+        kv_heads_first = False
+        # a prefill into a fresh cache (its mask spans this chunk's keys only) attends over the chunk, not the buffer
+        read_buffer = cache is not None and mask_b1ts.shape[-1] != x_btd.shape[1]
         if cache is not None:  # write this chunk at [index, index + T) of this layer, attend over its buffer
             # The stacked (layers, ...) cache rides the layer scan's carry and is written in place: a decode
             # step moves one slot per layer, not the layer's whole buffer in and out of the scan.
@@ -92,17 +96,19 @@ class Qwen2Attention(nn.Module):
             if ck.ndim == 5:  # the stacked (layers, B, S, K, H) buffer: this layer's slab
                 at = (layer, zero, cache_index, zero, zero)
                 ck, cv = jax.lax.dynamic_update_slice(ck, k[None], at), jax.lax.dynamic_update_slice(cv, v[None], at)
-                k, v = (jax.lax.dynamic_index_in_dim(x, layer, keepdims=False) for x in (ck, cv))
+                if read_buffer:
+                    k, v = (jax.lax.dynamic_index_in_dim(x, layer, keepdims=False) for x in (ck, cv))
             else:  # this layer's own (B, K, S, H) buffer, read as written (no slice, no transpose to copy)
                 at = (zero, zero, cache_index, zero)
                 ck = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 1, 3), at)
                 cv = jax.lax.dynamic_update_slice(cv, v.transpose(0, 2, 1, 3), at)
-                k, v = ck, cv
+                if read_buffer:
+                    k, v, kv_heads_first = ck, cv, True
             cache = (ck, cv)
         out = attn_lib.dot_product_attention(
             q, k.astype(q.dtype), v.astype(q.dtype), mask_b1ts, impl=self.attention_impl,
             q_segment_ids=segment_ids_bt, kv_segment_ids=segment_ids_bt, causal=True, per_head=self.per_head,
-            kv_heads_first=cache is not None and cache[0].ndim == 4,
+            kv_heads_first=kv_heads_first,
         )
         out = checkpoint_name(out, "context")  # kept by model.remat="minimal_with_context"
         out = dense(c.hidden_size, ("q_heads", "head_dim", "embed"), axis=(-2, -1), use_bias=False, name="o_proj",
@@ -207,7 +213,10 @@ class Qwen2Model(nn.Module):
             valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask_bt.astype(bool), (0, index))
             layer_caches = (cache.k, cache.v)
             segment_ids = None  # queries sit at an offset into the cache: dense mask only
-            mask = attn_lib.causal_mask(index + q_slots, valid)
+            # a fresh cache holds nothing before this chunk (index 0): its keys are all there is to attend, so
+            # the mask (and the attention) spans T keys, not the buffer's S (prefill of a prompt for n new tokens)
+            mask = (attn_lib.causal_mask(q_slots, attention_mask_bt.astype(bool)) if cache.fresh
+                    else attn_lib.causal_mask(index + q_slots, valid))
         if layer_caches is not None and isinstance(layer_caches[0], tuple) == self.stacked:
             raise ValueError("stacked layers take the stacked KVCache, unrolled ones (stacked=False) one buffer per "
                              "layer (cache.per_layer())")

@@ -65,6 +65,34 @@ def test_kv_cache_prefill_then_decode_equals_full_forward():
     assert int(cache.index) == length
 
 
+def test_prefill_into_a_fresh_cache_attends_over_the_prompt_only():
+    """A prefill into a fresh cache (`KVCache.init`: nothing written, index 0) attends over the prompt's T keys,
+    not the buffer's S slots: the compiled prefill holds no (T, S) score tensor (the same prefill into a cache
+    marked as written does, so the check can fail), and both give the same logits and cache entries for the
+    prompt's tokens (atol 1e-5: the S - T masked slots only add exact zeros, sums of another order aside)."""
+    cfg, params, x = golden()
+    model = Qwen2VL(cfg)
+    b, t = x["input_ids"].shape
+    slots = 97  # S, a size no other dimension has
+    fresh = KVCache.init(cfg.text, batch=b, max_length=slots, dtype=jnp.float32)
+    assert fresh.fresh
+    used = fresh.replace(fresh=False)
+    prefill = jax.jit(lambda cache: model.apply({"params": params}, **x, cache=cache))
+    hlo = {c.fresh: prefill.lower(c).compile().as_text() for c in (fresh, used)}
+    assert not re.search(rf"f32\[[\d,]*{t},{slots}\]", hlo[True])
+    assert re.search(rf"f32\[[\d,]*{t},{slots}\]", hlo[False])
+    a, c = prefill(fresh), prefill(used)
+    valid = x["attention_mask"].astype(bool)
+    np.testing.assert_allclose(np.asarray(a["logits"])[valid], np.asarray(c["logits"])[valid], atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(a["cache"].valid, c["cache"].valid)
+    assert int(a["cache"].index) == int(c["cache"].index) == t
+    written = np.asarray(a["cache"].valid)  # padding slots hold what fully masked query rows made: never read
+    for name in ("k", "v"):
+        np.testing.assert_allclose(np.asarray(getattr(a["cache"], name))[:, written],
+                                   np.asarray(getattr(c["cache"], name))[:, written], atol=1e-5, rtol=0, err_msg=name)
+    assert not a["cache"].fresh
+
+
 @pytest.mark.parametrize("impl", ["jax"])
 def test_attention_impls_agree(impl):
     """jax.nn.dot_product_attention (XLA backend on CPU) gives the same logits as our einsum path."""
