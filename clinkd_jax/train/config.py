@@ -122,7 +122,7 @@ def validate(c) -> None:
     n = jax.device_count()
     if shape.count(-1) > 1 or (shape.count(-1) == 0 and known > n) or (shape.count(-1) == 1 and n % known):
         raise ConfigError(f"mesh.shape={tuple(shape)} does not fit the {n} available devices")
-    if c.train.loss_backward not in ("fused", "autodiff"):
-        raise ConfigError(f"train.loss_backward={c.train.loss_backward!r} is not one of ('fused', 'autodiff')")
+    if c.train.loss_backward not in losses.LOSS_BACKWARDS:
+        raise ConfigError(f"train.loss_backward={c.train.loss_backward!r} is not one of {losses.LOSS_BACKWARDS}")
     if c.train.loss_chunk <= 0:
         raise ConfigError(f"train.loss_chunk={c.train.loss_chunk} must be > 0")

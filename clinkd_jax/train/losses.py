@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 IGNORE = -100
+LOSS_BACKWARDS = ("fused", "autodiff")  # train.loss_backward: see `chunked_loss`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,8 +228,8 @@ def chunked_loss(
     distill = teacher_hidden_bld is not None or teacher_topk is not None
     if distill != (kd is not None):
         raise ValueError("distillation takes kd and a teacher (its hidden states or cached top-k); SFT neither")
-    if backward not in ("fused", "autodiff"):
-        raise ValueError(f"train.loss_backward={backward!r} is not one of ('fused', 'autodiff')")
+    if backward not in LOSS_BACKWARDS:
+        raise ValueError(f"train.loss_backward={backward!r} is not one of {LOSS_BACKWARDS}")
     kd_ = kd or KDConfig()
     if backward == "autodiff":
         return combine(token_losses(hidden_bld, head, labels_bl, chunk=chunk, teacher_hidden_bld=teacher_hidden_bld,
