@@ -320,14 +320,10 @@ def coefficients(counts: dict[str, jax.Array], kd: KDConfig | None) -> dict[str,
     ce_count = counts["ce_count"]
     if kd is None or "kd_count" not in counts:  # SFT
         return {"ce_sum": jnp.broadcast_to(1.0 / jnp.maximum(jnp.sum(ce_count), 1.0), ce_count.shape)}
-    b = ce_count.shape[0]
-    g = kd.sum_rows or b
-    if b % g:
-        raise ValueError(f"a batch of {b} rows does not split into loss groups of kd.sum_rows={g}")
-    per_row = lambda v: jnp.repeat(jnp.sum(v.reshape(-1, g), axis=1), g)  # the row's group total
-    ce_g, kd_g = per_row(ce_count), per_row(counts["kd_count"])
-    used = (ce_g + kd_g) > 0  # groups of filler rows only do not count
-    share = jnp.where(used, 1.0, 0.0) / jnp.maximum(jnp.sum(used) / g, 1.0)  # 1 / (groups used)
+    g, group_totals, used = _loss_groups(counts, kd)
+    per_row = lambda v: jnp.repeat(v, g)  # each row gets its group's value
+    ce_g, kd_g = per_row(group_totals(ce_count)), per_row(group_totals(counts["kd_count"]))
+    share = per_row(jnp.where(used, 1.0, 0.0) / jnp.maximum(jnp.sum(used), 1))  # 1 / (groups used)
     kd_scale = 1.0 if kd.reduction == "sum" else 1.0 / jnp.maximum(kd_g, 1.0)
     if not kd.use_ce:
         return {"ce_sum": jnp.zeros_like(ce_count), "kd_sum": share * kd_scale}
@@ -344,13 +340,23 @@ def combine(totals: dict[str, jax.Array], kd: KDConfig | None) -> dict[str, jax.
     tokens = jnp.sum(totals["ce_count"])
     if "kd_sum" not in coef:
         return {"loss": loss, "loss_ce": loss, "tokens": tokens}
-    g = kd.sum_rows or totals["ce_sum"].shape[0]
-    t = {k: jnp.sum(v.reshape(-1, g), axis=1) for k, v in totals.items()}
+    _, group_totals, used = _loss_groups(totals, kd)
+    t = {k: group_totals(v) for k, v in totals.items()}
     ce = t["ce_sum"] / jnp.maximum(t["ce_count"], 1.0)
     l_kd = t["kd_sum"] if kd.reduction == "sum" else t["kd_sum"] / jnp.maximum(t["kd_count"], 1.0)
-    used = (t["ce_count"] + t["kd_count"]) > 0
     mean = lambda v: jnp.sum(jnp.where(used, v, 0.0)) / jnp.maximum(jnp.sum(used), 1)
     return {"loss": loss, "loss_ce": mean(ce), "loss_kd": mean(l_kd), "tokens": tokens}
+
+
+def _loss_groups(counts: dict[str, jax.Array], kd: KDConfig):
+    """KD's loss groups of `kd.sum_rows` consecutive rows: (rows per group, per-row values -> group totals,
+    (groups,) bool: the group holds supervised tokens; groups of filler rows only do not count)."""
+    b = counts["ce_count"].shape[0]
+    g = kd.sum_rows or b
+    if b % g:
+        raise ValueError(f"a batch of {b} rows does not split into loss groups of kd.sum_rows={g}")
+    group_totals = lambda v: jnp.sum(v.reshape(-1, g), axis=1)
+    return g, group_totals, (group_totals(counts["ce_count"]) + group_totals(counts["kd_count"])) > 0
 
 
 def _weighted_sum(coef, sums):
