@@ -32,11 +32,13 @@ HOST_ONLY = ("sample_mask", "decode_offsets", "record_index")  # batch fields th
 
 
 # ------------------------------------------------------------------------------------ devices
-def make_run_mesh(c):
-    """(mesh, logical rules) from config.mesh; a smaller explicit mesh uses the first devices."""
+def make_run_mesh(c, devices=None):
+    """(mesh, logical rules) from config.mesh over `devices` (default: all; a TPU slice's described devices for
+    `clinkd_jax.aot`); a smaller explicit mesh uses the first devices."""
+    devices = jax.devices() if devices is None else list(devices)
     shape = tuple(c.mesh.shape)
-    n_mesh = int(np.prod(shape)) if -1 not in shape else jax.device_count()
-    mesh = sharding.make_mesh(shape, devices=jax.devices()[:n_mesh])
+    n_mesh = int(np.prod(shape)) if -1 not in shape else len(devices)
+    mesh = sharding.make_mesh(shape, devices=devices[:n_mesh])
     rules = tuple(tuple(r) for r in c.mesh.rules) if c.mesh.rules else sharding.DEFAULT_RULES
     return mesh, rules
 

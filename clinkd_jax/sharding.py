@@ -203,6 +203,17 @@ def place_batch(batch: dict, mesh: jax.sharding.Mesh, rules: Rules, global_batch
     return out
 
 
+def abstract_batch(batch: dict, mesh: jax.sharding.Mesh, rules: Rules) -> dict:
+    """A whole global batch (NumPy) -> ShapeDtypeStructs on the shardings `place_batch` gives its fields: the
+    inputs a jitted step is lowered for without data (`clinkd_jax.aot`)."""
+    out = {}
+    for key, value in batch.items():
+        shape = np.shape(value)
+        spec = batch_spec(key, len(shape), shape[BATCH_AXIS.get(key, 0)], mesh, rules)
+        out[key] = jax.ShapeDtypeStruct(shape, np.asarray(value).dtype, sharding=NamedSharding(mesh, spec))
+    return out
+
+
 def local_rows(x: jax.Array, start: int, stop: int) -> np.ndarray:
     """Rows [start, stop) of a global array split (only) along axis 0, from this process's own shards:
     the inverse of `place_batch` for outputs computed per row (e.g. the teacher's top-k per token)."""

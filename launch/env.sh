@@ -45,6 +45,7 @@ setup_env() {  # $1 = version, $2 = venv dir
     # torch first and pinned: the CPU wheel for 3.11 lies on local disk; anything unpinned would pull CUDA.
     pip_quiet "$venv/bin/python" -m pip install -q "torch==2.13.0" || return 1
   fi
-  pip_quiet "$venv/bin/python" -m pip install -q -e ".[cpu,test]" || return 1
+  if [ "$v" = "3.11" ]; then extras="cpu,test"; else extras="cpu,test,tpu"; fi  # 3.12: libtpu, for clinkd_jax.aot
+  pip_quiet "$venv/bin/python" -m pip install -q -e ".[$extras]" || return 1
 }
 

@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `import refere
 import pytest  # noqa: E402
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 
 
 @pytest.hookimpl(trylast=True)  # after `-m` has deselected
@@ -26,6 +27,11 @@ def pytest_collection_modifyitems(config, items):
             f"{len(wanted)} selected test(s) compare live against PyTorch but torch is not installed. "
             "Install torch==2.13.0 (Python 3.11) or run with -m 'not torch'."
         )
+    aot = [item for item in items if item.get_closest_marker("tpu_aot")]
+    if aot and not HAS_LIBTPU:
+        raise pytest.UsageError(f"{len(aot)} selected test(s) compile for a TPU slice but libtpu is not installed. "
+                                "pip install '.[tpu]' (tests/run_all.sh's Python 3.12 environment has it) or run "
+                                "with -m 'not tpu_aot'.")
 
 
 # ------------------------------------------------------------------ shared data fixtures

@@ -140,10 +140,11 @@ class Preprocess:
         return self._cache
 
 
-def collate(rows: Sequence[Sequence[dict]], bucket: tuple[int, int], cfg: PipelineConfig) -> dict:
+def collate(rows: Sequence[Sequence[dict]], bucket: tuple[int, int], cfg: PipelineConfig, top_k: int = 0) -> dict:
     """Pad `rows` (each the samples of one row, in order: one, several when packed, none for a filler row)
     into one static-shape batch. The samples of a packed row follow each other; attention_mask numbers
-    them (1, 2, ...: no attention across them) and each keeps its own positions from 0."""
+    them (1, 2, ...: no attention across them) and each keeps its own positions from 0. `top_k`: the pseudo-label
+    width when no row holds a sample to tell it (`abstract_batch`)."""
     length, n_patches = bucket
     b = len(rows)
     ids = np.full((b, length), cfg.pad_token_id, np.int32)
@@ -151,7 +152,7 @@ def collate(rows: Sequence[Sequence[dict]], bucket: tuple[int, int], cfg: Pipeli
     labels = np.full((b, length), text_lib.IGNORE, np.int32)
     pos = np.zeros((3, b, length), np.int32)
     t_pos = np.zeros((3, b, length), np.int32) if cfg.teacher_mrope_gaps is not None else None
-    k = next((s["teacher_topk_ids"].shape[1] for row in rows for s in row), 1) if cfg.pseudo_labels else 0
+    k = next((s["teacher_topk_ids"].shape[1] for row in rows for s in row), top_k or 1) if cfg.pseudo_labels else 0
     topk = {"teacher_topk_ids": np.zeros((b, length, k), np.int32),
             "teacher_topk_logp": np.zeros((b, length, k), np.float32),
             "teacher_topk_valid": np.zeros((b, length), bool)} if k else {}
@@ -180,6 +181,12 @@ def collate(rows: Sequence[Sequence[dict]], bucket: tuple[int, int], cfg: Pipeli
     if t_pos is not None:
         out["teacher_position_ids"] = t_pos
     return out
+
+
+def empty_batch(cfg: PipelineConfig, bucket: tuple[int, int], top_k: int = 0) -> dict:
+    """A global batch of filler rows in `bucket`: the fields, shapes and dtypes every batch of that bucket has
+    (what `clinkd_jax.aot` compiles the step for)."""
+    return collate([()] * cfg.batch_size, bucket, cfg, top_k)
 
 
 class LoadBatch:

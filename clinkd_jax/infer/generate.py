@@ -145,6 +145,14 @@ class Generator:
             self._fns[sampling] = jax.jit(f)
         return self._fns[sampling]
 
+    def lower(self, batch: dict, sampling: SamplingConfig):
+        """The generate program lowered for abstract inputs: `self.params` and `batch` as ShapeDtypeStructs on
+        their shardings (`sharding.abstract_batch`), nothing allocated (`clinkd_jax.aot`)."""
+        rng = jax.ShapeDtypeStruct((), jax.eval_shape(jax.random.key, 0).dtype,
+                                   sharding=jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+        with sharding.use_mesh(self.mesh, self.rules):
+            return self._fn(sampling).lower(self.params, {k: batch[k] for k in DEVICE_KEYS if k in batch}, rng)
+
     def _place(self, batch: dict) -> dict:
         """The global batch (identical on every host) -> global arrays, each host giving its own rows."""
         return sharding.place_batch({k: batch[k] for k in DEVICE_KEYS if k in batch}, self.mesh, self.rules)

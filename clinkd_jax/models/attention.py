@@ -21,10 +21,13 @@ Two CPU levers of impl "xla" (calls of more than one query row), same arithmetic
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 
 IMPLS = ("xla", "jax", "cudnn", "splash")
+log = logging.getLogger("clinkd_jax.models")
 
 
 def dot_product_attention(
@@ -54,6 +57,8 @@ def dot_product_attention(
     # a decode step over the cache takes the "xla" path with every impl: one query row is memory-bound, and the
     # cache is laid out for these matmuls (the kernels would need it transposed, a copy per layer and token)
     if impl == "xla" or (kv_heads_first and t == 1):
+        if impl != "xla":
+            _say_once(f"attention {impl!r}: a decode step over a {k_first.shape[2]}-slot KV cache uses attention 'xla'")
         if t == 1 or mask_b1ts.shape[-2] != t:  # a decode step, a broadcast mask: one pass
             return _xla_attention(q, k_first, v_first, mask_b1ts)
         if per_head:
@@ -67,8 +72,20 @@ def dot_product_attention(
 
         if q_segment_ids is not None and splash.supported(q.shape[1], k.shape[1]):
             return splash.attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal)
-        return _xla_attention(q, k_first, v_first, mask_b1ts)  # decode steps, cache reads
+        _say_once(f"attention 'splash': {t} query row(s) over {k.shape[1]} keys (a decode step or a read of a KV "
+                  "cache, not self-attention) use attention 'xla'")
+        return _xla_attention(q, k_first, v_first, mask_b1ts)
     raise ValueError(f"attention impl {impl!r} is not one of {IMPLS}")
+
+
+_said: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    """Log a kernel fallback once per process and shape (it is decided while tracing, once per compile)."""
+    if message not in _said:
+        _said.add(message)
+        log.info(message)
 
 
 def _xla_attention(q, k, v, mask):

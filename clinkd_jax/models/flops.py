@@ -71,3 +71,13 @@ def train_step_flops(cfg: Qwen2VLConfig, rows: int, length: int, image_patches=(
     if teacher is not None:
         total += sum(forward_flops(teacher, length, image_patches, causal=causal).values())
     return rows * total
+
+
+def generate_flops(cfg: Qwen2VLConfig, rows: int, prompt: int, image_patches=(), new_tokens: int = 1) -> float:
+    """Model FLOPs of one generate call: the prefill of `rows` prompts of `prompt` positions (images included),
+    then `new_tokens - 1` one-token decode steps, each attending over the prompt and the tokens before it."""
+    t = cfg.text
+    prefill = sum(forward_flops(cfg, prompt, image_patches).values())
+    decode = sum(2 * llm_params(cfg) + 4 * t.num_hidden_layers * t.num_attention_heads * t.head_dim * (prompt + i)
+                 for i in range(1, new_tokens))
+    return rows * (prefill + decode)

@@ -212,7 +212,9 @@ class Qwen2Model(nn.Module):
             index = cache.index
             valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask_bt.astype(bool), (0, index))
             layer_caches = (cache.k, cache.v)
-            segment_ids = None  # queries sit at an offset into the cache: dense mask only
+            # a prefill into a fresh cache is self-attention over the prompt (segment-id kernels such as splash take
+            # it); later chunks sit at an offset into the cache: dense mask only
+            segment_ids = attention_mask_bt.astype(jnp.int32) if cache.fresh else None
             # a fresh cache holds nothing before this chunk (index 0): its keys are all there is to attend, so
             # the mask (and the attention) spans T keys, not the buffer's S (prefill of a prompt for n new tokens)
             mask = (attn_lib.causal_mask(q_slots, attention_mask_bt.astype(bool)) if cache.fresh

@@ -36,10 +36,9 @@ from clinkd_jax import checkpoint, distributed, run_setup, sharding
 from clinkd_jax.convert import hf
 from clinkd_jax.data import pipeline, records
 from clinkd_jax.models.config import Qwen2VLConfig
-from clinkd_jax.models.qwen2vl import abstract_params
+from clinkd_jax.train import program
 from clinkd_jax.train import state as state_lib
-from clinkd_jax.train import steps
-from clinkd_jax.train.config import ConfigError, kd_config, validate
+from clinkd_jax.train.config import ConfigError, validate
 from clinkd_jax.train.report import MetricsWriter
 
 log = logging.getLogger("clinkd_jax.train")
@@ -103,12 +102,10 @@ def run(c, workdir: str, hooks=()) -> dict:
     mesh, rules = run_setup.make_run_mesh(c)
     cfg, params = run_setup.load_model(c.model, mesh, rules, c.seed, run_setup.compact_vocab(c, workdir),
                                          c.model.param_dtype)
-    model = run_setup.model_for(c, cfg, param_dtype=c.model.param_dtype, remat=c.model.remat)
-    teacher = teacher_params = None
+    t_cfg = teacher_params = None
     if c.stage == "kd" and not c.kd.pseudo_labels:
         t_cfg, teacher_params = run_setup.load_model(c.teacher, mesh, rules, c.seed + 1, cfg.vocab_ids)
         run_setup.same_vocab(cfg, t_cfg, "the teacher")
-        teacher = run_setup.model_for(c, t_cfg, c.teacher.dtype)
     ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"), save_every=c.checkpoint.save_every,
                                         keep=c.checkpoint.keep, async_save=c.checkpoint.async_save,
                                         commit_files=c.checkpoint.commit_files)
@@ -122,19 +119,11 @@ def run(c, workdir: str, hooks=()) -> dict:
     encoder = run_setup.encoder_for(c, cfg.vocab_ids)
     data = batches(c, workdir, recs, encoder, mesh, rules, pool_files(start), read_skips)
 
-    opt = state_lib.OptimConfig(
-        learning_rate=c.optim.learning_rate, schedule=c.optim.schedule, warmup_steps=c.optim.warmup_steps,
-        total_steps=_total_updates(c, data), end_lr_ratio=c.optim.end_lr_ratio, b1=c.optim.b1, b2=c.optim.b2,
-        eps=c.optim.eps, weight_decay=c.optim.weight_decay, grad_clip=c.optim.grad_clip, grad_accum=c.optim.grad_accum,
-        frozen=tuple(c.optim.frozen), mu_dtype=c.optim.mu_dtype,
-    )
-    tx = state_lib.optimizer_for(model, opt)
-    st_sh = state_lib.state_shardings(model, tx, mesh, rules)
-    t_sh = None if teacher is None else sharding.tree_shardings(abstract_params(teacher), mesh, rules)
+    prog = program.build(c, cfg, mesh, rules, teacher_cfg=t_cfg, total_updates=_total_updates(c, data))
     with sharding.use_mesh(mesh, rules):
-        restored = ckpt.restore(checkpoint.abstract_with_shardings(state_lib.abstract_state(model, tx), st_sh))
+        restored = ckpt.restore(prog.abstract_state())
         if restored is None:
-            state = jax.jit(functools.partial(state_lib.create, tx=tx), out_shardings=st_sh)(params)
+            state = jax.jit(functools.partial(state_lib.create, tx=prog.tx), out_shardings=prog.state_shardings)(params)
         else:
             start, state, data_state = restored
             data.set_state(data_state)
@@ -143,12 +132,7 @@ def run(c, workdir: str, hooks=()) -> dict:
             log.info("resumed from step %d (epoch %d, batch %d of %d)", start, data.epoch, data.batch,
                      data.batches_per_epoch)
         del params
-        sched = state_lib.schedule(opt)
-        step_fn = steps.jit_train_step(
-            st_sh, t_sh, None, model=model, tx=tx, teacher=teacher,
-            kd=kd_config(c) if c.stage == "kd" else None, chunk=c.train.loss_chunk, loss_backward=c.train.loss_backward,
-            teacher_positions=c.teacher.positions, lr_schedule=lambda s: sched(s // opt.grad_accum), frozen=opt.frozen,
-        )
+        step_fn = prog.step
         writer = MetricsWriter(workdir, resume_from=start, progress=c.train.progress and jax.process_index() == 0,
                                total=None if c.train.steps < 0 else c.train.steps)
         stop = StopSignal()

@@ -212,6 +212,7 @@ def chunked_loss(
     teacher_head: Callable[[jax.Array], jax.Array] | None = None,
     kd_weights_bl: jax.Array | None = None,
     teacher_topk: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+    unrolled: bool = False,
 ) -> dict[str, jax.Array]:
     """The training loss: `combine(token_losses(...), kd)` (`kd=None`: SFT), as {"loss", "loss_ce",
     ["loss_kd",] "tokens"}. Only "loss" carries a gradient; the parts are for logging.
@@ -224,6 +225,9 @@ def chunked_loss(
     computed once. The head's (D, V) gradient is held from the loss's forward pass on, where the backward
     pass would have made it first thing.
     "autodiff": JAX differentiates the chunk loop (each scored chunk's float32 logits kept for the backward).
+    `unrolled` (fused only): every chunk in straight-line code, scored or not, instead of a loop that ends at the
+    last scored chunk: the program `clinkd_jax.aot` asks XLA's cost analysis about (which counts a loop's body
+    once); same values.
     """
     distill = teacher_hidden_bld is not None or teacher_topk is not None
     if distill != (kd is not None):
@@ -242,7 +246,7 @@ def chunked_loss(
         counts["kd_count"] = jnp.sum(_kd_mask(xs), axis=(0, 2)).astype(jnp.float32)
     coef = coefficients(counts, kd)
     keys = ("ce_sum", "ce_count") + (("kd_sum", "kd_count") if distill else ())
-    loss, totals = _fused(functools.partial(_scored, kd_, distill), keys, xs, head, teacher_head, coef)
+    loss, totals = _fused(functools.partial(_scored, kd_, distill), keys, xs, head, teacher_head, coef, unrolled)
     return {**combine(totals, kd), "loss": loss}
 
 
@@ -261,7 +265,7 @@ def _sums(scored, keys, xs):
     return jax.lax.scan(body, zero, xs)[0]
 
 
-def _fused(scored, keys, xs, head, teacher_head, coef):
+def _fused(scored, keys, xs, head, teacher_head, coef, unrolled=False):
     """(loss, per-row sums) with the loss's gradient computed during the forward pass (`chunked_loss`).
 
     The loop runs over the scored chunks only: they are a prefix (scored positions are sorted first), and it
@@ -299,7 +303,13 @@ def _fused(scored, keys, xs, head, teacher_head, coef):
             return add(sums, out), add(d_s, g_s), jax.lax.dynamic_update_index_in_dim(dh, g_h, i, 0)
 
         dh = jnp.zeros_like(xs["h"]).at[0].set(dh0)
-        sums, d_s, dh = jax.lax.fori_loop(1, n, body, (sums, d_s, dh))
+        if unrolled:
+            carry = (sums, d_s, dh)
+            for i in range(1, scored_chunks.shape[0]):
+                carry = body(i, carry)
+            sums, d_s, dh = carry
+        else:
+            sums, d_s, dh = jax.lax.fori_loop(1, n, body, (sums, d_s, dh))
         return (loss_of(sums), sums), (d_s, dh)
 
     def bwd(res, ct):

@@ -48,9 +48,11 @@ def train_step(
     lr_schedule=None,
     frozen: tuple[str, ...] = (),
     loss_backward: str = "fused",
+    loss_unrolled: bool = False,
 ):
     """One optimizer micro-step. `teacher_params=None` and `kd=None` is plain SFT; `kd` with cached
-    pseudo-labels in the batch (`teacher_topk_*`) distils without a teacher forward."""
+    pseudo-labels in the batch (`teacher_topk_*`) distils without a teacher forward. `loss_unrolled`: the loss's
+    chunk loop as straight-line code (`losses.chunked_loss`; for XLA's cost analysis, `clinkd_jax.aot`)."""
     cached = kd is not None and "teacher_topk_ids" in batch
     distill = teacher_params is not None or cached
     topk = (batch["teacher_topk_ids"], batch["teacher_topk_logp"], batch["teacher_topk_valid"]) if cached else None
@@ -68,7 +70,8 @@ def train_step(
             params = jax.tree.map(lambda p, lab: jax.lax.stop_gradient(p) if lab == "frozen" else p, params, labels)
         hidden, head = hidden_and_head(model, params, batch)
         out = losses.chunked_loss(hidden, head, batch["labels"], kd=kd if distill else None, backward=loss_backward,
-                                  chunk=chunk, teacher_hidden_bld=t_hidden, teacher_head=t_head, teacher_topk=topk)
+                                  chunk=chunk, teacher_hidden_bld=t_hidden, teacher_head=t_head, teacher_topk=topk,
+                                  unrolled=loss_unrolled)
         return out["loss"], out
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

@@ -262,3 +262,36 @@ def test_bfloat16_forward_tracks_float32():
     got = np.asarray(out)[valid]
     assert np.abs(got - ref[valid]).max() < 0.1
     assert (got.argmax(-1) == ref[valid].argmax(-1)).mean() > 0.9
+
+
+def test_splash_pads_any_length_and_takes_the_prefill(caplog):
+    """Lengths that are not a multiple of the kernel's 128 block (the golden inputs as they are) are padded inside
+    the kernel with segment id 0, and a prefill into a fresh KV cache (self-attention over the prompt) takes the
+    kernel too: the same logits on real tokens and the same cache as the einsum path; a decode step over the cache
+    says it uses attention 'xla'. Tolerance 1e-4 as above (blockwise softmax)."""
+    from clinkd_jax.models.llm import KVCache
+
+    cfg, params, x = golden()
+    b, length = x["input_ids"].shape
+    assert length % 128 and x["pixel_values"].shape[1] % 128  # not a block multiple
+    valid = x["attention_mask"].astype(bool)
+    ref_model, splash = Qwen2VL(cfg), Qwen2VL(cfg, attention_impl="splash")
+    ref = np.asarray(jax.jit(ref_model.apply)({"params": params}, **x)["logits"])
+    got = np.asarray(jax.jit(splash.apply)({"params": params}, **x)["logits"])
+    np.testing.assert_allclose(got[valid], ref[valid], atol=1e-4, rtol=0)
+
+    def prefill(model):
+        cache = KVCache.init(cfg.text, b, length + 4, jnp.float32)
+        return jax.jit(lambda p, x: model.apply({"params": p}, **x, cache=cache))(params, x)
+
+    want, have = prefill(ref_model), prefill(splash)
+    np.testing.assert_allclose(np.asarray(have["logits"])[valid], np.asarray(want["logits"])[valid], atol=1e-4, rtol=0)
+    for name in ("k", "v"):  # (layers, B, S, K, H): the prompt's slots
+        w, h = (np.asarray(getattr(o["cache"], name))[:, :, :length] for o in (want, have))
+        np.testing.assert_allclose(h[:, valid], w[:, valid], atol=1e-4, rtol=0)
+    with caplog.at_level("INFO", logger="clinkd_jax.models"):
+        one = {k: v for k, v in x.items() if not k.startswith(("pixel", "vision"))}
+        one = {"input_ids": one["input_ids"][:, :1], "attention_mask": one["attention_mask"][:, :1],
+               "position_ids": one["position_ids"][:, :, :1]}
+        jax.jit(lambda p: splash.apply({"params": p}, **one, cache=have["cache"]))(params)
+    assert "use attention 'xla'" in caplog.text or "uses attention 'xla'" in caplog.text

@@ -1,0 +1,305 @@
+"""The programs a run config would compile, lowered from abstract shapes on a mesh of any devices.
+
+Per stage (`config.stage`, or each of `config.stages`): an "sft"/"kd" stage compiles its train step once per
+(text, patch) bucket (`clinkd_jax.train.program.build`, what `train.loop` runs; KD with the online teacher or
+from pseudo-labels), plus generation when it evaluates (`eval.every_steps`) or corrects (`rct.every_steps`)
+while it trains; an "eval" stage compiles generation per (prompt, patch) bucket and answer length; an "rct" stage
+the student's greedy answers and the corrector's sampled ones. Generation is `infer.generate.Generator`'s
+program. Inputs are the pipeline's own filler batches (`pipeline.empty_batch`, `prompts.collate_prompts`) placed
+as `sharding.abstract_batch` places them; nothing is read or allocated.
+
+Model geometry comes from each source's config without its weights: an `hf_dir`'s config.json; a published
+checkpoint's name when the directory is not on this machine (Qwen2-VL-2B/7B/72B, announced); a chained
+stage's params (`<workdir>/<stage>/params`) from that stage; a preset.
+
+The compiler's time estimate needs loop-free programs (XLA's cost analysis counts a loop's body once): twins of
+each program with 1 or 2 layers in each tower, the layers and the loss's chunks unrolled, and 1 or 2 generated
+tokens, from which the cost of the real depths and lengths follows linearly (`estimate`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+from typing import Callable
+
+import jax
+from ml_collections import ConfigDict
+
+from clinkd_jax import checkpoint, run_setup, sharding
+from clinkd_jax.checkpoint import abstract_with_shardings
+from clinkd_jax.data import pipeline
+from clinkd_jax.data import pseudo_labels as pl_store
+from clinkd_jax.infer import generate as gen_lib
+from clinkd_jax.infer import prompts
+from clinkd_jax.models import config as model_config
+from clinkd_jax.models import flops as flops_lib
+from clinkd_jax.models.qwen2vl import param_shardings
+from clinkd_jax.run_setup import SOURCES, ConfigError
+from clinkd_jax.train import program as program_lib
+from clinkd_jax.train import state as state_lib
+
+log = logging.getLogger("clinkd_jax.aot")
+# published checkpoints by directory name -> preset (72b before 7b: "qwen2-vl-72b" contains "qwen2-vl-7")
+PUBLISHED = (("qwen2-vl-72b", "qwen2vl_72b"), ("qwen2-vl-7b", "qwen2vl_7b"), ("qwen2-vl-2b", "qwen2vl_2b"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    cfg: model_config.Qwen2VLConfig
+    dtype: str  # the dtype its params are loaded in (a checkpoint's own, or the run's param_dtype)
+    where: str  # where the geometry came from, for the report
+
+
+@dataclasses.dataclass
+class Program:
+    name: str  # "train_sft", "train_kd", "train_kd_pseudo_labels", "generate_eval", "generate_rct", ...
+    stage: str
+    bucket: tuple[int, int]
+    lower: Callable[[dict | None], object]  # twin counts (None: the real program) -> jax Lowered
+    dims: dict[str, int]  # the real depths and lengths the twins scale to
+    flops: float  # model FLOPs of one call (models/flops.py)
+    resident: int = 0  # bytes per chip held beside the program's own (a training state during in-run generation)
+    notes: tuple[str, ...] = ()
+
+
+class _Ids:
+    """The two token ids the pipeline's filler batches are made with (values only; shapes do not depend on them)."""
+
+    def __init__(self, cfg):
+        self.image_pad_id, self.pad_id = cfg.image_token_id, 0
+
+
+def _source(c, name: str, chained: dict[str, Geometry], workdir: str, vocab_ids) -> Geometry:
+    """The geometry of config.<name> (model or teacher) without reading weights."""
+    src = c[name]
+    if src.preset:
+        dtype = c.model.param_dtype if name == "model" else "float32"
+        return Geometry(run_setup.config_of(src, vocab_ids), dtype, f"preset {src.preset}")
+    if src.hf_dir:
+        if os.path.isdir(src.hf_dir):
+            cfg = model_config.Qwen2VLConfig.from_hf_dir(src.hf_dir)
+            return Geometry(cfg, "bfloat16" if name == "teacher" else c.model.param_dtype, src.hf_dir)
+        base = os.path.basename(os.path.normpath(src.hf_dir)).lower()
+        for key, preset in PUBLISHED:
+            if key in base:
+                log.warning("%s.hf_dir=%s is not on this machine: its geometry is taken from the name (%s)", name,
+                            src.hf_dir, preset)
+                cfg = model_config.PRESETS[preset]()
+                return Geometry(cfg, "bfloat16" if name == "teacher" else c.model.param_dtype,
+                                f"{src.hf_dir} (not here: {preset} by its name)")
+        raise ConfigError(f"{name}.hf_dir={src.hf_dir!r} is not on this machine and its name is not a published "
+                          f"Qwen2-VL checkpoint's; aot needs only its geometry: add --config.{name}.hf_dir= "
+                          f"--config.{name}.preset=qwen2vl_7b (or _2b, _72b)")
+    if src.orbax_dir:
+        if os.path.isdir(src.orbax_dir):
+            return Geometry(checkpoint.load_config(src.orbax_dir), c.model.param_dtype, src.orbax_dir)
+        for stage, geo in chained.items():
+            if os.path.normpath(src.orbax_dir) == os.path.normpath(os.path.join(workdir, stage, "params")):
+                return dataclasses.replace(geo, where=f"stage {stage}'s params")
+        raise ConfigError(f"{name}.orbax_dir={src.orbax_dir!r} does not exist")
+    raise ConfigError(f"{name}: no source; set {name}.hf_dir, {name}.orbax_dir or {name}.preset")
+
+
+def _checked(c) -> None:
+    """The run's own config checks, on a copy whose model sources and files (not on this machine) are stood in
+    for: a bad value still stops here, naming the field."""
+    from clinkd_jax.train.config import validate
+
+    v = copy.deepcopy(c)
+    for name in ("model", "teacher"):
+        if any(v[name][k] for k in SOURCES):
+            for k in SOURCES:
+                v[name][k] = ""
+            v[name].preset, v[name].text_overrides, v[name].vision_overrides = "tiny", ConfigDict(), ConfigDict()
+    v.model.compact_vocab = ""
+    if not all(os.path.isfile(f) for f in v.data.train_files if f):  # the data need not be on this machine
+        v.data.format = "demo"
+    v.data.extra_files = tuple(f for f in v.data.extra_files if os.path.isfile(f))
+    if v.kd.pseudo_labels and not os.path.isdir(v.kd.pseudo_labels):
+        v.kd.pseudo_labels = ""
+        if not any(v.teacher[k] for k in SOURCES):
+            v.teacher.preset = "tiny"
+    if v.stage == "eval":
+        run_setup.check_common(v)
+    else:
+        validate(v)
+
+
+def stage_configs(c, workdir: str) -> list[tuple[str, ConfigDict]]:
+    if c.stages:
+        from clinkd_jax import recipe
+
+        return [(name, cfg) for name, cfg, _ in recipe.stage_configs(c, workdir)]
+    return [(c.stage, c)]
+
+
+def _buckets(text, patches, which: str) -> list[tuple[int, int]]:
+    pairs = [(int(t), int(p)) for t in text for p in patches]
+    return pairs if which == "all" else [max(pairs)]
+
+
+def _twin(c, cfg, counts: dict | None, prefix: str):
+    """(config, geometry) of a cost twin: `counts` layers per tower ("<prefix>layers", "<prefix>depth"), every
+    scan unrolled. None: the real ones."""
+    if counts is None:
+        return c, cfg
+    t = copy.deepcopy(c)
+    t.model.scan_unroll = 1 << 12
+    return t, cfg.replace(text=dataclasses.replace(cfg.text, num_hidden_layers=counts[prefix + "layers"]),
+                          vision=dataclasses.replace(cfg.vision, depth=counts[prefix + "depth"]))
+
+
+def train_programs(name, c, student: Geometry, teacher: Geometry | None, mesh, rules, buckets: str) -> list[Program]:
+    cached = c.stage == "kd" and bool(c.kd.pseudo_labels)
+    top_k = 0
+    if cached:
+        top_k = (pl_store.read_meta(c.kd.pseudo_labels).get("top_k", c.kd.top_k)
+                 if os.path.isdir(c.kd.pseudo_labels) else c.kd.top_k)
+    kind = "train_kd_pseudo_labels" if cached else f"train_{c.stage}"
+    online = teacher if c.stage == "kd" and not cached else None
+    if online is not None:
+        run_setup.same_vocab(student.cfg, online.cfg, "the teacher")
+    pcfg = run_setup.pipeline_config(c, _Ids(student.cfg), mesh, rules)
+    out = []
+    for bucket in _buckets(c.data.text_buckets, c.data.patch_buckets, buckets):
+
+        def lower(counts, bucket=bucket):
+            tc, s_cfg = _twin(c, student.cfg, counts, "")
+            _, t_cfg = (None, None) if online is None else _twin(c, online.cfg, counts, "teacher_")
+            prog = program_lib.build(tc, s_cfg, mesh, rules, teacher_cfg=t_cfg, loss_unrolled=counts is not None)
+            batch = pipeline.empty_batch(pcfg, bucket, top_k)
+            batch = sharding.abstract_batch({k: v for k, v in batch.items() if k not in run_setup.HOST_ONLY}, mesh,
+                                            rules)
+            with sharding.use_mesh(mesh, rules):
+                return prog.step.lower(prog.abstract_state(), prog.abstract_teacher(online and online.dtype), batch)
+
+        dims = {"layers": student.cfg.text.num_hidden_layers, "depth": student.cfg.vision.depth}
+        if online is not None:
+            dims |= {"teacher_layers": online.cfg.text.num_hidden_layers, "teacher_depth": online.cfg.vision.depth}
+        flops = flops_lib.train_step_flops(student.cfg, c.data.batch_size, bucket[0], [bucket[1]],
+                                           teacher=online and online.cfg, train_vision=not _vision_frozen(c))
+        out.append(Program(kind, name, bucket, lower, dims, flops))
+    return out
+
+
+def _vision_frozen(c) -> bool:
+    return any(p.startswith("visual") for p in c.optim.frozen)
+
+
+def generate_programs(name, kind, c, geo: Geometry, mesh, rules, buckets, batch_size: int, text, patches,
+                      new_tokens: tuple[int, ...], temperature: float, resident: int = 0) -> list[Program]:
+    """Generation as `Generator` compiles it: per (prompt, patch) bucket and answer length."""
+    out = []
+    for bucket in _buckets(text, patches, buckets):
+        for n in sorted(set(new_tokens)):
+            sampling = gen_lib.SamplingConfig(max_new_tokens=n, temperature=temperature, top_p=1.0)
+
+            def lower(counts, bucket=bucket, sampling=sampling):
+                tc, cfg = _twin(c, geo.cfg, counts, "")
+                if counts is not None:
+                    sampling = dataclasses.replace(sampling, max_new_tokens=counts["new_tokens"])
+                model = run_setup.model_for(tc, cfg)
+                shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, geo.dtype), state_lib.param_shapes(model))
+                params = abstract_with_shardings(shapes, param_shardings(model, mesh, rules))
+                pcfg = prompts.PromptConfig(batch_size=batch_size, image_token_id=cfg.image_token_id)
+                batch = prompts.collate_prompts([], bucket, pcfg)
+                batch = sharding.abstract_batch({k: batch[k] for k in gen_lib.DEVICE_KEYS if k in batch}, mesh, rules)
+                return gen_lib.Generator(model, params, mesh, rules).lower(batch, sampling)
+
+            dims = {"layers": geo.cfg.text.num_hidden_layers, "depth": geo.cfg.vision.depth, "new_tokens": n}
+            flops = flops_lib.generate_flops(geo.cfg, batch_size, bucket[0], [bucket[1]], n)
+            out.append(Program(f"{kind}_{n}tok" if len(set(new_tokens)) > 1 else kind, name, bucket, lower, dims,
+                               flops, resident))
+    return out
+
+
+def state_bytes_per_chip(c, geo: Geometry, mesh, rules) -> int:
+    """Bytes per chip of a training state's optimizer moments (held while generation runs inside training)."""
+    prog = program_lib.build(c, geo.cfg, mesh, rules)
+    state = prog.abstract_state()
+    return sum(_nbytes(x) for x in jax.tree.leaves(state.opt_state))
+
+
+def _nbytes(x) -> int:
+    n = x.dtype.itemsize
+    for d in x.sharding.shard_shape(x.shape):
+        n *= d
+    return n
+
+
+def programs(c, workdir: str, mesh, rules, buckets: str = "all") -> list[Program]:
+    """Every program the run `c` compiles (each stage of a recipe), lowered on demand."""
+    chained: dict[str, Geometry] = {}
+    out: list[Program] = []
+    for name, sc in stage_configs(c, workdir):
+        _checked(sc)
+        os.makedirs(os.path.join(workdir, name), exist_ok=True)
+        vocab = run_setup.compact_vocab(sc, os.path.join(workdir, name)) if sc.model.preset else None
+        student = _source(sc, "model", chained, workdir, vocab)
+        has_teacher = any(sc.teacher[k] for k in SOURCES)
+        teacher = _source(sc, "teacher", chained, workdir, student.cfg.vocab_ids) if has_teacher else None
+        e, r = sc.eval, sc.rct
+        greedy_eval = e.sasg_temperature if e.sasg_samples > 1 else e.temperature
+        eval_tokens = tuple(e.max_new_tokens_mii if t == "MII" else e.max_new_tokens for t in e.tasks)
+        eval_batch = e.batch_size * max(1, e.sasg_samples)
+        if sc.stage in ("sft", "kd"):
+            out += train_programs(name, sc, student, teacher, mesh, rules, buckets)
+            during = []
+            if sc.eval.every_steps > 0:
+                during.append(("generate_eval", eval_batch, e.text_buckets, e.patch_buckets, eval_tokens, greedy_eval))
+            if sc.rct.every_steps > 0:
+                during.append(("generate_rct", r.batch_size, sc.data.text_buckets, sc.data.patch_buckets,
+                               (r.max_new_tokens,), 0.0))
+            if during:
+                held = state_bytes_per_chip(sc, student, mesh, rules)
+                for kind, *args in during:
+                    out += generate_programs(name, kind, sc, student, mesh, rules, buckets, *args, resident=held)
+            chained[name] = dataclasses.replace(student, dtype=sc.model.param_dtype)
+        elif sc.stage == "eval":
+            if not e.predictions:
+                out += generate_programs(name, "generate_eval", sc, student, mesh, rules, buckets, eval_batch,
+                                         e.text_buckets, e.patch_buckets, eval_tokens, greedy_eval)
+        elif sc.stage == "rct":
+            out += generate_programs(name, "generate_rct", sc, student, mesh, rules, buckets, r.batch_size,
+                                     sc.data.text_buckets, sc.data.patch_buckets, (r.max_new_tokens,), 0.0)
+            if teacher is not None:
+                out += generate_programs(name, "generate_rct_corrector", sc, teacher, mesh, rules, buckets,
+                                         r.batch_size * r.samples, sc.data.text_buckets, sc.data.patch_buckets,
+                                         (r.max_new_tokens,), r.temperature)
+    return out
+
+
+def estimate(prog: Program, cost_of: Callable[[object], dict]) -> dict[str, float]:
+    """XLA's cost analysis of one call of `prog` at its real depths and lengths, from loop-free twins:
+    cost = a + sum_d b_d (n_d - 1) over the towers' depths, plus (new tokens - 1) decode steps whose cost grows
+    with the LLM's layers; for each of "flops", "bytes accessed" and "optimal_seconds" (`report.cost`).
+    "optimal_seconds" is NaN when a twin's is negative: XLA counts each operation of unknown cost as -1 s."""
+    ones, seen = {d: 1 for d in prog.dims}, {}
+
+    def at(**changes):
+        counts = {**ones, **changes}
+        key = tuple(sorted(counts.items()))
+        if key not in seen:
+            seen[key] = cost_of(prog.lower(counts))
+        return seen[key]
+
+    def combine(key):
+        base = at()[key]
+        total = base
+        for d, n in prog.dims.items():
+            if d != "new_tokens" and n > 1:
+                total += (n - 1) * (at(**{d: 2})[key] - base)
+        steps = prog.dims.get("new_tokens", 1) - 1
+        if steps > 0:
+            one_step = at(new_tokens=2)[key] - base
+            per_layer = (at(new_tokens=2, layers=2)[key] - at(layers=2)[key]) - one_step
+            total += steps * (one_step + (prog.dims["layers"] - 1) * per_layer)
+        return total
+
+    out = {key: combine(key) for key in ("flops", "bytes accessed", "optimal_seconds")}
+    if any(v["optimal_seconds"] < 0 for v in seen.values()):
+        out["optimal_seconds"] = float("nan")
+    return out

@@ -1,0 +1,71 @@
+"""The training step a run compiles, built from the run config in one place: the student (and teacher) modules,
+the optimizer, the shardings of the train state and of the teacher's params, and the jitted step.
+
+`train.loop` runs what `build` returns; `clinkd_jax.aot` compiles the same thing from abstract shapes for a
+described TPU slice, so what aot reports is the program the run would compile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+
+from clinkd_jax import run_setup, sharding
+from clinkd_jax.checkpoint import abstract_with_shardings
+from clinkd_jax.models.config import Qwen2VLConfig
+from clinkd_jax.models.qwen2vl import Qwen2VL, abstract_params
+from clinkd_jax.train import state as state_lib
+from clinkd_jax.train import steps
+from clinkd_jax.train.config import kd_config
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainProgram:
+    model: Qwen2VL
+    teacher: Qwen2VL | None  # the online teacher (stage kd without pseudo-labels)
+    opt: state_lib.OptimConfig
+    tx: Any
+    state_shardings: state_lib.TrainState
+    teacher_shardings: Any  # None without an online teacher
+    step: Any  # jitted (state, teacher params, batch) -> (state, metrics); the state is donated
+
+    def abstract_state(self) -> state_lib.TrainState:
+        """The train state as ShapeDtypeStructs on their shardings (nothing allocated)."""
+        return abstract_with_shardings(state_lib.abstract_state(self.model, self.tx), self.state_shardings)
+
+    def abstract_teacher(self, dtype) -> Any:
+        """The teacher's params as ShapeDtypeStructs of `dtype` on their shardings (None without a teacher)."""
+        if self.teacher is None:
+            return None
+        shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), state_lib.param_shapes(self.teacher))
+        return abstract_with_shardings(shapes, self.teacher_shardings)
+
+
+def optim_config(c, total_updates: int) -> state_lib.OptimConfig:
+    o = c.optim
+    return state_lib.OptimConfig(
+        learning_rate=o.learning_rate, schedule=o.schedule, warmup_steps=o.warmup_steps, total_steps=total_updates,
+        end_lr_ratio=o.end_lr_ratio, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, grad_clip=o.grad_clip,
+        grad_accum=o.grad_accum, frozen=tuple(o.frozen), mu_dtype=o.mu_dtype,
+    )
+
+
+def build(c, cfg: Qwen2VLConfig, mesh, rules, *, teacher_cfg: Qwen2VLConfig | None = None, total_updates: int = 1,
+          loss_unrolled: bool = False) -> TrainProgram:
+    """The step of stage `c.stage` ("sft" or "kd") for student geometry `cfg` (and the online teacher's
+    `teacher_cfg`) on `mesh`. `loss_unrolled`: the loss's chunk loop as straight-line code (aot's cost twins)."""
+    model = run_setup.model_for(c, cfg, param_dtype=c.model.param_dtype, remat=c.model.remat)
+    teacher = None if teacher_cfg is None else run_setup.model_for(c, teacher_cfg, c.teacher.dtype)
+    opt = optim_config(c, total_updates)
+    tx = state_lib.optimizer_for(model, opt)
+    st_sh = state_lib.state_shardings(model, tx, mesh, rules)
+    t_sh = None if teacher is None else sharding.tree_shardings(abstract_params(teacher), mesh, rules)
+    sched = state_lib.schedule(opt)
+    step = steps.jit_train_step(
+        st_sh, t_sh, None, model=model, tx=tx, teacher=teacher, kd=kd_config(c) if c.stage == "kd" else None,
+        chunk=c.train.loss_chunk, loss_backward=c.train.loss_backward, teacher_positions=c.teacher.positions,
+        lr_schedule=lambda s: sched(s // opt.grad_accum), frozen=opt.frozen, loss_unrolled=loss_unrolled,
+    )
+    return TrainProgram(model, teacher, opt, tx, st_sh, t_sh, step)
