@@ -15,7 +15,6 @@ of an accelerator's plan (XLA:CPU fuses and schedules differently), said so in t
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import tempfile
@@ -43,9 +42,6 @@ def main():
     from clinkd_jax.aot import programs, report, slices
     from clinkd_jax.run_setup import make_run_mesh
 
-    spec = importlib.util.spec_from_file_location("run_config", os.path.join(ROOT, args.config))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     if args.topology:
         s = slices.parse(args.topology)
         devices, limit, where = s.devices(), s.hbm_bytes, f"{s.name} (described; libtpu's XLA)"
@@ -65,10 +61,10 @@ def main():
         for remat in args.remat.split(","):
             per, fits, line = 2, 0, []  # kd.sum_rows=2: rows come in pairs (the released micro-batch)
             while per <= args.max_rows:
-                c = module.get_config()
-                c.stages, c.stage, c.model.remat, c.model.attention = (), "kd", remat, args.attention
-                c.optim.mu_dtype, c.data.batch_size = args.mu_dtype, per * len(devices)
-                c.kd.pseudo_labels = "/not/here/pseudo_labels" if mode == "pseudo_labels" else ""
+                c = programs.config_file(os.path.join(ROOT, args.config), stages=(), stage="kd", **{
+                    "model.remat": remat, "model.attention": args.attention, "optim.mu_dtype": args.mu_dtype,
+                    "data.batch_size": per * len(devices),
+                    "kd.pseudo_labels": "/not/here/pseudo_labels" if mode == "pseudo_labels" else ""})
                 mesh, rules = make_run_mesh(c, devices)
                 (p,) = [p for p in programs.programs(c, workdir, mesh, rules, "largest") if p.name.startswith("train")]
                 m = report.memory(p.lower(None).compile())

@@ -81,8 +81,9 @@ def test_time_estimate_from_twins_equals_the_unrolled_program(tmp_path):
     """The compiler's cost analysis counts a loop body once, so the estimate is assembled from loop-free twins
     with 1 and 2 layers per tower; its flops must equal those of the whole program compiled without loops (every
     layer and loss chunk unrolled) within 5 %; its bytes accessed within 35 % (measured 25 % low at the demo's
-    widths: XLA fuses a 2-layer twin differently from the whole program, so the roofline's memory side is the
-    rougher one)."""
+    widths: XLA fuses a 2-layer twin differently from the whole program) and XLA's own time estimate within 35 %
+    (it prices those bytes: 25 % low here, where the step is memory-bound); a NaN (an operation XLA could not
+    price) fails."""
     import jax
 
     from clinkd_jax import run_setup
@@ -100,6 +101,6 @@ def test_time_estimate_from_twins_equals_the_unrolled_program(tmp_path):
     assert p.dims == {"layers": 2, "depth": 2, "teacher_layers": 2, "teacher_depth": 2}
     cost = lambda lowered: report.cost(lowered.compile())
     est, whole = programs.estimate(p, cost), cost(p.lower(dict(p.dims)))
-    for key, tol in (("flops", 0.05), ("bytes accessed", 0.35)):
+    for key, tol in (("flops", 0.05), ("bytes accessed", 0.35), ("optimal_seconds", 0.35)):
         assert whole[key] > 0 and abs(est[key] - whole[key]) <= tol * whole[key], (key, est[key], whole[key])
     assert jax.default_backend() == "cpu"  # nothing ran on a TPU

@@ -21,8 +21,13 @@ import sys
 import tempfile
 import time
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
+
+from clinkd_jax.aot import programs, report, slices
+from clinkd_jax.models.flops import PEAK_BF16
+from clinkd_jax.run_setup import ConfigError, make_run_mesh
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/<x>.py file", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", "", "a Cloud TPU slice (v4-8, v5e-16, v5p-8, v6e-8, ...), 'list', or "
@@ -42,11 +47,6 @@ HINT = ("does not fit: try model.remat=full (now {remat}), a wider fsdp axis (me
 
 def _target():
     """(devices, HBM bytes per device, peak FLOP/s and HBM bytes/s per device or None, label)."""
-    import jax
-
-    from clinkd_jax.aot import slices
-    from clinkd_jax.models.flops import PEAK_BF16
-
     if _TOPOLOGY.value:
         s = slices.parse(_TOPOLOGY.value)
         label = (f"{s.name} ({s.chips} chips, topology {s.topology}, {s.generation.device_kind}; described, "
@@ -74,17 +74,10 @@ def main(argv):
     for noisy in ("absl", "jax", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if _TOPOLOGY.value == "list":
-        from clinkd_jax.aot import slices
-
         print(slices.listing())
         return
     if _CONFIG.value is None:
         sys.exit("--config is required (or --topology=list)")
-    import jax
-
-    from clinkd_jax.aot import programs, report
-    from clinkd_jax.run_setup import ConfigError, make_run_mesh
-
     c = _CONFIG.value
     try:
         devices, hbm, peak, bandwidth, label = _target()

@@ -1,0 +1,133 @@
+"""ClinKD's paper-scale training steps compiled for Cloud TPU slices on any machine (libtpu's XLA; nothing runs):
+fits or not, GiB per chip, the largest per-chip batch that fits, and the compiler-count estimate of the step time
+and MFU at that batch. Or, with --levers, one slice and setup with one setting changed at a time.
+
+    python bench/tpu_table.py                                     # every setup x slice of bench/README.md
+    python bench/tpu_table.py --slices v5p-8 --setups kd_7b_2b    # one cell
+    python bench/tpu_table.py --levers --slices v5p-8 --setups kd_7b_2b
+
+Every step is built by the run's own builder (`clinkd_jax.aot.programs`, as `python -m clinkd_jax.aot` reports
+it) at the largest (text, patch) bucket (2048 tokens, 3136 patches: one 768^2 image per row). Estimates are
+labelled as such: loop-free twins priced by XLA (`clinkd_jax.aot.programs.estimate`), not measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# setup -> (config file, overrides): the paper's runs, one stage each
+SETUPS = {
+    "sft_7b": ("configs/clinkd_qwen2vl_7b.py", {"stage": "sft"}),
+    "kd_7b_2b": ("configs/clinkd_2b_from_7b.py", {"stage": "kd"}),
+    "kd_7b_2b_pseudo_labels": ("configs/clinkd_2b_from_7b.py", {"stage": "kd", "kd.pseudo_labels": "/not/here"}),
+    "kd_7b_7b": ("configs/clinkd_qwen2vl_7b.py", {"stage": "kd", "teacher.hf_dir": "/ckpt/Qwen2-VL-7B-Instruct"}),
+}
+SLICES = "v4-8,v4-32,v5e-16,v5e-64,v5p-8,v5p-16,v6e-8"
+LEVERS = [  # (name, overrides) against the setup as configured
+    ("as configured", {}),
+    ("model.remat=none", {"model.remat": "none"}),
+    ("model.remat=minimal", {"model.remat": "minimal"}),
+    ("model.remat=minimal_with_context", {"model.remat": "minimal_with_context"}),
+    ("model.remat=dots_saveable", {"model.remat": "dots_saveable"}),
+    ("model.remat=full", {"model.remat": "full"}),
+    ("mesh (data 1, fsdp n/2, tensor 2)", {"mesh.shape": (1, -1, 2)}),
+    ("optim.mu_dtype=bfloat16", {"optim.mu_dtype": "bfloat16"}),
+    ("layers unrolled (model.scan_unroll=64)", {"model.scan_unroll": 64}),
+    ("train.loss_chunk=512", {"train.loss_chunk": 512}),
+    ("train.loss_chunk=1024", {"train.loss_chunk": 1024}),
+    ("model.attention=xla", {"model.attention": "xla"}),
+]
+
+
+def measure(setup: str, slice_name: str, per_chip: int, overrides: dict, workdir: str, estimate: bool) -> dict:
+    from clinkd_jax.aot import programs, report, slices
+    from clinkd_jax.run_setup import make_run_mesh
+
+    s = slices.parse(slice_name)
+    path, base = SETUPS[setup]
+    c = programs.config_file(os.path.join(ROOT, path), stages=(), **{
+        "model.attention": "splash", **base, "data.batch_size": per_chip * s.chips, **overrides})
+    mesh, rules = make_run_mesh(c, s.devices())
+    (p,) = [p for p in programs.programs(c, workdir, mesh, rules, "largest") if p.name.startswith("train")]
+    out = {"setup": setup, "slice": slice_name, "per_chip": per_chip, "remat": c.model.remat,
+           "mesh": dict(mesh.shape), "hbm": s.hbm_bytes}
+    try:
+        out["bytes"] = report.memory(p.lower(None).compile())["total"]
+    except Exception as e:  # the TPU compiler refuses what cannot fit
+        if "RESOURCE_EXHAUSTED" not in str(e) and "Ran out of memory" not in str(e):
+            raise
+        out["bytes"] = None
+    out["fits"] = out["bytes"] is not None and out["bytes"] <= s.hbm_bytes
+    if estimate and out["fits"]:
+        est = report.time_estimate(programs.estimate(p, lambda lowered: report.cost(lowered.compile())),
+                                   s.peak_flops, s.generation.hbm_bandwidth)
+        out |= est | {"flops": p.flops, "est_mfu": p.flops / s.chips / (est["est_seconds"] * s.peak_flops)}
+    return out
+
+
+def largest_batch(setup, slice_name, overrides, workdir, max_per_chip, estimate) -> dict:
+    """Per-chip batch doubled from 1 while it fits; the largest fitting one (estimated), or the failing 1."""
+    best, per = None, 1
+    while per <= max_per_chip:
+        r = measure(setup, slice_name, per, overrides, workdir, estimate=False)
+        gib = "-" if r["bytes"] is None else f"{r['bytes'] / 2**30:.1f}"
+        print(f"  {setup} {slice_name} per-chip {per}: {gib} GiB, fits={r['fits']}", flush=True)
+        if not r["fits"]:
+            break
+        best, per = r, per * 2
+    if best is None:
+        return r
+    return measure(setup, slice_name, best["per_chip"], overrides, workdir, estimate) if estimate else best
+
+
+def row(r: dict) -> str:
+    gib = "compiler OOM" if r["bytes"] is None else f"{r['bytes'] / 2**30:.1f}"
+    est = (f"{r['est_seconds']:.2f} | {100 * r['est_mfu']:.0f} %" if r.get("est_seconds") else "— | —")
+    return (f"| {r['setup']} | {r['slice']} | {'yes' if r['fits'] else 'no'} | {gib} | "
+            f"{r['per_chip'] if r['fits'] else '—'} | {est} | {r['remat']} |")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--setups", default=",".join(SETUPS))
+    ap.add_argument("--slices", default=SLICES)
+    ap.add_argument("--levers", action="store_true", help="one setting at a time on the first setup and slice")
+    ap.add_argument("--per-chip", type=int, default=2, help="with --levers: the per-chip batch")
+    ap.add_argument("--max-per-chip", type=int, default=16)
+    ap.add_argument("--no-estimate", action="store_true")
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+    workdir = tempfile.mkdtemp(prefix="tpu_table_")
+    results = []
+    if args.levers:
+        setup, slice_name = args.setups.split(",")[0], args.slices.split(",")[0]
+        print(f"| lever ({setup}, {slice_name}, {args.per_chip} rows per chip) | GiB per chip | est. step s | "
+              "est. MFU |\n|---|---:|---:|---:|")
+        for name, overrides in LEVERS:
+            r = measure(setup, slice_name, args.per_chip, overrides, workdir, not args.no_estimate) | {"lever": name}
+            results.append(r)
+            gib = "compiler OOM" if r["bytes"] is None else f"{r['bytes'] / 2**30:.1f}"
+            est = f"{r['est_seconds']:.3f} | {100 * r['est_mfu']:.0f} %" if r.get("est_seconds") else "— | —"
+            print(f"| {name} | {gib} | {est} |", flush=True)
+    else:
+        print("| setup | slice | fits | GiB per chip | largest per-chip batch | est. step s | est. MFU | remat |\n"
+              "|---|---|---|---:|---:|---:|---:|---|")
+        for setup in args.setups.split(","):
+            for slice_name in args.slices.split(","):
+                r = largest_batch(setup, slice_name, {}, workdir, args.max_per_chip, not args.no_estimate)
+                results.append(r)
+                print(row(r), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
