@@ -100,6 +100,7 @@ def main():
     ap.add_argument("--slices", default=SLICES)
     ap.add_argument("--levers", action="store_true", help="one setting at a time on the first setup and slice")
     ap.add_argument("--per-chip", type=int, default=2, help="with --levers: the per-chip batch")
+    ap.add_argument("--only", default="", help="with --levers: only levers whose name holds one of these (comma list)")
     ap.add_argument("--max-per-chip", type=int, default=16)
     ap.add_argument("--no-estimate", action="store_true")
     ap.add_argument("--json", default="")
@@ -110,7 +111,10 @@ def main():
         setup, slice_name = args.setups.split(",")[0], args.slices.split(",")[0]
         print(f"| lever ({setup}, {slice_name}, {args.per_chip} rows per chip) | GiB per chip | est. step s | "
               "est. MFU |\n|---|---:|---:|---:|")
+        only = [w for w in args.only.split(",") if w]
         for name, overrides in LEVERS:
+            if only and not any(w in name for w in only):
+                continue
             r = measure(setup, slice_name, args.per_chip, overrides, workdir, not args.no_estimate) | {"lever": name}
             results.append(r)
             gib = "compiler OOM" if r["bytes"] is None else f"{r['bytes'] / 2**30:.1f}"

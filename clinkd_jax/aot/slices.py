@@ -8,6 +8,7 @@ chips' data-sheet figures; `jax.experimental.topologies` needs the `libtpu` whee
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 
 GiB = 2**30
@@ -57,12 +58,15 @@ class Slice:
         """The slice's devices, described for the TPU compiler (compile only)."""
         from jax.experimental import topologies
 
+        # compile only: no process owns a TPU, so several may load libtpu at once (else the second one stops at
+        # libtpu's lockfile: two aot runs, or a test beside a benchmark)
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         try:
             topo = topologies.get_topology_desc(topology_name=f"{self.generation.name}:{self.topology}",
                                                 platform="tpu", chip_config_name=self.generation.chip_config)
-        except RuntimeError as e:  # no libtpu
-            raise RuntimeError(f"--topology={self.name}: describing a TPU slice needs the libtpu wheel "
-                               f"(pip install libtpu; Python >= 3.11): {e}") from None
+        except RuntimeError as e:
+            raise RuntimeError(f"--topology={self.name}: libtpu could not describe the slice (describing one needs "
+                               f"the libtpu wheel: pip install '.[tpu]'): {e}") from None
         devices = list(topo.devices)
         if len(devices) != self.chips:
             raise RuntimeError(f"{self.name}: the TPU compiler described {len(devices)} devices for topology "
