@@ -205,11 +205,12 @@ def encoder_for(c, vocab_ids=None) -> text.ChatEncoder:
     return text.ChatEncoder(tok, c.data.chat_template or None)
 
 
-def pipeline_config(c, encoder, mesh, rules, **changes) -> pipeline.PipelineConfig:
-    """The training pipeline's settings; this process loads the global batch rows its devices hold."""
+def pipeline_config(c, encoder, mesh, rules, host_rows: bool = True, **changes) -> pipeline.PipelineConfig:
+    """The training pipeline's settings; this process loads the global batch rows its devices hold (`host_rows`;
+    False: all rows, for a mesh of devices this process does not run, `clinkd_jax.aot`)."""
     d = c.data
     return dataclasses.replace(pipeline.PipelineConfig(
-        batch_size=d.batch_size, rows=sharding.process_rows(d.batch_size, mesh, rules),
+        batch_size=d.batch_size, rows=sharding.process_rows(d.batch_size, mesh, rules) if host_rows else None,
         text_buckets=tuple(d.text_buckets), patch_buckets=tuple(d.patch_buckets),
         image=ImageConfig(min_pixels=d.min_pixels, max_pixels=d.max_pixels), mrope_gaps=tuple(d.mrope_gaps),
         seed=c.seed, shuffle=d.shuffle, num_epochs=d.num_epochs or None, worker_count=d.worker_count,

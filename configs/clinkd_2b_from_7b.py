@@ -9,5 +9,7 @@ def get_config():
     c = clinkd_qwen2vl_7b.get_config()
     c.model.hf_dir = "/ckpt/Qwen2-VL-2B-Instruct"
     c.teacher.hf_dir = "/ckpt/Qwen2-VL-7B-Instruct"  # ideally fine-tuned on Med-GRIT first
+    # v5p-8, ahead of time (bench/README.md): the KD step fits 16 rows per chip without remat (92.0 GiB of 95; 2 rows:
+    # 23.0 GiB); full remat (13.9 GiB at 2 rows) was not estimated faster, so none stays. Splash from the 7B config.
     c.model.remat = "none"
     return c

@@ -115,6 +115,7 @@ def _checked(c) -> None:
                 v[name][k] = ""
             v[name].preset, v[name].text_overrides, v[name].vision_overrides = "tiny", ConfigDict(), ConfigDict()
     v.model.compact_vocab = ""
+    v.mesh.shape = (1, -1, 1)  # checked against the target's devices already (make_run_mesh), not this host's
     if not all(os.path.isfile(f) for f in v.data.train_files if f):  # the data need not be on this machine
         v.data.format = "demo"
     v.data.extra_files = tuple(f for f in v.data.extra_files if os.path.isfile(f))
@@ -176,7 +177,7 @@ def train_programs(name, c, student: Geometry, teacher: Geometry | None, mesh, r
     online = teacher if c.stage == "kd" and not cached else None
     if online is not None:
         run_setup.same_vocab(student.cfg, online.cfg, "the teacher")
-    pcfg = run_setup.pipeline_config(c, _Ids(student.cfg), mesh, rules)
+    pcfg = run_setup.pipeline_config(c, _Ids(student.cfg), mesh, rules, host_rows=False)  # a slice's hosts
     out = []
     for bucket in _buckets(c.data.text_buckets, c.data.patch_buckets, buckets):
 
