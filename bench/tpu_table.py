@@ -61,7 +61,7 @@ def measure(setup: str, slice_name: str, per_chip: int, overrides: dict, workdir
     try:
         out["bytes"] = report.memory(p.lower(None).compile())["total"]
     except Exception as e:  # the TPU compiler refuses what cannot fit
-        if "RESOURCE_EXHAUSTED" not in str(e) and "Ran out of memory" not in str(e):
+        if report.out_of_memory(str(e)) is None:
             raise
         out["bytes"] = None
     out["fits"] = out["bytes"] is not None and out["bytes"] <= s.hbm_bytes

@@ -104,3 +104,11 @@ def test_time_estimate_from_twins_equals_the_unrolled_program(tmp_path):
     for key, tol in (("flops", 0.05), ("bytes accessed", 0.35), ("optimal_seconds", 0.35)):
         assert whole[key] > 0 and abs(est[key] - whole[key]) <= tol * whole[key], (key, est[key], whole[key])
     assert jax.default_backend() == "cpu"  # nothing ran on a TPU
+
+
+def test_out_of_memory_errors_are_read_as_does_not_fit():
+    """The TPU compiler refuses a program that cannot fit; its figure is kept, any other error is not an OOM."""
+    msg = "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. Used 40.23G of"
+    assert report.out_of_memory(msg) == int(40.23 * 2**30)
+    assert report.out_of_memory("RESOURCE_EXHAUSTED: no figure") == -1
+    assert report.out_of_memory("INVALID_ARGUMENT: bad shape") is None

@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 import tempfile
 import time
@@ -59,15 +58,6 @@ def _target():
         f"the local devices ({len(devices)} x {devices[0].device_kind})"
 
 
-def _oom(message: str) -> int | None:
-    """Bytes the compiler said the program needs, from its out-of-memory error (None if it is another error)."""
-    if "RESOURCE_EXHAUSTED" not in message and "Ran out of memory" not in message:
-        return None
-    m = re.search(r"Used ([\d.]+)([KMGT])", message)
-    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    return int(float(m.group(1)) * scale[m.group(2)]) if m else -1
-
-
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -105,7 +95,7 @@ def main(argv):
                                             for a in jax.tree.leaves(lowered.args_info))
             compiled = lowered.compile()
         except Exception as e:  # the TPU compiler refuses a program that cannot fit
-            need = _oom(str(e))
+            need = report.out_of_memory(str(e))
             if need is None:
                 raise
             entry |= {"fits": False, "bytes": {"arguments": 0, "outputs": 0, "temp": 0, "alias": 0, "code": 0,

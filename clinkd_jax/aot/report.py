@@ -39,6 +39,16 @@ def memory(compiled) -> dict[str, int]:
 UNKNOWN_COST_CALLS = ("ConcatBitcast", "ZeroCrop")
 
 
+def out_of_memory(message: str) -> int | None:
+    """Bytes the TPU compiler said a program needs, from its out-of-memory error (-1 if it gave no figure; None if
+    the error is another one): the compiler refuses a program that cannot fit instead of planning it."""
+    if "RESOURCE_EXHAUSTED" not in message and "Ran out of memory" not in message:
+        return None
+    m = re.search(r"Used ([\d.]+)([KMGT])", message)
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    return int(float(m.group(1)) * scale[m.group(2)]) if m else -1
+
+
 def cost(compiled) -> dict[str, float]:
     """XLA's cost analysis of the program as compiled (per device): flops, bytes accessed, optimal_seconds (the
     -1 s of each `UNKNOWN_COST_CALLS` op added back; NaN if it is still negative)."""
