@@ -205,12 +205,14 @@ def _vision_frozen(c) -> bool:
 
 
 def generate_programs(name, kind, c, geo: Geometry, mesh, rules, buckets, batch_size: int, text, patches,
-                      new_tokens: tuple[int, ...], temperature: float, resident: int = 0) -> list[Program]:
-    """Generation as `Generator` compiles it: per (prompt, patch) bucket and answer length."""
+                      new_tokens: tuple[int, ...], temperature: float, top_p: float = 1.0,
+                      resident: int = 0) -> list[Program]:
+    """Generation as `Generator` compiles it: per (prompt, patch) bucket and answer length, with the run's sampling
+    (nucleus sampling adds a sort over the vocabulary)."""
     out = []
     for bucket in _buckets(text, patches, buckets):
         for n in sorted(set(new_tokens)):
-            sampling = gen_lib.SamplingConfig(max_new_tokens=n, temperature=temperature, top_p=1.0)
+            sampling = gen_lib.SamplingConfig(max_new_tokens=n, temperature=temperature, top_p=top_p)
 
             def lower(counts, bucket=bucket, sampling=sampling):
                 tc, cfg = _twin(c, geo.cfg, counts, "")
@@ -260,16 +262,18 @@ def programs(c, workdir: str, mesh, rules, buckets: str = "all") -> list[Program
         teacher = _source(sc, "teacher", chained, workdir, student.cfg.vocab_ids) if has_teacher else None
         e, r = sc.eval, sc.rct
         greedy_eval = e.sasg_temperature if e.sasg_samples > 1 else e.temperature
+        eval_top_p = e.sasg_top_p if e.sasg_samples > 1 else e.top_p
         eval_tokens = tuple(e.max_new_tokens_mii if t == "MII" else e.max_new_tokens for t in e.tasks)
         eval_batch = e.batch_size * max(1, e.sasg_samples)
         if sc.stage in ("sft", "kd"):
             out += train_programs(name, sc, student, teacher, mesh, rules, buckets)
             during = []
             if sc.eval.every_steps > 0:
-                during.append(("generate_eval", eval_batch, e.text_buckets, e.patch_buckets, eval_tokens, greedy_eval))
+                during.append(("generate_eval", eval_batch, e.text_buckets, e.patch_buckets, eval_tokens, greedy_eval,
+                               eval_top_p))
             if sc.rct.every_steps > 0:
                 during.append(("generate_rct", r.batch_size, sc.data.text_buckets, sc.data.patch_buckets,
-                               (r.max_new_tokens,), 0.0))
+                               (r.max_new_tokens,), 0.0, 1.0))
             if during:
                 held = state_bytes_per_chip(sc, student, mesh, rules)
                 for kind, *args in during:
@@ -278,14 +282,14 @@ def programs(c, workdir: str, mesh, rules, buckets: str = "all") -> list[Program
         elif sc.stage == "eval":
             if not e.predictions:
                 out += generate_programs(name, "generate_eval", sc, student, mesh, rules, buckets, eval_batch,
-                                         e.text_buckets, e.patch_buckets, eval_tokens, greedy_eval)
+                                         e.text_buckets, e.patch_buckets, eval_tokens, greedy_eval, eval_top_p)
         elif sc.stage == "rct":
             out += generate_programs(name, "generate_rct", sc, student, mesh, rules, buckets, r.batch_size,
                                      sc.data.text_buckets, sc.data.patch_buckets, (r.max_new_tokens,), 0.0)
             if teacher is not None:
                 out += generate_programs(name, "generate_rct_corrector", sc, teacher, mesh, rules, buckets,
                                          r.batch_size * r.samples, sc.data.text_buckets, sc.data.patch_buckets,
-                                         (r.max_new_tokens,), r.temperature)
+                                         (r.max_new_tokens,), r.temperature, r.top_p)
     return out
 
 
