@@ -94,6 +94,13 @@ def row(r: dict) -> str:
             f"{r['per_chip'] if r['fits'] else '—'} | {est} | {r['remat']} |")
 
 
+def save(path: str, results: list) -> None:
+    """After every row: a long table (hours on a small machine) keeps what it has if stopped."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--setups", default=",".join(SETUPS))
@@ -117,6 +124,7 @@ def main():
                 continue
             r = measure(setup, slice_name, args.per_chip, overrides, workdir, not args.no_estimate) | {"lever": name}
             results.append(r)
+            save(args.json, results)
             gib = "compiler OOM" if r["bytes"] is None else f"{r['bytes'] / 2**30:.1f}"
             est = f"{r['est_seconds']:.3f} | {100 * r['est_mfu']:.0f} %" if r.get("est_seconds") else "— | —"
             print(f"| {name} | {gib} | {est} |", flush=True)
@@ -127,10 +135,8 @@ def main():
             for slice_name in args.slices.split(","):
                 r = largest_batch(setup, slice_name, {}, workdir, args.max_per_chip, not args.no_estimate)
                 results.append(r)
+                save(args.json, results)
                 print(row(r), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

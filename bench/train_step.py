@@ -1,7 +1,9 @@
-"""SFT and distillation step throughput and peak memory: clinkd_jax vs transformers' PyTorch Qwen2-VL,
-side by side on the same model geometry, batch and optimizer (AdamW on the LLM, vision frozen).
+"""SFT and distillation step throughput and peak memory: clinkd_jax vs transformers' PyTorch Qwen2-VL (or
+Qwen2.5-VL, `--family qwen2_5_vl`), side by side on the same model geometry, batch and optimizer (AdamW on the
+LLM, vision frozen).
 
     python bench/train_step.py                 # both frameworks, both steps, prints a table and ratios
+    python bench/train_step.py --family qwen2_5_vl   # Qwen2.5-VL's tower: window attention (112 px), gated MLP
     python bench/train_step.py --size small    # a smaller geometry for a quick look
     python bench/train_step.py --profile /tmp/prof   # also the top ops by self time, JAX trace + torch.profiler
 
@@ -43,20 +45,34 @@ SIZES = {  # LLM hidden/layers/heads/kv/mlp/vocab, vision depth/width/heads, bat
 }
 
 
-def hf_config(s):
-    from transformers import Qwen2VLConfig
+def hf_config(s, family="qwen2_vl"):
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 
+    if family == "qwen2_5_vl":  # Qwen2.5-VL's tower proportions: MLP 3420 / 1280 wide, full attention every quarter
+        step = max(s["vdepth"] // 4, 2)
+        vision = dict(depth=s["vdepth"], hidden_size=s["vwidth"], out_hidden_size=s["hidden"], num_heads=s["vheads"],
+                      intermediate_size=s["vwidth"] * 3420 // 1280, window_size=112,
+                      fullatt_block_indexes=list(range(step - 1, s["vdepth"], step)))
+        return Qwen2_5_VLConfig(text_config=_text(s), vision_config=vision, **_ids(s), tie_word_embeddings=False)
     return Qwen2VLConfig(
-        text_config=dict(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["mlp"],
-                         num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv"],
-                         max_position_embeddings=8192,
-                         rope_parameters={"rope_type": "default", "mrope_section": mrope(s), "rope_theta": 1e6},
-                         rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        text_config=_text(s),
         vision_config=dict(depth=s["vdepth"], embed_dim=s["vwidth"], hidden_size=s["hidden"], num_heads=s["vheads"],
                            mlp_ratio=4),
-        image_token_id=s["vocab"] - 6, video_token_id=s["vocab"] - 5, vision_start_token_id=s["vocab"] - 4,
-        vision_end_token_id=s["vocab"] - 3, tie_word_embeddings=False,
+        **_ids(s), tie_word_embeddings=False,
     )
+
+
+def _ids(s):
+    v = s["vocab"]
+    return dict(image_token_id=v - 6, video_token_id=v - 5, vision_start_token_id=v - 4, vision_end_token_id=v - 3)
+
+
+def _text(s):
+    return dict(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["mlp"],
+                num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv"],
+                max_position_embeddings=8192,
+                rope_parameters={"rope_type": "default", "mrope_section": mrope(s), "rope_theta": 1e6},
+                rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
 def mrope(s):
@@ -80,10 +96,10 @@ def make_batch(s, seed=0):
     return ids, labels, pixels, np.array([[1, g, g]] * b), n_img
 
 
-def model_config(s):
+def model_config(s, family="qwen2_vl"):
     from clinkd_jax.models.config import Qwen2VLConfig
 
-    return Qwen2VLConfig.from_hf_dict(hf_config(s).to_dict())
+    return Qwen2VLConfig.from_hf_dict(hf_config(s, family).to_dict())
 
 
 def model_flops(s, mode, args):
@@ -93,8 +109,8 @@ def model_flops(s, mode, args):
     from clinkd_jax.models import flops
 
     ids, labels, _, _, n_img = make_batch(s)
-    teacher = model_config(SIZES[args.teacher_size or args.size]) if mode == "kd" else None
-    total = flops.train_step_flops(model_config(s), s["batch"], s["length"], [4 * n_img], teacher=teacher)
+    teacher = model_config(SIZES[args.teacher_size or args.size], args.family) if mode == "kd" else None
+    total = flops.train_step_flops(model_config(s, args.family), s["batch"], s["length"], [4 * n_img], teacher=teacher)
     return total, total * float((labels[:, 1:] != -100).sum()) / ids.size
 
 
@@ -113,9 +129,11 @@ def add_mfu(out, s, mode, device_kind, args):
 # ------------------------------------------------------------------------------------------- torch
 def run_torch(s, mode, steps, warmup, profile="", args=None):
     import torch
-    from transformers import Qwen2VLForConditionalGeneration
+    import transformers
 
     torch.manual_seed(0)
+    cls = (transformers.Qwen2_5_VLForConditionalGeneration if args.family == "qwen2_5_vl"
+           else transformers.Qwen2VLForConditionalGeneration)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32  # GPU: bf16 weights and compute (the usual recipe)
     ids, labels, pixels, grid, _ = make_batch(s)
@@ -123,14 +141,13 @@ def run_torch(s, mode, steps, warmup, profile="", args=None):
     kw = dict(input_ids=t(ids), attention_mask=torch.ones_like(t(ids)), pixel_values=t(pixels).to(dtype),
               image_grid_thw=t(grid),
               mm_token_type_ids=(t(ids) == s["vocab"] - 6).int())
-    student = Qwen2VLForConditionalGeneration._from_config(hf_config(s),
-                                                           attn_implementation="sdpa").to(dev, dtype).train()
+    student = cls._from_config(hf_config(s, args.family), attn_implementation="sdpa").to(dev, dtype).train()
     for p in student.model.visual.parameters():
         p.requires_grad_(False)
     teacher = None
     if mode == "kd":
-        teacher = Qwen2VLForConditionalGeneration._from_config(hf_config(SIZES[args.teacher_size or args.size]),
-                                                               attn_implementation="sdpa").to(dev, dtype).eval()
+        teacher = cls._from_config(hf_config(SIZES[args.teacher_size or args.size], args.family),
+                                   attn_implementation="sdpa").to(dev, dtype).eval()
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0)
     lab = t(labels)
     base_rss = rss_mb()
@@ -174,7 +191,7 @@ def run_jax(s, mode, steps, warmup, profile="", args=None):
     from clinkd_jax.train import state as state_lib
     from clinkd_jax.train import steps as steps_lib
 
-    cfg = model_config(s)  # random weights, drawn on the device: speed does not depend on their values
+    cfg = model_config(s, args.family)  # random weights, drawn on the device: speed does not depend on their values
     ids, labels, pixels, grid, n_img = make_batch(s)
     pos, _ = positions.get_rope_index(ids, grid, image_token_id=cfg.image_token_id)
     n = s["side"] // 14
@@ -192,7 +209,7 @@ def run_jax(s, mode, steps, warmup, profile="", args=None):
     state = jax.jit(functools.partial(state_lib.create, tx=tx), donate_argnums=0)(init_params(model, jax.random.key(0)))
     teacher = teacher_params = kd = None
     if mode == "kd":  # the teacher's weights in the compute dtype, as a published checkpoint loads
-        t_cfg = model_config(SIZES[args.teacher_size or args.size])
+        t_cfg = model_config(SIZES[args.teacher_size or args.size], args.family)
         teacher = Qwen2VL(t_cfg, param_dtype=compute, **kw)
         teacher_params = init_params(teacher, jax.random.key(1))
         kd = losses.KDConfig()
@@ -241,6 +258,7 @@ def timed(step, steps, warmup, tokens, base_rss):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="medium", choices=sorted(SIZES))
+    ap.add_argument("--family", default="qwen2_vl", choices=("qwen2_vl", "qwen2_5_vl"))
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--modes", default="sft,kd")
@@ -285,7 +303,8 @@ def main():
     for (framework, mode), r in results.items():
         if "profile" in r:
             print(f"\n== profile: {framework} {mode} step ({r['device']})\n{r['profile']}")
-    print(f"\nsize={args.size} {s}" + (f" teacher={args.teacher_size}" if args.teacher_size else "")
+    print(f"\nfamily={args.family} size={args.size} {s}"
+          + (f" teacher={args.teacher_size}" if args.teacher_size else "")
           + f"\nclinkd_jax: scan_unroll={args.scan_unroll} chunk={args.chunk} loss_backward={args.loss_backward} "
           f"remat={args.remat} attention={args.attention} attention_loop={args.attention_loop} "
           f"vision_query_block={args.vision_query_block} "

@@ -20,7 +20,7 @@ from clinkd_jax.convert import hf
 from clinkd_jax.data import demo, pipeline, records, text
 from clinkd_jax.data import vocab as vocab_lib
 from clinkd_jax.data.image import ImageConfig
-from clinkd_jax.data.markup import BOX_FORMATS
+from clinkd_jax.data.markup import BOX_FORMATS, BOX_MARKUPS
 from clinkd_jax.models import config as model_config
 from clinkd_jax.models.config import ConfigError
 from clinkd_jax.models.qwen2vl import ATTENTION_LOOPS, DECODE_LAYERS, Qwen2VL, init_params
@@ -45,13 +45,19 @@ def make_run_mesh(c, devices=None):
 
 # ------------------------------------------------------------------------------------- models
 def config_of(src, vocab_ids=None) -> model_config.Qwen2VLConfig:
-    """The model geometry named by src.hf_dir | src.orbax_dir | src.preset (+ text_overrides and
-    vision_overrides, + a compact vocabulary `vocab_ids` for a preset); no weights read."""
-    if src.hf_dir:
-        return model_config.Qwen2VLConfig.from_hf_dir(src.hf_dir)
-    if src.orbax_dir:
-        return checkpoint.load_config(src.orbax_dir)
+    """The model geometry named by src.hf_dir | src.orbax_dir | src.preset (+ the family's vision tower,
+    text_overrides and vision_overrides, + a compact vocabulary `vocab_ids` for a preset); no weights read."""
+    family = src.get("family", "")
+    if src.hf_dir or src.orbax_dir:
+        cfg = (model_config.Qwen2VLConfig.from_hf_dir(src.hf_dir) if src.hf_dir
+               else checkpoint.load_config(src.orbax_dir))
+        if family and family != cfg.family:
+            raise ConfigError(f"{src.hf_dir or src.orbax_dir} holds a {cfg.family} model, but its family is set to "
+                              f"{family!r}; a checkpoint's family is its own (unset the family field)")
+        return cfg
     cfg = model_config.PRESETS[src.preset]()
+    if family:
+        cfg = model_config.as_family(cfg, family)
     for part in ("text", "vision"):
         overrides = src.get(f"{part}_overrides")
         if overrides:
@@ -63,11 +69,11 @@ def config_of(src, vocab_ids=None) -> model_config.Qwen2VLConfig:
 def load_model(src, mesh, rules, seed: int, vocab_ids=None, dtype: str | None = None):
     """(Qwen2VLConfig, params on their shards) from src.hf_dir | src.orbax_dir | src.preset (random, seeded);
     `dtype`: the parameters' dtype (None: a checkpoint's own, float32 for a preset)."""
+    cfg = config_of(src, vocab_ids)  # the geometry (and its family checked) before any weight is read
     if src.hf_dir:
         return hf.load_hf_checkpoint(src.hf_dir, mesh=mesh, rules=rules, dtype=dtype)
     if src.orbax_dir:
         return checkpoint.load_params(src.orbax_dir, mesh=mesh, rules=rules, dtype=dtype)
-    cfg = config_of(src, vocab_ids)
     return cfg, init_params(Qwen2VL(cfg, param_dtype=dtype or "float32"), jax.random.key(seed), mesh, rules)
 
 
@@ -79,12 +85,22 @@ def model_for(c, cfg: model_config.Qwen2VLConfig, dtype: str | None = None, **tr
                    vision_query_block=c.model.vision_query_block, decode_layers=c.model.decode_layers, **training)
 
 
+SPECIAL_IDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "bos_token_id",
+               "eos_token_id")
+
+
 def same_vocab(cfg, other, what: str) -> None:
+    """Token ids mean the same to both models: the same (full or compact) rows and special ids. Vocabulary
+    sizes may differ by padding rows (Qwen2.5-VL-7B 152064 vs 3B 151936): losses cut to the student's."""
     if cfg.vocab_ids != other.vocab_ids:
         def n(x):
             return "the full vocabulary" if x.vocab_ids is None else f"a compact vocabulary of {len(x.vocab_ids)} ids"
 
         raise ConfigError(f"{what} has {n(other)} but the model has {n(cfg)}: token ids would not line up")
+    for key in SPECIAL_IDS:
+        if getattr(cfg, key) != getattr(other, key):
+            raise ConfigError(f"{what} has {key}={getattr(other, key)} but the model has {getattr(cfg, key)}: "
+                              "a different tokenizer; its logits would not line up with the model's tokens")
 
 
 # --------------------------------------------------------------------------------------- data
@@ -175,6 +191,30 @@ def tokenizer_dir(c) -> str:
     return text.bundled_qwen2_tokenizer_dir()
 
 
+def _tokenizer_file(src) -> str | None:
+    """The tokenizer.json a checkpoint source carries (None for a preset, or none saved)."""
+    d = src.hf_dir or (os.path.join(src.orbax_dir, checkpoint.ASSETS_DIR) if src.orbax_dir else "")
+    f = os.path.join(d, "tokenizer.json") if d else ""
+    return f if f and os.path.isfile(f) else None
+
+
+def check_same_tokenizer(c, name: str = "teacher") -> None:
+    """config.<name> (a teacher, a corrector) encodes text as the model does: where both checkpoints carry a
+    tokenizer, their vocabularies and added tokens are the same (Qwen2-VL and Qwen2.5-VL share one)."""
+    files = [_tokenizer_file(c.model), _tokenizer_file(c[name])]
+    if None in files:
+        return
+    tables = []
+    for f in files:
+        with open(f) as fh:
+            tok = json.load(fh)
+        tables.append(((tok.get("model") or {}).get("vocab"), [(t.get("id"), t.get("content"))
+                                                              for t in tok.get("added_tokens") or ()]))
+    if tables[0] != tables[1]:
+        raise ConfigError(f"{name}: its tokenizer ({files[1]}) is not the model's ({files[0]}): token ids would mean "
+                          "different text; distil between models of one tokenizer")
+
+
 def compact_vocab(c, workdir) -> tuple[int, ...] | None:
     """The vocabulary ids `model.compact_vocab` asks for (None: full); only a preset model is compacted.
     "data": every id the training records and the eval test files encode to (clinkd_jax.data.vocab)."""
@@ -202,7 +242,7 @@ def compact_vocab(c, workdir) -> tuple[int, ...] | None:
 def encoder_for(c, vocab_ids=None) -> text.ChatEncoder:
     """The chat encoder of the run: its tokenizer (mapped to `vocab_ids` rows) and template."""
     tok = vocab_lib.tokenizer_for(text.load_tokenizer(tokenizer_dir(c)), vocab_ids)
-    return text.ChatEncoder(tok, c.data.chat_template or None)
+    return text.ChatEncoder(tok, c.data.chat_template or None, box_markup=c.data.box_markup)
 
 
 def pipeline_config(c, encoder, mesh, rules, host_rows: bool = True, **changes) -> pipeline.PipelineConfig:
@@ -245,6 +285,8 @@ def check_source(c, name: str, required: bool) -> None:
         return
     if src.preset and src.preset not in model_config.PRESETS:
         raise ConfigError(f"{name}.preset={src.preset!r} is not one of {sorted(model_config.PRESETS)}")
+    if src.get("family", "") and src.family not in model_config.FAMILIES:
+        raise ConfigError(f"{name}.family={src.family!r} is not one of {sorted(model_config.FAMILIES)}")
     for part, kind in (("text", model_config.TextConfig), ("vision", model_config.VisionConfig)):
         overrides = src.get(f"{part}_overrides")
         if overrides and not src.preset:  # a checkpoint's geometry is its own
@@ -267,6 +309,8 @@ def check_common(c) -> None:
         if c.checkpoint.export_hf:
             raise ConfigError("checkpoint.export_hf: a compact-vocabulary model cannot be exported to the Hugging "
                               "Face layout (full vocabulary); unset model.compact_vocab or export_hf")
+    if c.data.box_markup not in BOX_MARKUPS:
+        raise ConfigError(f"data.box_markup={c.data.box_markup!r} is not one of {BOX_MARKUPS}")
     if c.data.box_format not in ("auto", *BOX_FORMATS):
         raise ConfigError(f"data.box_format={c.data.box_format!r} is not one of {('auto', *BOX_FORMATS)}")
     if c.model.scan_unroll < 1:

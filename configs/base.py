@@ -15,9 +15,13 @@ def get_config() -> ConfigDict:
 
     # --- the student / the model being trained. Exactly one source: hf_dir, orbax_dir or preset.
     c.model = ConfigDict()
-    c.model.hf_dir = ""  # a Hugging Face Qwen2-VL directory (config.json + *.safetensors)
+    c.model.hf_dir = ""  # a Hugging Face Qwen2-VL / Qwen2.5-VL directory (config.json + *.safetensors)
     c.model.orbax_dir = ""  # a clinkd_jax params checkpoint (python -m clinkd_jax.convert)
-    c.model.preset = ""  # build from scratch: tiny | tiny_qwen | qwen2vl_2b | qwen2vl_7b | qwen2vl_72b
+    # build from scratch: tiny | tiny_qwen | qwen2vl_2b | qwen2vl_7b | qwen2vl_72b | qwen2_5_vl_3b | qwen2_5_vl_7b
+    c.model.preset = ""
+    # the model family (qwen2_vl | qwen2_5_vl): a checkpoint's comes from its config.json (model_type) and a value
+    # here must agree with it; with a preset, the preset's sizes with that family's vision tower; "" = as given
+    c.model.family = ""
     c.model.text_overrides = ConfigDict()  # with a preset: LLM fields to change, e.g. {"hidden_size": 128}
     c.model.vision_overrides = ConfigDict()  # with a preset: vision-tower fields to change, e.g. {"depth": 4}
     # with a preset: "data" = embedding/LM-head rows only for the token ids the training and test data use
@@ -48,6 +52,7 @@ def get_config() -> ConfigDict:
     c.teacher.hf_dir = ""
     c.teacher.orbax_dir = ""
     c.teacher.preset = ""
+    c.teacher.family = ""  # as model.family, for the teacher
     c.teacher.text_overrides = ConfigDict()
     c.teacher.vision_overrides = ConfigDict()
     c.teacher.dtype = "bfloat16"
@@ -84,6 +89,10 @@ def get_config() -> ConfigDict:
     # Med-GRIT ids name no file type: <image_dir>/<id><ext> for the first of these that exists (DICOM included)
     c.data.image_ext = (".png", ".dcm", ".dicom", ".jpg", ".jpeg")
     c.data.box_format = "auto"  # auto (told per file, logged) | 0-1000 (integers, Qwen2-VL) | 0-1 (floats)
+    # the boxes the model is trained on and answers with: "0-1000" = Med-GRIT's markup (integers on a 0-1000 scale
+    # between box tokens; ClinKD's, every family's default) | "absolute" = Qwen2.5-VL's own grounding convention
+    # (pixels of the resized image the model sees). Files, predictions and scores stay 0-1000 either way.
+    c.data.box_markup = "0-1000"
     c.data.tokenizer = ""  # directory; default: the model's hf_dir, else the bundled Qwen2 tokenizer
     c.data.chat_template = "qwen2vl"  # "qwen2vl" (built in) | "" (the tokenizer's own)
     c.data.batch_size = 2  # global batch (all hosts): rows of one step; each host loads the rows its devices hold

@@ -32,6 +32,22 @@ CONFIGS = {
                   rope_theta=1e6, tie=False),
         vision=dict(depth=2, embed_dim=64, num_heads=4, mlp_ratio=2),
     ),
+    # Qwen2.5-VL: windows of 2x2 merged tokens (4x4 patches: the batch's 4x6 and 6x6 images span 2 and 4 windows,
+    # partial ones included) or of one merged token; full attention in different blocks; GQA ratios; tied/untied
+    "q25_win56_gqa2": dict(
+        family="qwen2_5_vl",
+        text=dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, mrope_section=[2, 3, 3],
+                  rope_theta=1e6, tie=False),
+        vision=dict(depth=3, embed_dim=32, num_heads=2, intermediate_size=48, window_size=56,
+                    fullatt_block_indexes=[1]),
+    ),
+    "q25_win28_tied": dict(
+        family="qwen2_5_vl",
+        text=dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=1, mrope_section=[2, 4, 2],
+                  rope_theta=1e4, tie=True),
+        vision=dict(depth=2, embed_dim=48, num_heads=3, intermediate_size=80, window_size=28,
+                    fullatt_block_indexes=[0]),
+    ),
 }
 
 # The reference batch: sample 0 one 4x6-patch image, right padding; sample 1 two images (4x4, 6x4),
@@ -42,18 +58,24 @@ NUM_PATCHES = 40
 
 
 def hf_config(name: str):
-    from transformers import Qwen2VLConfig
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 
     c = CONFIGS[name]
     t, v = c["text"], c["vision"]
+    if c.get("family") == "qwen2_5_vl":
+        return Qwen2_5_VLConfig(
+            text_config=_hf_text(t),
+            vision_config=dict(
+                depth=v["depth"], hidden_size=v["embed_dim"], out_hidden_size=t["hidden_size"],
+                num_heads=v["num_heads"], intermediate_size=v["intermediate_size"], hidden_act="silu",
+                window_size=v["window_size"], fullatt_block_indexes=v["fullatt_block_indexes"], patch_size=14,
+                temporal_patch_size=2, spatial_merge_size=MERGE, in_channels=3,
+            ),
+            image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VSTART, vision_end_token_id=VEND,
+            tie_word_embeddings=t["tie"],
+        )
     return Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=256, hidden_size=t["hidden_size"], intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=t["num_attention_heads"], num_key_value_heads=t["num_key_value_heads"],
-            rope_parameters={"rope_type": "default", "mrope_section": t["mrope_section"],
-                             "rope_theta": t["rope_theta"]},
-            max_position_embeddings=4096, rms_norm_eps=1e-6, bos_token_id=254, eos_token_id=255, pad_token_id=0,
-        ),
+        text_config=_hf_text(t),
         vision_config=dict(
             depth=v["depth"], embed_dim=v["embed_dim"], hidden_size=t["hidden_size"], num_heads=v["num_heads"],
             mlp_ratio=v["mlp_ratio"], patch_size=14, temporal_patch_size=2, spatial_merge_size=MERGE, in_channels=3,
@@ -63,6 +85,24 @@ def hf_config(name: str):
     )
 
 
+def _hf_text(t: dict) -> dict:
+    return dict(
+        vocab_size=256, hidden_size=t["hidden_size"], intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=t["num_attention_heads"], num_key_value_heads=t["num_key_value_heads"],
+        rope_parameters={"rope_type": "default", "mrope_section": t["mrope_section"], "rope_theta": t["rope_theta"]},
+        max_position_embeddings=4096, rms_norm_eps=1e-6, bos_token_id=254, eos_token_id=255, pad_token_id=0,
+    )
+
+
+def hf_model_class(name: str):
+    """transformers' model class of a reference config's family."""
+    import transformers
+
+    if CONFIGS[name].get("family") == "qwen2_5_vl":
+        return transformers.Qwen2_5_VLForConditionalGeneration
+    return transformers.Qwen2VLForConditionalGeneration
+
+
 def build_hf_model(name: str, seed: int = 0):
     """A random transformers Qwen2VLForConditionalGeneration with weights large enough to matter.
 
@@ -70,10 +110,9 @@ def build_hf_model(name: str, seed: int = 0):
     or mask slip through; weights are redrawn from N(0, 0.1) and norm scales from N(1, 0.1).
     """
     import torch
-    from transformers import Qwen2VLForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration._from_config(hf_config(name), attn_implementation="eager").eval()
+    model = hf_model_class(name)._from_config(hf_config(name), attn_implementation="eager").eval()
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for pname, p in model.named_parameters():
@@ -114,12 +153,20 @@ def hf_outputs(model, batch) -> dict[str, np.ndarray]:
             input_ids=t["input_ids"], attention_mask=t["attention_mask"], pixel_values=t["pixel_values"],
             image_grid_thw=t["image_grid_thw"], mm_token_type_ids=mm_types,
         )
-        pos, deltas = model.model.get_rope_index(
-            t["input_ids"], mm_types, t["image_grid_thw"], None, t["attention_mask"]
+        pos, deltas = model.model.get_rope_index(  # by keyword: Qwen2.5-VL's has second_per_grid_ts before the mask
+            t["input_ids"], mm_types, image_grid_thw=t["image_grid_thw"], attention_mask=t["attention_mask"]
         )
+    hidden = vis.last_hidden_state
+    window_size = getattr(model.config.vision_config, "window_size", 0)
+    if window_size:  # Qwen2.5-VL returns the tower's output in its window order: put it back in patch order
+        from transformers.vision_utils import get_vision_window_index
+
+        unit = MERGE**2
+        index, _ = get_vision_window_index(t["image_grid_thw"], MERGE, window_size, 14)
+        hidden = hidden.reshape(-1, unit, hidden.shape[-1])[torch.argsort(index)].reshape(hidden.shape)
     return {
         "logits": out.logits.float().numpy(),
-        "vision_hidden": vis.last_hidden_state.float().numpy(),
+        "vision_hidden": hidden.float().numpy(),
         "vision_merged": vis.pooler_output.float().numpy(),
         "position_ids": pos.numpy(),
         "rope_deltas": deltas.numpy().reshape(-1),
@@ -233,9 +280,10 @@ def hf_generation_reference(model) -> dict[str, np.ndarray]:
     prompts = generation_prompts()
     free = hf_generate(model, prompts, GEN_NEW_TOKENS, eos_token_id=255)
     stops = []
-    for row, step in ((1, 4), (2, 2)):
-        if free[row, step] not in stops and free[row, step] not in free[row, :step]:
-            stops.append(int(free[row, step]))
+    for candidates in (((1, 4), (2, 2)), ((0, 3), (3, 5))):  # the second pair only where the first gave none
+        for row, step in candidates if not stops else ():
+            if free[row, step] not in stops and free[row, step] not in free[row, :step]:
+                stops.append(int(free[row, step]))
     stops = stops or [255]
     tokens = hf_generate(model, prompts, GEN_NEW_TOKENS, eos_token_id=stops)
     padded = np.zeros((len(prompts), GEN_NEW_TOKENS), np.int64)

@@ -29,7 +29,8 @@ DEADLINE = 600  # seconds for one launch of all its processes
 # every side of a comparison runs with the same flags
 XLA = "--xla_backend_optimization_level=0 --xla_force_host_platform_device_count="
 
-# SFT then distillation into a fresh student, one recipe (clinkd_jax.recipe); tiny models, compact vocabulary
+# SFT then distillation into a fresh student of the other family, one recipe (clinkd_jax.recipe); tiny models,
+# compact vocabulary
 RECIPE = textwrap.dedent('''
     from ml_collections import ConfigDict
     from configs import demo_train
@@ -54,9 +55,11 @@ RECIPE = textwrap.dedent('''
         c.checkpoint.async_save = False
         c.mesh.shape = (1, -1, 1)
         c.stages = ("sft", "kd")
-        # SFT packs conversations into rows (data.pack), distillation does not: both plans meet several hosts
+        # SFT packs conversations into rows (data.pack), distillation does not: both plans meet several hosts.
+        # The student is a Qwen2.5-VL (56 px windows: 4 per 112 px image) taught by the Qwen2-VL SFT model.
+        student = {"preset": "tiny_qwen", "family": "qwen2_5_vl", "vision_overrides": {"window_size": 56}}
         c.stage_settings = ConfigDict({"sft": {"stage": "sft", "data": {"pack": True}},
-                                       "kd": {"stage": "kd", "teacher_from": "sft", "model": {"preset": "tiny_qwen"}}})
+                                       "kd": {"stage": "kd", "teacher_from": "sft", "model": student}})
         return c
 ''')
 
@@ -159,6 +162,8 @@ def test_sft_and_kd_with_buckets_and_epochs_agree_with_one_process(setup, tmp_pa
         assert summary["epochs"] == 2 and summary["steps"] == len(one) == len(two) > 10, stage
         for step in one:
             assert two[step] == pytest.approx(one[step], rel=1e-5), (stage, step)
+    student = json.load(open(tmp_path / "two" / "kd" / "params" / "model_config.json"))
+    assert student["model_type"] == "qwen2_5_vl" and student["vision_config"]["window_size"] == 56
     sizes = np.asarray(list(json.load(open(tmp_path / "two" / "data_sizes.json"))["sizes"].values()))
     pairs = set(zip(np.searchsorted((120, 160, 210), sizes[:, 0]), np.searchsorted((48, 64), sizes[:, 1])))
     assert len(pairs) == 6  # every (text, patch) bucket pair holds records: the plan really interleaves shapes

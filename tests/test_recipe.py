@@ -9,7 +9,7 @@ import pytest
 import reference as R
 from ml_collections import ConfigDict
 
-from clinkd_jax import recipe
+from clinkd_jax import recipe, run_setup
 from clinkd_jax.train.config import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,7 +159,7 @@ def test_demo_ablation_plan():
     assert drop(plan["teacher"].to_dict()) == drop(same.to_dict())  # the demo's teacher
 
 
-@pytest.mark.parametrize("name", ["clinkd_qwen2vl_7b", "clinkd_2b_from_7b"])
+@pytest.mark.parametrize("name", ["clinkd_qwen2vl_7b", "clinkd_2b_from_7b", "clinkd_qwen25vl_7b_to_3b"])
 def test_paper_configs(name):
     import importlib
 
@@ -175,3 +175,26 @@ def test_paper_configs(name):
     assert {n: cfg for n, cfg, _ in recipe.stage_configs(c, "/w")}["eval"].model.orbax_dir == "/w/sft/params"
     c.stages = ("sft", "rct", "sft_rct", "eval")  # no KD: SFT starts from the base checkpoint
     assert {n: cfg for n, cfg, _ in recipe.stage_configs(c, "/w")}["sft"].model.hf_dir == c.model.hf_dir
+
+
+def test_qwen25_family_runs_the_recipe(tmp_path):
+    """model.family=qwen2_5_vl: the same chain (SFT teacher -> KD -> SFT with an RCT round and SASG over 2
+    samples -> eval) on a tiny Qwen2.5-VL built from scratch, 56 px windows so the 112 px images span four windows
+    each, boxes in Qwen2.5-VL's absolute pixels; every saved checkpoint says its family, and a family that
+    disagrees with a checkpoint is refused by name."""
+    c = plan_config()
+    c.model.family = "qwen2_5_vl"
+    c.model.vision_overrides = {"window_size": 56}
+    c.data.box_markup = "absolute"  # Qwen2.5-VL's pixel boxes through training, RCT and evaluation
+    c.stage_settings.sft.rct = ConfigDict({"every_steps": 1, "rounds": 1, "num_items": 2, "samples": 2,
+                                           "max_new_tokens": 4})
+    out = recipe.run(c, str(tmp_path))
+    assert out["complete"] and set(out["evals"]["eval"]) == {"VG", "RO"}
+    for stage in ("teacher", "kd", "sft"):
+        saved = json.load(open(os.path.join(tmp_path, stage, "params", "model_config.json")))
+        assert saved["model_type"] == "qwen2_5_vl" and saved["vision_config"]["window_size"] == 56, stage
+    assert json.load(open(os.path.join(tmp_path, "sft", "summary.json")))["rct"]
+    bad = plan_config()
+    R.override(bad, {"model.family": "qwen2_vl", "model.preset": "", "model.orbax_dir": f"{tmp_path}/kd/params"})
+    with pytest.raises(ConfigError, match="holds a qwen2_5_vl model, but its family is set to 'qwen2_vl'"):
+        run_setup.config_of(bad.model)

@@ -45,7 +45,8 @@ from clinkd_jax.train.config import validate
 
 log = logging.getLogger("clinkd_jax.aot")
 # published checkpoints by directory name -> preset (72b before 7b: "qwen2-vl-72b" contains "qwen2-vl-7")
-PUBLISHED = (("qwen2-vl-72b", "qwen2vl_72b"), ("qwen2-vl-7b", "qwen2vl_7b"), ("qwen2-vl-2b", "qwen2vl_2b"))
+PUBLISHED = (("qwen2-vl-72b", "qwen2vl_72b"), ("qwen2-vl-7b", "qwen2vl_7b"), ("qwen2-vl-2b", "qwen2vl_2b"),
+             ("qwen2.5-vl-7b", "qwen2_5_vl_7b"), ("qwen2.5-vl-3b", "qwen2_5_vl_3b"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +83,7 @@ def _source(c, name: str, chained: dict[str, Geometry], workdir: str, vocab_ids)
         return Geometry(run_setup.config_of(src, vocab_ids), dtype, f"preset {src.preset}")
     if src.hf_dir:
         if os.path.isdir(src.hf_dir):
-            cfg = model_config.Qwen2VLConfig.from_hf_dir(src.hf_dir)
+            cfg = run_setup.config_of(src)
             return Geometry(cfg, "bfloat16" if name == "teacher" else c.model.param_dtype, src.hf_dir)
         base = os.path.basename(os.path.normpath(src.hf_dir)).lower()
         for key, preset in PUBLISHED:
@@ -93,8 +94,9 @@ def _source(c, name: str, chained: dict[str, Geometry], workdir: str, vocab_ids)
                 return Geometry(cfg, "bfloat16" if name == "teacher" else c.model.param_dtype,
                                 f"{src.hf_dir} (not here: {preset} by its name)")
         raise ConfigError(f"{name}.hf_dir={src.hf_dir!r} is not on this machine and its name is not a published "
-                          f"Qwen2-VL checkpoint's; aot needs only its geometry: add --config.{name}.hf_dir= "
-                          f"--config.{name}.preset=qwen2vl_7b (or _2b, _72b)")
+                          f"Qwen2-VL / Qwen2.5-VL checkpoint's; aot needs only its geometry: add "
+                          f"--config.{name}.hf_dir= "
+                          f"--config.{name}.preset=qwen2vl_7b (or another of {sorted(model_config.PRESETS)})")
     if src.orbax_dir:
         if os.path.isdir(src.orbax_dir):
             return Geometry(checkpoint.load_config(src.orbax_dir), c.model.param_dtype, src.orbax_dir)

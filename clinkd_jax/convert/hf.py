@@ -1,4 +1,4 @@
-"""Hugging Face Qwen2-VL safetensors <-> our parameter tree, without torch.
+"""Hugging Face Qwen2-VL / Qwen2.5-VL safetensors <-> our parameter tree, without torch.
 
 Import streams tensor by tensor straight onto the target shards: a host holds at most one Hugging Face
 tensor plus the shards of the one stacked parameter it is assembling, never two copies of the model.
@@ -81,7 +81,6 @@ def rules_for(cfg: Qwen2VLConfig) -> list[Rule]:
              lambda x: np.ascontiguousarray(x.reshape(v.embed_dim, -1).T),
              lambda x: np.ascontiguousarray(x.T.reshape(patch_shape))),
         Rule(("visual", "merger", "ln_q", "scale"), "visual.merger.ln_q.weight", _same, _same),
-        Rule(("visual", "merger", "ln_q", "bias"), "visual.merger.ln_q.bias", _same, _same),
         Rule(("visual", "merger", "mlp_0", "kernel"), "visual.merger.mlp.0.weight", _t, _t),
         Rule(("visual", "merger", "mlp_0", "bias"), "visual.merger.mlp.0.bias", _same, _same),
         Rule(("visual", "merger", "mlp_2", "kernel"), "visual.merger.mlp.2.weight", _t, _t),
@@ -89,12 +88,14 @@ def rules_for(cfg: Qwen2VLConfig) -> list[Rule]:
         Rule(("model", "embed_tokens", "embedding"), "model.embed_tokens.weight", _same, _same),
         Rule(("model", "norm", "scale"), "model.norm.weight", _same, _same),
     ]
+    if v.norm == "layer_norm":  # RMSNorm (Qwen2.5-VL) has no bias
+        rules.append(Rule(("visual", "merger", "ln_q", "bias"), "visual.merger.ln_q.bias", _same, _same))
     for norm in ("norm1", "norm2"):
-        rules += [
-            Rule(("visual", "blocks", norm, "scale"), f"visual.blocks.{{i}}.{norm}.weight", _same, _same, V),
-            Rule(("visual", "blocks", norm, "bias"), f"visual.blocks.{{i}}.{norm}.bias", _same, _same, V),
-        ]
-    for mod, hf in (("attn", "qkv"), ("attn", "proj"), ("mlp", "fc1"), ("mlp", "fc2")):
+        rules.append(Rule(("visual", "blocks", norm, "scale"), f"visual.blocks.{{i}}.{norm}.weight", _same, _same, V))
+        if v.norm == "layer_norm":
+            rules.append(Rule(("visual", "blocks", norm, "bias"), f"visual.blocks.{{i}}.{norm}.bias", _same, _same, V))
+    mlp = ("gate_proj", "up_proj", "down_proj") if v.mlp == "gated" else ("fc1", "fc2")
+    for mod, hf in (("attn", "qkv"), ("attn", "proj")) + tuple(("mlp", name) for name in mlp):
         rules += [
             Rule(("visual", "blocks", mod, hf, "kernel"), f"visual.blocks.{{i}}.{mod}.{hf}.weight", _t, _t, V),
             Rule(("visual", "blocks", mod, hf, "bias"), f"visual.blocks.{{i}}.{mod}.{hf}.bias", _same, _same, V),

@@ -85,6 +85,16 @@ def preprocess(img: Image.Image, cfg: ImageConfig = ImageConfig()) -> tuple[np.n
     return np.ascontiguousarray(x.reshape(gh * gw, 3 * t * p * p)), (1, gh, gw)
 
 
+def seen_size(path, cfg: ImageConfig = ImageConfig()) -> tuple[int, int]:
+    """(height, width) of the image as the model sees it (resized by `preprocess`), from the header only."""
+    return smart_resize(*image_size(path), cfg.factor, cfg.min_pixels, cfg.max_pixels)
+
+
+def grid_size(grid, cfg: ImageConfig = ImageConfig()) -> tuple[int, int]:
+    """(height, width) in pixels of a preprocessed image's (t, h, w) patch grid."""
+    return int(grid[1]) * cfg.patch_size, int(grid[2]) * cfg.patch_size
+
+
 def num_patches(height: int, width: int, cfg: ImageConfig = ImageConfig()) -> int:
     h, w = smart_resize(height, width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
     return (h // cfg.patch_size) * (w // cfg.patch_size)

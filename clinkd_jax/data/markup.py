@@ -8,6 +8,12 @@ image. Data files come in two box formats, told apart per file (`box_format_of`)
 Qwen-VL convention) and "0-1" floats (an older BiRD format). A "0-1" file is brought to the model's scale
 (`to_model_scale`: x -> round(1000 x)); otherwise boxes are never altered, and a malformed or
 out-of-range box is reported, not fixed.
+
+What the model reads and writes (`data.box_markup`, `BOX_MARKUPS`): "0-1000" (default) is Med-GRIT's and
+ClinKD's markup, the 0-1000 integers above; "absolute" is Qwen2.5-VL's own grounding convention, pixel
+coordinates of the image the model sees (after resizing), between the same box tokens. With "absolute", text is
+converted on its way in (`to_absolute`) and the model's answers on their way out (`from_absolute`), so data files,
+prediction files and scores stay on the 0-1000 scale.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import re
 
 BOX_SCALE = 1000
 BOX_FORMATS = ("0-1000", "0-1")  # integers on the model's scale | floats relative to the image
+BOX_MARKUPS = ("0-1000", "absolute")  # the model's boxes: Med-GRIT's 0-1000 | pixels of its input (Qwen2.5-VL's)
 
 IMG_TAG = re.compile(r"<img>.*?</img>\s*", re.S)
 BIRD_BOX = re.compile(r"<box>(.*?)</box>", re.S)
@@ -110,3 +117,32 @@ def validate_boxes(text: str, scale: int = BOX_SCALE) -> None:
             raise MarkupError(f"box {box} is outside the 0-{scale} coordinate scale")
         if x1 > x2 or y1 > y2:
             raise MarkupError(f"box {box} has its corners swapped (expected top-left then bottom-right)")
+
+
+def _rescale(text: str, fx: float, fy: float, limit: tuple[int, int] | None) -> str:
+    def scaled(m: re.Match) -> str:
+        try:
+            x1, y1, x2, y2 = (float(v) for v in _numbers(m.group(2)))
+        except MarkupError:
+            return m.group(0)  # a malformed box stays as written (the scorer counts it as a miss)
+        xs = [math.floor(v * fx + 0.5) for v in (x1, x2)]
+        ys = [math.floor(v * fy + 0.5) for v in (y1, y2)]
+        if limit:
+            xs, ys = [min(max(v, 0), limit[0]) for v in xs], [min(max(v, 0), limit[1]) for v in ys]
+        return f"{m.group(1)}({xs[0]},{ys[0]}),({xs[1]},{ys[1]}){m.group(3)}"
+
+    for pattern in _BOX_SPANS:
+        text = pattern.sub(scaled, text)
+    return text
+
+
+def to_absolute(text: str, size: tuple[int, int]) -> str:
+    """0-1000 boxes -> pixel coordinates of an image of `size` = (height, width), rounded half up."""
+    h, w = size
+    return _rescale(text, w / BOX_SCALE, h / BOX_SCALE, None)
+
+
+def from_absolute(text: str, size: tuple[int, int]) -> str:
+    """Pixel boxes (as a model trained with "absolute" writes them) -> 0-1000, clipped to the scale."""
+    h, w = size
+    return _rescale(text, BOX_SCALE / w, BOX_SCALE / h, (BOX_SCALE, BOX_SCALE))

@@ -106,7 +106,8 @@ class Preprocess:
             patches.append(p)
             grids.append(g)
         merge = cfg.image.merge_size**2
-        enc = self.encoder.encode(record.turns, [len(p) // merge for p in patches], cfg.text_buckets[-1])
+        enc = self.encoder.encode(record.turns, [len(p) // merge for p in patches], cfg.text_buckets[-1],
+                                  [image_lib.grid_size(g, cfg.image) for g in grids])
         grid_arr = np.asarray(grids).reshape(-1, 3)
 
         def rope(gaps):

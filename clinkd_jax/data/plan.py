@@ -76,11 +76,13 @@ def measure_one(record: Record, encoder: text_lib.ChatEncoder, image: image_lib.
     """(text tokens, image patches, trailing exchanges dropped to fit `text_cutoff`) of one record as the
     pipeline will build it, or why it cannot be used."""
     try:
-        patches = [image_lib.num_patches(*image_lib.image_size(p), image) for p in record.images]
+        sizes = [image_lib.image_size(p) for p in record.images]
+        patches = [image_lib.num_patches(*hw, image) for hw in sizes]
+        seen = [image_lib.smart_resize(*hw, image.factor, image.min_pixels, image.max_pixels) for hw in sizes]
     except image_lib.ImageError as e:
         return Skip("unreadable image", record.source, str(e))
     try:
-        enc = encoder.encode(record.turns, [n // image.merge_size**2 for n in patches], text_cutoff)
+        enc = encoder.encode(record.turns, [n // image.merge_size**2 for n in patches], text_cutoff, seen)
     except text_lib.TooLong as e:
         return Skip("longer than the longest text bucket", record.source, str(e))
     except Exception as e:  # a literal <|image_pad|> in the text, a template error, ...: this item only

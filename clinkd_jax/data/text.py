@@ -71,7 +71,11 @@ class Encoded:
 class ChatEncoder:
     """Renders and tokenizes conversations for one tokenizer/template pair."""
 
-    def __init__(self, tokenizer, chat_template: str | None = None, system_prompt: str | None = None):
+    def __init__(self, tokenizer, chat_template: str | None = None, system_prompt: str | None = None,
+                 box_markup: str = "0-1000"):
+        if box_markup not in markup.BOX_MARKUPS:
+            raise ValueError(f"box markup {box_markup!r} is not one of {markup.BOX_MARKUPS}")
+        self.box_markup = box_markup  # what the model reads and writes (markup.BOX_MARKUPS)
         self.tok = tokenizer
         if chat_template == "qwen2vl" or (chat_template is None and not getattr(tokenizer, "chat_template", None)):
             chat_template = QWEN2VL_TEMPLATE
@@ -81,11 +85,14 @@ class ChatEncoder:
         self.pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")  # padding, and what follows a stopped row
         self.stop_ids = (tokenizer.convert_tokens_to_ids("<|im_end|>"), self.pad_id)  # end of turn / of text
 
-    def messages(self, turns: tuple[Turn, ...] | list[Turn], n_images: int) -> list[dict]:
+    def messages(self, turns: tuple[Turn, ...] | list[Turn], n_images: int, image_sizes=None) -> list[dict]:
+        """Chat messages; `image_sizes` ((height, width) of each image as the model sees it) place boxes in the
+        first image's pixels when the markup is "absolute"."""
         out = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         placed = False
         for t in turns:
-            text = markup.to_qwen2vl(t.text.replace("<image>", ""))
+            text = self._boxes_in(t.text.replace("<image>", ""), image_sizes)
+            text = markup.to_qwen2vl(text)
             if t.role == "user" and not placed:
                 out.append({"role": "user",
                             "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]})
@@ -93,6 +100,19 @@ class ChatEncoder:
             else:
                 out.append({"role": t.role, "content": text})
         return out
+
+    def _boxes_in(self, text: str, image_sizes) -> str:
+        if self.box_markup == "0-1000" or not markup.box_bodies(text):
+            return text
+        if not image_sizes:
+            raise ValueError("box markup 'absolute' needs the image's size, and this text has no image")
+        return markup.to_absolute(text, image_sizes[0])
+
+    def boxes_out(self, response: str, image_sizes) -> str:
+        """A model's answer with its boxes on the 0-1000 scale, as data, prediction files and scorers hold them."""
+        if self.box_markup == "0-1000" or not image_sizes:
+            return response
+        return markup.from_absolute(response, image_sizes[0])
 
     def render(self, messages, add_generation_prompt: bool) -> str:
         return self.tok.apply_chat_template(
@@ -102,11 +122,12 @@ class ChatEncoder:
     def _ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
-    def encode(self, turns, image_tokens: list[int], max_length: int | None = None) -> Encoded:
-        """Token ids and labels; `image_tokens[k]` = merged-token count of image k."""
+    def encode(self, turns, image_tokens: list[int], max_length: int | None = None, image_sizes=None) -> Encoded:
+        """Token ids and labels; `image_tokens[k]` = merged-token count of image k, `image_sizes[k]` its (height,
+        width) in pixels as the model sees it (needed by the "absolute" box markup)."""
         turns = list(turns)
         while True:
-            enc = self._encode(turns, image_tokens)
+            enc = self._encode(turns, image_tokens, image_sizes)
             if max_length is None or len(enc.input_ids) <= max_length:
                 return enc
             last_user = max((i for i, t in enumerate(turns) if t.role == "user"), default=0)
@@ -114,8 +135,8 @@ class ChatEncoder:
                 raise TooLong(f"{len(enc.input_ids)} tokens with one exchange; the longest bucket is {max_length}")
             turns = turns[:last_user]  # drop the last (user, assistant...) exchange whole
 
-    def _encode(self, turns, image_tokens) -> Encoded:
-        msgs = self.messages(turns, len(image_tokens))
+    def _encode(self, turns, image_tokens, image_sizes=None) -> Encoded:
+        msgs = self.messages(turns, len(image_tokens), image_sizes)
         pieces: list[tuple[str, bool]] = []  # (text, supervised)
         done = ""
         for j, m in enumerate(msgs):
@@ -147,9 +168,9 @@ class ChatEncoder:
         return np.repeat(ids, counts), np.where(np.repeat(ids, counts) == self.image_pad_id, IGNORE,
                                                 np.repeat(labels, counts))
 
-    def prompt(self, turns, image_tokens: list[int]) -> np.ndarray:
+    def prompt(self, turns, image_tokens: list[int], image_sizes=None) -> np.ndarray:
         """Ids of a generation prompt: every turn up to the first assistant answer, then `assistant\\n`."""
         first_answer = next((i for i, t in enumerate(turns) if t.role == "assistant"), len(turns))
-        msgs = self.messages(list(turns)[:first_answer], len(image_tokens))
+        msgs = self.messages(list(turns)[:first_answer], len(image_tokens), image_sizes)
         ids = np.asarray(self._ids(self.render(msgs, add_generation_prompt=True)), np.int32)
         return self._expand_images(ids, np.zeros_like(ids), image_tokens)[0]

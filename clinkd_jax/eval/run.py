@@ -30,6 +30,7 @@ import os
 import jax
 
 from clinkd_jax import distributed, run_setup
+from clinkd_jax.data import image as image_lib
 from clinkd_jax.data import records as records_lib
 from clinkd_jax.data.image import ImageConfig
 from clinkd_jax.eval import captions, metrics, report
@@ -112,6 +113,9 @@ def predict(c, task: str, recs, generator, encoder, out_path: str, skips: record
             texts = [tok.decode(row, skip_special_tokens=False) for row in gen_lib.trim(tokens, stop_ids)]
             for i, r in enumerate(batch_recs):
                 line = prediction_line(r)
+                if encoder.box_markup != "0-1000":  # the model's boxes back on the files' 0-1000 scale
+                    sizes = [image_lib.seen_size(p, pcfg.image) for p in r.images]
+                    texts[i * n:(i + 1) * n] = [encoder.boxes_out(t, sizes) for t in texts[i * n:(i + 1) * n]]
                 if n > 1:
                     cands = texts[i * n:(i + 1) * n]
                     best, scores = sasg.select(cands, similarity=e.sasg_similarity)

@@ -60,7 +60,8 @@ def build_prompt(record: Record, encoder: text_lib.ChatEncoder, cfg: PromptConfi
     if n_patches > cfg.patch_buckets[-1]:
         raise PromptSkip("too many image patches", f"{n_patches} > {cfg.patch_buckets[-1]}")
     merge = cfg.image.merge_size**2
-    ids = encoder.prompt(record.turns, [len(p) // merge for p in patches])
+    ids = encoder.prompt(record.turns, [len(p) // merge for p in patches],
+                         [image_lib.grid_size(g, cfg.image) for g in grids])
     if len(ids) > cfg.text_buckets[-1]:
         raise PromptSkip("prompt longer than the longest text bucket", f"{len(ids)} > {cfg.text_buckets[-1]}")
     pos, _ = positions.get_rope_index(

@@ -1,10 +1,14 @@
 """Model configuration: frozen dataclasses, kept apart from the run config (ml_collections).
 
-`Qwen2VLConfig.from_hf_dict` reads every `config.json` layout Qwen2-VL checkpoints are found in:
-the flat layout of the published Qwen2-VL-2B/7B-Instruct files (text fields at the root,
-`rope_scaling`, `in_chans`) and the nested layout transformers 5 writes (`text_config`,
-`rope_parameters`, `in_channels`). `to_hf_dict` writes the published (flat) layout, which every
-transformers release since 4.45 loads.
+A model's *family* (`FAMILIES`: Qwen2-VL, Qwen2.5-VL) is a property of its checkpoint: `config.json`'s
+`model_type` picks it. Both share the Qwen2 LLM with M-RoPE, the position ids, the image processor and
+the chat template; they differ in the vision tower, which `VisionConfig` describes by feature (norm, MLP,
+window attention) so that the model code branches on features, never on the family's name.
+
+`Qwen2VLConfig.from_hf_dict` reads every `config.json` layout these checkpoints are found in: the flat
+layout of the published files (text fields at the root, `rope_scaling`, `in_chans`) and the nested layout
+transformers 5 writes (`text_config`, `rope_parameters`, `in_channels`). `to_hf_dict` writes the published
+(flat) layout of the config's family, which every transformers release since 4.49 loads.
 """
 
 from __future__ import annotations
@@ -21,13 +25,23 @@ VISION_START_TOKEN_ID = 151652
 VISION_END_TOKEN_ID = 151653
 
 
+# family -> (Hugging Face model_type, architecture class); what `to_hf_dict` writes and `from_hf_dict` accepts
+FAMILIES = {
+    "qwen2_vl": ("qwen2_vl", "Qwen2VLForConditionalGeneration"),
+    "qwen2_5_vl": ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"),
+}
+VISION_NORMS = ("layer_norm", "rms_norm")
+VISION_MLPS = ("fc", "gated")
+
+
 class ConfigError(ValueError):
-    """A model configuration that cannot describe a working Qwen2-VL."""
+    """A model configuration that cannot describe a working Qwen2-VL family model."""
 
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-    """The ViT tower and patch merger (unchanged by ClinKD)."""
+    """The ViT tower and patch merger (unchanged by ClinKD). Defaults: Qwen2-VL's; Qwen2.5-VL's tower sets
+    norm="rms_norm", mlp="gated", intermediate_size, window_size and fullatt_block_indexes."""
 
     depth: int = 32
     embed_dim: int = 1280
@@ -40,6 +54,11 @@ class VisionConfig:
     spatial_merge_size: int = 2
     rope_theta: float = 10000.0
     layer_norm_eps: float = 1e-6
+    norm: str = "layer_norm"  # blocks and merger: "layer_norm" (Qwen2-VL) | "rms_norm" (Qwen2.5-VL)
+    mlp: str = "fc"  # "fc": fc1 -> act -> fc2 (Qwen2-VL) | "gated": act(gate) * up -> down, with biases (Qwen2.5-VL)
+    intermediate_size: int = 0  # the MLP's width; 0 = embed_dim * mlp_ratio (then mlp_ratio is unused)
+    window_size: int = 0  # window attention's side in pixels (Qwen2.5-VL: 112); 0 = whole-image attention only
+    fullatt_block_indexes: tuple[int, ...] = ()  # blocks that attend over the whole image when window_size > 0
 
     @property
     def head_dim(self) -> int:
@@ -47,7 +66,12 @@ class VisionConfig:
 
     @property
     def mlp_dim(self) -> int:
-        return int(self.embed_dim * self.mlp_ratio)
+        return self.intermediate_size or int(self.embed_dim * self.mlp_ratio)
+
+    @property
+    def window_patches(self) -> int:
+        """Patches along one side of an attention window (8 for 112 px windows of 14 px patches)."""
+        return self.window_size // self.patch_size
 
     @property
     def patch_dim(self) -> int:
@@ -84,7 +108,7 @@ class TextConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Qwen2VLConfig:
-    """A whole Qwen2-VL: vision tower + merger + Qwen2 LLM, and the ids that tie them together."""
+    """A whole Qwen2-VL-family model: vision tower + merger + Qwen2 LLM, and the ids that tie them together."""
 
     vision: VisionConfig = VisionConfig()
     text: TextConfig = TextConfig()
@@ -97,6 +121,7 @@ class Qwen2VLConfig:
     # Tokenizer id of each embedding row when the vocabulary was compacted (`clinkd_jax.data.vocab`);
     # None: row k is token k, as in every published checkpoint.
     vocab_ids: tuple[int, ...] | None = None
+    family: str = "qwen2_vl"  # a key of FAMILIES: which checkpoints it reads and writes
 
     def __post_init__(self):
         validate(self)
@@ -107,10 +132,11 @@ class Qwen2VLConfig:
     # ---------------------------------------------------------------- Hugging Face
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], *, source: str = "config.json") -> "Qwen2VLConfig":
-        if d.get("model_type") not in (None, "qwen2_vl"):
-            raise ConfigError(f"{source}: model_type is {d.get('model_type')!r}, expected 'qwen2_vl'")
+        family = d.get("model_type") or "qwen2_vl"
+        if family not in FAMILIES:
+            raise ConfigError(f"{source}: model_type is {family!r}, expected one of {sorted(FAMILIES)}")
         if "vision_config" not in d:
-            raise ConfigError(f"{source}: no 'vision_config' section; is this a Qwen2-VL checkpoint?")
+            raise ConfigError(f"{source}: no 'vision_config' section; is this a {family} checkpoint?")
         t = dict(d.get("text_config") or {})
         for key, value in d.items():  # flat (published) layout: text fields live at the root
             if key not in ("text_config", "vision_config"):
@@ -133,26 +159,32 @@ class Qwen2VLConfig:
                 max_position_embeddings=int(t.get("max_position_embeddings", 32768)),
                 tie_word_embeddings=tie,
             )
-            vrope = v.get("rope_parameters") or {}
-            vision = VisionConfig(
+            common = dict(
                 depth=int(v["depth"]),
-                embed_dim=int(v["embed_dim"]),
                 num_heads=int(v["num_heads"]),
-                mlp_ratio=float(v.get("mlp_ratio", 4)),
-                hidden_act=v.get("hidden_act", "quick_gelu"),
                 in_channels=int(v.get("in_channels", v.get("in_chans", 3))),
                 patch_size=int(v.get("patch_size", 14)),
                 temporal_patch_size=int(v.get("temporal_patch_size", 2)),
                 spatial_merge_size=int(v.get("spatial_merge_size", 2)),
-                rope_theta=float(vrope.get("rope_theta", 10000.0)),
+                rope_theta=float((v.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
             )
+            if family == "qwen2_5_vl":  # hidden_size is the tower's width, out_hidden_size the merger's output
+                merger_out = v.get("out_hidden_size")
+                vision = VisionConfig(
+                    embed_dim=int(v["hidden_size"]), hidden_act=v.get("hidden_act", "silu"), norm="rms_norm",
+                    mlp="gated", intermediate_size=int(v["intermediate_size"]), window_size=int(v["window_size"]),
+                    fullatt_block_indexes=tuple(int(i) for i in v.get("fullatt_block_indexes", ())), **common,
+                )
+            else:  # Qwen2-VL: embed_dim is the tower's width, hidden_size the merger's output
+                merger_out = v.get("hidden_size")
+                vision = VisionConfig(embed_dim=int(v["embed_dim"]), mlp_ratio=float(v.get("mlp_ratio", 4)),
+                                      hidden_act=v.get("hidden_act", "quick_gelu"), **common)
         except KeyError as e:
             raise ConfigError(f"{source}: missing field {e.args[0]!r}") from None
-        merger_out = v.get("hidden_size")
         if merger_out is not None and int(merger_out) != text.hidden_size:
             raise ConfigError(
-                f"{source}: vision_config.hidden_size={merger_out} (the merger's output) must equal the "
-                f"LLM hidden_size={text.hidden_size}"
+                f"{source}: vision_config's merger output ({merger_out}) must equal the LLM "
+                f"hidden_size={text.hidden_size}"
             )
         return cls(
             vision=vision,
@@ -164,13 +196,15 @@ class Qwen2VLConfig:
             bos_token_id=t.get("bos_token_id", 151643),
             eos_token_id=t.get("eos_token_id", 151645),
             vocab_ids=None if d.get("clinkd_vocab_ids") is None else tuple(int(i) for i in d["clinkd_vocab_ids"]),
+            family=family,
         )
 
     @classmethod
     def from_hf_dir(cls, path: str) -> "Qwen2VLConfig":
         file = os.path.join(path, "config.json")
         if not os.path.isfile(file):
-            raise ConfigError(f"{path}: no config.json (expected a Hugging Face Qwen2-VL checkpoint directory)")
+            raise ConfigError(f"{path}: no config.json (expected a Hugging Face Qwen2-VL / Qwen2.5-VL checkpoint "
+                              "directory)")
         with open(file) as f:
             try:
                 d = json.load(f)
@@ -179,12 +213,23 @@ class Qwen2VLConfig:
         return cls.from_hf_dict(d, source=file)
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """The published (flat) config.json layout."""
+        """The published (flat) config.json layout of the config's family."""
         t, v = self.text, self.vision
         extra = {} if self.vocab_ids is None else {"clinkd_vocab_ids": list(self.vocab_ids)}  # ours, not HF's
+        model_type, architecture = FAMILIES[self.family]
+        common = {"depth": v.depth, "num_heads": v.num_heads, "hidden_act": v.hidden_act, "in_chans": v.in_channels,
+                  "patch_size": v.patch_size, "spatial_patch_size": v.patch_size,
+                  "temporal_patch_size": v.temporal_patch_size, "spatial_merge_size": v.spatial_merge_size}
+        if self.family == "qwen2_5_vl":
+            vision = {**common, "hidden_size": v.embed_dim, "out_hidden_size": t.hidden_size,
+                      "intermediate_size": v.mlp_dim, "window_size": v.window_size,
+                      "fullatt_block_indexes": list(v.fullatt_block_indexes), "tokens_per_second": 2}
+        else:
+            vision = {**common, "embed_dim": v.embed_dim, "hidden_size": t.hidden_size,
+                      "mlp_ratio": int(v.mlp_ratio) if float(v.mlp_ratio).is_integer() else v.mlp_ratio}
         return {
-            "architectures": ["Qwen2VLForConditionalGeneration"],
-            "model_type": "qwen2_vl",
+            "architectures": [architecture],
+            "model_type": model_type,
             "vocab_size": t.vocab_size,
             "hidden_size": t.hidden_size,
             "intermediate_size": t.intermediate_size,
@@ -205,19 +250,7 @@ class Qwen2VLConfig:
             "video_token_id": self.video_token_id,
             "vision_start_token_id": self.vision_start_token_id,
             "vision_end_token_id": self.vision_end_token_id,
-            "vision_config": {
-                "depth": v.depth,
-                "embed_dim": v.embed_dim,
-                "hidden_size": t.hidden_size,
-                "num_heads": v.num_heads,
-                "mlp_ratio": int(v.mlp_ratio) if float(v.mlp_ratio).is_integer() else v.mlp_ratio,
-                "hidden_act": v.hidden_act,
-                "in_chans": v.in_channels,
-                "patch_size": v.patch_size,
-                "spatial_patch_size": v.patch_size,
-                "temporal_patch_size": v.temporal_patch_size,
-                "spatial_merge_size": v.spatial_merge_size,
-            },
+            "vision_config": vision,
             **extra,
         }
 
@@ -249,6 +282,46 @@ def validate(cfg: Qwen2VLConfig) -> None:
         raise ConfigError(f"text.hidden_act={t.hidden_act!r} is not supported (Qwen2 uses 'silu')")
     if v.hidden_act not in ("quick_gelu", "gelu", "gelu_pytorch_tanh", "silu"):
         raise ConfigError(f"vision.hidden_act={v.hidden_act!r} is not supported")
+    if cfg.family not in FAMILIES:
+        raise ConfigError(f"family={cfg.family!r} is not one of {sorted(FAMILIES)}")
+    if v.norm not in VISION_NORMS or v.mlp not in VISION_MLPS:
+        raise ConfigError(f"vision.norm={v.norm!r} / vision.mlp={v.mlp!r}: expected one of {VISION_NORMS} / "
+                          f"{VISION_MLPS}")
+    tower = (v.norm, v.mlp, v.window_size > 0)
+    if tower != FAMILY_TOWERS[cfg.family]:  # what the family's checkpoints can hold
+        raise ConfigError(f"family {cfg.family!r} has vision norm/mlp/windows {FAMILY_TOWERS[cfg.family]}, "
+                          f"not {tower}; use `as_family` to build a tower of that family")
+    if v.window_size:
+        unit = v.patch_size * v.spatial_merge_size
+        if v.window_size % unit:
+            raise ConfigError(f"vision.window_size={v.window_size} must be a multiple of patch_size x "
+                              f"spatial_merge_size = {unit} (windows are whole merged tokens)")
+        bad = [i for i in v.fullatt_block_indexes if not 0 <= i < v.depth]
+        if bad:
+            raise ConfigError(f"vision.fullatt_block_indexes {bad} are not blocks of a depth-{v.depth} tower")
+
+
+FAMILY_TOWERS = {"qwen2_vl": ("layer_norm", "fc", False), "qwen2_5_vl": ("rms_norm", "gated", True)}
+
+
+def as_family(cfg: Qwen2VLConfig, family: str) -> Qwen2VLConfig:
+    """`cfg` (a preset: sizes, ids) with the vision tower of `family`, for models built from scratch
+    (`model.family`). Qwen2.5-VL's tower: RMSNorm, gated SiLU MLP of the same width, 112 px windows, the
+    last block of every quarter of the tower attending over the whole image (as 7, 15, 23, 31 of 32)."""
+    if family not in FAMILIES:
+        raise ConfigError(f"model.family={family!r} is not one of {sorted(FAMILIES)}")
+    if family == cfg.family:
+        return cfg
+    v = cfg.vision
+    if family == "qwen2_5_vl":
+        step = max(v.depth // 4, 2)  # a tower of 2-7 blocks keeps at least one windowed block
+        vision = dataclasses.replace(v, norm="rms_norm", mlp="gated", hidden_act="silu", intermediate_size=v.mlp_dim,
+                                     mlp_ratio=VisionConfig.mlp_ratio,
+                                     window_size=112, fullatt_block_indexes=tuple(range(step - 1, v.depth, step)))
+    else:
+        vision = dataclasses.replace(v, norm="layer_norm", mlp="fc", hidden_act="quick_gelu", intermediate_size=0,
+                                     mlp_ratio=v.mlp_dim / v.embed_dim, window_size=0, fullatt_block_indexes=())
+    return cfg.replace(family=family, vision=vision)
 
 
 # ------------------------------------------------------------------------- presets
@@ -272,6 +345,26 @@ def qwen2vl_72b() -> Qwen2VLConfig:
             num_attention_heads=64, num_key_value_heads=8,
         )
     )
+
+
+def _qwen25_tower() -> VisionConfig:
+    """Qwen2.5-VL-3B/7B's vision tower (their published vision_config)."""
+    return VisionConfig(depth=32, embed_dim=1280, num_heads=16, hidden_act="silu", norm="rms_norm", mlp="gated",
+                        intermediate_size=3420, window_size=112, fullatt_block_indexes=(7, 15, 23, 31))
+
+
+def qwen2_5_vl_3b() -> Qwen2VLConfig:
+    return Qwen2VLConfig(
+        family="qwen2_5_vl", vision=_qwen25_tower(),
+        text=TextConfig(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                        num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True,
+                        max_position_embeddings=128000),
+    )
+
+
+def qwen2_5_vl_7b() -> Qwen2VLConfig:
+    return Qwen2VLConfig(family="qwen2_5_vl", vision=_qwen25_tower(),
+                         text=dataclasses.replace(TextConfig(), max_position_embeddings=128000))
 
 
 def tiny(**text_overrides) -> Qwen2VLConfig:
@@ -300,5 +393,5 @@ def tiny_qwen(**text_overrides) -> Qwen2VLConfig:
                        bos_token_id=151643, eos_token_id=151645)
 
 
-PRESETS = {"qwen2vl_2b": qwen2vl_2b, "qwen2vl_7b": qwen2vl_7b, "qwen2vl_72b": qwen2vl_72b, "tiny": tiny,
-           "tiny_qwen": tiny_qwen}
+PRESETS = {"qwen2vl_2b": qwen2vl_2b, "qwen2vl_7b": qwen2vl_7b, "qwen2vl_72b": qwen2vl_72b,
+           "qwen2_5_vl_3b": qwen2_5_vl_3b, "qwen2_5_vl_7b": qwen2_5_vl_7b, "tiny": tiny, "tiny_qwen": tiny_qwen}

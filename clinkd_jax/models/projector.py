@@ -1,4 +1,4 @@
-"""The alignment projector: Qwen2-VL's PatchMerger (LayerNorm -> 2x2 spatial merge -> MLP)."""
+"""The alignment projector: the PatchMerger (LayerNorm, or RMSNorm in Qwen2.5-VL -> 2x2 spatial merge -> MLP)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,17 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from clinkd_jax.models.config import VisionConfig
-from clinkd_jax.models.layers import dense, layer_norm
+from clinkd_jax.models.layers import RMSNorm, dense, layer_norm
 from clinkd_jax.sharding import constrain
 
 Dtype = Any
+
+
+def vision_norm(cfg: VisionConfig, name: str, *, dtype, param_dtype):
+    """The tower's and merger's norm: LayerNorm (Qwen2-VL) or RMSNorm (Qwen2.5-VL), same eps."""
+    if cfg.norm == "rms_norm":
+        return RMSNorm(cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, name=name)
+    return layer_norm(cfg.layer_norm_eps, name=name, dtype=dtype, param_dtype=param_dtype)
 
 
 class PatchMerger(nn.Module):
@@ -28,7 +35,7 @@ class PatchMerger(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, n, e = x_bne.shape
         m = self.cfg.merge_tokens
-        x = layer_norm(self.cfg.layer_norm_eps, name="ln_q", **kw)(x_bne)
+        x = vision_norm(self.cfg, "ln_q", **kw)(x_bne)
         x = x.reshape(b, n // m, m * e)  # the m consecutive patches of one merge window side by side
         x = dense(m * e, ("merger_in", "merger_mlp"), name="mlp_0", **kw)(x)
         x = constrain(jax.nn.gelu(x, approximate=False), ("batch", "patches", "act_mlp"))

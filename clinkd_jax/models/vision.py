@@ -1,4 +1,7 @@
-"""The Qwen2-VL vision tower: patch embedding, 2-D rotary, pre-LayerNorm ViT blocks, then the merger.
+"""The Qwen2-VL-family vision tower: patch embedding, 2-D rotary, pre-norm ViT blocks, then the merger.
+
+Qwen2-VL: LayerNorm and an fc1 -> act -> fc2 MLP, every block over the whole image. Qwen2.5-VL: RMSNorm, a
+gated SiLU MLP, and window attention in all blocks but `fullatt_block_indexes` (`clinkd_jax.models.window`).
 
 Static shapes: each sample carries a fixed-size buffer of N patches (B, N, 1176). Any number of images
 of different sizes share it; `vision_segment_ids` (B, N) says which image each patch belongs to
@@ -15,10 +18,10 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from clinkd_jax.models import attention as attn_lib
-from clinkd_jax.models import rope
+from clinkd_jax.models import rope, window
 from clinkd_jax.models.config import VisionConfig
-from clinkd_jax.models.layers import activation, dense, layer_norm, maybe_remat
-from clinkd_jax.models.projector import PatchMerger
+from clinkd_jax.models.layers import activation, dense, gated_activation, maybe_remat
+from clinkd_jax.models.projector import PatchMerger, vision_norm
 from clinkd_jax.sharding import constrain
 
 Dtype = Any
@@ -49,7 +52,9 @@ class VisionAttention(nn.Module):
     query_block: int = 0
 
     @nn.compact
-    def __call__(self, x_bne, cos_bnh, sin_bnh, mask_b1nn, segment_ids_bn):
+    def __call__(self, x_bne, cos_bnh, sin_bnh, mask_b1nn, segment_ids_bn, window_ids_bn=None, full=None):
+        """`window_ids_bn` (window order, `models.window`): attend within windows, unless the scanned flag
+        `full` says this block attends over the whole image."""
         b, n, _ = x_bne.shape
         heads, hd = self.cfg.num_heads, self.cfg.head_dim
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -58,11 +63,21 @@ class VisionAttention(nn.Module):
         q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
         q = rope.apply_rotary(q, cos_bnh, sin_bnh)
         k = rope.apply_rotary(k, cos_bnh, sin_bnh)
-        out = attn_lib.dot_product_attention(
-            q, k, v, mask_b1nn, impl=self.attention_impl,
-            q_segment_ids=segment_ids_bn, kv_segment_ids=segment_ids_bn, per_head=self.per_head,
-            query_block=self.query_block,
-        )
+
+        def whole_image(q, k, v):
+            return attn_lib.dot_product_attention(
+                q, k, v, mask_b1nn, impl=self.attention_impl,
+                q_segment_ids=segment_ids_bn, kv_segment_ids=segment_ids_bn, per_head=self.per_head,
+                query_block=self.query_block,
+            )
+
+        if window_ids_bn is None:
+            out = whole_image(q, k, v)
+        else:
+            def windowed(q, k, v):
+                return window.window_attention(q, k, v, window_ids_bn, self.cfg.window_patches**2)
+
+            out = jax.lax.cond(full, whole_image, windowed, q, k, v)
         out = constrain(out.reshape(b, n, heads * hd), ("batch", "patches", "act_heads"))
         return dense(self.cfg.embed_dim, ("vit_qkv", "vit_embed"), name="proj", **kw)(out)
 
@@ -75,6 +90,11 @@ class VisionMLP(nn.Module):
     @nn.compact
     def __call__(self, x_bne):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        if self.cfg.mlp == "gated":  # Qwen2.5-VL: down(act(gate(x)) * up(x)), every projection with a bias
+            gate = dense(self.cfg.mlp_dim, ("vit_embed", "vit_mlp"), name="gate_proj", **kw)(x_bne)
+            up = dense(self.cfg.mlp_dim, ("vit_embed", "vit_mlp"), name="up_proj", **kw)(x_bne)
+            h = constrain(gated_activation(self.cfg.hidden_act)(gate, up), ("batch", "patches", "act_mlp"))
+            return dense(self.cfg.embed_dim, ("vit_mlp", "vit_embed"), name="down_proj", **kw)(h)
         h = dense(self.cfg.mlp_dim, ("vit_embed", "vit_mlp"), name="fc1", **kw)(x_bne)
         h = constrain(activation(self.cfg.hidden_act)(h), ("batch", "patches", "act_mlp"))
         return dense(self.cfg.embed_dim, ("vit_mlp", "vit_embed"), name="fc2", **kw)(h)
@@ -91,14 +111,13 @@ class VisionBlock(nn.Module):
     query_block: int = 0
 
     @nn.compact
-    def __call__(self, x_bne, cos_bnh, sin_bnh, mask_b1nn, segment_ids_bn):
+    def __call__(self, x_bne, cos_bnh, sin_bnh, mask_b1nn, segment_ids_bn, window_ids_bn=None, full=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        eps = self.cfg.layer_norm_eps
-        h = layer_norm(eps, name="norm1", **kw)(x_bne)
+        h = vision_norm(self.cfg, "norm1", **kw)(x_bne)
         attn = VisionAttention(self.cfg, attention_impl=self.attention_impl, per_head=self.per_head,
                                query_block=self.query_block, name="attn", **kw)
-        x_bne = x_bne + attn(h, cos_bnh, sin_bnh, mask_b1nn, segment_ids_bn)
-        h = layer_norm(eps, name="norm2", **kw)(x_bne)
+        x_bne = x_bne + attn(h, cos_bnh, sin_bnh, mask_b1nn, segment_ids_bn, window_ids_bn, full)
+        h = vision_norm(self.cfg, "norm2", **kw)(x_bne)
         x_bne = x_bne + VisionMLP(self.cfg, name="mlp", **kw)(h)
         return constrain(x_bne, ("batch", "patches", "act_embed")), None
 
@@ -123,7 +142,7 @@ class VisionTransformer(nn.Module):
             maybe_remat(VisionBlock, self.remat),
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast,) * 4,
+            in_axes=(nn.broadcast,) * 5 + (0,),  # the last: whether each block attends over the whole image
             length=self.cfg.depth,
             unroll=min(self.scan_unroll, self.cfg.depth),
             metadata_params={nn.PARTITION_NAME: "layers"},
@@ -132,11 +151,18 @@ class VisionTransformer(nn.Module):
 
     def encode(self, pixel_values_bnp, vision_position_ids_bn2, vision_segment_ids_bn):
         """(B, N, patch_dim), (B, N, 2) row/col ids, (B, N) image ids -> ViT output (B, N, embed_dim)."""
-        x = constrain(self.patch_embed(pixel_values_bnp), ("batch", "patches", "act_embed"))
-        cos, sin = rope.vision_cos_sin(vision_position_ids_bn2, self.cfg.head_dim, self.cfg.rope_theta)
-        mask = attn_lib.segment_mask(vision_segment_ids_bn, vision_segment_ids_bn)
-        x, _ = self.blocks(x, cos, sin, mask, vision_segment_ids_bn)
-        return x
+        c = self.cfg
+        pos, seg, pixels = vision_position_ids_bn2, vision_segment_ids_bn, pixel_values_bnp
+        perm = window_ids = full = None
+        if c.window_size:  # blocks run in window order (`models.window`); the output is put back
+            perm, window_ids = window.window_order(pos, seg, c.merge_tokens, c.window_patches)
+            pos, seg, pixels = (window.gather(x, perm) for x in (pos, seg, pixels))
+            full = jnp.isin(jnp.arange(c.depth), jnp.asarray(c.fullatt_block_indexes, jnp.int32))
+        x = constrain(self.patch_embed(pixels), ("batch", "patches", "act_embed"))
+        cos, sin = rope.vision_cos_sin(pos, c.head_dim, c.rope_theta)
+        mask = attn_lib.segment_mask(seg, seg)
+        x, _ = self.blocks(x, cos, sin, mask, seg, window_ids, full)
+        return x if perm is None else window.unsort(x, perm)
 
     def __call__(self, pixel_values_bnp, vision_position_ids_bn2, vision_segment_ids_bn):
         """Merged vision tokens (B, N / merge**2, out_dim), in the order of the <|image_pad|> tokens."""

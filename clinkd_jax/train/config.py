@@ -10,7 +10,7 @@ import numpy as np
 from clinkd_jax.data import pseudo_labels as pl_store
 from clinkd_jax.models.attention import IMPLS
 from clinkd_jax.models.layers import REMAT_POLICIES
-from clinkd_jax.run_setup import ConfigError, check_common, check_source
+from clinkd_jax.run_setup import ConfigError, check_common, check_same_tokenizer, check_source
 from clinkd_jax.train import losses
 
 
@@ -56,6 +56,7 @@ def validate(c) -> None:
     check_common(c)
     cached = c.stage == "kd" and bool(c.kd.pseudo_labels)
     check_source(c, "teacher", required=c.stage == "kd" and not cached)
+    check_same_tokenizer(c, "teacher")
     if cached:
         _pseudo_labels(c)
     if c.stage == "kd":

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from clinkd_jax import run_setup
+from clinkd_jax.data import image as image_lib
 from clinkd_jax.data import markup
 from clinkd_jax.data.image import ImageConfig
 from clinkd_jax.data.records import Record, SkipLog, Turn, text_problem
@@ -80,10 +81,11 @@ def _answers(generator, items, encoder, pcfg, sampling, seed, repeat=1) -> dict[
     order = {id(r): i for i, r in enumerate(items)}
     for k, (recs, batch) in enumerate(prompts_lib.prompt_batches(items, encoder, pcfg, SkipLog(), repeat=repeat)):
         tokens = generator(batch, sampling, rng=jax.random.fold_in(jax.random.key(seed), k))
-        texts = [markup.to_bird(extract_information(tok.decode(t, skip_special_tokens=False)))
-                 for t in gen_lib.trim(tokens, sampling.stop_token_ids)]
+        texts = [tok.decode(t, skip_special_tokens=False) for t in gen_lib.trim(tokens, sampling.stop_token_ids)]
         for i, r in enumerate(recs):
-            out[order[id(r)]] = texts[i * repeat:(i + 1) * repeat]
+            sizes = [image_lib.seen_size(p, pcfg.image) for p in r.images] if encoder.box_markup != "0-1000" else None
+            out[order[id(r)]] = [markup.to_bird(extract_information(encoder.boxes_out(t, sizes)))
+                                 for t in texts[i * repeat:(i + 1) * repeat]]
     return out
 
 

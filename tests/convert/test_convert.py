@@ -15,10 +15,12 @@ from clinkd_jax import checkpoint
 from clinkd_jax.convert import __main__ as cli
 from clinkd_jax.convert.hf import CheckpointError, load_hf_checkpoint, save_hf_checkpoint
 from clinkd_jax.models import Qwen2VL, Qwen2VLConfig
-from clinkd_jax.models.config import ConfigError, qwen2vl_2b
+from clinkd_jax.models.config import ConfigError, qwen2_5_vl_3b, qwen2vl_2b
 
 SRC = f"{R.GOLDEN}/gqa2_untied"
 TIED = f"{R.GOLDEN}/gqa4_tied"
+Q25 = f"{R.GOLDEN}/q25_win56_gqa2"  # Qwen2.5-VL: RMSNorm without biases, gated MLP with them
+Q25_TIED = f"{R.GOLDEN}/q25_win28_tied"
 
 
 def leaves_equal(a, b):
@@ -69,7 +71,7 @@ def test_legacy_nested_layout_loads_the_same(tmp_path):
     leaves_equal(load_hf_checkpoint(str(d))[1], load_hf_checkpoint(SRC)[1])
 
 
-@pytest.mark.parametrize("src", [SRC, TIED])
+@pytest.mark.parametrize("src", [SRC, TIED, Q25, Q25_TIED])
 def test_export_reimport_is_exact_and_sharded_with_index(tmp_path, src):
     cfg, params = load_hf_checkpoint(src)
     out = tmp_path / "export"
@@ -111,17 +113,17 @@ def test_export_writes_the_dtype_asked_for_from_sharded_params(tmp_path):
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("src", [SRC, TIED])
+@pytest.mark.parametrize("src", [SRC, TIED, Q25, Q25_TIED])
 def test_load_forward_export_reload_with_transformers(tmp_path, src):
     """Published layout -> our forward -> export -> transformers.from_pretrained -> same logits."""
-    from transformers import Qwen2VLForConditionalGeneration
-
     cfg, params = load_hf_checkpoint(src)
     inputs, _ = R.load_golden("gqa2_untied")
     x, _ = R.jax_inputs(inputs)
     ours = np.asarray(jax.jit(Qwen2VL(cfg).apply)({"params": params}, **x)["logits"])
     save_hf_checkpoint(params, cfg, str(tmp_path / "export"))
-    reloaded = Qwen2VLForConditionalGeneration.from_pretrained(str(tmp_path / "export"), attn_implementation="eager")
+    reloaded = R.hf_model_class(os.path.basename(src)).from_pretrained(str(tmp_path / "export"),
+                                                                       attn_implementation="eager")
+    assert type(reloaded).__name__ == json.loads((tmp_path / "export" / "config.json").read_text())["architectures"][0]
     theirs = R.hf_outputs(reloaded.eval(), inputs)["logits"]
     valid = inputs["attention_mask"].astype(bool)
     np.testing.assert_allclose(ours[valid], theirs[valid], atol=1e-4, rtol=0)  # float32, see test_parity
@@ -144,8 +146,25 @@ PUBLISHED_2B_CONFIG = {  # the layout of Qwen2-VL-2B-Instruct's config.json (fla
 }
 
 
+PUBLISHED_Q25_3B_CONFIG = {  # the layout of Qwen2.5-VL-3B-Instruct's config.json
+    **{k: v for k, v in PUBLISHED_2B_CONFIG.items() if k not in ("vision_config", "rope_scaling")},
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl", "hidden_size": 2048,
+    "intermediate_size": 11008, "max_position_embeddings": 128000, "max_window_layers": 70, "num_attention_heads": 16,
+    "num_hidden_layers": 36, "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True,
+    "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
+                      "num_heads": 16, "in_chans": 3, "out_hidden_size": 2048, "patch_size": 14,
+                      "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
+                      "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2},
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+}
+
+
 def test_config_layouts():
     assert Qwen2VLConfig.from_hf_dict(PUBLISHED_2B_CONFIG) == qwen2vl_2b()
+    assert Qwen2VLConfig.from_hf_dict(PUBLISHED_Q25_3B_CONFIG) == qwen2_5_vl_3b()  # the family from model_type
+    q25 = Qwen2VLConfig.from_hf_dir(Q25)  # transformers 5's nested layout
+    assert (q25.family, q25.vision.window_size, q25.vision.fullatt_block_indexes) == ("qwen2_5_vl", 56, (1,))
+    assert Qwen2VLConfig.from_hf_dict(q25.to_hf_dict()) == q25
     nested = Qwen2VLConfig.from_hf_dir(SRC)  # transformers 5 writes text_config / rope_parameters
     assert nested.text.mrope_section == (2, 3, 3) and nested.text.num_key_value_heads == 2
     assert Qwen2VLConfig.from_hf_dict(nested.to_hf_dict()) == nested
@@ -161,11 +180,28 @@ def test_config_layouts():
          r"mrope_section=\[16, 24, 16\] must sum to head_dim/2=64"),
         (lambda d: d.update(num_key_value_heads=5), "not a multiple of num_key_value_heads=5"),
         (lambda d: d["vision_config"].update(hidden_size=3584), "must equal the LLM hidden_size=1536"),
+        (lambda d: d.update(model_type="qwen3_vl"), r"model_type is 'qwen3_vl', expected one of \['qwen2_5_vl', "),
     ],
 )
 def test_bad_config_is_named(change, message):
     d = json.loads(json.dumps(PUBLISHED_2B_CONFIG))
     change(d)
+    with pytest.raises(ConfigError, match=message):
+        Qwen2VLConfig.from_hf_dict(d)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda v: v.pop("window_size"), "missing field 'window_size'"),
+        (lambda v: v.update(window_size=100), "window_size=100 must be a multiple of patch_size x spatial_merge_size"),
+        (lambda v: v.update(fullatt_block_indexes=[7, 32]), r"fullatt_block_indexes \[32\] are not blocks"),
+        (lambda v: v.update(out_hidden_size=3584), r"merger output \(3584\) must equal the LLM hidden_size=2048"),
+    ],
+)
+def test_bad_qwen25_config_is_named(change, message):
+    d = json.loads(json.dumps(PUBLISHED_Q25_3B_CONFIG))
+    change(d["vision_config"])
     with pytest.raises(ConfigError, match=message):
         Qwen2VLConfig.from_hf_dict(d)
 

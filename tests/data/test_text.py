@@ -87,3 +87,24 @@ def test_tokenizer_template_is_used_when_present():
     assert e.template is None
     assert e.render(e.messages(TURNS[:2], 1),
                     add_generation_prompt=False).startswith("<|im_start|>system\nYou read scans.")
+
+
+def test_absolute_box_markup_in_and_out():
+    """data.box_markup="absolute" (Qwen2.5-VL's convention): every box the model reads, in user and assistant
+    turns, is in pixels of the image it sees (here 280 x 560: x * 560 / 1000, y * 280 / 1000, half up); its
+    answers come back on the 0-1000 scale (clipped); the default markup leaves text as it is."""
+    e = T.ChatEncoder(encoder().tok, "qwen2vl", box_markup="absolute")
+    text = e.render(e.messages(TURNS, 1, [(280, 560)]), add_generation_prompt=False)
+    assert "<|box_start|>(231,89),(297,125)<|box_end|>" in text  # (412,318),(530,447)
+    assert "<|box_start|>(1,1),(17,11)<|box_end|>" in text  # (1,2),(30,40)
+    enc = e.encode(TURNS, [4], image_sizes=[(280, 560)])
+    assert "(231,89),(297,125)" in e.tok.decode(enc.input_ids[enc.labels != T.IGNORE])
+    assert "<|box_start|>(1,1),(17,11)<|box_end|>" in e.tok.decode(e.prompt(TURNS[2:], [4], [(280, 560)]))
+    answer = "<|box_start|>(231,89),(297,125)<|box_end|> and <|box_start|>(0,0),(600,300)<|box_end|>"
+    assert e.boxes_out(answer, [(280, 560)]) == ("<|box_start|>(413,318),(530,446)<|box_end|> and "
+                                                 "<|box_start|>(0,0),(1000,1000)<|box_end|>")
+    assert encoder().boxes_out(answer, [(280, 560)]) == answer
+    with pytest.raises(ValueError, match="needs the image's size"):
+        e.encode(TURNS, [4])
+    with pytest.raises(ValueError, match="box markup 'pixels' is not one of"):
+        T.ChatEncoder(encoder().tok, "qwen2vl", box_markup="pixels")

@@ -1,6 +1,7 @@
-"""Make the golden reference files from transformers' PyTorch Qwen2-VL (needs torch; Python 3.11 env).
+"""Make the golden reference files from transformers' PyTorch Qwen2-VL / Qwen2.5-VL (needs torch; Python 3.11 env).
 
-    python tests/golden/make_golden.py            # rewrites tests/golden/<config>/ and inputs.npz
+    python tests/golden/make_golden.py                   # rewrites tests/golden/<config>/ and inputs.npz
+    python tests/golden/make_golden.py q25_win56_gqa2    # only the named configs (inputs.npz is kept)
 
 For each tiny random config in `reference.CONFIGS` it writes the checkpoint directory exactly as
 `save_pretrained` does (config.json + model.safetensors, published key layout) and `outputs.npz`:
@@ -23,10 +24,11 @@ sys.path.insert(0, os.path.dirname(HERE))  # tests/ for `reference`
 import reference  # noqa: E402
 
 
-def main():
+def main(names: list[str]):
     batch = reference.make_batch()
-    np.savez_compressed(os.path.join(HERE, "inputs.npz"), **batch)
-    for name in reference.CONFIGS:
+    if not names:
+        np.savez_compressed(os.path.join(HERE, "inputs.npz"), **batch)
+    for name in names or reference.CONFIGS:
         out_dir = os.path.join(HERE, name)
         model = reference.build_hf_model(name, seed=0)
         model.save_pretrained(out_dir, safe_serialization=True)
@@ -41,4 +43,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -47,7 +47,7 @@ def test_greedy_equals_golden_transformers_generate(name):
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("name", ["gqa2_untied", "mha_head32"])
+@pytest.mark.parametrize("name", ["gqa2_untied", "mha_head32", "q25_win56_gqa2"])
 def test_greedy_equals_live_transformers_generate(name):
     ref = R.hf_generation_reference(R.build_hf_model(name, seed=0))
     tokens, _ = ours_greedy(name, ref["stop_token_ids"])

@@ -1,4 +1,4 @@
-"""Our Qwen2-VL against transformers' PyTorch Qwen2-VL on tiny random configs.
+"""Our Qwen2-VL / Qwen2.5-VL against transformers' PyTorch models of the same family on tiny random configs.
 
 Tolerance: float32 on CPU, max abs difference <= 1e-4 on logits (values of order 1-5) and on the vision
 tower / merger outputs. The observed difference is ~5e-6 (accumulation-order noise); a wrong rotary
@@ -57,24 +57,32 @@ def test_matches_golden(name):
 def test_matches_transformers_live(name):
     """Live: transformers loads the same directory and runs the same batch now; also proves the
     committed golden files are still what this transformers version computes."""
-    from transformers import Qwen2VLForConditionalGeneration
-
     inputs, golden = R.load_golden(name)
-    model = Qwen2VLForConditionalGeneration.from_pretrained(f"{R.GOLDEN}/{name}", attn_implementation="eager").eval()
+    model = R.hf_model_class(name).from_pretrained(f"{R.GOLDEN}/{name}", attn_implementation="eager").eval()
     live = R.hf_outputs(model, inputs)
     assert_matches(ours(name), live, inputs["attention_mask"])
     for key in golden:
         np.testing.assert_allclose(golden[key], live[key], atol=1e-5, rtol=0, err_msg=f"golden {key} is stale")
 
 
+FRESH = {  # configs in no golden file
+    # 8 query heads over 2 KV heads, mrope [2, 2, 4], tied head
+    "qwen2_vl": dict(text=dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=2, mrope_section=[2, 2, 4],
+                               rope_theta=5e5, tie=True),
+                     vision=dict(depth=3, embed_dim=40, num_heads=2, mlp_ratio=3)),
+    # windows of 2x2 merged tokens in the middle block only, 4 query heads per KV head, untied head
+    "qwen2_5_vl": dict(family="qwen2_5_vl",
+                       text=dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=2,
+                                 mrope_section=[4, 2, 2], rope_theta=2e5, tie=False),
+                       vision=dict(depth=3, embed_dim=40, num_heads=2, intermediate_size=72, window_size=56,
+                                   fullatt_block_indexes=[0, 2])),
+}
+
+
 @pytest.mark.torch
-def test_fresh_random_config_live(tmp_path):
-    """A config that is in no golden file: 8 query heads over 2 KV heads, mrope [2, 2, 4], tied head."""
-    R.CONFIGS["fresh_gqa4"] = dict(
-        text=dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=2, mrope_section=[2, 2, 4],
-                  rope_theta=5e5, tie=True),
-        vision=dict(depth=3, embed_dim=40, num_heads=2, mlp_ratio=3),
-    )
+@pytest.mark.parametrize("family", sorted(FRESH))
+def test_fresh_random_config_live(tmp_path, family):
+    R.CONFIGS["fresh_gqa4"] = FRESH[family]
     try:
         model = R.build_hf_model("fresh_gqa4", seed=7)
         model.save_pretrained(tmp_path)

@@ -12,6 +12,7 @@ import pytest
 
 from clinkd_jax import sharding
 from clinkd_jax.models import Qwen2VL
+from clinkd_jax.models.config import as_family
 from clinkd_jax.models.qwen2vl import abstract_params, init_params
 from clinkd_jax.train import losses, steps
 from clinkd_jax.train import state as state_lib
@@ -287,3 +288,41 @@ def test_bfloat16_compute_tracks_float32_through_the_kd_loss(tiny_and_batches):
         a, b = np.ravel(a), np.ravel(b)
         cos = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
         assert cos > 0.99, (name, cos)
+
+
+def test_kd_across_families_and_padded_vocabularies(tiny_and_batches):
+    """A Qwen2.5-VL student distilled from a Qwen2.5-VL teacher whose vocabulary has 64 more (padding) rows, as
+    7B's 152064 against 3B's 151936: the KD loss and its gradient equal those from the same teacher without the
+    rows (teacher logits cut to the student's vocabulary, as released). A Qwen2-VL teacher (same tokenizer)
+    distils into the Qwen2.5-VL student through the same step and lowers the KD loss."""
+    cfg, batches = tiny_and_batches
+    s_cfg = as_family(cfg, "qwen2_5_vl")
+    student, teacher = Qwen2VL(s_cfg), Qwen2VL(s_cfg)
+    s_params, t_params = init_params(student, jax.random.key(6)), init_params(teacher, jax.random.key(7))
+    v = s_cfg.text.vocab_size
+    padded_cfg = s_cfg.replace(text=dataclasses.replace(s_cfg.text, vocab_size=v + 64))
+    padded = jax.tree.map(lambda x: x, t_params)
+    extra = jax.random.normal(jax.random.key(8), (64, s_cfg.text.hidden_size)) * 3.0  # large: they would matter
+    padded["model"]["embed_tokens"]["embedding"] = jnp.concatenate([t_params["model"]["embed_tokens"]["embedding"],
+                                                                   extra])
+    padded["lm_head"]["kernel"] = jnp.concatenate([t_params["lm_head"]["kernel"], extra.T], axis=1)
+    batch = feed(batches[0])
+    kd = losses.KDConfig()
+
+    def loss_and_grad(t_model, t_p):
+        def f(params):
+            hidden, head = steps.hidden_and_head(student, params, batch)
+            t_hidden, t_head = steps.hidden_and_head(t_model, t_p, batch)
+            return losses.chunked_loss(hidden, head, batch["labels"], kd=kd, chunk=64, teacher_hidden_bld=t_hidden,
+                                       teacher_head=t_head)["loss_kd"]
+        return jax.jit(jax.value_and_grad(f))(s_params)
+
+    (l_cut, g_cut), (l_pad, g_pad) = loss_and_grad(teacher, t_params), loss_and_grad(Qwen2VL(padded_cfg), padded)
+    np.testing.assert_allclose(float(l_pad), float(l_cut), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_pad), jax.tree.leaves(g_cut)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-8)
+
+    q2_teacher = Qwen2VL(cfg)  # a Qwen2-VL teacher
+    _, history = run(student, s_params, batches, 8, teacher=q2_teacher,
+                     teacher_params=init_params(q2_teacher, jax.random.key(9)), kd=kd)
+    assert history[-1]["loss_kd"] < history[0]["loss_kd"]

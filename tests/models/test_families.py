@@ -1,0 +1,102 @@
+"""Model families: the family as a property of the config, and Qwen2.5-VL's window attention in isolation
+(its parity with transformers is in test_parity / test_generate / test_convert, over the q25_* golden files)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clinkd_jax.data import positions
+from clinkd_jax.models import attention, window
+from clinkd_jax.models.config import PRESETS, ConfigError, Qwen2VLConfig, as_family, tiny
+
+
+def test_presets_round_trip_through_their_family_config_json():
+    for name, preset in PRESETS.items():
+        cfg = preset()
+        d = cfg.to_hf_dict()
+        assert d["model_type"] == cfg.family, name
+        assert Qwen2VLConfig.from_hf_dict(d) == cfg, name
+
+
+def test_as_family_builds_the_qwen25_tower_and_back():
+    q25 = as_family(tiny(), "qwen2_5_vl")
+    v = q25.vision
+    assert (q25.family, v.norm, v.mlp, v.window_size) == ("qwen2_5_vl", "rms_norm", "gated", 112)
+    assert v.fullatt_block_indexes == (1,) and v.mlp_dim == tiny().vision.mlp_dim  # a windowed block stays
+    assert as_family(q25, "qwen2_vl") == tiny()
+    with pytest.raises(ConfigError, match="model.family='qwen3_vl' is not one of"):
+        as_family(tiny(), "qwen3_vl")
+    with pytest.raises(ConfigError, match="family 'qwen2_vl' has vision norm/mlp/windows"):
+        tiny().replace(vision=v)  # a Qwen2-VL config.json cannot hold a Qwen2.5-VL tower
+
+
+def _packed(grids, num_patches):
+    rng = np.random.default_rng(0)
+    samples = [[(rng.standard_normal((int(np.prod(g)), 4)).astype(np.float32), g) for g in gs] for gs in grids]
+    return positions.pack_vision_inputs(samples, num_patches)
+
+
+def test_window_order_makes_each_window_contiguous_and_unsorts():
+    # images of 8x12, 6x6 and 4x4 patches; 4-patch windows: partial windows at the right and bottom edges
+    v = _packed([[(1, 8, 12), (1, 6, 6)], [(1, 4, 4)]], 160)
+    perm, ids = window.window_order(jnp.asarray(v["vision_position_ids"]), jnp.asarray(v["vision_segment_ids"]), 4, 4)
+    perm, ids = np.asarray(perm), np.asarray(ids)
+    for b in range(2):
+        assert sorted(perm[b]) == list(range(160))
+        real = ids[b][ids[b] > 0]
+        changes = np.flatnonzero(np.diff(real)) + 1
+        runs = np.split(real, changes)
+        assert len({r[0] for r in runs}) == len(runs), "a window appears in two runs"
+        assert max(len(r) for r in runs) <= 16 and (ids[b][len(real):] == 0).all()  # padding last
+    # 8x12 image: 2 x 3 windows; 6x6: 2 x 2 (partial); 4x4: one
+    assert len(np.unique(ids[0][ids[0] > 0])) == 6 + 4 and len(np.unique(ids[1][ids[1] > 0])) == 1
+    x = jnp.arange(2 * 160, dtype=jnp.float32).reshape(2, 160, 1)
+    np.testing.assert_array_equal(window.unsort(window.gather(x, jnp.asarray(perm)), jnp.asarray(perm)), x)
+
+
+def test_window_attention_equals_dense_masked_attention_without_an_n_by_n_array():
+    """Against attention over all N keys with a (window == window) mask, in float32 (same sums over the same
+    keys, another order: 1e-5), with N not a multiple of the block; and no (N, N)-sized array in the program."""
+    v = _packed([[(1, 8, 12), (1, 6, 6)], [(1, 4, 4), (1, 10, 6)]], 200)
+    perm, ids = window.window_order(jnp.asarray(v["vision_position_ids"]), jnp.asarray(v["vision_segment_ids"]), 4, 4)
+    q, k, val = (jax.random.normal(jax.random.key(i), (2, 200, 3, 8)) for i in range(3))
+    got = window.window_attention(q, k, val, ids, block=16)
+    mask = ((ids[:, :, None] == ids[:, None, :]) & (ids[:, None, :] > 0))[:, None]
+    want = attention.dot_product_attention(q, k, val, mask, impl="xla")
+    real = np.asarray(ids > 0)
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-5, rtol=0)
+
+    n = 4096
+    jaxpr = jax.make_jaxpr(lambda q, k, v, ids: window.window_attention(q, k, v, ids, 64))(
+        *(jnp.zeros((1, n, 2, 8)),) * 3, jnp.zeros((1, n), jnp.int32))
+    biggest = max(np.prod(var.aval.shape) for eqn in jaxpr.jaxpr.eqns for var in eqn.outvars)
+    assert biggest <= n * 3 * 64 * 2, biggest  # (queries, 3 blocks of keys, heads), not (n, n)
+
+
+def test_a_teacher_with_another_tokenizer_is_refused_by_name(tmp_path):
+    """Qwen2-VL and Qwen2.5-VL share a tokenizer, so either teaches the other; a checkpoint whose tokenizer
+    (tokenizer.json vocabulary) or special ids differ is refused before any weight is read."""
+    from ml_collections import ConfigDict
+
+    from clinkd_jax import run_setup
+
+    def ckpt(name, vocab):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "tokenizer.json").write_text(json.dumps({"model": {"vocab": vocab}, "added_tokens": []}))
+        return str(d)
+
+    same, other = {"a": 0, "b": 1}, {"a": 0, "c": 1}
+    c = ConfigDict({"model": {"hf_dir": ckpt("student", same), "orbax_dir": ""},
+                    "teacher": {"hf_dir": ckpt("teacher", same), "orbax_dir": ""}})
+    run_setup.check_same_tokenizer(c)
+    c.teacher.hf_dir = ckpt("other", other)
+    with pytest.raises(ConfigError, match=r"teacher: its tokenizer \(.*other/tokenizer.json\) is not the model's"):
+        run_setup.check_same_tokenizer(c)
+    student = as_family(tiny(), "qwen2_5_vl")
+    run_setup.same_vocab(student, tiny(), "the teacher")  # Qwen2-VL teacher, Qwen2.5-VL student
+    with pytest.raises(ConfigError, match="the teacher has image_token_id=7 but the model has 250"):
+        run_setup.same_vocab(student, tiny().replace(image_token_id=7), "the teacher")
