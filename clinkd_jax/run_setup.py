@@ -71,7 +71,7 @@ def load_model(src, mesh, rules, seed: int, vocab_ids=None, dtype: str | None = 
     `dtype`: the parameters' dtype (None: a checkpoint's own, float32 for a preset)."""
     cfg = config_of(src, vocab_ids)  # the geometry (and its family checked) before any weight is read
     if src.hf_dir:
-        return hf.load_hf_checkpoint(src.hf_dir, mesh=mesh, rules=rules, dtype=dtype)
+        return hf.load_hf_checkpoint(src.hf_dir, config=cfg, mesh=mesh, rules=rules, dtype=dtype)
     if src.orbax_dir:
         return checkpoint.load_params(src.orbax_dir, mesh=mesh, rules=rules, dtype=dtype)
     return cfg, init_params(Qwen2VL(cfg, param_dtype=dtype or "float32"), jax.random.key(seed), mesh, rules)

@@ -76,9 +76,8 @@ def measure_one(record: Record, encoder: text_lib.ChatEncoder, image: image_lib.
     """(text tokens, image patches, trailing exchanges dropped to fit `text_cutoff`) of one record as the
     pipeline will build it, or why it cannot be used."""
     try:
-        sizes = [image_lib.image_size(p) for p in record.images]
-        patches = [image_lib.num_patches(*hw, image) for hw in sizes]
-        seen = [image_lib.smart_resize(*hw, image.factor, image.min_pixels, image.max_pixels) for hw in sizes]
+        seen = [image_lib.seen_size(p, image) for p in record.images]  # (height, width) after resizing
+        patches = [(h // image.patch_size) * (w // image.patch_size) for h, w in seen]
     except image_lib.ImageError as e:
         return Skip("unreadable image", record.source, str(e))
     try:
