@@ -28,6 +28,7 @@ SETUPS = {
     "kd_7b_2b": ("configs/clinkd_2b_from_7b.py", {"stage": "kd"}),
     "kd_7b_2b_pseudo_labels": ("configs/clinkd_2b_from_7b.py", {"stage": "kd", "kd.pseudo_labels": "/not/here"}),
     "kd_7b_7b": ("configs/clinkd_qwen2vl_7b.py", {"stage": "kd", "teacher.hf_dir": "/ckpt/Qwen2-VL-7B-Instruct"}),
+    "kd_q25_7b_3b": ("configs/clinkd_qwen25vl_7b_to_3b.py", {"stage": "kd"}),  # window-attention towers
 }
 SLICES = "v4-8,v4-32,v5e-16,v5e-64,v5p-8,v5p-16,v6e-8"
 LEVERS = [  # (name, overrides) against the setup as configured

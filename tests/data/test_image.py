@@ -3,6 +3,8 @@
 Tolerance 1e-5 on normalised pixel values (range about -1.8..2.2): both sides do the same bicubic PIL
 resize on uint8 and differ only in float rounding of rescale/normalise (observed ~5e-7)."""
 
+import types
+
 import numpy as np
 import pydicom  # noqa: E402
 import pytest
@@ -29,6 +31,30 @@ def test_matches_transformers_processor(size, budget, mode):
     assert [list(grid)] == ref["image_grid_thw"].tolist()
     np.testing.assert_allclose(patches, ref["pixel_values"], atol=1e-5, rtol=0)
     assert I.num_patches(*size, I.ImageConfig(min_pixels=budget[0], max_pixels=budget[1])) == len(patches)
+
+
+def test_qwen25_vl_processing_is_the_same():
+    """Qwen2.5-VL's processing as transformers does it: the auto mapping gives model_type qwen2_5_vl the Qwen2-VL
+    image processor (so the parity test above covers it; a transformers change there fails here), and
+    Qwen2_5_VLProcessor writes grid / merge_size² <|image_pad|> tokens per image, the count our encoder expands
+    each image to. Checked at Qwen2.5-VL's published settings (patch 14, merge 2, 3136..12845056 pixels)."""
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES as mapping
+    from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    assert mapping["qwen2_5_vl"] == mapping["qwen2_vl"]
+    cfg = I.ImageConfig(min_pixels=3136, max_pixels=12845056)
+    ref_processor = Qwen2VLImageProcessorPil(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    # the processor's token rule alone: building the whole processor needs a video processor (torchvision)
+    processor = types.SimpleNamespace(image_processor=ref_processor, image_token="<|image_pad|>")
+    rng = np.random.default_rng(1)
+    for size in ((100, 120), (333, 517), (1024, 700), (57, 913)):
+        img = Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8))
+        ref = ref_processor(img, return_tensors="np")
+        patches, grid = I.preprocess(img, cfg)
+        np.testing.assert_allclose(patches, ref["pixel_values"], atol=1e-5, rtol=0)
+        pads = Qwen2_5_VLProcessor.replace_image_token(processor, ref, 0)
+        assert pads.count("<|image_pad|>") == I.num_patches(*size, cfg) // cfg.merge_size ** 2 == len(patches) // 4
 
 
 def test_smart_resize_matches_transformers():

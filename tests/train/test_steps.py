@@ -290,6 +290,18 @@ def test_bfloat16_compute_tracks_float32_through_the_kd_loss(tiny_and_batches):
         assert cos > 0.99, (name, cos)
 
 
+def with_padding_rows(cfg, params, rows=64):
+    """A teacher whose vocabulary has `rows` more (padding) rows than `cfg`'s, as Qwen2.5-VL-7B's 152064 against
+    3B's 151936; the extra rows are large random vectors, so that using them anywhere would show."""
+    padded_cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=cfg.text.vocab_size + rows))
+    padded = jax.tree.map(lambda x: x, params)
+    extra = jax.random.normal(jax.random.key(8), (rows, cfg.text.hidden_size)) * 3.0
+    padded["model"]["embed_tokens"]["embedding"] = jnp.concatenate([params["model"]["embed_tokens"]["embedding"],
+                                                                   extra])
+    padded["lm_head"]["kernel"] = jnp.concatenate([params["lm_head"]["kernel"], extra.T], axis=1)
+    return Qwen2VL(padded_cfg), padded
+
+
 def test_kd_across_families_and_padded_vocabularies(tiny_and_batches):
     """A Qwen2.5-VL student distilled from a Qwen2.5-VL teacher whose vocabulary has 64 more (padding) rows, as
     7B's 152064 against 3B's 151936: the KD loss and its gradient equal those from the same teacher without the
@@ -299,13 +311,7 @@ def test_kd_across_families_and_padded_vocabularies(tiny_and_batches):
     s_cfg = as_family(cfg, "qwen2_5_vl")
     student, teacher = Qwen2VL(s_cfg), Qwen2VL(s_cfg)
     s_params, t_params = init_params(student, jax.random.key(6)), init_params(teacher, jax.random.key(7))
-    v = s_cfg.text.vocab_size
-    padded_cfg = s_cfg.replace(text=dataclasses.replace(s_cfg.text, vocab_size=v + 64))
-    padded = jax.tree.map(lambda x: x, t_params)
-    extra = jax.random.normal(jax.random.key(8), (64, s_cfg.text.hidden_size)) * 3.0  # large: they would matter
-    padded["model"]["embed_tokens"]["embedding"] = jnp.concatenate([t_params["model"]["embed_tokens"]["embedding"],
-                                                                   extra])
-    padded["lm_head"]["kernel"] = jnp.concatenate([t_params["lm_head"]["kernel"], extra.T], axis=1)
+    padded_teacher, padded = with_padding_rows(s_cfg, t_params)
     batch = feed(batches[0])
     kd = losses.KDConfig()
 
@@ -317,7 +323,7 @@ def test_kd_across_families_and_padded_vocabularies(tiny_and_batches):
                                        teacher_head=t_head)["loss_kd"]
         return jax.jit(jax.value_and_grad(f))(s_params)
 
-    (l_cut, g_cut), (l_pad, g_pad) = loss_and_grad(teacher, t_params), loss_and_grad(Qwen2VL(padded_cfg), padded)
+    (l_cut, g_cut), (l_pad, g_pad) = loss_and_grad(teacher, t_params), loss_and_grad(padded_teacher, padded)
     np.testing.assert_allclose(float(l_pad), float(l_cut), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g_pad), jax.tree.leaves(g_cut)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-8)
