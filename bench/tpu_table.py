@@ -29,6 +29,7 @@ SETUPS = {
     "kd_7b_2b_pseudo_labels": ("configs/clinkd_2b_from_7b.py", {"stage": "kd", "kd.pseudo_labels": "/not/here"}),
     "kd_7b_7b": ("configs/clinkd_qwen2vl_7b.py", {"stage": "kd", "teacher.hf_dir": "/ckpt/Qwen2-VL-7B-Instruct"}),
     "kd_q25_7b_3b": ("configs/clinkd_qwen25vl_7b_to_3b.py", {"stage": "kd"}),  # window-attention towers
+    "kd_q3_8b_2b": ("configs/clinkd_qwen3vl_8b_to_2b.py", {"stage": "kd"}),  # DeepStack, learned positions
 }
 SLICES = "v4-8,v4-32,v5e-16,v5e-64,v5p-8,v5p-16,v6e-8"
 LEVERS = [  # (name, overrides) against the setup as configured
@@ -67,8 +68,13 @@ def measure(setup: str, slice_name: str, per_chip: int, overrides: dict, workdir
         out["bytes"] = None
     out["fits"] = out["bytes"] is not None and out["bytes"] <= s.hbm_bytes
     if estimate and out["fits"]:
-        est = report.time_estimate(programs.estimate(p, lambda lowered: report.cost(lowered.compile())),
-                                   s.peak_flops, s.generation.hbm_bandwidth)
+        try:
+            est = report.time_estimate(programs.estimate(p, lambda lowered: report.cost(lowered.compile())),
+                                       s.peak_flops, s.generation.hbm_bandwidth)
+        except Exception as e:  # a loop-free twin can need more memory than the scanned step itself
+            if report.out_of_memory(str(e)) is None:
+                raise
+            return out | {"est_error": "loop-free twin out of memory"}
         out |= est | {"flops": p.flops, "est_mfu": p.flops / s.chips / (est["est_seconds"] * s.peak_flops)}
     return out
 
@@ -83,14 +89,24 @@ def largest_batch(setup, slice_name, overrides, workdir, max_per_chip, estimate)
         if not r["fits"]:
             break
         best, per = r, per * 2
-    if best is None:
-        return r
-    return measure(setup, slice_name, best["per_chip"], overrides, workdir, estimate) if estimate else best
+    if best is None or not estimate:
+        return best or r
+    # estimated at the largest batch whose loop-free twins compile (said in the row when it is a smaller one)
+    per = best["per_chip"]
+    while per >= 1:
+        e = measure(setup, slice_name, per, overrides, workdir, estimate)
+        if "est_error" not in e:
+            return best | {k: v for k, v in e.items() if k.startswith("est_") or k == "flops"} | {"est_per_chip": per}
+        print(f"  {setup} {slice_name} per-chip {per}: {e['est_error']}", flush=True)
+        per //= 2
+    return best
 
 
 def row(r: dict) -> str:
     gib = "compiler OOM" if r["bytes"] is None else f"{r['bytes'] / 2**30:.1f}"
     est = (f"{r['est_seconds']:.2f} | {100 * r['est_mfu']:.0f} %" if r.get("est_seconds") else "— | —")
+    if r.get("est_per_chip", r["per_chip"]) != r["per_chip"]:
+        est = est.replace(" |", f" (at per-chip {r['est_per_chip']}) |")
     return (f"| {r['setup']} | {r['slice']} | {'yes' if r['fits'] else 'no'} | {gib} | "
             f"{r['per_chip'] if r['fits'] else '—'} | {est} | {r['remat']} |")
 

@@ -1,9 +1,10 @@
 """SFT and distillation step throughput and peak memory: clinkd_jax vs transformers' PyTorch Qwen2-VL (or
-Qwen2.5-VL, `--family qwen2_5_vl`), side by side on the same model geometry, batch and optimizer (AdamW on the
-LLM, vision frozen).
+Qwen2.5-VL, `--family qwen2_5_vl`, or Qwen3-VL, `--family qwen3_vl`), side by side on the same model geometry,
+batch and optimizer (AdamW on the LLM, vision frozen).
 
     python bench/train_step.py                 # both frameworks, both steps, prints a table and ratios
     python bench/train_step.py --family qwen2_5_vl   # Qwen2.5-VL's tower: window attention (112 px), gated MLP
+    python bench/train_step.py --family qwen3_vl     # 16 px patches, position table, DeepStack, the Qwen3 LLM
     python bench/train_step.py --size small    # a smaller geometry for a quick look
     python bench/train_step.py --profile /tmp/prof   # also the top ops by self time, JAX trace + torch.profiler
 
@@ -45,9 +46,22 @@ SIZES = {  # LLM hidden/layers/heads/kv/mlp/vocab, vision depth/width/heads, bat
 }
 
 
-def hf_config(s, family="qwen2_vl"):
-    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+def patch_of(family):
+    return 16 if family == "qwen3_vl" else 14
 
+
+def hf_config(s, family="qwen2_vl"):
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
+
+    if family == "qwen3_vl":  # Qwen3-VL's tower proportions (MLP 4304 / 1152), DeepStack from 3 blocks, Qwen3 LLM
+        step = max(s["vdepth"] // 4, 1)
+        vision = dict(depth=s["vdepth"], hidden_size=s["vwidth"], out_hidden_size=s["hidden"], num_heads=s["vheads"],
+                      intermediate_size=s["vwidth"] * 4304 // 1152, patch_size=16, num_position_embeddings=2304,
+                      deepstack_visual_indexes=list(range(step - 1, s["vdepth"], step))[:3])
+        text = _text(s)
+        text.update(head_dim=s["hidden"] // s["heads"], attention_bias=False)
+        text["rope_parameters"]["mrope_interleaved"] = True
+        return Qwen3VLConfig(text_config=text, vision_config=vision, **_ids(s), tie_word_embeddings=False)
     if family == "qwen2_5_vl":  # Qwen2.5-VL's tower proportions: MLP 3420 / 1280 wide, full attention every quarter
         step = max(s["vdepth"] // 4, 2)
         vision = dict(depth=s["vdepth"], hidden_size=s["vwidth"], out_hidden_size=s["hidden"], num_heads=s["vheads"],
@@ -81,9 +95,9 @@ def mrope(s):
     return [t, (half - t) // 2, half - t - (half - t) // 2]
 
 
-def make_batch(s, seed=0):
+def make_batch(s, seed=0, patch=14):
     rng = np.random.default_rng(seed)
-    g = s["side"] // 14
+    g = s["side"] // patch
     n_img = (g // 2) ** 2
     b, length, vocab = s["batch"], s["length"], s["vocab"]
     ids = rng.integers(10, vocab - 10, (b, length))
@@ -92,7 +106,7 @@ def make_batch(s, seed=0):
     ids[:, 5 + n_img] = vocab - 3
     labels = ids.copy()
     labels[:, : 6 + n_img + 8] = -100
-    pixels = rng.standard_normal((b * g * g, 1176)).astype(np.float32)
+    pixels = rng.standard_normal((b * g * g, 3 * 2 * patch * patch)).astype(np.float32)
     return ids, labels, pixels, np.array([[1, g, g]] * b), n_img
 
 
@@ -108,7 +122,7 @@ def model_flops(s, mode, args):
     tower forward only, the KD teacher forward only)."""
     from clinkd_jax.models import flops
 
-    ids, labels, _, _, n_img = make_batch(s)
+    ids, labels, _, _, n_img = make_batch(s, patch=patch_of(args.family))
     teacher = model_config(SIZES[args.teacher_size or args.size], args.family) if mode == "kd" else None
     total = flops.train_step_flops(model_config(s, args.family), s["batch"], s["length"], [4 * n_img], teacher=teacher)
     return total, total * float((labels[:, 1:] != -100).sum()) / ids.size
@@ -132,11 +146,12 @@ def run_torch(s, mode, steps, warmup, profile="", args=None):
     import transformers
 
     torch.manual_seed(0)
-    cls = (transformers.Qwen2_5_VLForConditionalGeneration if args.family == "qwen2_5_vl"
-           else transformers.Qwen2VLForConditionalGeneration)
+    cls = {"qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
+           "qwen3_vl": transformers.Qwen3VLForConditionalGeneration}.get(args.family,
+                                                                         transformers.Qwen2VLForConditionalGeneration)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32  # GPU: bf16 weights and compute (the usual recipe)
-    ids, labels, pixels, grid, _ = make_batch(s)
+    ids, labels, pixels, grid, _ = make_batch(s, patch=patch_of(args.family))
     t = lambda x: torch.from_numpy(np.asarray(x)).to(dev)
     kw = dict(input_ids=t(ids), attention_mask=torch.ones_like(t(ids)), pixel_values=t(pixels).to(dtype),
               image_grid_thw=t(grid),
@@ -192,9 +207,9 @@ def run_jax(s, mode, steps, warmup, profile="", args=None):
     from clinkd_jax.train import steps as steps_lib
 
     cfg = model_config(s, args.family)  # random weights, drawn on the device: speed does not depend on their values
-    ids, labels, pixels, grid, n_img = make_batch(s)
+    ids, labels, pixels, grid, n_img = make_batch(s, patch=patch_of(args.family))
     pos, _ = positions.get_rope_index(ids, grid, image_token_id=cfg.image_token_id)
-    n = s["side"] // 14
+    n = s["side"] // patch_of(args.family)
     per_image = [[(pixels[i * n * n : (i + 1) * n * n], tuple(grid[i]))] for i in range(s["batch"])]
     vis = positions.pack_vision_inputs(per_image, n * n)
     batch = {"input_ids": ids.astype(np.int32), "attention_mask": np.ones_like(ids, np.int32),
@@ -258,7 +273,7 @@ def timed(step, steps, warmup, tokens, base_rss):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="medium", choices=sorted(SIZES))
-    ap.add_argument("--family", default="qwen2_vl", choices=("qwen2_vl", "qwen2_5_vl"))
+    ap.add_argument("--family", default="qwen2_vl", choices=("qwen2_vl", "qwen2_5_vl", "qwen3_vl"))
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--modes", default="sft,kd")

@@ -18,8 +18,8 @@ import numpy as np
 from clinkd_jax import checkpoint, distributed, sharding
 from clinkd_jax.convert import hf
 from clinkd_jax.data import demo, pipeline, records, text
+from clinkd_jax.data import image as image_lib
 from clinkd_jax.data import vocab as vocab_lib
-from clinkd_jax.data.image import ImageConfig
 from clinkd_jax.data.markup import BOX_FORMATS, BOX_MARKUPS
 from clinkd_jax.models import config as model_config
 from clinkd_jax.models.config import ConfigError
@@ -56,13 +56,13 @@ def config_of(src, vocab_ids=None) -> model_config.Qwen2VLConfig:
                               f"{family!r}; a checkpoint's family is its own (unset the family field)")
         return cfg
     cfg = model_config.PRESETS[src.preset]()
-    if family:
-        cfg = model_config.as_family(cfg, family)
-    for part in ("text", "vision"):
-        overrides = src.get(f"{part}_overrides")
+    for part in ("text", "vision"):  # the LLM's sizes before the family (Qwen3-VL's DeepStack fits its depth), the
+        overrides = src.get(f"{part}_overrides")  # tower's after (they may set the family's own fields)
         if overrides:
             fields = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.to_dict().items()}
             cfg = cfg.replace(**{part: dataclasses.replace(getattr(cfg, part), **fields)})
+        if family and part == "text":
+            cfg = model_config.as_family(cfg, family)
     return cfg if vocab_ids is None else vocab_lib.compact_config(cfg, vocab_ids)
 
 
@@ -89,9 +89,15 @@ SPECIAL_IDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vis
                "eos_token_id")
 
 
-def same_vocab(cfg, other, what: str) -> None:
-    """Token ids mean the same to both models: the same (full or compact) rows and special ids. Vocabulary
+def same_inputs(cfg, other, what: str) -> None:
+    """One batch means the same to both models (a teacher or corrector reads the student's): the same (full or
+    compact) token rows and special ids, and the same image processing (patch geometry, normalisation). Vocabulary
     sizes may differ by padding rows (Qwen2.5-VL-7B 152064 vs 3B 151936): losses cut to the student's."""
+    mine, theirs = image_lib.for_model(cfg, 0, 0), image_lib.for_model(other, 0, 0)
+    if mine != theirs:
+        raise ConfigError(f"{what} ({other.family}: {theirs.patch_size} px patches, mean {theirs.mean}) reads images "
+                          f"differently from the model ({cfg.family}: {mine.patch_size} px patches, mean {mine.mean}): "
+                          "they cannot share a batch; pick a teacher of the same image processing")
     if cfg.vocab_ids != other.vocab_ids:
         def n(x):
             return "the full vocabulary" if x.vocab_ids is None else f"a compact vocabulary of {len(x.vocab_ids)} ids"
@@ -245,14 +251,15 @@ def encoder_for(c, vocab_ids=None) -> text.ChatEncoder:
     return text.ChatEncoder(tok, c.data.chat_template or None, box_markup=c.data.box_markup)
 
 
-def pipeline_config(c, encoder, mesh, rules, host_rows: bool = True, **changes) -> pipeline.PipelineConfig:
-    """The training pipeline's settings; this process loads the global batch rows its devices hold (`host_rows`;
-    False: all rows, for a mesh of devices this process does not run, `clinkd_jax.aot`)."""
+def pipeline_config(c, encoder, model_cfg, mesh, rules, host_rows: bool = True, **changes) -> pipeline.PipelineConfig:
+    """The training pipeline's settings for a model of `model_cfg` (its image processing); this process loads the
+    global batch rows its devices hold (`host_rows`; False: all rows, for a mesh of devices this process does not
+    run, `clinkd_jax.aot`)."""
     d = c.data
     return dataclasses.replace(pipeline.PipelineConfig(
         batch_size=d.batch_size, rows=sharding.process_rows(d.batch_size, mesh, rules) if host_rows else None,
         text_buckets=tuple(d.text_buckets), patch_buckets=tuple(d.patch_buckets),
-        image=ImageConfig(min_pixels=d.min_pixels, max_pixels=d.max_pixels), mrope_gaps=tuple(d.mrope_gaps),
+        image=image_lib.for_model(model_cfg, d.min_pixels, d.max_pixels), mrope_gaps=tuple(d.mrope_gaps),
         seed=c.seed, shuffle=d.shuffle, num_epochs=d.num_epochs or None, worker_count=d.worker_count,
         read_threads=d.read_threads, strict=d.strict, pack=d.pack,
         teacher_mrope_gaps=(1, 1) if c.stage == "kd" and c.teacher.positions == "own" else None,
@@ -311,6 +318,10 @@ def check_common(c) -> None:
                               "Face layout (full vocabulary); unset model.compact_vocab or export_hf")
     if c.data.box_markup not in BOX_MARKUPS:
         raise ConfigError(f"data.box_markup={c.data.box_markup!r} is not one of {BOX_MARKUPS}")
+    template = c.data.chat_template
+    if template and template not in text.TEMPLATES and "{%" not in template and "{{" not in template:
+        raise ConfigError(f"data.chat_template={template!r} is neither a built-in template "
+                          f"({sorted(text.TEMPLATES)}), '' (the tokenizer's own) nor a Jinja template")
     if c.data.box_format not in ("auto", *BOX_FORMATS):
         raise ConfigError(f"data.box_format={c.data.box_format!r} is not one of {('auto', *BOX_FORMATS)}")
     if c.model.scan_unroll < 1:

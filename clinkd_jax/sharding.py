@@ -44,6 +44,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("norm", None),
     # vision tower and merger parameters
     ("vit_patch", None),
+    ("vit_pos", None),  # rows of Qwen3-VL's learned position table
     ("vit_embed", "fsdp"),
     ("vit_qkv", "tensor"),
     ("vit_mlp", "tensor"),

@@ -17,10 +17,12 @@ def get_config() -> ConfigDict:
     c.model = ConfigDict()
     c.model.hf_dir = ""  # a Hugging Face Qwen2-VL / Qwen2.5-VL directory (config.json + *.safetensors)
     c.model.orbax_dir = ""  # a clinkd_jax params checkpoint (python -m clinkd_jax.convert)
-    # build from scratch: tiny | tiny_qwen | qwen2vl_2b | qwen2vl_7b | qwen2vl_72b | qwen2_5_vl_3b | qwen2_5_vl_7b
+    # build from scratch: tiny | tiny_qwen | qwen2vl_2b | qwen2vl_7b | qwen2vl_72b | qwen2_5_vl_3b | qwen2_5_vl_7b |
+    # qwen3_vl_2b | qwen3_vl_4b | qwen3_vl_8b
     c.model.preset = ""
-    # the model family (qwen2_vl | qwen2_5_vl): a checkpoint's comes from its config.json (model_type) and a value
-    # here must agree with it; with a preset, the preset's sizes with that family's vision tower; "" = as given
+    # the model family (qwen2_vl | qwen2_5_vl | qwen3_vl): a checkpoint's comes from its config.json (model_type)
+    # and a value here must agree with it; with a preset, the preset's sizes with that family's vision tower (and,
+    # for qwen3_vl, its LLM's q/k norms and DeepStack); "" = as given
     c.model.family = ""
     c.model.text_overrides = ConfigDict()  # with a preset: LLM fields to change, e.g. {"hidden_size": 128}
     c.model.vision_overrides = ConfigDict()  # with a preset: vision-tower fields to change, e.g. {"depth": 4}
@@ -91,10 +93,12 @@ def get_config() -> ConfigDict:
     c.data.box_format = "auto"  # auto (told per file, logged) | 0-1000 (integers, Qwen2-VL) | 0-1 (floats)
     # the boxes the model is trained on and answers with: "0-1000" = Med-GRIT's markup (integers on a 0-1000 scale
     # between box tokens; ClinKD's, every family's default) | "absolute" = Qwen2.5-VL's own grounding convention
-    # (pixels of the resized image the model sees). Files, predictions and scores stay 0-1000 either way.
+    # (pixels of the resized image the model sees) | "json" = Qwen3-VL's ({"bbox_2d": [0-1000 x4], "label": ...}).
+    # Files, predictions and scores stay 0-1000 Med-GRIT tags whichever it is.
     c.data.box_markup = "0-1000"
     c.data.tokenizer = ""  # directory; default: the model's hf_dir, else the bundled Qwen2 tokenizer
-    c.data.chat_template = "qwen2vl"  # "qwen2vl" (built in) | "" (the tokenizer's own)
+    # "qwen2vl" (built in) | "qwen3vl" (built in: no default system turn) | "" (the tokenizer's own) | a Jinja text
+    c.data.chat_template = "qwen2vl"
     c.data.batch_size = 2  # global batch (all hosts): rows of one step; each host loads the rows its devices hold
     c.data.text_buckets = (512, 1024, 2048)  # the last one is the cutoff (ClinKD: 2048)
     c.data.patch_buckets = (1024, 2304, 3136)  # per-sample patch slots; 768^2 px -> <= 2916 patches

@@ -48,6 +48,23 @@ CONFIGS = {
         vision=dict(depth=2, embed_dim=48, num_heads=3, intermediate_size=80, window_size=28,
                     fullatt_block_indexes=[0]),
     ),
+    # Qwen3-VL: 16 px patches; a 4x4 learned position table (the batch's grids of 4-6 patches resample it
+    # up and across) or 6x6; DeepStack from blocks 0 and 2 (into LLM layers 0, 1) or from block 1 only; a head
+    # width that is not hidden/heads (32 vs 16); GQA ratios; tied/untied
+    "q3_ds2_gqa2": dict(
+        family="qwen3_vl",
+        text=dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32, mrope_section=[6, 5, 5],
+                  rope_theta=5e6, tie=False),
+        vision=dict(depth=3, embed_dim=32, num_heads=2, intermediate_size=48, num_position_embeddings=16,
+                    deepstack_visual_indexes=[0, 2]),
+    ),
+    "q3_ds1_tied": dict(
+        family="qwen3_vl",
+        text=dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=1, head_dim=16, mrope_section=[4, 2, 2],
+                  rope_theta=1e4, tie=True),
+        vision=dict(depth=2, embed_dim=48, num_heads=3, intermediate_size=80, num_position_embeddings=36,
+                    deepstack_visual_indexes=[1]),
+    ),
 }
 
 # The reference batch: sample 0 one 4x6-patch image, right padding; sample 1 two images (4x4, 6x4),
@@ -57,11 +74,31 @@ LENGTH = 24
 NUM_PATCHES = 40
 
 
+def patch_size(name: str) -> int:
+    return 16 if CONFIGS[name].get("family") == "qwen3_vl" else 14
+
+
 def hf_config(name: str):
-    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
 
     c = CONFIGS[name]
     t, v = c["text"], c["vision"]
+    if c.get("family") == "qwen3_vl":
+        text = _hf_text(t)
+        text.update(head_dim=t["head_dim"], attention_bias=False)
+        text["rope_parameters"]["mrope_interleaved"] = True
+        return Qwen3VLConfig(
+            text_config=text,
+            vision_config=dict(
+                depth=v["depth"], hidden_size=v["embed_dim"], out_hidden_size=t["hidden_size"],
+                num_heads=v["num_heads"], intermediate_size=v["intermediate_size"], hidden_act="gelu_pytorch_tanh",
+                num_position_embeddings=v["num_position_embeddings"],
+                deepstack_visual_indexes=v["deepstack_visual_indexes"], patch_size=16, temporal_patch_size=2,
+                spatial_merge_size=MERGE, in_channels=3,
+            ),
+            image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VSTART, vision_end_token_id=VEND,
+            tie_word_embeddings=t["tie"],
+        )
     if c.get("family") == "qwen2_5_vl":
         return Qwen2_5_VLConfig(
             text_config=_hf_text(t),
@@ -98,9 +135,9 @@ def hf_model_class(name: str):
     """transformers' model class of a reference config's family."""
     import transformers
 
-    if CONFIGS[name].get("family") == "qwen2_5_vl":
-        return transformers.Qwen2_5_VLForConditionalGeneration
-    return transformers.Qwen2VLForConditionalGeneration
+    return {"qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
+            "qwen3_vl": transformers.Qwen3VLForConditionalGeneration,
+            }.get(CONFIGS[name].get("family"), transformers.Qwen2VLForConditionalGeneration)
 
 
 def build_hf_model(name: str, seed: int = 0):
@@ -121,8 +158,8 @@ def build_hf_model(name: str, seed: int = 0):
     return model
 
 
-def make_batch(seed: int = 0) -> dict[str, np.ndarray]:
-    """input_ids / attention_mask (B, L), flat pixel_values (sum of patches, 1176), image_grid_thw."""
+def make_batch(seed: int = 0, patch: int = 14) -> dict[str, np.ndarray]:
+    """input_ids / attention_mask (B, L), flat pixel_values (sum of patches, 3 * 2 * patch²), image_grid_thw."""
     rng = np.random.default_rng(seed)
     rows, pads = [], ["right", "left", "right"]
     text_lens = [[5, 4], [3, 2, 3], [9]]
@@ -137,7 +174,7 @@ def make_batch(seed: int = 0) -> dict[str, np.ndarray]:
         sl = slice(0, len(ids)) if pad == "right" else slice(LENGTH - len(ids), LENGTH)
         input_ids[i, sl], mask[i, sl] = ids, 1
     grids = np.array([g for gs in GRIDS for g in gs], np.int64)
-    pixel_values = rng.standard_normal((int(np.prod(grids, axis=1).sum()), 3 * 2 * 14 * 14)).astype(np.float32)
+    pixel_values = rng.standard_normal((int(np.prod(grids, axis=1).sum()), 3 * 2 * patch * patch)).astype(np.float32)
     return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": pixel_values, "image_grid_thw": grids}
 
 
@@ -164,12 +201,16 @@ def hf_outputs(model, batch) -> dict[str, np.ndarray]:
         unit = MERGE**2
         index, _ = get_vision_window_index(t["image_grid_thw"], MERGE, window_size, 14)
         hidden = hidden.reshape(-1, unit, hidden.shape[-1])[torch.argsort(index)].reshape(hidden.shape)
+    extra = {}
+    if getattr(vis, "deepstack_features", None):  # Qwen3-VL: (K, tokens, D)
+        extra["deepstack"] = torch.stack(list(vis.deepstack_features)).float().numpy()
     return {
         "logits": out.logits.float().numpy(),
         "vision_hidden": hidden.float().numpy(),
         "vision_merged": vis.pooler_output.float().numpy(),
         "position_ids": pos.numpy(),
         "rope_deltas": deltas.numpy().reshape(-1),
+        **extra,
     }
 
 
@@ -200,7 +241,9 @@ def jax_inputs(batch, gaps=(1, 1)) -> dict[str, np.ndarray]:
 
 
 def load_golden(name: str):
-    inputs = dict(np.load(os.path.join(GOLDEN, "inputs.npz")))
+    """(inputs, outputs); a config with its own patch size keeps its inputs beside its outputs."""
+    own = os.path.join(GOLDEN, name, "inputs.npz")
+    inputs = dict(np.load(own if os.path.exists(own) else os.path.join(GOLDEN, "inputs.npz")))
     outputs = dict(np.load(os.path.join(GOLDEN, name, "outputs.npz")))
     return inputs, outputs
 
@@ -224,8 +267,8 @@ GEN_PATCHES = 48
 GEN_NEW_TOKENS = 10
 
 
-def generation_prompts(seed: int = 1) -> list[dict]:
-    """Unpadded prompts: ids (list), images [(patches (n, 1176), grid)]."""
+def generation_prompts(seed: int = 1, patch: int = 14) -> list[dict]:
+    """Unpadded prompts: ids (list), images [(patches (n, 3 * 2 * patch²), grid)]."""
     rng = np.random.default_rng(seed)
     out = []
     for grids, lens in zip(GEN_GRIDS, GEN_TEXT_LENS):
@@ -233,7 +276,7 @@ def generation_prompts(seed: int = 1) -> list[dict]:
         images = []
         for k, g in enumerate(grids):
             ids += [VSTART] + [IMAGE] * (int(np.prod(g)) // MERGE**2) + [VEND] + list(rng.integers(0, 240, lens[k + 1]))
-            images.append((rng.standard_normal((int(np.prod(g)), 3 * 2 * 14 * 14)).astype(np.float32), g))
+            images.append((rng.standard_normal((int(np.prod(g)), 3 * 2 * patch * patch)).astype(np.float32), g))
         out.append({"ids": [int(i) for i in ids], "images": images})
     return out
 
@@ -261,6 +304,7 @@ def hf_generate(model, prompts, max_new_tokens: int, eos_token_id, pad_token_id:
 
 def jax_generation_batch(prompts, gaps=(1, 1), pad_token_id: int = 0) -> dict[str, np.ndarray]:
     """The same prompts in our left-padded format (`clinkd_jax.infer.prompts.collate_prompts`)."""
+    from clinkd_jax.data import image as image_lib
     from clinkd_jax.data import positions
     from clinkd_jax.infer import prompts as prompts_lib
 
@@ -270,14 +314,17 @@ def jax_generation_batch(prompts, gaps=(1, 1), pad_token_id: int = 0) -> dict[st
         pos, _ = positions.get_rope_index(np.asarray(p["ids"])[None], grids, image_token_id=IMAGE,
                                           spatial_merge_size=MERGE, gap_in=gaps[0], gap_out=gaps[1])
         samples.append({"input_ids": np.asarray(p["ids"], np.int32), "position_ids": pos[:, 0], "images": p["images"]})
-    cfg = prompts_lib.PromptConfig(batch_size=len(prompts), pad_token_id=pad_token_id, image_token_id=IMAGE)
+    width = next(im.shape[1] for p in prompts for im, _ in p["images"])  # 3 * 2 * patch²
+    image = image_lib.ImageConfig(patch_size=int(round((width / 6) ** 0.5)))
+    cfg = prompts_lib.PromptConfig(batch_size=len(prompts), pad_token_id=pad_token_id, image_token_id=IMAGE,
+                                   image=image)
     return prompts_lib.collate_prompts(samples, (GEN_LENGTH, GEN_PATCHES), cfg)
 
 
 def hf_generation_reference(model) -> dict[str, np.ndarray]:
     """Greedy tokens from transformers with two stop ids chosen so that rows stop at different steps
     (taken from an unconstrained first run), padded with 0 to GEN_NEW_TOKENS."""
-    prompts = generation_prompts()
+    prompts = generation_prompts(patch=model.config.vision_config.patch_size)
     free = hf_generate(model, prompts, GEN_NEW_TOKENS, eos_token_id=255)
     stops = []
     for candidates in (((1, 4), (2, 2)), ((0, 3), (3, 5))):  # the second pair only where the first gave none

@@ -77,13 +77,16 @@ def test_demo_recipe_compiles_and_fits_on_a_v5e_slice(tmp_path):
 
 
 @pytest.mark.tpu_aot
-def test_time_estimate_from_twins_equals_the_unrolled_program(tmp_path):
+@pytest.mark.parametrize("family,teacher_family", [("qwen2_5_vl", "qwen2_vl"), ("qwen3_vl", "qwen3_vl")])
+def test_time_estimate_from_twins_equals_the_unrolled_program(tmp_path, family, teacher_family):
     """The compiler's cost analysis counts a loop body once, so the estimate is assembled from loop-free twins
     with 1 and 2 layers per tower; its flops must equal those of the whole program compiled without loops (every
     layer and loss chunk unrolled) within 5 %; its bytes accessed within 35 % (measured 25 % low at the demo's
     widths: XLA fuses a 2-layer twin differently from the whole program) and XLA's own time estimate within 35 %
     (it prices those bytes: 25 % low here, where the step is memory-bound); a NaN (an operation XLA could not
-    price) fails."""
+    price) fails. Every family: a Qwen2.5-VL student (window attention: windowed and whole-image blocks priced
+    apart) of a Qwen2-VL teacher; a Qwen3-VL pair (DeepStack: the twins tap their last vision block, the LLM twins
+    keep a layer per DeepStack feature)."""
     import jax
 
     from clinkd_jax import run_setup
@@ -95,10 +98,16 @@ def test_time_estimate_from_twins_equals_the_unrolled_program(tmp_path):
     c.model.compact_vocab = ""  # the full Qwen2 vocabulary: the LM head is a real part of the cost
     c.teacher.preset, c.teacher.text_overrides = "tiny_qwen", demo.TEACHER
     c.data.demo_dir = str(tmp_path / "demo")
+    c.model.family, c.teacher.family = family, teacher_family
     mesh, rules = run_setup.make_run_mesh(c, slices.parse("v5e-4").devices())
     progs = programs.programs(c, str(tmp_path), mesh, rules, "largest")
     (p,) = [p for p in progs if p.name == "train_kd"]
-    assert p.dims == {"layers": 2, "depth": 2, "teacher_layers": 2, "teacher_depth": 2}
+    if family == "qwen3_vl":  # DeepStack from both blocks
+        assert p.dims == {"layers": 2, "depth": 2, "teacher_layers": 2, "teacher_depth": 2}
+        assert p.base == {"layers": 2, "teacher_layers": 2}
+    else:  # the student's second block attends over the whole image
+        assert p.dims == {"layers": 2, "depth": 1, "full_depth": 1, "teacher_layers": 2, "teacher_depth": 2}
+        assert p.base == {"full_depth": 0}
     cost = lambda lowered: report.cost(lowered.compile())
     est, whole = programs.estimate(p, cost), cost(p.lower(dict(p.dims)))
     for key, tol in (("flops", 0.05), ("bytes accessed", 0.35), ("optimal_seconds", 0.35)):

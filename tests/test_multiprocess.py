@@ -54,12 +54,18 @@ RECIPE = textwrap.dedent('''
         c.train.log_every = 1
         c.checkpoint.async_save = False
         c.mesh.shape = (1, -1, 1)
-        c.stages = ("sft", "kd")
+        c.stages = ("kd3", "sft", "kd")
         # SFT packs conversations into rows (data.pack), distillation does not: both plans meet several hosts.
         # The student is a Qwen2.5-VL (56 px windows: 4 per 112 px image) taught by the Qwen2-VL SFT model.
+        # kd3: a Qwen3-VL student (16 px patches, DeepStack) taught by a fresh Qwen3-VL (no teacher of another
+        # family reads its patches); first, so that the sizes file the test reads last is the Qwen2-VL stages';
+        # sft names its own source (a preset), else it would start from kd3's Qwen3-VL.
         student = {"preset": "tiny_qwen", "family": "qwen2_5_vl", "vision_overrides": {"window_size": 56}}
-        c.stage_settings = ConfigDict({"sft": {"stage": "sft", "data": {"pack": True}},
-                                       "kd": {"stage": "kd", "teacher_from": "sft", "model": student}})
+        qwen3 = {"preset": "tiny_qwen", "family": "qwen3_vl"}
+        fresh = {"preset": "tiny_qwen"}
+        c.stage_settings = ConfigDict({"sft": {"stage": "sft", "data": {"pack": True}, "model": fresh},
+                                       "kd": {"stage": "kd", "teacher_from": "sft", "model": student},
+                                       "kd3": {"stage": "kd", "model": qwen3, "teacher": qwen3}})
         return c
 ''')
 
@@ -138,7 +144,7 @@ def losses(workdir):
 @pytest.mark.slow
 @pytest.mark.multihost
 def test_sft_and_kd_with_buckets_and_epochs_agree_with_one_process(setup, tmp_path, monkeypatch):
-    """2 processes x 2 devices against 1 process x 4: both stages finish their 2 epochs in step, with the
+    """2 processes x 2 devices against 1 process x 4: the three stages finish their 2 epochs in step, with the
     same number of steps and the same losses; each process compiles the step exactly once per batch shape
     its loop meets (jax logs each compile; a state that changed sharding, commitment or weak types after the
     first step would compile it again)."""
@@ -153,10 +159,11 @@ def test_sft_and_kd_with_buckets_and_epochs_agree_with_one_process(setup, tmp_pa
     for log in logs:  # the launcher's XLA flag preset, then the caller's own flags, reached each process
         assert "XLA_FLAGS='--xla_gpu_enable_latency_hiding_scheduler=true --xla_backend_opt" in log, log[:3000]
     for run, texts in (("one", outs[:1]), ("two", logs)):
-        shapes = [json.load(open(tmp_path / run / stage / "summary.json"))["batch_shapes"] for stage in ("sft", "kd")]
+        shapes = [json.load(open(tmp_path / run / stage / "summary.json"))["batch_shapes"]
+                  for stage in ("sft", "kd", "kd3")]
         for text in texts:
             assert text.count("Compiling jit(train_step) ") == sum(shapes) and min(shapes) >= 2, (run, shapes)
-    for stage in ("sft", "kd"):
+    for stage in ("sft", "kd", "kd3"):
         one, two = losses(tmp_path / "one" / stage), losses(tmp_path / "two" / stage)
         summary = json.load(open(tmp_path / "two" / stage / "summary.json"))
         assert summary["epochs"] == 2 and summary["steps"] == len(one) == len(two) > 10, stage
@@ -164,6 +171,8 @@ def test_sft_and_kd_with_buckets_and_epochs_agree_with_one_process(setup, tmp_pa
             assert two[step] == pytest.approx(one[step], rel=1e-5), (stage, step)
     student = json.load(open(tmp_path / "two" / "kd" / "params" / "model_config.json"))
     assert student["model_type"] == "qwen2_5_vl" and student["vision_config"]["window_size"] == 56
+    qwen3 = json.load(open(tmp_path / "two" / "kd3" / "params" / "model_config.json"))
+    assert qwen3["model_type"] == "qwen3_vl" and qwen3["vision_config"]["deepstack_visual_indexes"]
     sizes = np.asarray(list(json.load(open(tmp_path / "two" / "data_sizes.json"))["sizes"].values()))
     pairs = set(zip(np.searchsorted((120, 160, 210), sizes[:, 0]), np.searchsorted((48, 64), sizes[:, 1])))
     assert len(pairs) == 6  # every (text, patch) bucket pair holds records: the plan really interleaves shapes

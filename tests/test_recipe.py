@@ -159,7 +159,8 @@ def test_demo_ablation_plan():
     assert drop(plan["teacher"].to_dict()) == drop(same.to_dict())  # the demo's teacher
 
 
-@pytest.mark.parametrize("name", ["clinkd_qwen2vl_7b", "clinkd_2b_from_7b", "clinkd_qwen25vl_7b_to_3b"])
+@pytest.mark.parametrize("name", ["clinkd_qwen2vl_7b", "clinkd_2b_from_7b", "clinkd_qwen25vl_7b_to_3b",
+                                  "clinkd_qwen3vl_8b_to_2b"])
 def test_paper_configs(name):
     import importlib
 
@@ -198,3 +199,21 @@ def test_qwen25_family_runs_the_recipe(tmp_path):
     R.override(bad, {"model.family": "qwen2_vl", "model.preset": "", "model.orbax_dir": f"{tmp_path}/kd/params"})
     with pytest.raises(ConfigError, match="holds a qwen2_5_vl model, but its family is set to 'qwen2_vl'"):
         run_setup.config_of(bad.model)
+
+
+def test_qwen3_family_runs_the_recipe(tmp_path):
+    """model.family=qwen3_vl: the same chain on a tiny Qwen3-VL from scratch (16 px patches, the learned position
+    table, DeepStack into the LLM's first layers, q/k norms; the KD student's one LLM layer takes one DeepStack
+    level), boxes in Qwen3-VL's JSON and its chat template through training, RCT and evaluation."""
+    c = plan_config()
+    c.model.family = "qwen3_vl"
+    c.data.box_markup, c.data.chat_template = "json", "qwen3vl"
+    c.stage_settings.sft.rct = ConfigDict({"every_steps": 1, "rounds": 1, "num_items": 2, "samples": 2,
+                                           "max_new_tokens": 4})
+    out = recipe.run(c, str(tmp_path))
+    assert out["complete"] and set(out["evals"]["eval"]) == {"VG", "RO"}
+    for stage, deepstack in (("teacher", [0, 1]), ("kd", [0]), ("sft", [0])):
+        saved = json.load(open(os.path.join(tmp_path, stage, "params", "model_config.json")))
+        assert saved["model_type"] == "qwen3_vl", stage
+        assert saved["vision_config"]["deepstack_visual_indexes"] == deepstack, stage
+    assert json.load(open(os.path.join(tmp_path, "sft", "summary.json")))["rct"]

@@ -31,6 +31,7 @@ from ml_collections import ConfigDict
 
 from clinkd_jax import checkpoint, recipe, run_setup, sharding
 from clinkd_jax.checkpoint import abstract_with_shardings
+from clinkd_jax.data import image as image_lib
 from clinkd_jax.data import pipeline
 from clinkd_jax.data import pseudo_labels as pl_store
 from clinkd_jax.infer import generate as gen_lib
@@ -46,7 +47,8 @@ from clinkd_jax.train.config import validate
 log = logging.getLogger("clinkd_jax.aot")
 # published checkpoints by directory name -> preset (72b before 7b: "qwen2-vl-72b" contains "qwen2-vl-7")
 PUBLISHED = (("qwen2-vl-72b", "qwen2vl_72b"), ("qwen2-vl-7b", "qwen2vl_7b"), ("qwen2-vl-2b", "qwen2vl_2b"),
-             ("qwen2.5-vl-7b", "qwen2_5_vl_7b"), ("qwen2.5-vl-3b", "qwen2_5_vl_3b"))
+             ("qwen2.5-vl-7b", "qwen2_5_vl_7b"), ("qwen2.5-vl-3b", "qwen2_5_vl_3b"), ("qwen3-vl-8b", "qwen3_vl_8b"),
+             ("qwen3-vl-4b", "qwen3_vl_4b"), ("qwen3-vl-2b", "qwen3_vl_2b"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +68,7 @@ class Program:
     flops: float  # model FLOPs of one call (models/flops.py)
     resident: int = 0  # bytes per chip held beside the program's own (a training state during in-run generation)
     notes: tuple[str, ...] = ()
+    base: dict[str, int] = dataclasses.field(default_factory=dict)  # the smaller twin's count per dim (default 1)
 
 
 class _Ids:
@@ -94,7 +97,7 @@ def _source(c, name: str, chained: dict[str, Geometry], workdir: str, vocab_ids)
                 return Geometry(cfg, "bfloat16" if name == "teacher" else c.model.param_dtype,
                                 f"{src.hf_dir} (not here: {preset} by its name)")
         raise ConfigError(f"{name}.hf_dir={src.hf_dir!r} is not on this machine and its name is not a published "
-                          f"Qwen2-VL / Qwen2.5-VL checkpoint's; aot needs only its geometry: add "
+                          f"Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint's; aot needs only its geometry: add "
                           f"--config.{name}.hf_dir= "
                           f"--config.{name}.preset=qwen2vl_7b (or another of {sorted(model_config.PRESETS)})")
     if src.orbax_dir:
@@ -159,14 +162,37 @@ def _buckets(text, patches, which: str) -> list[tuple[int, int]]:
 
 
 def _twin(c, cfg, counts: dict | None, prefix: str):
-    """(config, geometry) of a cost twin: `counts` layers per tower ("<prefix>layers", "<prefix>depth"), every
-    scan unrolled. None: the real ones."""
+    """(config, geometry) of a cost twin: `counts` layers per tower ("<prefix>layers", "<prefix>depth" and, with
+    window attention, "<prefix>full_depth": blocks over the whole image after the windowed ones), every scan
+    unrolled. None: the real ones."""
     if counts is None:
         return c, cfg
     t = copy.deepcopy(c)
     t.model.scan_unroll = 1 << 12
+    windowed = counts[prefix + "depth"]
+    depth = windowed + counts.get(prefix + "full_depth", 0)
+    vision = dataclasses.replace(cfg.vision, depth=depth, fullatt_block_indexes=tuple(range(windowed, depth)),
+                                 # DeepStack taps cost nothing, its mergers the same at any depth: a shallow twin
+                                 # taps its last block
+                                 deepstack_visual_indexes=tuple(min(i, depth - 1)
+                                                                for i in cfg.vision.deepstack_visual_indexes))
     return t, cfg.replace(text=dataclasses.replace(cfg.text, num_hidden_layers=counts[prefix + "layers"]),
-                          vision=dataclasses.replace(cfg.vision, depth=counts[prefix + "depth"]))
+                          vision=vision)
+
+
+def _dims(cfg, prefix: str = "") -> tuple[dict[str, int], dict[str, int]]:
+    """(real counts, the smaller twin's counts where not 1) of one model's towers. Window attention: windowed and
+    whole-image blocks are counted apart (they cost differently). DeepStack: the LLM twins keep a layer per
+    feature, each feature being added after its own layer."""
+    v, t = cfg.vision, cfg.text
+    dims, base = {prefix + "layers": t.num_hidden_layers, prefix + "depth": v.depth}, {}
+    if v.window_size:
+        full = len(v.fullatt_block_indexes)
+        dims |= {prefix + "depth": v.depth - full, prefix + "full_depth": full}
+        base[prefix + "full_depth"] = 0
+    if len(v.deepstack_visual_indexes) > 1:
+        base[prefix + "layers"] = len(v.deepstack_visual_indexes)
+    return dims, base
 
 
 def train_programs(name, c, student: Geometry, teacher: Geometry | None, mesh, rules, buckets: str) -> list[Program]:
@@ -178,8 +204,8 @@ def train_programs(name, c, student: Geometry, teacher: Geometry | None, mesh, r
     kind = "train_kd_pseudo_labels" if cached else f"train_{c.stage}"
     online = teacher if c.stage == "kd" and not cached else None
     if online is not None:
-        run_setup.same_vocab(student.cfg, online.cfg, "the teacher")
-    pcfg = run_setup.pipeline_config(c, _Ids(student.cfg), mesh, rules, host_rows=False)  # a slice's hosts
+        run_setup.same_inputs(student.cfg, online.cfg, "the teacher")
+    pcfg = run_setup.pipeline_config(c, _Ids(student.cfg), student.cfg, mesh, rules, host_rows=False)  # a slice's hosts
     out = []
     for bucket in _buckets(c.data.text_buckets, c.data.patch_buckets, buckets):
 
@@ -193,12 +219,13 @@ def train_programs(name, c, student: Geometry, teacher: Geometry | None, mesh, r
             with sharding.use_mesh(mesh, rules):
                 return prog.step.lower(prog.abstract_state(), prog.abstract_teacher(online and online.dtype), batch)
 
-        dims = {"layers": student.cfg.text.num_hidden_layers, "depth": student.cfg.vision.depth}
+        dims, base = _dims(student.cfg)
         if online is not None:
-            dims |= {"teacher_layers": online.cfg.text.num_hidden_layers, "teacher_depth": online.cfg.vision.depth}
+            t_dims, t_base = _dims(online.cfg, "teacher_")
+            dims, base = dims | t_dims, base | t_base
         flops = flops_lib.train_step_flops(student.cfg, c.data.batch_size, bucket[0], [bucket[1]],
                                            teacher=online and online.cfg, train_vision=not _vision_frozen(c))
-        out.append(Program(kind, name, bucket, lower, dims, flops))
+        out.append(Program(kind, name, bucket, lower, dims, flops, base=base))
     return out
 
 
@@ -223,15 +250,17 @@ def generate_programs(name, kind, c, geo: Geometry, mesh, rules, buckets, batch_
                 model = run_setup.model_for(tc, cfg)
                 shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, geo.dtype), state_lib.param_shapes(model))
                 params = abstract_with_shardings(shapes, param_shardings(model, mesh, rules))
-                pcfg = prompts.PromptConfig(batch_size=batch_size, image_token_id=cfg.image_token_id)
+                pcfg = prompts.PromptConfig(batch_size=batch_size, image_token_id=cfg.image_token_id,
+                                            image=image_lib.for_model(cfg, c.eval.min_pixels, c.eval.max_pixels))
                 batch = prompts.collate_prompts([], bucket, pcfg)
                 batch = sharding.abstract_batch({k: batch[k] for k in gen_lib.DEVICE_KEYS if k in batch}, mesh, rules)
                 return gen_lib.Generator(model, params, mesh, rules).lower(batch, sampling)
 
-            dims = {"layers": geo.cfg.text.num_hidden_layers, "depth": geo.cfg.vision.depth, "new_tokens": n}
+            dims, base = _dims(geo.cfg)
+            dims["new_tokens"] = n
             flops = flops_lib.generate_flops(geo.cfg, batch_size, bucket[0], [bucket[1]], n)
             out.append(Program(f"{kind}_{n}tok" if len(set(new_tokens)) > 1 else kind, name, bucket, lower, dims,
-                               flops, resident))
+                               flops, resident, base=base))
     return out
 
 
@@ -297,13 +326,14 @@ def programs(c, workdir: str, mesh, rules, buckets: str = "all") -> list[Program
 
 def estimate(prog: Program, cost_of: Callable[[object], dict]) -> dict[str, float]:
     """XLA's cost analysis of one call of `prog` at its real depths and lengths, from loop-free twins:
-    cost = a + sum_d b_d (n_d - 1) over the towers' depths, plus (new tokens - 1) decode steps whose cost grows
-    with the LLM's layers; for each of "flops", "bytes accessed" and "optimal_seconds" (`report.cost`).
-    "optimal_seconds" is NaN when a twin's is (an operation XLA could not price)."""
-    ones, seen = {d: 1 for d in prog.dims}, {}
+    cost = a + sum_d b_d (n_d - m_d) over the towers' depths (twins at m_d and m_d + 1: `prog.base`, default 1),
+    plus (new tokens - 1) decode steps whose cost grows with the LLM's layers; for each of "flops", "bytes
+    accessed" and "optimal_seconds" (`report.cost`). "optimal_seconds" is NaN when a twin's is (an operation XLA
+    could not price)."""
+    small, seen = {d: prog.base.get(d, 1) for d in prog.dims}, {}
 
     def at(**changes):
-        counts = {**ones, **changes}
+        counts = {**small, **changes}
         key = tuple(sorted(counts.items()))
         if key not in seen:
             seen[key] = cost_of(prog.lower(counts))
@@ -313,13 +343,14 @@ def estimate(prog: Program, cost_of: Callable[[object], dict]) -> dict[str, floa
         base = at()[key]
         total = base
         for d, n in prog.dims.items():
-            if d != "new_tokens" and n > 1:
-                total += (n - 1) * (at(**{d: 2})[key] - base)
+            if d != "new_tokens" and n > small[d]:
+                total += (n - small[d]) * (at(**{d: small[d] + 1})[key] - base)
         steps = prog.dims.get("new_tokens", 1) - 1
         if steps > 0:
             one_step = at(new_tokens=2)[key] - base
-            per_layer = (at(new_tokens=2, layers=2)[key] - at(layers=2)[key]) - one_step
-            total += steps * (one_step + (prog.dims["layers"] - 1) * per_layer)
+            more = small["layers"] + 1
+            per_layer = (at(new_tokens=2, layers=more)[key] - at(layers=more)[key]) - one_step
+            total += steps * (one_step + (prog.dims["layers"] - small["layers"]) * per_layer)
         return total
 
     return {key: combine(key) for key in ("flops", "bytes accessed", "optimal_seconds")}

@@ -1,10 +1,10 @@
-"""Hugging Face Qwen2-VL / Qwen2.5-VL safetensors <-> our parameter tree, without torch.
+"""Hugging Face Qwen2-VL / Qwen2.5-VL / Qwen3-VL safetensors <-> our parameter tree, without torch.
 
 Import streams tensor by tensor straight onto the target shards: a host holds at most one Hugging Face
 tensor plus the shards of the one stacked parameter it is assembling, never two copies of the model.
-Both on-disk layouts are read: the published one (`model.layers.*`, `visual.*`, `lm_head.weight`) and
-the one some transformers 4.x releases wrote for fine-tuned models (`model.language_model.*`,
-`model.visual.*`). Export always writes the published layout.
+Both on-disk layouts are read: `model.layers.*`, `visual.*`, `lm_head.weight` (Qwen2-VL and Qwen2.5-VL as
+published) and `model.language_model.*`, `model.visual.*` (Qwen3-VL as published, and what some transformers
+releases wrote for fine-tuned models of the older families). Export writes the family's published layout.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 from safetensors import safe_open
 
 from clinkd_jax import sharding as sharding_lib
-from clinkd_jax.models.config import ConfigError, Qwen2VLConfig
+from clinkd_jax.models.config import HF_NAMES, ConfigError, Qwen2VLConfig
 from clinkd_jax.models.qwen2vl import Qwen2VL, abstract_params
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -80,33 +80,48 @@ def rules_for(cfg: Qwen2VLConfig) -> list[Rule]:
         Rule(("visual", "patch_embed", "proj", "kernel"), "visual.patch_embed.proj.weight",
              lambda x: np.ascontiguousarray(x.reshape(v.embed_dim, -1).T),
              lambda x: np.ascontiguousarray(x.T.reshape(patch_shape))),
-        Rule(("visual", "merger", "ln_q", "scale"), "visual.merger.ln_q.weight", _same, _same),
-        Rule(("visual", "merger", "mlp_0", "kernel"), "visual.merger.mlp.0.weight", _t, _t),
-        Rule(("visual", "merger", "mlp_0", "bias"), "visual.merger.mlp.0.bias", _same, _same),
-        Rule(("visual", "merger", "mlp_2", "kernel"), "visual.merger.mlp.2.weight", _t, _t),
-        Rule(("visual", "merger", "mlp_2", "bias"), "visual.merger.mlp.2.bias", _same, _same),
         Rule(("model", "embed_tokens", "embedding"), "model.embed_tokens.weight", _same, _same),
         Rule(("model", "norm", "scale"), "model.norm.weight", _same, _same),
     ]
-    if v.norm == "layer_norm":  # RMSNorm (Qwen2.5-VL) has no bias
-        rules.append(Rule(("visual", "merger", "ln_q", "bias"), "visual.merger.ln_q.bias", _same, _same))
+    names = HF_NAMES[cfg.family]
+    hf_norm, hf_fc1, hf_fc2 = names["merger"]
+    mergers = [(("visual", "merger"), "visual.merger")] + [
+        (("visual", f"deepstack_mergers_{k}"), f"visual.deepstack_merger_list.{k}")
+        for k in range(len(v.deepstack_visual_indexes))]
+    for ours, hf in mergers:
+        rules += [Rule((*ours, "ln_q", "scale"), f"{hf}.{hf_norm}.weight", _same, _same),
+                  Rule((*ours, "mlp_0", "kernel"), f"{hf}.{hf_fc1}.weight", _t, _t),
+                  Rule((*ours, "mlp_0", "bias"), f"{hf}.{hf_fc1}.bias", _same, _same),
+                  Rule((*ours, "mlp_2", "kernel"), f"{hf}.{hf_fc2}.weight", _t, _t),
+                  Rule((*ours, "mlp_2", "bias"), f"{hf}.{hf_fc2}.bias", _same, _same)]
+        if v.norm == "layer_norm":  # RMSNorm (Qwen2.5-VL) has no bias
+            rules.append(Rule((*ours, "ln_q", "bias"), f"{hf}.{hf_norm}.bias", _same, _same))
+    if v.patch_bias:
+        rules.append(Rule(("visual", "patch_embed", "proj", "bias"), "visual.patch_embed.proj.bias", _same, _same))
+    if v.num_position_embeddings:
+        rules.append(Rule(("visual", "pos_embed", "embedding"), "visual.pos_embed.weight", _same, _same))
     for norm in ("norm1", "norm2"):
         rules.append(Rule(("visual", "blocks", norm, "scale"), f"visual.blocks.{{i}}.{norm}.weight", _same, _same, V))
         if v.norm == "layer_norm":
             rules.append(Rule(("visual", "blocks", norm, "bias"), f"visual.blocks.{{i}}.{norm}.bias", _same, _same, V))
     mlp = ("gate_proj", "up_proj", "down_proj") if v.mlp == "gated" else ("fc1", "fc2")
-    for mod, hf in (("attn", "qkv"), ("attn", "proj")) + tuple(("mlp", name) for name in mlp):
+    for mod, name in (("attn", "qkv"), ("attn", "proj")) + tuple(("mlp", name) for name in mlp):
+        hf = names["vision_mlp"] + name if mod == "mlp" else name
         rules += [
-            Rule(("visual", "blocks", mod, hf, "kernel"), f"visual.blocks.{{i}}.{mod}.{hf}.weight", _t, _t, V),
-            Rule(("visual", "blocks", mod, hf, "bias"), f"visual.blocks.{{i}}.{mod}.{hf}.bias", _same, _same, V),
+            Rule(("visual", "blocks", mod, name, "kernel"), f"visual.blocks.{{i}}.{mod}.{hf}.weight", _t, _t, V),
+            Rule(("visual", "blocks", mod, name, "bias"), f"visual.blocks.{{i}}.{mod}.{hf}.bias", _same, _same, V),
         ]
+    attn = ("model", "layers", "self_attn")
     for proj, h in (("q_proj", n), ("k_proj", k), ("v_proj", k)):
-        rules += [
-            Rule(("model", "layers", "self_attn", proj, "kernel"), f"model.layers.{{i}}.self_attn.{proj}.weight",
-                 heads_in(h), heads_in_back(h), L),
-            Rule(("model", "layers", "self_attn", proj, "bias"), f"model.layers.{{i}}.self_attn.{proj}.bias",
-                 lambda x, h=h: x.reshape(h, hd), lambda x, h=h: x.reshape(h * hd), L),
-        ]
+        hf = f"model.layers.{{i}}.self_attn.{proj}"
+        rules.append(Rule((*attn, proj, "kernel"), f"{hf}.weight", heads_in(h), heads_in_back(h), L))
+        if t.attention_bias:
+            rules.append(Rule((*attn, proj, "bias"), f"{hf}.bias", lambda x, h=h: x.reshape(h, hd),
+                              lambda x, h=h: x.reshape(h * hd), L))
+    if t.qk_norm:
+        for norm in ("q_norm", "k_norm"):
+            rules.append(Rule(("model", "layers", "self_attn", norm, "scale"),
+                              f"model.layers.{{i}}.self_attn.{norm}.weight", _same, _same, L))
     rules.append(Rule(("model", "layers", "self_attn", "o_proj", "kernel"), "model.layers.{i}.self_attn.o_proj.weight",
                       lambda x: np.ascontiguousarray(x.T.reshape(n, hd, d)),
                       lambda x: np.ascontiguousarray(x.reshape(n * hd, d).T), L))
@@ -301,9 +316,18 @@ def iter_hf_tensors(cfg: Qwen2VLConfig, params: dict, dtype=None) -> Iterator[tu
         leaf = _get(params, rule.path)
         if rule.stacked:
             for i in range(rule.stacked):
-                yield rule.hf.format(i=i), rule.to_hf(_host(leaf, dtype, layer=i))
+                yield published_key(cfg, rule.hf.format(i=i)), rule.to_hf(_host(leaf, dtype, layer=i))
         else:
-            yield rule.hf, rule.to_hf(_host(leaf, dtype))
+            yield published_key(cfg, rule.hf), rule.to_hf(_host(leaf, dtype))
+
+
+def published_key(cfg: Qwen2VLConfig, key: str) -> str:
+    """A rule's key (`visual.*`, `model.*`, `lm_head.*`) as the family's published checkpoints write it."""
+    names = HF_NAMES[cfg.family]
+    for ours, theirs in (("visual.", names["visual"]), ("model.", names["llm"])):
+        if key.startswith(ours):
+            return theirs + key[len(ours):]
+    return key
 
 
 _ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",

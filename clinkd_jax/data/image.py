@@ -16,6 +16,9 @@ from PIL import Image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+HALF = (0.5, 0.5, 0.5)
+# each family's normalisation, as its published preprocessor_config.json sets it (Qwen3-VL: mean = std = 0.5)
+NORMALISATION = {"qwen2_vl": (CLIP_MEAN, CLIP_STD), "qwen2_5_vl": (CLIP_MEAN, CLIP_STD), "qwen3_vl": (HALF, HALF)}
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
 
@@ -25,18 +28,34 @@ class ImageError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ImageConfig:
-    """Pixel budget and patch geometry. Training (ClinKD: <= 768^2 px) and evaluation (512^2 - 1024^2)
-    use different budgets (clinkd-spec §2.6)."""
+    """Pixel budget, patch geometry and normalisation. Training (ClinKD: <= 768^2 px) and evaluation
+    (512^2 - 1024^2) use different budgets (clinkd-spec §2.6); `for_model` takes the rest from the model."""
 
     min_pixels: int = 56 * 56
     max_pixels: int = 28 * 28 * 1280
     patch_size: int = 14
     temporal_patch_size: int = 2
     merge_size: int = 2
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+    @property
+    def patch_dim(self) -> int:
+        """Values in one flattened patch (3 x temporal x patch x patch), the model's `VisionConfig.patch_dim`."""
+        return 3 * self.temporal_patch_size * self.patch_size**2
 
     @property
     def factor(self) -> int:
         return self.patch_size * self.merge_size
+
+
+def for_model(model_cfg, min_pixels: int, max_pixels: int) -> ImageConfig:
+    """The image processing a model of this config was trained with: its patch and merge geometry, its
+    family's normalisation, and the run's pixel budget."""
+    v = model_cfg.vision
+    mean, std = NORMALISATION[model_cfg.family]
+    return ImageConfig(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=v.patch_size,
+                       temporal_patch_size=v.temporal_patch_size, merge_size=v.spatial_merge_size, mean=mean, std=std)
 
 
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
@@ -77,7 +96,7 @@ def preprocess(img: Image.Image, cfg: ImageConfig = ImageConfig()) -> tuple[np.n
     if (h, w) != (img.height, img.width):
         img = img.resize((w, h), Image.BICUBIC)
     x = np.asarray(img, np.float32).transpose(2, 0, 1) * np.float32(1 / 255)
-    x = (x - np.asarray(CLIP_MEAN, np.float32)[:, None, None]) / np.asarray(CLIP_STD, np.float32)[:, None, None]
+    x = (x - np.asarray(cfg.mean, np.float32)[:, None, None]) / np.asarray(cfg.std, np.float32)[:, None, None]
     p, m, t = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
     gh, gw = h // p, w // p
     x = x.reshape(3, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)  # windows, in-window, C, P, P

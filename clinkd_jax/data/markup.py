@@ -13,17 +13,21 @@ What the model reads and writes (`data.box_markup`, `BOX_MARKUPS`): "0-1000" (de
 ClinKD's markup, the 0-1000 integers above; "absolute" is Qwen2.5-VL's own grounding convention, pixel
 coordinates of the image the model sees (after resizing), between the same box tokens. With "absolute", text is
 converted on its way in (`to_absolute`) and the model's answers on their way out (`from_absolute`), so data files,
-prediction files and scores stay on the 0-1000 scale.
+prediction files and scores stay on the 0-1000 scale. "json" is Qwen3-VL's own convention, the same 0-1000
+relative corners written as JSON: `[{"bbox_2d": [412, 318, 530, 447], "label": "left kidney"}]` for a named
+object, `[412, 318, 530, 447]` for a bare box (`to_json` in, `from_json` out, back to Med-GRIT's tags).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
 BOX_SCALE = 1000
 BOX_FORMATS = ("0-1000", "0-1")  # integers on the model's scale | floats relative to the image
-BOX_MARKUPS = ("0-1000", "absolute")  # the model's boxes: Med-GRIT's 0-1000 | pixels of its input (Qwen2.5-VL's)
+# the model's boxes: Med-GRIT's 0-1000 | pixels of its input (Qwen2.5-VL's) | 0-1000 in JSON (Qwen3-VL's)
+BOX_MARKUPS = ("0-1000", "absolute", "json")
 
 IMG_TAG = re.compile(r"<img>.*?</img>\s*", re.S)
 BIRD_BOX = re.compile(r"<box>(.*?)</box>", re.S)
@@ -146,3 +150,53 @@ def from_absolute(text: str, size: tuple[int, int]) -> str:
     """Pixel boxes (as a model trained with "absolute" writes them) -> 0-1000, clipped to the scale."""
     h, w = size
     return _rescale(text, BOX_SCALE / w, BOX_SCALE / h, (BOX_SCALE, BOX_SCALE))
+
+
+# ------------------------------------------------------------------------------ Qwen3-VL's JSON boxes
+_REF_BOXES = re.compile(r"(?:<ref>(.*?)</ref>)?(<box>.*?</box>(?:\s*<box>.*?</box>)*)", re.S)
+_JSON_LIST = re.compile(r"(?:```json\s*)?(\[(?:[^\[\]]|\[[^\[\]]*\])*\])(?:\s*```)?", re.S)
+
+
+def _corners(body: str) -> list[int]:
+    return [math.floor(float(v) + 0.5) for v in _numbers(body)]
+
+
+def to_json(text: str) -> str:
+    """Med-GRIT tags -> Qwen3-VL's JSON boxes: a <ref> with its boxes -> a list of {"bbox_2d", "label"} objects, a
+    bare box -> [x1, y1, x2, y2]. Raises MarkupError on a malformed box."""
+
+    def one(m: re.Match) -> str:
+        label, boxes = m.group(1), BIRD_BOX.findall(m.group(2))
+        if label is None:
+            return " ".join(json.dumps(_corners(b)) for b in boxes)
+        return json.dumps([{"bbox_2d": _corners(b), "label": label} for b in boxes], ensure_ascii=False)
+
+    return _REF_BOXES.sub(one, text)
+
+
+def from_json(text: str) -> str:
+    """A model's JSON boxes -> Med-GRIT tags (labelled objects -> <ref>label</ref><box>..</box>..., 4-number lists ->
+    <box>..</box>), for the files and scorers; JSON that is not a box list is left as written."""
+
+    def box(v) -> str | None:
+        if isinstance(v, list) and len(v) == 4 and all(isinstance(x, (int, float)) for x in v):
+            return "<box>({},{}),({},{})</box>".format(*(math.floor(x + 0.5) for x in v))
+        return None
+
+    def one(m: re.Match) -> str:
+        try:
+            value = json.loads(m.group(1))
+        except ValueError:
+            return m.group(0)
+        if box(value):
+            return box(value)
+        if isinstance(value, list) and value and all(isinstance(o, dict) and box(o.get("bbox_2d")) for o in value):
+            out, last = "", None
+            for o in value:  # consecutive boxes of one label share its <ref>
+                label = str(o.get("label", ""))
+                out += ("" if label == last else f"<ref>{label}</ref>") + box(o["bbox_2d"])
+                last = label
+            return out
+        return m.group(0)
+
+    return _JSON_LIST.sub(one, text)

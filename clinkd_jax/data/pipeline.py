@@ -12,7 +12,7 @@ Each batch is a dict of NumPy arrays (B = this host's rows, L = text bucket, N =
     labels               (B, L)    int32   token id where supervised, -100 elsewhere (not shifted)
     position_ids         (3, B, L) int32   M-RoPE / MCG-RoPE ids (gaps from the config)
     decode_offsets       (B,)      int32   position of KV slot c is c + offset
-    pixel_values         (B, N, 1176) float32  patches in merge-window order, zero padded
+    pixel_values         (B, N, 3*2*p*p) float32  patches in merge-window order, zero padded
     vision_position_ids  (B, N, 2) int32   (row, col) of each patch
     vision_segment_ids   (B, N)    int32   image number of each patch, 0 = padding
     sample_mask          (B,)      int32   0 for filler rows (a last partial batch, an item that failed to load)
@@ -175,7 +175,7 @@ def collate(rows: Sequence[Sequence[dict]], bucket: tuple[int, int], cfg: Pipeli
             offsets[i] = row[-1]["position_ids"].max() + 1 - length
             record_index[i] = row[0]["record_index"]
     vision = positions.pack_vision_inputs([[im for s in row for im in s["images"]] for row in rows], n_patches,
-                                          cfg.image.merge_size)
+                                          cfg.image.merge_size, patch_dim=cfg.image.patch_dim)
     out = {"input_ids": ids, "attention_mask": mask, "labels": labels, "position_ids": pos, "decode_offsets": offsets,
            **vision, "sample_mask": np.asarray([len(row) > 0 for row in rows], np.int32),
            "record_index": record_index, **topk}

@@ -63,11 +63,11 @@ def record_key(record: Record) -> str:
 
 
 def size_context(encoder: text_lib.ChatEncoder, image: image_lib.ImageConfig, text_cutoff: int) -> str:
-    """What measured sizes also depend on: tokenizer (and vocabulary mapping), template, image budget,
-    the truncation length. A size table measured under another context is not reused."""
+    """What measured sizes also depend on: tokenizer (and vocabulary mapping), template, box markup, image
+    processing, the truncation length. A size table measured under another context is not reused."""
     tok = encoder.tok
     parts = [SIZES_VERSION, type(tok).__name__, len(tok), encoder.template, encoder.system_prompt,
-             encoder._ids(PROBE), dataclasses.asdict(image), text_cutoff]
+             encoder._ids(PROBE), dataclasses.asdict(image), text_cutoff, encoder.box_markup]
     return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()
 
 

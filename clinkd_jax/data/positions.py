@@ -128,19 +128,19 @@ def pack_vision_inputs(
     num_patches: int,
     spatial_merge_size: int = 2,
     dtype=np.float32,
+    patch_dim: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Pack each sample's images into one static (N, patch_dim) buffer.
 
     `samples[b]` lists (patches (n, patch_dim), grid_thw) for the images of sample b, in order.
     Returns pixel_values (B, N, patch_dim), vision_position_ids (B, N, 2), vision_segment_ids (B, N)
-    with segment 1, 2, ... per image and 0 for padding.
+    with segment 1, 2, ... per image and 0 for padding. `patch_dim` (the model's) shapes a batch without images;
+    by default it is read from the images (1176, Qwen2-VL's, when there are none).
     """
     m2 = spatial_merge_size**2
     if num_patches % m2:
         raise PositionError(f"num_patches={num_patches} must be a multiple of spatial_merge_size**2={m2}")
-    patch_dim = next((p.shape[1] for s in samples for p, _ in s), None)
-    if patch_dim is None:
-        patch_dim = 3 * 2 * 14 * 14
+    patch_dim = patch_dim or next((p.shape[1] for s in samples for p, _ in s), 3 * 2 * 14 * 14)
     b = len(samples)
     pixels = np.zeros((b, num_patches, patch_dim), dtype)
     pos = np.zeros((b, num_patches, 2), np.int32)

@@ -41,6 +41,12 @@ QWEN2VL_TEMPLATE = (  # newlines are emitted as expressions so Jinja whitespace 
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
+# Qwen3-VL's chat format for images and text: Qwen2-VL's without the default system turn.
+QWEN3VL_TEMPLATE = QWEN2VL_TEMPLATE.replace(
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{{ '<|im_start|>system\\n" + DEFAULT_SYSTEM + "<|im_end|>\\n' }}"
+    "{%- endif -%}", "")
+TEMPLATES = {"qwen2vl": QWEN2VL_TEMPLATE, "qwen3vl": QWEN3VL_TEMPLATE}  # data.chat_template's built-in names
 
 
 class TooLong(ValueError):
@@ -77,8 +83,9 @@ class ChatEncoder:
             raise ValueError(f"box markup {box_markup!r} is not one of {markup.BOX_MARKUPS}")
         self.box_markup = box_markup  # what the model reads and writes (markup.BOX_MARKUPS)
         self.tok = tokenizer
-        if chat_template == "qwen2vl" or (chat_template is None and not getattr(tokenizer, "chat_template", None)):
+        if chat_template is None and not getattr(tokenizer, "chat_template", None):
             chat_template = QWEN2VL_TEMPLATE
+        chat_template = TEMPLATES.get(chat_template, chat_template)
         self.template = chat_template  # None = the tokenizer's own
         self.system_prompt = system_prompt
         self.image_pad_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
@@ -104,12 +111,16 @@ class ChatEncoder:
     def _boxes_in(self, text: str, image_sizes) -> str:
         if self.box_markup == "0-1000" or not markup.box_bodies(text):
             return text
+        if self.box_markup == "json":
+            return markup.to_json(text)
         if not image_sizes:
             raise ValueError("box markup 'absolute' needs the image's size, and this text has no image")
         return markup.to_absolute(text, image_sizes[0])
 
     def boxes_out(self, response: str, image_sizes) -> str:
         """A model's answer with its boxes on the 0-1000 scale, as data, prediction files and scorers hold them."""
+        if self.box_markup == "json":
+            return markup.from_json(response)
         if self.box_markup == "0-1000" or not image_sizes:
             return response
         return markup.from_absolute(response, image_sizes[0])

@@ -32,7 +32,6 @@ import jax
 from clinkd_jax import distributed, run_setup
 from clinkd_jax.data import image as image_lib
 from clinkd_jax.data import records as records_lib
-from clinkd_jax.data.image import ImageConfig
 from clinkd_jax.eval import captions, metrics, report
 from clinkd_jax.infer import generate as gen_lib
 from clinkd_jax.infer import prompts as prompts_lib
@@ -93,7 +92,7 @@ def predict(c, task: str, recs, generator, encoder, out_path: str, skips: record
     n = max(1, e.sasg_samples)
     pcfg = prompts_lib.PromptConfig(
         batch_size=e.batch_size * n, text_buckets=tuple(e.text_buckets), patch_buckets=tuple(e.patch_buckets),
-        image=ImageConfig(min_pixels=e.min_pixels, max_pixels=e.max_pixels), mrope_gaps=tuple(c.data.mrope_gaps),
+        image=image_lib.for_model(generator.model.cfg, e.min_pixels, e.max_pixels), mrope_gaps=tuple(c.data.mrope_gaps),
         image_token_id=generator.model.cfg.image_token_id, pad_token_id=sampling.pad_token_id, threads=e.threads,
     )
     writer = jax.process_index() == 0

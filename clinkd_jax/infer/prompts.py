@@ -91,7 +91,7 @@ def collate_prompts(samples: Sequence[dict], bucket: tuple[int, int], cfg: Promp
         ids[i, length - n:], mask[i, length - n:], pos[:, i, length - n:] = s["input_ids"], 1, s["position_ids"]
         offsets[i] = s["position_ids"].max() + 1 - length  # next position = (next cache slot) + offset
     vision = positions.pack_vision_inputs([s["images"] for s in samples] + [[]] * (b - len(samples)), n_patches,
-                                          cfg.image.merge_size)
+                                          cfg.image.merge_size, patch_dim=cfg.image.patch_dim)
     return {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "decode_offsets": offsets, **vision}
 
 

@@ -1,9 +1,10 @@
 """Model configuration: frozen dataclasses, kept apart from the run config (ml_collections).
 
-A model's *family* (`FAMILIES`: Qwen2-VL, Qwen2.5-VL) is a property of its checkpoint: `config.json`'s
-`model_type` picks it. Both share the Qwen2 LLM with M-RoPE, the position ids, the image processor and
-the chat template; they differ in the vision tower, which `VisionConfig` describes by feature (norm, MLP,
-window attention) so that the model code branches on features, never on the family's name.
+A model's *family* (`FAMILIES`: Qwen2-VL, Qwen2.5-VL, Qwen3-VL) is a property of its checkpoint: `config.json`'s
+`model_type` picks it. All share the position ids and the merge of 2x2 patches into one LLM token; they differ
+in the vision tower (norm, MLP, window attention, learned position table, DeepStack) and the LLM (Qwen2 with
+q/k/v biases, or Qwen3 with per-head q/k RMSNorm and interleaved M-RoPE), which `VisionConfig` and
+`TextConfig` describe by feature, so that the model code branches on features, never on the family's name.
 
 `Qwen2VLConfig.from_hf_dict` reads every `config.json` layout these checkpoints are found in: the flat
 layout of the published files (text fields at the root, `rope_scaling`, `in_chans`) and the nested layout
@@ -29,7 +30,14 @@ VISION_END_TOKEN_ID = 151653
 FAMILIES = {
     "qwen2_vl": ("qwen2_vl", "Qwen2VLForConditionalGeneration"),
     "qwen2_5_vl": ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"),
+    "qwen3_vl": ("qwen3_vl", "Qwen3VLForConditionalGeneration"),
 }
+# what each family's checkpoints call the parts that differ (clinkd_jax.convert.hf): the merger's norm and two
+# linears, a prefix of the vision MLP's linears, and the key prefixes of the published layout (tower, LLM)
+_QWEN2_NAMES = {"merger": ("ln_q", "mlp.0", "mlp.2"), "vision_mlp": "", "visual": "visual.", "llm": "model."}
+HF_NAMES = {"qwen2_vl": _QWEN2_NAMES, "qwen2_5_vl": _QWEN2_NAMES,
+            "qwen3_vl": {"merger": ("norm", "linear_fc1", "linear_fc2"), "vision_mlp": "linear_",
+                         "visual": "model.visual.", "llm": "model.language_model."}}
 VISION_NORMS = ("layer_norm", "rms_norm")
 VISION_MLPS = ("fc", "gated")
 
@@ -59,6 +67,13 @@ class VisionConfig:
     intermediate_size: int = 0  # the MLP's width; 0 = embed_dim * mlp_ratio (then mlp_ratio is unused)
     window_size: int = 0  # window attention's side in pixels (Qwen2.5-VL: 112); 0 = whole-image attention only
     fullatt_block_indexes: tuple[int, ...] = ()  # blocks that attend over the whole image when window_size > 0
+    patch_bias: bool = False  # the patch embedding has a bias (Qwen3-VL)
+    # a learned (side x side) position table, bilinearly resampled to each image's patch grid and added to the
+    # patch embeddings (Qwen3-VL: 2304 = 48 x 48); 0 = none (the rotary alone places patches)
+    num_position_embeddings: int = 0
+    # DeepStack (Qwen3-VL): the outputs of these blocks, each through its own merger, are added to the image
+    # tokens' hidden states after LLM layers 0, 1, ... in turn
+    deepstack_visual_indexes: tuple[int, ...] = ()
 
     @property
     def head_dim(self) -> int:
@@ -69,13 +84,18 @@ class VisionConfig:
         return self.intermediate_size or int(self.embed_dim * self.mlp_ratio)
 
     @property
+    def position_side(self) -> int:
+        """Side of the learned position table (48 for Qwen3-VL's 2304 entries)."""
+        return int(round(self.num_position_embeddings ** 0.5))
+
+    @property
     def window_patches(self) -> int:
         """Patches along one side of an attention window (8 for 112 px windows of 14 px patches)."""
         return self.window_size // self.patch_size
 
     @property
     def patch_dim(self) -> int:
-        """Values in one flattened patch: channels x temporal x patch x patch (1176 for Qwen2-VL)."""
+        """Values in one flattened patch: channels x temporal x patch x patch (1176 for Qwen2-VL, 1536 for Qwen3-VL)."""
         return self.in_channels * self.temporal_patch_size * self.patch_size**2
 
     @property
@@ -86,7 +106,7 @@ class VisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-    """The Qwen2 decoder with multimodal rotary embedding."""
+    """The Qwen2 (or Qwen3) decoder with multimodal rotary embedding."""
 
     vocab_size: int = 152064
     hidden_size: int = 3584
@@ -100,10 +120,15 @@ class TextConfig:
     mrope_section: tuple[int, ...] = (16, 24, 24)
     max_position_embeddings: int = 32768
     tie_word_embeddings: bool = False
+    head_size: int = 0  # attention head width; 0 = hidden_size / num_attention_heads (Qwen2); Qwen3 sets it (128)
+    attention_bias: bool = True  # q/k/v projections with biases (Qwen2) or without (Qwen3)
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys before the rotary (Qwen3)
+    # M-RoPE frequencies: chunked t|h|w by mrope_section (Qwen2-VL) or interleaved t,h,w,t,h,w,... (Qwen3-VL)
+    mrope_interleaved: bool = False
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.head_size or self.hidden_size // self.num_attention_heads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +169,7 @@ class Qwen2VLConfig:
         rope = dict(t.get("rope_parameters") or t.get("rope_scaling") or {})
         v = dict(d["vision_config"])
         tie = bool(d.get("tie_word_embeddings", False) or t.get("tie_word_embeddings", False))
+        qwen3 = family == "qwen3_vl"  # the Qwen3 LLM: its own head width, no q/k/v biases, q/k norms
         try:
             text = TextConfig(
                 vocab_size=int(t["vocab_size"]),
@@ -158,17 +184,28 @@ class Qwen2VLConfig:
                 mrope_section=tuple(int(s) for s in rope.get("mrope_section", (16, 24, 24))),
                 max_position_embeddings=int(t.get("max_position_embeddings", 32768)),
                 tie_word_embeddings=tie,
+                head_size=int(t.get("head_dim") or 0) if qwen3 else 0,
+                attention_bias=bool(t.get("attention_bias", False)) if qwen3 else True,
+                qk_norm=qwen3, mrope_interleaved=qwen3,  # transformers' Qwen3-VL always interleaves
             )
             common = dict(
                 depth=int(v["depth"]),
                 num_heads=int(v["num_heads"]),
                 in_channels=int(v.get("in_channels", v.get("in_chans", 3))),
-                patch_size=int(v.get("patch_size", 14)),
+                patch_size=int(v.get("patch_size", 16 if family == "qwen3_vl" else 14)),
                 temporal_patch_size=int(v.get("temporal_patch_size", 2)),
                 spatial_merge_size=int(v.get("spatial_merge_size", 2)),
                 rope_theta=float((v.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
             )
-            if family == "qwen2_5_vl":  # hidden_size is the tower's width, out_hidden_size the merger's output
+            if qwen3:  # hidden_size is the tower's width, out_hidden_size the merger's output
+                merger_out = v.get("out_hidden_size")
+                vision = VisionConfig(
+                    embed_dim=int(v["hidden_size"]), hidden_act=v.get("hidden_act", "gelu_pytorch_tanh"),
+                    intermediate_size=int(v["intermediate_size"]), patch_bias=True,
+                    num_position_embeddings=int(v["num_position_embeddings"]),
+                    deepstack_visual_indexes=tuple(int(i) for i in v.get("deepstack_visual_indexes", ())), **common,
+                )
+            elif family == "qwen2_5_vl":  # hidden_size is the tower's width, out_hidden_size the merger's output
                 merger_out = v.get("out_hidden_size")
                 vision = VisionConfig(
                     embed_dim=int(v["hidden_size"]), hidden_act=v.get("hidden_act", "silu"), norm="rms_norm",
@@ -213,23 +250,29 @@ class Qwen2VLConfig:
         return cls.from_hf_dict(d, source=file)
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """The published (flat) config.json layout of the config's family."""
+        """The published config.json layout of the config's family: flat for Qwen2-VL and Qwen2.5-VL (text fields
+        at the root), nested for Qwen3-VL (`text_config`)."""
         t, v = self.text, self.vision
         extra = {} if self.vocab_ids is None else {"clinkd_vocab_ids": list(self.vocab_ids)}  # ours, not HF's
         model_type, architecture = FAMILIES[self.family]
         common = {"depth": v.depth, "num_heads": v.num_heads, "hidden_act": v.hidden_act, "in_chans": v.in_channels,
                   "patch_size": v.patch_size, "spatial_patch_size": v.patch_size,
                   "temporal_patch_size": v.temporal_patch_size, "spatial_merge_size": v.spatial_merge_size}
-        if self.family == "qwen2_5_vl":
+        if self.family == "qwen3_vl":
+            vision = {"depth": v.depth, "num_heads": v.num_heads, "hidden_act": v.hidden_act, "in_channels":
+                      v.in_channels, "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size,
+                      "spatial_merge_size": v.spatial_merge_size, "hidden_size": v.embed_dim,
+                      "out_hidden_size": t.hidden_size, "intermediate_size": v.mlp_dim,
+                      "num_position_embeddings": v.num_position_embeddings,
+                      "deepstack_visual_indexes": list(v.deepstack_visual_indexes), "model_type": "qwen3_vl"}
+        elif self.family == "qwen2_5_vl":
             vision = {**common, "hidden_size": v.embed_dim, "out_hidden_size": t.hidden_size,
                       "intermediate_size": v.mlp_dim, "window_size": v.window_size,
                       "fullatt_block_indexes": list(v.fullatt_block_indexes), "tokens_per_second": 2}
         else:
             vision = {**common, "embed_dim": v.embed_dim, "hidden_size": t.hidden_size,
                       "mlp_ratio": int(v.mlp_ratio) if float(v.mlp_ratio).is_integer() else v.mlp_ratio}
-        return {
-            "architectures": [architecture],
-            "model_type": model_type,
+        text = {
             "vocab_size": t.vocab_size,
             "hidden_size": t.hidden_size,
             "intermediate_size": t.intermediate_size,
@@ -242,22 +285,25 @@ class Qwen2VLConfig:
             "rope_scaling": {"type": "mrope", "mrope_section": list(t.mrope_section)},
             "max_position_embeddings": t.max_position_embeddings,
             "tie_word_embeddings": t.tie_word_embeddings,
-            "use_sliding_window": False,
             "attention_dropout": 0.0,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
-            "image_token_id": self.image_token_id,
-            "video_token_id": self.video_token_id,
-            "vision_start_token_id": self.vision_start_token_id,
-            "vision_end_token_id": self.vision_end_token_id,
-            "vision_config": vision,
-            **extra,
         }
+        ids = {"image_token_id": self.image_token_id, "video_token_id": self.video_token_id,
+               "vision_start_token_id": self.vision_start_token_id, "vision_end_token_id": self.vision_end_token_id}
+        if self.family == "qwen3_vl":
+            text.update(model_type="qwen3_vl_text", head_dim=t.head_dim, attention_bias=t.attention_bias,
+                        rope_scaling={"rope_type": "default", "mrope_section": list(t.mrope_section),
+                                      "mrope_interleaved": True})
+            return {"architectures": [architecture], "model_type": model_type, "text_config": text,
+                    "vision_config": vision, "tie_word_embeddings": t.tie_word_embeddings, **ids, **extra}
+        return {"architectures": [architecture], "model_type": model_type, **text, "use_sliding_window": False,
+                **ids, "vision_config": vision, **extra}
 
 
 def validate(cfg: Qwen2VLConfig) -> None:
     t, v = cfg.text, cfg.vision
-    if t.hidden_size % t.num_attention_heads:
+    if not t.head_size and t.hidden_size % t.num_attention_heads:
         raise ConfigError(f"text.hidden_size={t.hidden_size} is not divisible by "
                           f"num_attention_heads={t.num_attention_heads}")
     if t.num_attention_heads % t.num_key_value_heads:
@@ -287,10 +333,18 @@ def validate(cfg: Qwen2VLConfig) -> None:
     if v.norm not in VISION_NORMS or v.mlp not in VISION_MLPS:
         raise ConfigError(f"vision.norm={v.norm!r} / vision.mlp={v.mlp!r}: expected one of {VISION_NORMS} / "
                           f"{VISION_MLPS}")
-    tower = (v.norm, v.mlp, v.window_size > 0)
-    if tower != FAMILY_TOWERS[cfg.family]:  # what the family's checkpoints can hold
-        raise ConfigError(f"family {cfg.family!r} has vision norm/mlp/windows {FAMILY_TOWERS[cfg.family]}, "
-                          f"not {tower}; use `as_family` to build a tower of that family")
+    have, want = features(cfg), FAMILY_FEATURES[cfg.family]
+    if have != want:  # what the family's checkpoints can hold
+        wrong = ", ".join(f"{k}={have[k]!r} (not {want[k]!r})" for k in want if have[k] != want[k])
+        raise ConfigError(f"family {cfg.family!r} cannot hold {wrong}; use `as_family` to build a model of that "
+                          "family")
+    bad = [i for i in v.deepstack_visual_indexes if not 0 <= i < v.depth]
+    if bad or len(v.deepstack_visual_indexes) > t.num_hidden_layers:
+        raise ConfigError(f"vision.deepstack_visual_indexes {list(v.deepstack_visual_indexes)}: each must be a block "
+                          f"of the depth-{v.depth} tower, at most one per LLM layer ({t.num_hidden_layers})")
+    if v.num_position_embeddings and v.position_side ** 2 != v.num_position_embeddings:
+        raise ConfigError(f"vision.num_position_embeddings={v.num_position_embeddings} is not a square (the table "
+                          "is side x side)")
     if v.window_size:
         unit = v.patch_size * v.spatial_merge_size
         if v.window_size % unit:
@@ -301,27 +355,56 @@ def validate(cfg: Qwen2VLConfig) -> None:
             raise ConfigError(f"vision.fullatt_block_indexes {bad} are not blocks of a depth-{v.depth} tower")
 
 
-FAMILY_TOWERS = {"qwen2_vl": ("layer_norm", "fc", False), "qwen2_5_vl": ("rms_norm", "gated", True)}
+def features(cfg: Qwen2VLConfig) -> dict[str, Any]:
+    """The architecture features that tell the families apart (`FAMILY_FEATURES`)."""
+    t, v = cfg.text, cfg.vision
+    return {"vision.norm": v.norm, "vision.mlp": v.mlp, "window attention": v.window_size > 0,
+            "learned positions": v.num_position_embeddings > 0, "vision.patch_bias": v.patch_bias,
+            "text.qk_norm": t.qk_norm, "text.attention_bias": t.attention_bias,
+            "text.mrope_interleaved": t.mrope_interleaved}
+
+
+_QWEN2_LLM = {"text.qk_norm": False, "text.attention_bias": True, "text.mrope_interleaved": False}
+FAMILY_FEATURES = {
+    "qwen2_vl": {"vision.norm": "layer_norm", "vision.mlp": "fc", "window attention": False,
+                 "learned positions": False, "vision.patch_bias": False, **_QWEN2_LLM},
+    "qwen2_5_vl": {"vision.norm": "rms_norm", "vision.mlp": "gated", "window attention": True,
+                   "learned positions": False, "vision.patch_bias": False, **_QWEN2_LLM},
+    "qwen3_vl": {"vision.norm": "layer_norm", "vision.mlp": "fc", "window attention": False,
+                 "learned positions": True, "vision.patch_bias": True, "text.qk_norm": True,
+                 "text.attention_bias": False, "text.mrope_interleaved": True},
+}
 
 
 def as_family(cfg: Qwen2VLConfig, family: str) -> Qwen2VLConfig:
-    """`cfg` (a preset: sizes, ids) with the vision tower of `family`, for models built from scratch
-    (`model.family`). Qwen2.5-VL's tower: RMSNorm, gated SiLU MLP of the same width, 112 px windows, the
-    last block of every quarter of the tower attending over the whole image (as 7, 15, 23, 31 of 32)."""
+    """`cfg` (a preset: sizes, ids) as a model of `family`, for models built from scratch (`model.family`); the
+    widths and depths stay. Qwen2.5-VL's tower: RMSNorm, gated SiLU MLP, 112 px windows, the last block of every
+    quarter of the tower attending over the whole image (as 7, 15, 23, 31 of 32). Qwen3-VL: 16 px patches with a
+    bias, a learned 48 x 48 position table, tanh-GELU, DeepStack from the last block of each of the first three
+    quarters of the tower (as 5, 11, 17 of 24), and the Qwen3 LLM (q/k norms, no q/k/v biases, interleaved M-RoPE)."""
     if family not in FAMILIES:
         raise ConfigError(f"model.family={family!r} is not one of {sorted(FAMILIES)}")
     if family == cfg.family:
         return cfg
-    v = cfg.vision
+    v, t = cfg.vision, cfg.text
+    vision = dataclasses.replace(  # Qwen2-VL's tower and LLM first
+        v, norm="layer_norm", mlp="fc", hidden_act="quick_gelu", intermediate_size=0, mlp_ratio=v.mlp_dim / v.embed_dim,
+        window_size=0, fullatt_block_indexes=(), patch_size=14, patch_bias=False, num_position_embeddings=0,
+        deepstack_visual_indexes=())
+    text = dataclasses.replace(t, head_size=0, attention_bias=True, qk_norm=False, mrope_interleaved=False)
+    step = max(v.depth // 4, 1)
     if family == "qwen2_5_vl":
-        step = max(v.depth // 4, 2)  # a tower of 2-7 blocks keeps at least one windowed block
-        vision = dataclasses.replace(v, norm="rms_norm", mlp="gated", hidden_act="silu", intermediate_size=v.mlp_dim,
-                                     mlp_ratio=VisionConfig.mlp_ratio,
-                                     window_size=112, fullatt_block_indexes=tuple(range(step - 1, v.depth, step)))
-    else:
-        vision = dataclasses.replace(v, norm="layer_norm", mlp="fc", hidden_act="quick_gelu", intermediate_size=0,
-                                     mlp_ratio=v.mlp_dim / v.embed_dim, window_size=0, fullatt_block_indexes=())
-    return cfg.replace(family=family, vision=vision)
+        vision = dataclasses.replace(vision, norm="rms_norm", mlp="gated", hidden_act="silu",
+                                     intermediate_size=v.mlp_dim, mlp_ratio=VisionConfig.mlp_ratio, window_size=112,
+                                     fullatt_block_indexes=tuple(range(max(step, 2) - 1, v.depth, max(step, 2))))
+    elif family == "qwen3_vl":
+        deepstack = tuple(range(step - 1, v.depth, step))[: min(3, t.num_hidden_layers)]
+        vision = dataclasses.replace(vision, hidden_act="gelu_pytorch_tanh", intermediate_size=v.mlp_dim,
+                                     mlp_ratio=VisionConfig.mlp_ratio, patch_size=16, patch_bias=True,
+                                     num_position_embeddings=2304, deepstack_visual_indexes=deepstack)
+        text = dataclasses.replace(text, head_size=t.head_dim, attention_bias=False, qk_norm=True,
+                                   mrope_interleaved=True)
+    return cfg.replace(family=family, vision=vision, text=text)
 
 
 # ------------------------------------------------------------------------- presets
@@ -367,6 +450,31 @@ def qwen2_5_vl_7b() -> Qwen2VLConfig:
                          text=dataclasses.replace(TextConfig(), max_position_embeddings=128000))
 
 
+def _qwen3_vl(vision_depth, vision_width, vision_mlp, deepstack, **text) -> Qwen2VLConfig:
+    """A Qwen3-VL dense size from its published config.json: the tower's fixed parts, the Qwen3 LLM's."""
+    vision = VisionConfig(depth=vision_depth, embed_dim=vision_width, num_heads=16, hidden_act="gelu_pytorch_tanh",
+                          intermediate_size=vision_mlp, patch_size=16, patch_bias=True, num_position_embeddings=2304,
+                          deepstack_visual_indexes=deepstack)
+    return Qwen2VLConfig(family="qwen3_vl", vision=vision, text=TextConfig(
+        vocab_size=151936, num_key_value_heads=8, head_size=128, rope_theta=5_000_000.0, mrope_section=(24, 20, 20),
+        max_position_embeddings=262144, attention_bias=False, qk_norm=True, mrope_interleaved=True, **text))
+
+
+def qwen3_vl_2b() -> Qwen2VLConfig:
+    return _qwen3_vl(24, 1024, 4096, (5, 11, 17), hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                     num_attention_heads=16, tie_word_embeddings=True)
+
+
+def qwen3_vl_4b() -> Qwen2VLConfig:
+    return _qwen3_vl(24, 1024, 4096, (5, 11, 17), hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                     num_attention_heads=32, tie_word_embeddings=True)
+
+
+def qwen3_vl_8b() -> Qwen2VLConfig:
+    return _qwen3_vl(27, 1152, 4304, (8, 16, 24), hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, tie_word_embeddings=False)
+
+
 def tiny(**text_overrides) -> Qwen2VLConfig:
     """A few-hundred-thousand-parameter model for tests and the CPU demo.
 
@@ -394,4 +502,5 @@ def tiny_qwen(**text_overrides) -> Qwen2VLConfig:
 
 
 PRESETS = {"qwen2vl_2b": qwen2vl_2b, "qwen2vl_7b": qwen2vl_7b, "qwen2vl_72b": qwen2vl_72b,
-           "qwen2_5_vl_3b": qwen2_5_vl_3b, "qwen2_5_vl_7b": qwen2_5_vl_7b, "tiny": tiny, "tiny_qwen": tiny_qwen}
+           "qwen2_5_vl_3b": qwen2_5_vl_3b, "qwen2_5_vl_7b": qwen2_5_vl_7b, "qwen3_vl_2b": qwen3_vl_2b,
+           "qwen3_vl_4b": qwen3_vl_4b, "qwen3_vl_8b": qwen3_vl_8b, "tiny": tiny, "tiny_qwen": tiny_qwen}

@@ -5,7 +5,8 @@ Per row of L text positions (image tokens, prompt and padding included) holding 
 
     LLM, forward      2 * N_llm * L  +  4 * layers * heads * head_dim * (causal pairs of L)
                       N_llm = per layer (q, k, v, o, gate, up, down weights) x layers + the LM head (h x V)
-    vision, forward   2 * N_vit * sum(n_i) + 4 * depth * embed_dim * sum(n_i^2)  +  merger (n_i / 4 tokens)
+    vision, forward   2 * N_vit * sum(n_i) + 4 * depth * embed_dim * sum(n_i^2)  +  mergers (n_i / 4 tokens; Qwen3-VL
+                      has one more per DeepStack level)
     trained parts     x 3 (forward, and a backward pass of twice its FLOPs: input and weight gradients)
     frozen parts      x 1 (forward only: a frozen vision tower gets no backward pass)
     KD                + the teacher's forward (same formulas, x 1)
@@ -47,8 +48,9 @@ def vision_params(cfg: Qwen2VLConfig) -> int:
 
 
 def merger_params(cfg: Qwen2VLConfig) -> int:
+    """Weights per merged token of the merger and of Qwen3-VL's DeepStack mergers (the same shapes each)."""
     m = cfg.vision.embed_dim * cfg.vision.merge_tokens
-    return m * m + m * cfg.text.hidden_size
+    return (m * m + m * cfg.text.hidden_size) * (1 + len(cfg.vision.deepstack_visual_indexes))
 
 
 def forward_flops(cfg: Qwen2VLConfig, length: int, image_patches=(), *, causal: bool = True) -> dict[str, float]:

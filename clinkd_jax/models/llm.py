@@ -1,4 +1,5 @@
-"""The Qwen2 decoder: RMSNorm, grouped-query attention with q/k/v bias, SwiGLU MLP, M-RoPE, KV cache.
+"""The Qwen2 / Qwen3 decoder: RMSNorm, grouped-query attention (Qwen2: q/k/v biases; Qwen3: no biases, RMSNorm
+over each head's q and k), SwiGLU MLP, M-RoPE, KV cache, and Qwen3-VL's DeepStack inputs.
 
 Layers are scanned (params stacked on a leading "layers" axis), which keeps compile time flat in depth.
 
@@ -78,9 +79,13 @@ class Qwen2Attention(nn.Module):
     def __call__(self, x_btd, cos_bth, sin_bth, mask_b1ts, segment_ids_bt, cache, layer, cache_index):
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        q = dense((c.num_attention_heads, c.head_dim), ("embed", "q_heads", "head_dim"), name="q_proj", **kw)(x_btd)
-        k = dense((c.num_key_value_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), name="k_proj", **kw)(x_btd)
-        v = dense((c.num_key_value_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), name="v_proj", **kw)(x_btd)
+        proj = dict(use_bias=c.attention_bias, **kw)
+        q = dense((c.num_attention_heads, c.head_dim), ("embed", "q_heads", "head_dim"), name="q_proj", **proj)(x_btd)
+        k = dense((c.num_key_value_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), name="k_proj", **proj)(x_btd)
+        v = dense((c.num_key_value_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), name="v_proj", **proj)(x_btd)
+        if c.qk_norm:  # Qwen3: each head's q and k normalised over head_dim, before the rotary
+            q = RMSNorm(c.rms_norm_eps, name="q_norm", **kw)(q)
+            k = RMSNorm(c.rms_norm_eps, name="k_norm", **kw)(k)
         q = constrain(rope.apply_rotary(q, cos_bth, sin_bth), ("batch", "length", "act_heads", "head_dim"))
         k = constrain(rope.apply_rotary(k, cos_bth, sin_bth), ("batch", "length", "act_kv_heads", "head_dim"))
         v = constrain(v, ("batch", "length", "act_kv_heads", "head_dim"))
@@ -132,7 +137,10 @@ class Qwen2MLP(nn.Module):
 
 
 class Qwen2DecoderLayer(nn.Module):
-    """Pre-norm block; a scan body: carry (x, stacked KV cache or None), this layer's index -> new carry."""
+    """Pre-norm block; a scan body: carry (x, stacked KV cache or None), this layer's index -> new carry.
+
+    `deepstack_kbtd` (Qwen3-VL): K vision features already placed at the image tokens (zeros elsewhere); layer
+    k < K adds the k-th to its output, as transformers adds them after decoder layers 0 .. K-1."""
 
     cfg: TextConfig
     dtype: Dtype = jnp.float32
@@ -141,7 +149,8 @@ class Qwen2DecoderLayer(nn.Module):
     per_head: bool = False
 
     @nn.compact
-    def __call__(self, carry, layer, cos_bth, sin_bth, mask_b1ts, segment_ids_bt, cache_index):
+    def __call__(self, carry, layer, cos_bth, sin_bth, mask_b1ts, segment_ids_bt, cache_index, deepstack_kbtd=None,
+                 deepstack_index=None):
         x_btd, cache = carry
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         eps = self.cfg.rms_norm_eps
@@ -153,6 +162,13 @@ class Qwen2DecoderLayer(nn.Module):
         x_btd = x_btd + h
         h = RMSNorm(eps, name="post_attention_layernorm", **kw)(x_btd)
         x_btd = x_btd + Qwen2MLP(self.cfg, name="mlp", **kw)(h)
+        if deepstack_kbtd is not None:  # scanned: `layer` is traced; unrolled: `deepstack_index` is the static k
+            k = deepstack_kbtd.shape[0]
+            if deepstack_index is not None:
+                x_btd = x_btd + deepstack_kbtd[deepstack_index].astype(x_btd.dtype)
+            else:
+                extra = jax.lax.dynamic_index_in_dim(deepstack_kbtd, jnp.minimum(layer, k - 1), keepdims=False)
+                x_btd = x_btd + jnp.where(layer < k, extra, 0).astype(x_btd.dtype)
         return (constrain(x_btd, ("batch", "length", "act_embed")), cache), None
 
 
@@ -188,18 +204,20 @@ class Qwen2Model(nn.Module):
             maybe_remat(Qwen2DecoderLayer, self.remat),
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(0,) + (nn.broadcast,) * 6,
                 length=c.num_hidden_layers,
                 unroll=min(self.scan_unroll, c.num_hidden_layers),
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(c, attention_impl=self.attention_impl, per_head=self.per_head, **kw)
         self.norm = RMSNorm(c.rms_norm_eps, **kw)
 
-    def __call__(self, x_btd, position_ids_3bt, attention_mask_bt, cache: KVCache | None = None):
-        """Input embeddings (B, T, D) -> (final-normed hidden states (B, T, D), updated cache or None)."""
+    def __call__(self, x_btd, position_ids_3bt, attention_mask_bt, cache: KVCache | None = None, deepstack_kbtd=None):
+        """Input embeddings (B, T, D) -> (final-normed hidden states (B, T, D), updated cache or None).
+        `deepstack_kbtd`: Qwen3-VL's K vision features at the image tokens, added after layers 0 .. K-1."""
         c = self.cfg
         b, t, _ = x_btd.shape
-        cos, sin = rope.mrope_cos_sin(position_ids_3bt, c.head_dim, c.rope_theta, c.mrope_section)
+        cos, sin = rope.mrope_cos_sin(position_ids_3bt, c.head_dim, c.rope_theta, c.mrope_section,
+                                      c.mrope_interleaved)
         q_slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if cache is None:  # attention_mask: 0 = padding, else the conversation's number in a packed row
             index = jnp.zeros((), jnp.int32)
@@ -225,12 +243,13 @@ class Qwen2Model(nn.Module):
         carry = (x_btd, layer_caches)
         if self.stacked:
             carry, _ = self.layers(carry, jnp.arange(c.num_hidden_layers, dtype=jnp.int32), cos, sin, mask,
-                                   segment_ids, index)
+                                   segment_ids, index, deepstack_kbtd)
         else:
             new = []
             for i, layer in enumerate(self.layers):  # each layer with its own cache buffers
                 own = None if layer_caches is None else (layer_caches[0][i], layer_caches[1][i])
-                (x_btd, own), _ = layer((x_btd, own), None, cos, sin, mask, segment_ids, index)
+                ds = deepstack_kbtd if deepstack_kbtd is not None and i < deepstack_kbtd.shape[0] else None
+                (x_btd, own), _ = layer((x_btd, own), None, cos, sin, mask, segment_ids, index, ds, i)
                 new.append(own)
             carry = (x_btd, None if layer_caches is None else tuple(zip(*new)))
         x_btd, new_layer_caches = carry

@@ -1,4 +1,5 @@
-"""The alignment projector: the PatchMerger (LayerNorm, or RMSNorm in Qwen2.5-VL -> 2x2 spatial merge -> MLP)."""
+"""The alignment projector: the PatchMerger (LayerNorm, or RMSNorm in Qwen2.5-VL -> 2x2 spatial merge -> MLP).
+Qwen3-VL's DeepStack mergers normalise after the merge ("postshuffle"), over the 4 patches side by side."""
 
 from __future__ import annotations
 
@@ -29,14 +30,17 @@ class PatchMerger(nn.Module):
     out_dim: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    postshuffle_norm: bool = False  # normalise after the merge, over m * embed_dim (Qwen3-VL's DeepStack)
 
     @nn.compact
     def __call__(self, x_bne: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, n, e = x_bne.shape
         m = self.cfg.merge_tokens
-        x = vision_norm(self.cfg, "ln_q", **kw)(x_bne)
+        x = x_bne if self.postshuffle_norm else vision_norm(self.cfg, "ln_q", **kw)(x_bne)
         x = x.reshape(b, n // m, m * e)  # the m consecutive patches of one merge window side by side
+        if self.postshuffle_norm:
+            x = vision_norm(self.cfg, "ln_q", **kw)(x)
         x = dense(m * e, ("merger_in", "merger_mlp"), name="mlp_0", **kw)(x)
         x = constrain(jax.nn.gelu(x, approximate=False), ("batch", "patches", "act_mlp"))
         return dense(self.out_dim, ("merger_mlp", "embed"), name="mlp_2", **kw)(x)

@@ -1,4 +1,6 @@
 """Qwen2-VL for conditional generation: vision tower -> patch merger -> scatter into <|image_pad|> -> Qwen2.
+The same class runs Qwen2.5-VL and Qwen3-VL (the config's features; Qwen3-VL's DeepStack features are scattered
+to the image tokens like the merged ones and added inside the LLM's first layers).
 
 Parameter tree (mirrors the Hugging Face module names, see `clinkd_jax.convert.hf`):
     visual/{patch_embed, blocks (stacked), merger}
@@ -98,19 +100,26 @@ class Qwen2VL(nn.Module):
         return_hidden: bool = False,
     ):
         """Returns {"logits" (B, L, V) float32 | "hidden" (B, L, D), "cache": KVCache | None}."""
-        x = self.embed(input_ids, pixel_values, vision_position_ids, vision_segment_ids)
-        hidden, cache = self.model(x, position_ids, attention_mask, cache)
+        x, deepstack = self.embed(input_ids, pixel_values, vision_position_ids, vision_segment_ids)
+        hidden, cache = self.model(x, position_ids, attention_mask, cache, deepstack)
         if return_hidden:
             return {"hidden": hidden, "cache": cache}
         return {"logits": self.logits(hidden), "cache": cache}
 
     def embed(self, input_ids, pixel_values=None, vision_position_ids=None, vision_segment_ids=None):
-        """Token embeddings with the merged image features scattered into the <|image_pad|> slots."""
+        """Token embeddings with the merged image features scattered into the <|image_pad|> slots, and the
+        DeepStack features (K, B, L, D) at the same slots, zeros elsewhere (None without DeepStack or images)."""
         x = self.model.embed_tokens(input_ids).astype(self.dtype)
+        deepstack = None
         if pixel_values is not None:
-            feats = self.visual(pixel_values, vision_position_ids, vision_segment_ids)
-            x = scatter_image_features(x, input_ids == self.cfg.image_token_id, feats)
-        return constrain(x, ("batch", "length", "act_embed"))
+            feats, stack = self.visual(pixel_values, vision_position_ids, vision_segment_ids)
+            is_image = input_ids == self.cfg.image_token_id
+            x = scatter_image_features(x, is_image, feats)
+            if stack is not None:
+                zeros = jnp.zeros_like(x)
+                deepstack = jnp.stack([scatter_image_features(zeros, is_image, s) for s in stack])
+                deepstack = constrain(deepstack, (None, "batch", "length", "act_embed"))
+        return constrain(x, ("batch", "length", "act_embed")), deepstack
 
     def logits(self, hidden_bld):
         """LM head (tied or untied) in float32. Losses call this on sequence chunks, never on (B, L, V) at once."""
@@ -122,7 +131,11 @@ class Qwen2VL(nn.Module):
 
     def vision_features(self, pixel_values, vision_position_ids, vision_segment_ids):
         """Merged vision tokens (B, N / merge**2, D): what the LLM receives for each image."""
-        return self.visual(pixel_values, vision_position_ids, vision_segment_ids)
+        return self.visual(pixel_values, vision_position_ids, vision_segment_ids)[0]
+
+    def deepstack_features(self, pixel_values, vision_position_ids, vision_segment_ids):
+        """Qwen3-VL's DeepStack features (K, B, N / merge**2, D), for parity checks."""
+        return self.visual(pixel_values, vision_position_ids, vision_segment_ids)[1]
 
     def vision_tower(self, pixel_values, vision_position_ids, vision_segment_ids):
         """ViT output before the merger (B, N, embed_dim), for parity checks and feature extraction."""

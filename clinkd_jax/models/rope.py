@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def inv_frequencies(dim: int, theta: float) -> jax.Array:
@@ -27,22 +28,31 @@ def apply_rotary(x_btnh: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array) -> j
     return (xf * cos + rotate_half(xf) * sin).astype(x_btnh.dtype)
 
 
-def mrope_cos_sin(
-    position_ids_3bt: jax.Array, head_dim: int, theta: float, mrope_section: tuple[int, ...]
-) -> tuple[jax.Array, jax.Array]:
-    """Chunked multimodal RoPE (the Qwen2-VL layout, not Qwen3-VL's interleaved one).
+def mrope_axes(head_dim: int, mrope_section: tuple[int, ...], interleaved: bool = False) -> np.ndarray:
+    """Which position row (0 = t, 1 = h, 2 = w) each of the head_dim/2 frequencies takes its angle from.
 
-    The head_dim/2 frequencies are cut into `mrope_section` chunks (e.g. [16, 24, 24]); chunk k takes its
-    angle from position row k (t, h, w), and the result is duplicated for the rotate-half pairing.
-    Returns cos, sin of shape (B, T, head_dim), float32.
-    """
+    Chunked (Qwen2-VL): `mrope_section` consecutive runs, e.g. [16, 24, 24]. Interleaved (Qwen3-VL): frequency i
+    takes h when i % 3 == 1 and i < 3 * section[1], w when i % 3 == 2 and i < 3 * section[2], else t."""
+    half = head_dim // 2
+    if not interleaved:
+        return np.repeat(np.arange(3), mrope_section)[:half]
+    i = np.arange(half)
+    axes = np.zeros(half, np.int64)
+    for axis in (1, 2):
+        axes[(i % 3 == axis) & (i < 3 * mrope_section[axis])] = axis
+    return axes
+
+
+def mrope_cos_sin(
+    position_ids_3bt: jax.Array, head_dim: int, theta: float, mrope_section: tuple[int, ...],
+    interleaved: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """Multimodal RoPE: frequency i of the head_dim/2 takes its angle from position row `mrope_axes(...)[i]`
+    (t, h or w), and the result is duplicated for the rotate-half pairing. Returns cos, sin of shape
+    (B, T, head_dim), float32."""
     inv = inv_frequencies(head_dim, theta)  # (H/2,)
-    angles = position_ids_3bt.astype(jnp.float32)[..., None] * inv  # (3, B, T, H/2)
-    chunks, start = [], 0
-    for axis, width in enumerate(mrope_section):
-        chunks.append(angles[axis % 3, ..., start : start + width])
-        start += width
-    angles = jnp.concatenate(chunks, axis=-1)  # (B, T, H/2)
+    pos = position_ids_3bt.astype(jnp.float32)[mrope_axes(head_dim, mrope_section, interleaved)]  # (H/2, B, T)
+    angles = jnp.moveaxis(pos, 0, -1) * inv  # (B, T, H/2)
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
 

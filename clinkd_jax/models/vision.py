@@ -2,6 +2,9 @@
 
 Qwen2-VL: LayerNorm and an fc1 -> act -> fc2 MLP, every block over the whole image. Qwen2.5-VL: RMSNorm, a
 gated SiLU MLP, and window attention in all blocks but `fullatt_block_indexes` (`clinkd_jax.models.window`).
+Qwen3-VL: Qwen2-VL's blocks on 16 px patches, plus a learned position table resampled to each image's grid
+(`position_embedding`) and DeepStack: the outputs of `deepstack_visual_indexes` blocks, each merged by its own
+merger, go to the LLM's first layers.
 
 Static shapes: each sample carries a fixed-size buffer of N patches (B, N, 1176). Any number of images
 of different sizes share it; `vision_segment_ids` (B, N) says which image each patch belongs to
@@ -20,7 +23,7 @@ from flax import linen as nn
 from clinkd_jax.models import attention as attn_lib
 from clinkd_jax.models import rope, window
 from clinkd_jax.models.config import VisionConfig
-from clinkd_jax.models.layers import activation, dense, gated_activation, maybe_remat
+from clinkd_jax.models.layers import INIT_STD, activation, dense, gated_activation, maybe_remat, named
 from clinkd_jax.models.projector import PatchMerger, vision_norm
 from clinkd_jax.sharding import constrain
 
@@ -28,7 +31,7 @@ Dtype = Any
 
 
 class PatchEmbed(nn.Module):
-    """Conv3d with kernel = stride = (2, 14, 14) on a flattened patch is a bias-free linear map."""
+    """Conv3d with kernel = stride = (2, p, p) on a flattened patch is a linear map (with a bias in Qwen3-VL)."""
 
     cfg: VisionConfig
     dtype: Dtype = jnp.float32
@@ -37,10 +40,37 @@ class PatchEmbed(nn.Module):
     @nn.compact
     def __call__(self, patches_bnp: jax.Array) -> jax.Array:
         proj = dense(
-            self.cfg.embed_dim, ("vit_patch", "vit_embed"), use_bias=False,
+            self.cfg.embed_dim, ("vit_patch", "vit_embed"), use_bias=self.cfg.patch_bias,
             dtype=self.dtype, param_dtype=self.param_dtype, name="proj",
         )
         return proj(patches_bnp.astype(self.dtype))
+
+
+def position_taps(pos_bn2, seg_bn, side: int):
+    """Bilinear resampling (corners aligned) of a (side x side) table to each image's own patch grid: for every
+    patch, the 4 table rows to read and their weights, (B, N, 4) each. An image's grid size is its largest
+    row / column id + 1 over its patches (`vision_segment_ids`), so the pipeline passes nothing new."""
+
+    def grid_of(pos_n2, seg_n):
+        n = seg_n.shape[0]
+        size = jax.ops.segment_max(pos_n2, seg_n, num_segments=n + 1) + 1  # (images + padding, 2)
+        return size[seg_n]
+
+    size = jax.vmap(grid_of)(pos_bn2, seg_bn).astype(jnp.float32)  # (B, N, 2): (height, width) in patches
+    src = pos_bn2.astype(jnp.float32) * (side - 1) / jnp.maximum(size - 1, 1)
+    lo = jnp.floor(src)
+    frac = src - lo
+    lo = lo.astype(jnp.int32)
+    rows, weights = [], []
+    for dh in (0, 1):
+        for dw in (0, 1):
+            r = jnp.clip(lo[..., 0] + dh, 0, side - 1)
+            c = jnp.clip(lo[..., 1] + dw, 0, side - 1)
+            wh = frac[..., 0] if dh else 1 - frac[..., 0]
+            ww = frac[..., 1] if dw else 1 - frac[..., 1]
+            rows.append(r * side + c)
+            weights.append(wh * ww)
+    return jnp.stack(rows, -1), jnp.stack(weights, -1)
 
 
 class VisionAttention(nn.Module):
@@ -110,6 +140,8 @@ class VisionBlock(nn.Module):
     per_head: bool = False
     query_block: int = 0
 
+    collect: bool = False  # also emit the block's output (DeepStack picks its blocks' from the stack)
+
     @nn.compact
     def __call__(self, x_bne, cos_bnh, sin_bnh, mask_b1nn, segment_ids_bn, window_ids_bn=None, full=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -118,8 +150,8 @@ class VisionBlock(nn.Module):
                                query_block=self.query_block, name="attn", **kw)
         x_bne = x_bne + attn(h, cos_bnh, sin_bnh, mask_b1nn, segment_ids_bn, window_ids_bn, full)
         h = vision_norm(self.cfg, "norm2", **kw)(x_bne)
-        x_bne = x_bne + VisionMLP(self.cfg, name="mlp", **kw)(h)
-        return constrain(x_bne, ("batch", "patches", "act_embed")), None
+        x_bne = constrain(x_bne + VisionMLP(self.cfg, name="mlp", **kw)(h), ("batch", "patches", "act_embed"))
+        return x_bne, (x_bne if self.collect else None)
 
 
 class VisionTransformer(nn.Module):
@@ -146,11 +178,21 @@ class VisionTransformer(nn.Module):
             length=self.cfg.depth,
             unroll=min(self.scan_unroll, self.cfg.depth),
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(self.cfg, attention_impl=self.attention_impl, per_head=self.per_head, query_block=self.query_block, **kw)
+        )(self.cfg, attention_impl=self.attention_impl, per_head=self.per_head, query_block=self.query_block,
+          collect=bool(self.cfg.deepstack_visual_indexes), **kw)
         self.merger = PatchMerger(self.cfg, self.out_dim, **kw)
+        if self.cfg.num_position_embeddings:
+            self.pos_embed = nn.Embed(self.cfg.num_position_embeddings, self.cfg.embed_dim, embedding_init=named(
+                nn.initializers.normal(INIT_STD), ("vit_pos", "vit_embed")), **kw)
+        self.deepstack_mergers = [PatchMerger(self.cfg, self.out_dim, postshuffle_norm=True, **kw)
+                                  for _ in self.cfg.deepstack_visual_indexes]
 
     def encode(self, pixel_values_bnp, vision_position_ids_bn2, vision_segment_ids_bn):
         """(B, N, patch_dim), (B, N, 2) row/col ids, (B, N) image ids -> ViT output (B, N, embed_dim)."""
+        return self._encode(pixel_values_bnp, vision_position_ids_bn2, vision_segment_ids_bn)[0]
+
+    def _encode(self, pixel_values_bnp, vision_position_ids_bn2, vision_segment_ids_bn):
+        """ViT output and the DeepStack blocks' outputs [(B, N, embed_dim)], all in patch order."""
         c = self.cfg
         pos, seg, pixels = vision_position_ids_bn2, vision_segment_ids_bn, pixel_values_bnp
         perm = window_ids = full = None
@@ -158,15 +200,30 @@ class VisionTransformer(nn.Module):
             perm, window_ids = window.window_order(pos, seg, c.merge_tokens, c.window_patches)
             pos, seg, pixels = (window.gather(x, perm) for x in (pos, seg, pixels))
             full = jnp.isin(jnp.arange(c.depth), jnp.asarray(c.fullatt_block_indexes, jnp.int32))
-        x = constrain(self.patch_embed(pixels), ("batch", "patches", "act_embed"))
+        x = self.patch_embed(pixels)
+        if c.num_position_embeddings:  # Qwen3-VL: the learned table, resampled to each image's grid
+            rows, weights = position_taps(pos, seg, c.position_side)
+            x = x + jnp.einsum("bnk,bnke->bne", weights.astype(self.dtype), self.pos_embed(rows))
+        x = constrain(x, ("batch", "patches", "act_embed"))
         cos, sin = rope.vision_cos_sin(pos, c.head_dim, c.rope_theta)
         mask = attn_lib.segment_mask(seg, seg)
-        x, _ = self.blocks(x, cos, sin, mask, seg, window_ids, full)
-        return x if perm is None else window.unsort(x, perm)
+        x, per_block = self.blocks(x, cos, sin, mask, seg, window_ids, full)
+        stack = [per_block[i] for i in c.deepstack_visual_indexes]  # merger k takes the k-th listed block
+        if perm is not None:
+            x, stack = window.unsort(x, perm), [window.unsort(s, perm) for s in stack]
+        return x, stack
+
+    def deepstack(self, stack):
+        """The DeepStack features (K, B, N / merge**2, out_dim) in block order (LLM layer k gets the k-th
+        earliest block's), each block's through the merger of its place in `deepstack_visual_indexes`."""
+        order = sorted(range(len(stack)), key=lambda k: self.cfg.deepstack_visual_indexes[k])
+        return jnp.stack([self.deepstack_mergers[k](stack[k]) for k in order])
 
     def __call__(self, pixel_values_bnp, vision_position_ids_bn2, vision_segment_ids_bn):
-        """Merged vision tokens (B, N / merge**2, out_dim), in the order of the <|image_pad|> tokens."""
-        return self.merger(self.encode(pixel_values_bnp, vision_position_ids_bn2, vision_segment_ids_bn))
+        """Merged vision tokens (B, N / merge**2, out_dim), in the order of the <|image_pad|> tokens, and the
+        DeepStack features (K, B, N / merge**2, out_dim), or None without DeepStack."""
+        x, stack = self._encode(pixel_values_bnp, vision_position_ids_bn2, vision_segment_ids_bn)
+        return self.merger(x), (self.deepstack(stack) if stack else None)
 
 
 __all__ = ["PatchEmbed", "VisionAttention", "VisionMLP", "VisionBlock", "VisionTransformer"]

@@ -59,13 +59,13 @@ class HookContext:
     encoder: object
 
 
-def batches(c, workdir, recs, encoder, mesh, rules, pool_files=(), skips=None):
+def batches(c, workdir, recs, encoder, model_cfg, mesh, rules, pool_files=(), skips=None):
     """The batch iterator over `recs` plus data.extra_files plus `pool_files` (RCT corrections); `skips`
     holds what reading `recs` skipped (counted in the run's summary)."""
     skips = skips or records.SkipLog(strict=c.data.strict)
     extra = tuple(c.data.extra_files) + tuple(pool_files)
     pool = run_setup.with_extra(recs, extra, c.data.extra_mode, skips) if extra else recs
-    return pipeline.make_batches(pool, encoder, run_setup.pipeline_config(c, encoder, mesh, rules), skips,
+    return pipeline.make_batches(pool, encoder, run_setup.pipeline_config(c, encoder, model_cfg, mesh, rules), skips,
                                  sizes_cache=run_setup.sizes_cache(c, workdir))
 
 
@@ -105,7 +105,7 @@ def run(c, workdir: str, hooks=()) -> dict:
     t_cfg = teacher_params = None
     if c.stage == "kd" and not c.kd.pseudo_labels:
         t_cfg, teacher_params = run_setup.load_model(c.teacher, mesh, rules, c.seed + 1, cfg.vocab_ids)
-        run_setup.same_vocab(cfg, t_cfg, "the teacher")
+        run_setup.same_inputs(cfg, t_cfg, "the teacher")
     ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"), save_every=c.checkpoint.save_every,
                                         keep=c.checkpoint.keep, async_save=c.checkpoint.async_save,
                                         commit_files=c.checkpoint.commit_files)
@@ -117,7 +117,7 @@ def run(c, workdir: str, hooks=()) -> dict:
     read_skips = records.SkipLog(strict=c.data.strict)
     recs = run_setup.training_records(c, workdir, read_skips)
     encoder = run_setup.encoder_for(c, cfg.vocab_ids)
-    data = batches(c, workdir, recs, encoder, mesh, rules, pool_files(start), read_skips)
+    data = batches(c, workdir, recs, encoder, cfg, mesh, rules, pool_files(start), read_skips)
 
     prog = program.build(c, cfg, mesh, rules, teacher_cfg=t_cfg, total_updates=_total_updates(c, data))
     with sharding.use_mesh(mesh, rules):
@@ -170,7 +170,7 @@ def run(c, workdir: str, hooks=()) -> dict:
                     h(step, state.params, HookContext(cfg, mesh, rules, recs, encoder))
                 if grows:  # the pool grows from the next step
                     old = data
-                    data = batches(c, workdir, recs, encoder, mesh, rules, pool_files(step))
+                    data = batches(c, workdir, recs, encoder, cfg, mesh, rules, pool_files(step))
                     data.set_state({"epoch": old.epoch, "batch": old.batch})  # the stream goes on, not epoch 0
                     data.load_skips.update(old.load_skips)
                 if due:

@@ -109,12 +109,12 @@ def write_store(c, workdir: str) -> None:
     mesh, rules = run_setup.make_run_mesh(c)
     s_cfg = run_setup.config_of(c.model, run_setup.compact_vocab(c, workdir))
     t_cfg, t_params = run_setup.load_model(c.teacher, mesh, rules, c.seed + 1, s_cfg.vocab_ids)
-    run_setup.same_vocab(s_cfg, t_cfg, "the teacher")
+    run_setup.same_inputs(s_cfg, t_cfg, "the teacher")
     teacher = run_setup.model_for(c, t_cfg, c.teacher.dtype)
     encoder = run_setup.encoder_for(c, s_cfg.vocab_ids)
     skips = records.SkipLog(strict=c.data.strict)
     recs = run_setup.training_records(c, workdir, skips)
-    pcfg = run_setup.pipeline_config(c, encoder, mesh, rules, shuffle=False, num_epochs=1, pseudo_labels=None,
+    pcfg = run_setup.pipeline_config(c, encoder, s_cfg, mesh, rules, shuffle=False, num_epochs=1, pseudo_labels=None,
                                      teacher_mrope_gaps=None, pack=False)  # entries are per record: one per row
     batches = pipeline.make_batches(recs, encoder, pcfg, skips, sizes_cache=run_setup.sizes_cache(c, workdir))
     kd = kd_config(c)

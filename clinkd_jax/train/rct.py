@@ -29,7 +29,6 @@ import numpy as np
 from clinkd_jax import run_setup
 from clinkd_jax.data import image as image_lib
 from clinkd_jax.data import markup
-from clinkd_jax.data.image import ImageConfig
 from clinkd_jax.data.records import Record, SkipLog, Turn, text_problem
 from clinkd_jax.eval.metrics import extract_information, vg_item_hits
 from clinkd_jax.infer import generate as gen_lib
@@ -105,7 +104,7 @@ def correction_round(c, recs, encoder, student, corrector_for, seed: int) -> tup
     stops, pad = encoder.stop_ids, encoder.pad_id
     pcfg = prompts_lib.PromptConfig(
         batch_size=r.batch_size, text_buckets=tuple(c.data.text_buckets), patch_buckets=tuple(c.data.patch_buckets),
-        image=ImageConfig(min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels),
+        image=image_lib.for_model(student.model.cfg, c.data.min_pixels, c.data.max_pixels),
         mrope_gaps=tuple(c.data.mrope_gaps), image_token_id=encoder.image_pad_id, pad_token_id=pad,
     )
     greedy = gen_lib.SamplingConfig(max_new_tokens=r.max_new_tokens, stop_token_ids=stops, pad_token_id=pad)
@@ -172,7 +171,7 @@ def has_corrector(c) -> bool:
 def load_corrector(c, mesh, rules, student_cfg):
     """The corrector (`teacher.*`) as a Generator, on the student's vocabulary."""
     cfg, params = run_setup.load_model(c.teacher, mesh, rules, c.seed, student_cfg.vocab_ids)
-    run_setup.same_vocab(student_cfg, cfg, "the corrector (teacher.*)")
+    run_setup.same_inputs(student_cfg, cfg, "the corrector (teacher.*)")
     return gen_lib.Generator(run_setup.model_for(c, cfg), params, mesh, rules)
 
 

@@ -15,12 +15,14 @@ from clinkd_jax import checkpoint
 from clinkd_jax.convert import __main__ as cli
 from clinkd_jax.convert.hf import CheckpointError, load_hf_checkpoint, save_hf_checkpoint
 from clinkd_jax.models import Qwen2VL, Qwen2VLConfig
-from clinkd_jax.models.config import ConfigError, qwen2_5_vl_3b, qwen2vl_2b
+from clinkd_jax.models.config import ConfigError, qwen2_5_vl_3b, qwen2vl_2b, qwen3_vl_2b
 
 SRC = f"{R.GOLDEN}/gqa2_untied"
 TIED = f"{R.GOLDEN}/gqa4_tied"
 Q25 = f"{R.GOLDEN}/q25_win56_gqa2"  # Qwen2.5-VL: RMSNorm without biases, gated MLP with them
 Q25_TIED = f"{R.GOLDEN}/q25_win28_tied"
+Q3 = f"{R.GOLDEN}/q3_ds2_gqa2"  # Qwen3-VL: model.visual / model.language_model keys, DeepStack mergers, q/k norms
+Q3_TIED = f"{R.GOLDEN}/q3_ds1_tied"
 
 
 def leaves_equal(a, b):
@@ -71,7 +73,7 @@ def test_legacy_nested_layout_loads_the_same(tmp_path):
     leaves_equal(load_hf_checkpoint(str(d))[1], load_hf_checkpoint(SRC)[1])
 
 
-@pytest.mark.parametrize("src", [SRC, TIED, Q25, Q25_TIED])
+@pytest.mark.parametrize("src", [SRC, TIED, Q25, Q25_TIED, Q3, Q3_TIED])
 def test_export_reimport_is_exact_and_sharded_with_index(tmp_path, src):
     cfg, params = load_hf_checkpoint(src)
     out = tmp_path / "export"
@@ -113,11 +115,11 @@ def test_export_writes_the_dtype_asked_for_from_sharded_params(tmp_path):
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("src", [SRC, TIED, Q25, Q25_TIED])
+@pytest.mark.parametrize("src", [SRC, TIED, Q25, Q25_TIED, Q3, Q3_TIED])
 def test_load_forward_export_reload_with_transformers(tmp_path, src):
     """Published layout -> our forward -> export -> transformers.from_pretrained -> same logits."""
     cfg, params = load_hf_checkpoint(src)
-    inputs, _ = R.load_golden("gqa2_untied")
+    inputs, _ = R.load_golden(os.path.basename(src))
     x, _ = R.jax_inputs(inputs)
     ours = np.asarray(jax.jit(Qwen2VL(cfg).apply)({"params": params}, **x)["logits"])
     save_hf_checkpoint(params, cfg, str(tmp_path / "export"))
@@ -159,8 +161,31 @@ PUBLISHED_Q25_3B_CONFIG = {  # the layout of Qwen2.5-VL-3B-Instruct's config.jso
 }
 
 
+PUBLISHED_Q3_2B_CONFIG = {  # the layout of Qwen3-VL-2B-Instruct's config.json (nested, rope_scaling in text_config)
+    "architectures": ["Qwen3VLForConditionalGeneration"], "image_token_id": 151655, "model_type": "qwen3_vl",
+    "text_config": {"attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 151643, "dtype": "bfloat16",
+                    "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 2048,
+                    "initializer_range": 0.02, "intermediate_size": 6144, "max_position_embeddings": 262144,
+                    "model_type": "qwen3_vl_text", "num_attention_heads": 16, "num_hidden_layers": 28,
+                    "num_key_value_heads": 8, "rms_norm_eps": 1e-06,
+                    "rope_scaling": {"mrope_interleaved": True, "mrope_section": [24, 20, 20], "rope_type": "default"},
+                    "rope_theta": 5000000, "tie_word_embeddings": True, "use_cache": True, "vocab_size": 151936},
+    "tie_word_embeddings": True, "transformers_version": "4.57.0.dev0", "video_token_id": 151656,
+    "vision_config": {"deepstack_visual_indexes": [5, 11, 17], "depth": 24, "hidden_act": "gelu_pytorch_tanh",
+                      "hidden_size": 1024, "in_channels": 3, "initializer_range": 0.02, "intermediate_size": 4096,
+                      "model_type": "qwen3_vl", "num_heads": 16, "num_position_embeddings": 2304,
+                      "out_hidden_size": 2048, "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2},
+    "vision_end_token_id": 151653, "vision_start_token_id": 151652,
+}
+
+
 def test_config_layouts():
     assert Qwen2VLConfig.from_hf_dict(PUBLISHED_2B_CONFIG) == qwen2vl_2b()
+    assert Qwen2VLConfig.from_hf_dict(PUBLISHED_Q3_2B_CONFIG) == qwen3_vl_2b()
+    q3 = Qwen2VLConfig.from_hf_dir(Q3)  # as transformers 5 writes it (rope_parameters)
+    assert (q3.family, q3.text.head_dim, q3.text.mrope_interleaved, q3.vision.deepstack_visual_indexes) == (
+        "qwen3_vl", 32, True, (0, 2))
+    assert Qwen2VLConfig.from_hf_dict(q3.to_hf_dict()) == q3
     assert Qwen2VLConfig.from_hf_dict(PUBLISHED_Q25_3B_CONFIG) == qwen2_5_vl_3b()  # the family from model_type
     q25 = Qwen2VLConfig.from_hf_dir(Q25)  # transformers 5's nested layout
     assert (q25.family, q25.vision.window_size, q25.vision.fullatt_block_indexes) == ("qwen2_5_vl", 56, (1,))
@@ -180,7 +205,7 @@ def test_config_layouts():
          r"mrope_section=\[16, 24, 16\] must sum to head_dim/2=64"),
         (lambda d: d.update(num_key_value_heads=5), "not a multiple of num_key_value_heads=5"),
         (lambda d: d["vision_config"].update(hidden_size=3584), "must equal the LLM hidden_size=1536"),
-        (lambda d: d.update(model_type="qwen3_vl"), r"model_type is 'qwen3_vl', expected one of \['qwen2_5_vl', "),
+        (lambda d: d.update(model_type="qwen3_vl_moe"), r"model_type is 'qwen3_vl_moe', expected one of "),
     ],
 )
 def test_bad_config_is_named(change, message):
@@ -202,6 +227,24 @@ def test_bad_config_is_named(change, message):
 def test_bad_qwen25_config_is_named(change, message):
     d = json.loads(json.dumps(PUBLISHED_Q25_3B_CONFIG))
     change(d["vision_config"])
+    with pytest.raises(ConfigError, match=message):
+        Qwen2VLConfig.from_hf_dict(d)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: d["vision_config"].pop("num_position_embeddings"), "missing field 'num_position_embeddings'"),
+        (lambda d: d["vision_config"].update(num_position_embeddings=2300), "num_position_embeddings=2300 is not a "
+         "square"),
+        (lambda d: d["vision_config"].update(deepstack_visual_indexes=[5, 24]),
+         r"deepstack_visual_indexes \[5, 24\]: each must be a block of the depth-24 tower"),
+        (lambda d: d["text_config"].update(head_dim=96), r"mrope_section=\[24, 20, 20\] must sum to head_dim/2=48"),
+    ],
+)
+def test_bad_qwen3_config_is_named(change, message):
+    d = json.loads(json.dumps(PUBLISHED_Q3_2B_CONFIG))
+    change(d)
     with pytest.raises(ConfigError, match=message):
         Qwen2VLConfig.from_hf_dict(d)
 

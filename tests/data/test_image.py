@@ -12,6 +12,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file  # noqa: E402
 
 from clinkd_jax.data import image as I
+from clinkd_jax.models.config import qwen3_vl_2b
 
 CASES = [((100, 120), (56 * 56, 112 * 112)), ((333, 517), (56 * 56, 28 * 28 * 1280)),
          ((40, 30), (256 * 256, 512 * 512)),
@@ -55,6 +56,24 @@ def test_qwen25_vl_processing_is_the_same():
         np.testing.assert_allclose(patches, ref["pixel_values"], atol=1e-5, rtol=0)
         pads = Qwen2_5_VLProcessor.replace_image_token(processor, ref, 0)
         assert pads.count("<|image_pad|>") == I.num_patches(*size, cfg) // cfg.merge_size ** 2 == len(patches) // 4
+
+
+@pytest.mark.parametrize("size", [(100, 120), (333, 517), (57, 913)])
+def test_qwen3_vl_processing(size):
+    """Qwen3-VL's: transformers' Qwen2-VL image processor with Qwen3-VL's published settings (16 px patches,
+    mean = std = 0.5, 256² .. 4096² pixels), against ours as `for_model` sets it up for a Qwen3-VL config."""
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES as mapping
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    assert mapping["qwen3_vl"] == mapping["qwen2_vl"]
+    cfg = I.for_model(qwen3_vl_2b(), 256 * 256, 4096 * 4096)
+    ref = Qwen2VLImageProcessorPil(patch_size=16, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                                   min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    img = Image.fromarray(np.random.default_rng(sum(size)).integers(0, 256, (*size, 3), dtype=np.uint8))
+    want = ref(img, return_tensors="np")
+    patches, grid = I.preprocess(img, cfg)
+    assert [list(grid)] == want["image_grid_thw"].tolist() and patches.shape[1] == cfg.patch_dim == 1536
+    np.testing.assert_allclose(patches, want["pixel_values"], atol=1e-5, rtol=0)
 
 
 def test_smart_resize_matches_transformers():

@@ -108,3 +108,23 @@ def test_absolute_box_markup_in_and_out():
         e.encode(TURNS, [4])
     with pytest.raises(ValueError, match="box markup 'pixels' is not one of"):
         T.ChatEncoder(encoder().tok, "qwen2vl", box_markup="pixels")
+
+
+def test_json_box_markup_and_the_qwen3vl_template():
+    """data.box_markup="json" (Qwen3-VL's convention): a named box the model reads or writes is a JSON object on the
+    same 0-1000 scale, a bare box a 4-number list; answers come back as Med-GRIT tags (several boxes of one label
+    share its <ref>; JSON that is not a box list stays as written). The "qwen3vl" template has no default system
+    turn."""
+    e = T.ChatEncoder(encoder().tok, "qwen3vl", box_markup="json")
+    text = e.render(e.messages(TURNS, 1), add_generation_prompt=False)
+    assert text.startswith("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Where is the ")
+    assert '[{"bbox_2d": [412, 318, 530, 447], "label": "left kidney"}]<|im_end|>' in text
+    assert "And what is in [1, 2, 30, 40]?" in text and "<|box_start|>" not in text
+    enc = e.encode(TURNS, [4])
+    assert '"bbox_2d": [412, 318, 530, 447]' in e.tok.decode(enc.input_ids[enc.labels != T.IGNORE])
+    answer = ('```json\n[{"bbox_2d": [10, 20, 30, 40], "label": "cyst"}, {"bbox_2d": [50, 60, 70, 80], '
+              '"label": "cyst"}]\n```, then [1, 2, 3, 4] and [1, 2] and {"a": 1}')
+    assert e.boxes_out(answer, None) == ("<ref>cyst</ref><box>(10,20),(30,40)</box><box>(50,60),(70,80)</box>, then "
+                                         '<box>(1,2),(3,4)</box> and [1, 2] and {"a": 1}')
+    assert T.QWEN3VL_TEMPLATE != T.QWEN2VL_TEMPLATE and T.DEFAULT_SYSTEM in encoder().render(
+        encoder().messages(TURNS, 1), add_generation_prompt=False)

@@ -96,11 +96,11 @@ def test_ids_travel_with_the_config(ids):
 
 def test_mismatches_are_refused(ids, tmp_path):
     from clinkd_jax.convert import hf
-    from clinkd_jax.run_setup import same_vocab
+    from clinkd_jax.run_setup import same_inputs
 
     cfg = vocab.compact_config(mcfg.tiny_qwen(), ids)
     with pytest.raises(ValueError, match="the teacher has the full vocabulary but the model has a compact"):
-        same_vocab(cfg, mcfg.tiny_qwen(), "the teacher")
+        same_inputs(cfg, mcfg.tiny_qwen(), "the teacher")
     with pytest.raises(mcfg.ConfigError, match="cannot be exported"):
         hf.save_hf_checkpoint({}, cfg, str(tmp_path / "hf"))
     with pytest.raises(ValueError, match="duplicate"):

@@ -1,4 +1,4 @@
-"""Make the golden reference files from transformers' PyTorch Qwen2-VL / Qwen2.5-VL (needs torch; Python 3.11 env).
+"""Golden reference files from transformers' PyTorch Qwen2-VL / Qwen2.5-VL / Qwen3-VL (needs torch; Python 3.11).
 
     python tests/golden/make_golden.py                   # rewrites tests/golden/<config>/ and inputs.npz
     python tests/golden/make_golden.py q25_win56_gqa2    # only the named configs (inputs.npz is kept)
@@ -35,7 +35,10 @@ def main(names: list[str]):
         for extra in ("generation_config.json",):
             if os.path.exists(os.path.join(out_dir, extra)):
                 os.remove(os.path.join(out_dir, extra))
-        outputs = reference.hf_outputs(model, batch)
+        own = reference.patch_size(name) != 14  # another patch width: its own inputs, beside its outputs
+        if own:
+            np.savez_compressed(os.path.join(out_dir, "inputs.npz"), **reference.make_batch(patch=16))
+        outputs = reference.hf_outputs(model, reference.make_batch(patch=16) if own else batch)
         np.savez_compressed(os.path.join(out_dir, "outputs.npz"), **outputs)
         np.savez_compressed(os.path.join(out_dir, "generate.npz"), **reference.hf_generation_reference(model))
         size = sum(os.path.getsize(os.path.join(out_dir, f)) for f in os.listdir(out_dir))

@@ -32,7 +32,7 @@ def sampling(stops, **kw):
 
 def ours_greedy(name, stops, gaps=(1, 1)):
     model, params = golden_model(name)
-    batch = R.jax_generation_batch(R.generation_prompts(), gaps)
+    batch = R.jax_generation_batch(R.generation_prompts(patch=R.patch_size(name)), gaps)
     return G.Generator(model, params)(batch, sampling(stops)), batch
 
 
@@ -47,7 +47,7 @@ def test_greedy_equals_golden_transformers_generate(name):
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("name", ["gqa2_untied", "mha_head32", "q25_win56_gqa2"])
+@pytest.mark.parametrize("name", ["gqa2_untied", "mha_head32", "q25_win56_gqa2", "q3_ds2_gqa2"])
 def test_greedy_equals_live_transformers_generate(name):
     ref = R.hf_generation_reference(R.build_hf_model(name, seed=0))
     tokens, _ = ours_greedy(name, ref["stop_token_ids"])
@@ -86,7 +86,7 @@ def test_unrolled_decode_equals_scanned_decode(name):
     above run) does, and one decode step of each gives the same logits and cache to float32 rounding (1e-5:
     sums of another order)."""
     model, params = golden_model(name)
-    batch = R.jax_generation_batch(R.generation_prompts())
+    batch = R.jax_generation_batch(R.generation_prompts(patch=R.patch_size(name)))
     ref = np.load(f"{R.GOLDEN}/{name}/generate.npz")
     scanned = G.Generator(model.clone(decode_layers="scan"), params)(batch, sampling(ref["stop_token_ids"]))
     np.testing.assert_array_equal(scanned, ref["tokens"])

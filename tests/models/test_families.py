@@ -1,6 +1,7 @@
 """Model families: the family as a property of the config, and Qwen2.5-VL's window attention in isolation
 (its parity with transformers is in test_parity / test_generate / test_convert, over the q25_* golden files)."""
 
+import dataclasses
 import json
 
 import jax
@@ -27,10 +28,25 @@ def test_as_family_builds_the_qwen25_tower_and_back():
     assert (q25.family, v.norm, v.mlp, v.window_size) == ("qwen2_5_vl", "rms_norm", "gated", 112)
     assert v.fullatt_block_indexes == (1,) and v.mlp_dim == tiny().vision.mlp_dim  # a windowed block stays
     assert as_family(q25, "qwen2_vl") == tiny()
-    with pytest.raises(ConfigError, match="model.family='qwen3_vl' is not one of"):
-        as_family(tiny(), "qwen3_vl")
-    with pytest.raises(ConfigError, match="family 'qwen2_vl' has vision norm/mlp/windows"):
+    with pytest.raises(ConfigError, match="model.family='qwen4_vl' is not one of"):
+        as_family(tiny(), "qwen4_vl")
+    with pytest.raises(ConfigError, match="family 'qwen2_vl' cannot hold vision.norm='rms_norm'"):
         tiny().replace(vision=v)  # a Qwen2-VL config.json cannot hold a Qwen2.5-VL tower
+
+
+def test_as_family_builds_qwen3_vl_and_back():
+    """Qwen3-VL from a preset: 16 px patches with a bias, a 48 x 48 position table, DeepStack from the ends of the
+    tower's first quarters (at most one per LLM layer), the Qwen3 LLM with the preset's head width."""
+    q3 = as_family(tiny(), "qwen3_vl")
+    v, t = q3.vision, q3.text
+    assert (v.patch_size, v.patch_dim, v.patch_bias, v.position_side, v.deepstack_visual_indexes) == (
+        16, 1536, True, 48, (0, 1))
+    assert (t.head_dim, t.qk_norm, t.attention_bias, t.mrope_interleaved) == (tiny().text.head_dim, True, False, True)
+    assert as_family(q3, "qwen2_vl") == tiny() and as_family(as_family(q3, "qwen2_5_vl"), "qwen3_vl") == q3
+    deep = as_family(tiny().replace(vision=dataclasses.replace(tiny().vision, depth=24)), "qwen3_vl")
+    assert deep.vision.deepstack_visual_indexes == (5, 11)  # (5, 11, 17) as in Qwen3-VL-2B, cut to 2 LLM layers
+    with pytest.raises(ConfigError, match="family 'qwen3_vl' cannot hold text.qk_norm=False"):
+        q3.replace(text=dataclasses.replace(t, qk_norm=False))
 
 
 def _packed(grids, num_patches):
@@ -97,6 +113,10 @@ def test_a_teacher_with_another_tokenizer_is_refused_by_name(tmp_path):
     with pytest.raises(ConfigError, match=r"teacher: its tokenizer \(.*other/tokenizer.json\) is not the model's"):
         run_setup.check_same_tokenizer(c)
     student = as_family(tiny(), "qwen2_5_vl")
-    run_setup.same_vocab(student, tiny(), "the teacher")  # Qwen2-VL teacher, Qwen2.5-VL student
+    run_setup.same_inputs(student, tiny(), "the teacher")  # Qwen2-VL teacher, Qwen2.5-VL student
     with pytest.raises(ConfigError, match="the teacher has image_token_id=7 but the model has 250"):
-        run_setup.same_vocab(student, tiny().replace(image_token_id=7), "the teacher")
+        run_setup.same_inputs(student, tiny().replace(image_token_id=7), "the teacher")
+    # Qwen3-VL reads 16 px patches normalised to [-1, 1]: no batch serves it and a Qwen2-VL teacher together
+    with pytest.raises(ConfigError, match=r"the teacher \(qwen2_vl: 14 px patches.*\) reads images differently from "
+                                          r"the model \(qwen3_vl: 16 px patches"):
+        run_setup.same_inputs(as_family(tiny(), "qwen3_vl"), tiny(), "the teacher")

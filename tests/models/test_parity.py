@@ -19,19 +19,27 @@ from clinkd_jax.models import Qwen2VL
 ATOL = 1e-4
 
 
+def run_ours(cfg, params, x):
+    """Our logits, vision tower and merger outputs (and DeepStack features) for inputs `x`."""
+    model = Qwen2VL(cfg)
+    variables = {"params": params}
+    vis_args = (x["pixel_values"], x["vision_position_ids"], x["vision_segment_ids"])
+    method = lambda m: jax.jit(functools.partial(model.apply, method=m))
+    out = {"logits": np.asarray(jax.jit(model.apply)(variables, **x)["logits"]),
+           "vision_hidden": np.asarray(method(Qwen2VL.vision_tower)(variables, *vis_args)),
+           "vision_merged": np.asarray(method(Qwen2VL.vision_features)(variables, *vis_args)),
+           "position_ids": x["position_ids"]}
+    if cfg.vision.deepstack_visual_indexes:
+        out["deepstack"] = np.asarray(method(Qwen2VL.deepstack_features)(variables, *vis_args))
+    return out
+
+
 @functools.lru_cache(maxsize=None)
 def ours(name):
-    """(model, params, our outputs) for a golden checkpoint, computed once per config."""
+    """Our outputs for a golden checkpoint, computed once per config."""
     cfg, params = load_hf_checkpoint(f"{R.GOLDEN}/{name}")
-    model = Qwen2VL(cfg)
     inputs, _ = R.load_golden(name)
-    x, deltas = R.jax_inputs(inputs)
-    variables = {"params": params}
-    logits = np.asarray(jax.jit(model.apply)(variables, **x)["logits"])
-    vis_args = (x["pixel_values"], x["vision_position_ids"], x["vision_segment_ids"])
-    hidden = np.asarray(jax.jit(functools.partial(model.apply, method=Qwen2VL.vision_tower))(variables, *vis_args))
-    merged = np.asarray(jax.jit(functools.partial(model.apply, method=Qwen2VL.vision_features))(variables, *vis_args))
-    return {"logits": logits, "vision_hidden": hidden, "vision_merged": merged, "position_ids": x["position_ids"]}
+    return run_ours(cfg, params, R.jax_inputs(inputs)[0])
 
 
 def assert_matches(mine, ref, mask):
@@ -42,6 +50,11 @@ def assert_matches(mine, ref, mask):
         for b, ref_b in enumerate(R.per_sample_vision(ref[key], per_token)):
             np.testing.assert_allclose(mine[key][b, : len(ref_b)], ref_b, atol=ATOL, rtol=0,
                                        err_msg=f"{key} sample {b}")
+    assert ("deepstack" in mine) == ("deepstack" in ref)
+    for k, ref_k in enumerate(ref.get("deepstack", ())):  # Qwen3-VL: each DeepStack merger's output
+        for b, ref_b in enumerate(R.per_sample_vision(ref_k, 4)):
+            np.testing.assert_allclose(mine["deepstack"][k, b, : len(ref_b)], ref_b, atol=ATOL, rtol=0,
+                                       err_msg=f"deepstack {k} sample {b}")
     # the scale check keeps this honest: near-zero reference logits would make any model "match"
     assert np.abs(ref["logits"][valid]).max() > 1.0
 
@@ -76,6 +89,13 @@ FRESH = {  # configs in no golden file
                                  mrope_section=[4, 2, 2], rope_theta=2e5, tie=False),
                        vision=dict(depth=3, embed_dim=40, num_heads=2, intermediate_size=72, window_size=56,
                                    fullatt_block_indexes=[0, 2])),
+    # DeepStack indexes out of order (transformers feeds the LLM in block order, each block through the merger
+    # of its place in the list); a 5x5 position table; head width 24 (not 128 / 8)
+    "qwen3_vl": dict(family="qwen3_vl",
+                     text=dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=4, head_dim=24,
+                               mrope_section=[4, 4, 4], rope_theta=3e5, tie=False),
+                     vision=dict(depth=3, embed_dim=40, num_heads=2, intermediate_size=72, num_position_embeddings=25,
+                                 deepstack_visual_indexes=[2, 0])),
 }
 
 
@@ -86,19 +106,10 @@ def test_fresh_random_config_live(tmp_path, family):
     try:
         model = R.build_hf_model("fresh_gqa4", seed=7)
         model.save_pretrained(tmp_path)
-        batch = R.make_batch(seed=3)
+        batch = R.make_batch(seed=3, patch=R.patch_size("fresh_gqa4"))
         live = R.hf_outputs(model, batch)
         cfg, params = load_hf_checkpoint(str(tmp_path))
-        x, _ = R.jax_inputs(batch)
-        m = Qwen2VL(cfg)
-        mine = {
-            "logits": np.asarray(jax.jit(m.apply)({"params": params}, **x)["logits"]),
-            "position_ids": x["position_ids"],
-            "vision_hidden": np.asarray(m.apply({"params": params}, x["pixel_values"], x["vision_position_ids"],
-                                                x["vision_segment_ids"], method=Qwen2VL.vision_tower)),
-            "vision_merged": np.asarray(m.apply({"params": params}, x["pixel_values"], x["vision_position_ids"],
-                                                x["vision_segment_ids"], method=Qwen2VL.vision_features)),
-        }
+        mine = run_ours(cfg, params, R.jax_inputs(batch)[0])
         assert_matches(mine, live, batch["attention_mask"])
     finally:
         del R.CONFIGS["fresh_gqa4"]

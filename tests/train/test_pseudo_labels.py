@@ -11,18 +11,17 @@ from test_steps import DROP, feed, on_one_device, one_device_step, with_padding_
 from clinkd_jax.data import pipeline
 from clinkd_jax.data import pseudo_labels as store
 from clinkd_jax.models import Qwen2VL
-from clinkd_jax.models.config import as_family
 from clinkd_jax.models.qwen2vl import init_params
 from clinkd_jax.train import losses, pseudo_labels
 from clinkd_jax.train import state as state_lib
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
-def test_cached_full_vocab_equals_online(tmp_path, tiny_and_batches, family, mask="released"):
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_cached_full_vocab_equals_online(tmp_path, batches_of_family, family, mask="released"):
     """qwen2_5_vl: a Qwen2.5-VL pair whose teacher has 64 padding rows more (7B vs 3B); the store holds the
-    teacher's distribution over the student's vocabulary, as the online step cuts it."""
-    cfg, batches = tiny_and_batches
-    cfg = as_family(cfg, family)
+    teacher's distribution over the student's vocabulary, as the online step cuts it. qwen3_vl: DeepStack and the
+    Qwen3 LLM on both sides."""
+    cfg, batches = batches_of_family(family)
     batches = batches[:2]
     teacher, student = Qwen2VL(cfg), Qwen2VL(cfg)
     t_params = init_params(teacher, jax.random.key(10))
