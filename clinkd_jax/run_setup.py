@@ -22,6 +22,7 @@ from clinkd_jax.data import image as image_lib
 from clinkd_jax.data import vocab as vocab_lib
 from clinkd_jax.data.markup import BOX_FORMATS, BOX_MARKUPS
 from clinkd_jax.models import config as model_config
+from clinkd_jax.models import presets
 from clinkd_jax.models.config import ConfigError
 from clinkd_jax.models.qwen2vl import ATTENTION_LOOPS, DECODE_LAYERS, Qwen2VL, init_params
 
@@ -55,7 +56,7 @@ def config_of(src, vocab_ids=None) -> model_config.Qwen2VLConfig:
             raise ConfigError(f"{src.hf_dir or src.orbax_dir} holds a {cfg.family} model, but its family is set to "
                               f"{family!r}; a checkpoint's family is its own (unset the family field)")
         return cfg
-    cfg = model_config.PRESETS[src.preset]()
+    cfg = presets.PRESETS[src.preset]()
     for part in ("text", "vision"):  # the LLM's sizes before the family (Qwen3-VL's DeepStack fits its depth), the
         overrides = src.get(f"{part}_overrides")  # tower's after (they may set the family's own fields)
         if overrides:
@@ -290,8 +291,8 @@ def check_source(c, name: str, required: bool) -> None:
         if required:
             raise ConfigError(f"{name}: no source; set {name}.hf_dir, {name}.orbax_dir or {name}.preset")
         return
-    if src.preset and src.preset not in model_config.PRESETS:
-        raise ConfigError(f"{name}.preset={src.preset!r} is not one of {sorted(model_config.PRESETS)}")
+    if src.preset and src.preset not in presets.PRESETS:
+        raise ConfigError(f"{name}.preset={src.preset!r} is not one of {sorted(presets.PRESETS)}")
     if src.get("family", "") and src.family not in model_config.FAMILIES:
         raise ConfigError(f"{name}.family={src.family!r} is not one of {sorted(model_config.FAMILIES)}")
     for part, kind in (("text", model_config.TextConfig), ("vision", model_config.VisionConfig)):

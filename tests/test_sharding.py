@@ -89,7 +89,7 @@ def test_init_params_directly_sharded():
 
 
 def R_tiny():
-    from clinkd_jax.models.config import tiny
+    from clinkd_jax.models.presets import tiny
 
     return tiny()
 

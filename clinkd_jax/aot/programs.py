@@ -38,6 +38,7 @@ from clinkd_jax.infer import generate as gen_lib
 from clinkd_jax.infer import prompts
 from clinkd_jax.models import config as model_config
 from clinkd_jax.models import flops as flops_lib
+from clinkd_jax.models import presets
 from clinkd_jax.models.qwen2vl import param_shardings
 from clinkd_jax.run_setup import SOURCES, ConfigError
 from clinkd_jax.train import program as program_lib
@@ -93,13 +94,13 @@ def _source(c, name: str, chained: dict[str, Geometry], workdir: str, vocab_ids)
             if key in base:
                 log.warning("%s.hf_dir=%s is not on this machine: its geometry is taken from the name (%s)", name,
                             src.hf_dir, preset)
-                cfg = model_config.PRESETS[preset]()
+                cfg = presets.PRESETS[preset]()
                 return Geometry(cfg, "bfloat16" if name == "teacher" else c.model.param_dtype,
                                 f"{src.hf_dir} (not here: {preset} by its name)")
         raise ConfigError(f"{name}.hf_dir={src.hf_dir!r} is not on this machine and its name is not a published "
                           f"Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint's; aot needs only its geometry: add "
                           f"--config.{name}.hf_dir= "
-                          f"--config.{name}.preset=qwen2vl_7b (or another of {sorted(model_config.PRESETS)})")
+                          f"--config.{name}.preset=qwen2vl_7b (or another of {sorted(presets.PRESETS)})")
     if src.orbax_dir:
         if os.path.isdir(src.orbax_dir):
             return Geometry(checkpoint.load_config(src.orbax_dir), c.model.param_dtype, src.orbax_dir)

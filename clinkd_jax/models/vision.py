@@ -140,10 +140,12 @@ class VisionBlock(nn.Module):
     per_head: bool = False
     query_block: int = 0
 
-    collect: bool = False  # also emit the block's output (DeepStack picks its blocks' from the stack)
-
     @nn.compact
-    def __call__(self, x_bne, cos_bnh, sin_bnh, mask_b1nn, segment_ids_bn, window_ids_bn=None, full=None):
+    def __call__(self, carry, cos_bnh, sin_bnh, mask_b1nn, segment_ids_bn, window_ids_bn=None, full=None,
+                 slot=None):
+        """`carry` is x (B, N, E), or with DeepStack (x, stack (K, B, N, E)): block outputs the LLM takes are
+        written into their slot (`slot` >= 0) in the loop, so K outputs are held rather than one per block."""
+        x_bne, stack = carry if slot is not None else (carry, None)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = vision_norm(self.cfg, "norm1", **kw)(x_bne)
         attn = VisionAttention(self.cfg, attention_impl=self.attention_impl, per_head=self.per_head,
@@ -151,7 +153,13 @@ class VisionBlock(nn.Module):
         x_bne = x_bne + attn(h, cos_bnh, sin_bnh, mask_b1nn, segment_ids_bn, window_ids_bn, full)
         h = vision_norm(self.cfg, "norm2", **kw)(x_bne)
         x_bne = constrain(x_bne + VisionMLP(self.cfg, name="mlp", **kw)(h), ("batch", "patches", "act_embed"))
-        return x_bne, (x_bne if self.collect else None)
+        if slot is None:
+            return x_bne, None
+        k = jnp.maximum(slot, 0)
+        kept = jax.lax.dynamic_index_in_dim(stack, k, keepdims=False)
+        stack = jax.lax.dynamic_update_index_in_dim(stack, jnp.where(slot >= 0, x_bne, kept), k, 0)
+        stack = constrain(stack, (None, "batch", "patches", "act_embed"))
+        return (x_bne, stack), None
 
 
 class VisionTransformer(nn.Module):
@@ -174,12 +182,13 @@ class VisionTransformer(nn.Module):
             maybe_remat(VisionBlock, self.remat),
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast,) * 5 + (0,),  # the last: whether each block attends over the whole image
+            # then per block: whether it attends over the whole image, and its DeepStack slot (-1: none)
+            in_axes=(nn.broadcast,) * 5 + (0, 0),
             length=self.cfg.depth,
             unroll=min(self.scan_unroll, self.cfg.depth),
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(self.cfg, attention_impl=self.attention_impl, per_head=self.per_head, query_block=self.query_block,
-          collect=bool(self.cfg.deepstack_visual_indexes), **kw)
+          **kw)
         self.merger = PatchMerger(self.cfg, self.out_dim, **kw)
         if self.cfg.num_position_embeddings:
             self.pos_embed = nn.Embed(self.cfg.num_position_embeddings, self.cfg.embed_dim, embedding_init=named(
@@ -207,8 +216,15 @@ class VisionTransformer(nn.Module):
         x = constrain(x, ("batch", "patches", "act_embed"))
         cos, sin = rope.vision_cos_sin(pos, c.head_dim, c.rope_theta)
         mask = attn_lib.segment_mask(seg, seg)
-        x, per_block = self.blocks(x, cos, sin, mask, seg, window_ids, full)
-        stack = [per_block[i] for i in c.deepstack_visual_indexes]  # merger k takes the k-th listed block
+        if c.deepstack_visual_indexes:  # merger k takes the k-th listed block
+            ks = c.deepstack_visual_indexes
+            slots = jnp.asarray([ks.index(i) if i in ks else -1 for i in range(c.depth)], jnp.int32)
+            (x, buf), _ = self.blocks((x, jnp.zeros((len(ks),) + x.shape, x.dtype)), cos, sin, mask, seg,
+                                      window_ids, full, slots)
+            stack = list(buf)
+        else:
+            x, _ = self.blocks(x, cos, sin, mask, seg, window_ids, full, None)
+            stack = []
         if perm is not None:
             x, stack = window.unsort(x, perm), [window.unsort(s, perm) for s in stack]
         return x, stack

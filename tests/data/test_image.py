@@ -12,7 +12,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file  # noqa: E402
 
 from clinkd_jax.data import image as I
-from clinkd_jax.models.config import qwen3_vl_2b
+from clinkd_jax.models.presets import qwen3_vl_2b
 
 CASES = [((100, 120), (56 * 56, 112 * 112)), ((333, 517), (56 * 56, 28 * 28 * 1280)),
          ((40, 30), (256 * 256, 512 * 512)),

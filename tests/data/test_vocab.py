@@ -10,6 +10,7 @@ import pytest
 from clinkd_jax.data import pipeline, records, text, vocab
 from clinkd_jax.data.image import ImageConfig
 from clinkd_jax.models import config as mcfg
+from clinkd_jax.models.presets import tiny_qwen
 from clinkd_jax.models.qwen2vl import Qwen2VL, init_params
 
 
@@ -62,7 +63,7 @@ def test_chat_encoder_rows_are_the_full_ids(encoder, ids, demo_recs):
 def test_compact_model_is_the_full_model_restricted(encoder, ids, demo_recs):
     """Row-sliced embedding and LM head: logits == the full model's logits at the kept ids (float32, same
     matmul rows; rtol 1e-5 allows a different summation order in XLA's dot over a smaller output)."""
-    full_cfg = mcfg.tiny_qwen()
+    full_cfg = tiny_qwen()
     cfg = vocab.compact_config(full_cfg, ids)
     assert cfg.text.vocab_size == len(ids) and ids[cfg.image_token_id] == full_cfg.image_token_id
     full_params = init_params(Qwen2VL(full_cfg), jax.random.key(0))
@@ -86,10 +87,10 @@ def test_compact_model_is_the_full_model_restricted(encoder, ids, demo_recs):
 
 
 def test_ids_travel_with_the_config(ids):
-    cfg = vocab.compact_config(mcfg.tiny_qwen(), ids)
+    cfg = vocab.compact_config(tiny_qwen(), ids)
     back = mcfg.Qwen2VLConfig.from_hf_dict(json.loads(json.dumps(cfg.to_hf_dict())))
     assert back == cfg and back.vocab_ids == tuple(ids)
-    assert "clinkd_vocab_ids" not in mcfg.tiny_qwen().to_hf_dict()
+    assert "clinkd_vocab_ids" not in tiny_qwen().to_hf_dict()
     with pytest.raises(mcfg.ConfigError, match="vocab_ids has"):
         cfg.replace(vocab_ids=tuple(ids)[:-1])
 
@@ -98,9 +99,9 @@ def test_mismatches_are_refused(ids, tmp_path):
     from clinkd_jax.convert import hf
     from clinkd_jax.run_setup import same_inputs
 
-    cfg = vocab.compact_config(mcfg.tiny_qwen(), ids)
+    cfg = vocab.compact_config(tiny_qwen(), ids)
     with pytest.raises(ValueError, match="the teacher has the full vocabulary but the model has a compact"):
-        same_inputs(cfg, mcfg.tiny_qwen(), "the teacher")
+        same_inputs(cfg, tiny_qwen(), "the teacher")
     with pytest.raises(mcfg.ConfigError, match="cannot be exported"):
         hf.save_hf_checkpoint({}, cfg, str(tmp_path / "hf"))
     with pytest.raises(ValueError, match="duplicate"):

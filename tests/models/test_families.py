@@ -11,7 +11,9 @@ import pytest
 
 from clinkd_jax.data import positions
 from clinkd_jax.models import attention, window
-from clinkd_jax.models.config import PRESETS, ConfigError, Qwen2VLConfig, as_family, tiny
+from clinkd_jax.models.config import ConfigError, Qwen2VLConfig, as_family
+from clinkd_jax.models.presets import PRESETS, tiny
+from clinkd_jax.models.vision import VisionTransformer
 
 
 def test_presets_round_trip_through_their_family_config_json():
@@ -47,6 +49,35 @@ def test_as_family_builds_qwen3_vl_and_back():
     assert deep.vision.deepstack_visual_indexes == (5, 11)  # (5, 11, 17) as in Qwen3-VL-2B, cut to 2 LLM layers
     with pytest.raises(ConfigError, match="family 'qwen3_vl' cannot hold text.qk_norm=False"):
         q3.replace(text=dataclasses.replace(t, qk_norm=False))
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["forward", "gradient"])
+def test_deepstack_holds_its_k_block_outputs_not_one_per_block(grad):
+    """DeepStack costs the tower K kept activations whatever its depth (the blocks write their slot in the scan);
+    collecting every block's output and picking K afterwards cost one activation per block. Compiled on CPU,
+    temporaries measured by XLA: the DeepStack extra over the same tower without it, at depths 8 and 16."""
+    q3, rows, side = as_family(tiny(), "qwen3_vl"), 2, 16
+    pos = jnp.broadcast_to(jnp.stack(jnp.meshgrid(jnp.arange(side), jnp.arange(side), indexing="ij"), -1).reshape(
+        1, side * side, 2), (rows, side * side, 2))
+    seg = jnp.ones((rows, side * side), jnp.int32)
+    px = jnp.zeros((rows, side * side, q3.vision.patch_dim))
+    act = px.shape[0] * px.shape[1] * q3.vision.embed_dim * 4  # one (B, N, E) float32 activation, bytes
+
+    def temp(depth, indexes):
+        tower = VisionTransformer(dataclasses.replace(q3.vision, depth=depth, deepstack_visual_indexes=indexes),
+                                  out_dim=q3.text.hidden_size)
+        params = jax.eval_shape(tower.init, jax.random.key(0), px, pos, seg)
+
+        def out(p):
+            x, deep = tower.apply(p, px, pos, seg)
+            return jnp.sum(x) + (0.0 if deep is None else jnp.sum(deep))
+
+        fn = jax.jit(jax.grad(out) if grad else out)
+        return fn.lower(params).compile().memory_analysis().temp_size_in_bytes
+
+    extra = {depth: temp(depth, (1, 3)) - temp(depth, ()) for depth in (8, 16)}
+    assert extra[16] - extra[8] < act / 2, extra  # 8 more blocks, not 8 more activations
+    assert extra[16] <= 4 * act, extra  # K = 2 kept outputs (+ the loop's copy), not 16
 
 
 def _packed(grids, num_patches):

@@ -8,6 +8,7 @@ import pytest
 from clinkd_jax.data import demo, pipeline, records, text
 from clinkd_jax.data.image import ImageConfig, for_model
 from clinkd_jax.models import config as mcfg
+from clinkd_jax.models.presets import tiny as tiny_config
 
 TINY_VOCAB = 1024
 
@@ -24,7 +25,7 @@ def demo_batches(batch_size=4, num_epochs=1, seed=0, text_buckets=(160,), patch_
     demo.generate(d, train_per_image=4, test_per_image=0, max_side=112)
     recs = records.read_medgrit(f"{d}/train.json", f"{d}/images")
     enc = text.ChatEncoder(text.load_tokenizer(text.bundled_qwen2_tokenizer_dir()), "qwen2vl")
-    tiny = mcfg.as_family(mcfg.tiny(vocab_size=TINY_VOCAB), family)
+    tiny = mcfg.as_family(tiny_config(vocab_size=TINY_VOCAB), family)
     image = for_model(tiny, min_pixels=ImageConfig.min_pixels, max_pixels=112 * 112)
     cfg = pipeline.PipelineConfig(batch_size=batch_size, text_buckets=text_buckets, patch_buckets=patch_buckets,
                                   image=image, num_epochs=num_epochs, seed=seed, pack=pack)
