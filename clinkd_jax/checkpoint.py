@@ -9,16 +9,20 @@ Layout of a params checkpoint directory:
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from clinkd_jax import distributed
 from clinkd_jax import sharding as sharding_lib
-from clinkd_jax.convert.hf import copy_assets
+from clinkd_jax.convert.hf import CheckpointError, copy_assets
 from clinkd_jax.models.config import Qwen2VLConfig
 from clinkd_jax.models.qwen2vl import Qwen2VL, param_shardings
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "model_config.json"
 ASSETS_DIR = "hf_assets"
@@ -43,7 +47,7 @@ def save_params(path: str, params, cfg: Qwen2VLConfig, *, assets_from: str | Non
 def load_config(path: str) -> Qwen2VLConfig:
     file = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(file):
-        raise FileNotFoundError(f"{path}: no {CONFIG_FILE}; not a clinkd_jax params checkpoint")
+        raise CheckpointError(f"{path}: no {CONFIG_FILE}; not a clinkd_jax params checkpoint")
     with open(file) as f:
         return Qwen2VLConfig.from_hf_dict(json.load(f), source=file)
 
@@ -54,15 +58,44 @@ def load_params(path: str, *, mesh=None, rules=None, dtype=None):
     cfg = load_config(path)
     mesh = mesh or sharding_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     shardings = param_shardings(Qwen2VL(cfg), mesh, rules)
+    where = os.path.join(path, "params")
+    if not os.path.isdir(where):
+        raise CheckpointError(f"{path}: no params/ directory; not a clinkd_jax params checkpoint")
     with ocp.StandardCheckpointer() as ckptr:
-        stored = ckptr.metadata(os.path.join(path, "params"))
-        stored = getattr(stored, "item_metadata", stored)
+        # Orbax's own failures on a torn or foreign directory are deep and long: said here with the path
+        try:
+            stored = _plain(getattr(m := ckptr.metadata(where), "item_metadata", m))
+        except Exception as e:
+            raise CheckpointError(f"{where}: unreadable checkpoint metadata ({_first_line(e)}); the directory is "
+                                  "incomplete or corrupt: write it again") from e
+        if not jax.tree.leaves(stored):
+            raise CheckpointError(f"{where}: no parameter metadata (_METADATA); the directory is incomplete: write "
+                                  "it again")
+        if jax.tree.structure(stored) != jax.tree.structure(shardings):
+            raise CheckpointError(f"{where} holds other parameters than {CONFIG_FILE} describes (e.g. "
+                                  f"{sorted(_paths(stored) ^ _paths(shardings))[:3]})")
         target = jax.tree.map(
             lambda meta, s: jax.ShapeDtypeStruct(tuple(meta.shape), np.dtype(dtype or meta.dtype), sharding=s),
-            _plain(stored), shardings,
+            stored, shardings,
         )
-        params = ckptr.restore(os.path.join(path, "params"), target)
+        try:
+            params = ckptr.restore(where, target)
+        except Exception as e:
+            raise CheckpointError(f"{where}: parameters cannot be read ({_first_line(e)}); the checkpoint is "
+                                  "incomplete or corrupt: write it again") from e
     return cfg, params
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of the innermost cause (TensorStore's, which names the file and the bytes)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
+def _paths(tree) -> set[str]:
+    return {jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def _plain(tree):
@@ -103,14 +136,34 @@ class TrainCheckpointer:
         return self.manager.save(step, args=args, force=force)
 
     def restore(self, abstract_state, step: int | None = None):
-        """(step, state, data_state) of the latest (or given) checkpoint, or None when there is none."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            return None
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore(),
-        ))
-        return step, out.state, out.data
+        """(step, state, data_state) of the latest (or given) checkpoint, or None when there is none.
+
+        A latest step that cannot be read (a file cut short or lost after Orbax committed it: a disk or copy
+        fault) is named in the log and the previous step is tried; a run never starts from part of a step.
+        Steps Orbax did not commit (killed mid-save) are not listed at all."""
+        steps = sorted(self.manager.all_steps(), reverse=True) if step is None else [step]
+        failed = []
+        for s in steps:
+            try:
+                out = self.manager.restore(s, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+                    config=ocp.args.JsonRestore()))
+            except Exception as e:  # Orbax / TensorStore raise many types for a damaged step
+                failed.append(f"step {s} ({_first_line(e)})")
+                log.warning("checkpoint step %d in %s cannot be read (%s)%s", s, self.directory, _first_line(e),
+                            "; trying the one before" if s != steps[-1] else "")
+                continue
+            if failed:  # moved aside (kept for a look), so that the run can write those steps again
+                if jax.process_index() == 0:
+                    kept = [_move_aside(os.path.join(self.directory, str(bad))) for bad in steps[: len(failed)]]
+                    log.warning("resuming from step %d; the unreadable steps are kept as %s", s, ", ".join(kept))
+                distributed.barrier("unreadable checkpoint steps moved aside")
+                self.manager.reload()
+            return s, out.state, out.data
+        if failed:
+            raise CheckpointError(f"{self.directory}: no checkpoint step can be read: {'; '.join(failed)}; delete "
+                                  f"the damaged step directories (or the whole directory to start afresh)")
+        return None
 
     def wait(self):
         self.manager.wait_until_finished()
@@ -118,6 +171,16 @@ class TrainCheckpointer:
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _move_aside(path: str) -> str:
+    """Rename `path` to `<path>.unreadable` (-2, -3, ... if taken); the new name."""
+    target, n = f"{path}.unreadable", 1
+    while os.path.exists(target):
+        n += 1
+        target = f"{path}.unreadable-{n}"
+    os.rename(path, target)
+    return os.path.basename(target)
 
 
 def abstract_with_shardings(abstract_tree, shardings):

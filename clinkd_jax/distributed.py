@@ -22,6 +22,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from clinkd_jax.errors import UserError, one_line
+
 
 def define_flags() -> None:
     """The multi-process command-line flags of the entry points (clinkd_jax.main, the pseudo-label writer)."""
@@ -100,14 +102,17 @@ def fail_fast():
     waiting out the barrier's timeout (minutes)."""
     try:
         yield
-    except Exception:
+    except Exception as e:
         if jax.process_count() <= 1:
             raise
-        traceback.print_exc()
+        if isinstance(e, UserError):  # a setting or a data item: the one line says it (clinkd_jax.cli)
+            print(one_line(e), file=sys.stderr)
+        else:
+            traceback.print_exc()
         print(f"process {jax.process_index()} failed; stopping it now so the other hosts stop too", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(1)
+        os._exit(2 if isinstance(e, UserError) else 1)
 
 
 def barrier(name: str) -> None:

@@ -4,7 +4,7 @@
 
 The config names the stage (`sft`, `kd`, `rct` or `eval`), or several `stages` (clinkd_jax.recipe), and
 every knob of the paper (configs/base.py). Unknown or inconsistent settings fail before anything is
-compiled, naming the field.
+compiled, naming the field, in one line (`config error: ...`; `--verbose` adds the traceback).
 """
 
 from __future__ import annotations
@@ -13,13 +13,12 @@ import logging
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from clinkd_jax import distributed, recipe  # import jax, touch no device (jax.distributed starts in main)
+from clinkd_jax import cli, distributed, recipe  # import jax, touch no device (jax.distributed starts in main)
 from clinkd_jax.data.records import skip_summary
-from clinkd_jax.run_setup import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/<x>.py file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and outputs go")
@@ -40,12 +39,8 @@ def main(argv):
         print("config error: --workdir is a gs:// URL; mount the bucket with gcsfuse on every host (launch/tpu.sh "
               "does) and pass the mount path, with --config.checkpoint.commit_files=True", file=sys.stderr)
         sys.exit(2)
-    try:
-        with distributed.fail_fast():
-            summary = recipe.run(c, _WORKDIR.value) if c.stages else recipe.run_stage(c, _WORKDIR.value)
-    except ConfigError as e:  # every host reads the same config: all stop here together
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
+    with distributed.fail_fast():  # a config or data error ends every host with one line (clinkd_jax.cli)
+        summary = recipe.run(c, _WORKDIR.value) if c.stages else recipe.run_stage(c, _WORKDIR.value)
     if summary["stage"] == "recipe":
         print(recipe.summary_table(summary["stages"]))
         if summary.get("evals"):
@@ -70,4 +65,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

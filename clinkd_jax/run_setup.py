@@ -185,10 +185,12 @@ def tokenizer_dir(c) -> str:
     """data.tokenizer, else the model's HF directory, else the tokenizer files saved with an Orbax params
     checkpoint (hf_assets/), else (a preset, built from scratch) the bundled Qwen2 tokenizer. A checkpoint
     without its tokenizer is an error: another tokenizer would silently mis-map every id."""
-    if c.data.tokenizer:
-        return c.data.tokenizer
-    if c.model.hf_dir:
-        return c.model.hf_dir
+    for field, d in (("data.tokenizer", c.data.tokenizer), ("model.hf_dir", c.model.hf_dir)):
+        if d and not any(os.path.isfile(os.path.join(d, f)) for f in ("tokenizer.json", "vocab.json")):
+            raise ConfigError(f"{field}={d!r} holds no tokenizer (tokenizer.json or vocab.json)"
+                              + ("; set data.tokenizer to the model's tokenizer" if field == "model.hf_dir" else ""))
+        if d:
+            return d
     if c.model.orbax_dir:
         assets = os.path.join(c.model.orbax_dir, checkpoint.ASSETS_DIR)
         if not os.path.isfile(os.path.join(assets, "tokenizer.json")):
@@ -337,3 +339,24 @@ def check_common(c) -> None:
     exts = tuple(c.data.image_ext)
     if not exts or not all(isinstance(e, str) and e.startswith(".") for e in exts):
         raise ConfigError(f"data.image_ext={exts} must be file extensions such as ('.png', '.dcm')")
+    check_nothing_ignored(c)
+
+
+def check_nothing_ignored(c) -> None:
+    """A setting that would have no effect in the mode chosen is refused by name, not silently ignored."""
+    d, demo_fields = c.data, {"train_files": not any(c.data.train_files), "image_dir": not c.data.image_dir,
+                              "box_format": c.data.box_format == "auto"}
+    for field, unset in demo_fields.items():
+        if d.format == "demo" and not unset:
+            raise ConfigError(f"data.{field}={d[field]!r} has no effect under data.format='demo' (the generated demo "
+                              "set is read); set data.format=medgrit (or sharegpt) to train on your own files")
+    if d.format != "demo" and d.demo_dir:
+        raise ConfigError(f"data.demo_dir={d.demo_dir!r} has no effect under data.format={d.format!r}")
+    if d.extra_mode != "append" and not d.extra_files:
+        raise ConfigError(f"data.extra_mode={d.extra_mode!r} has no effect without data.extra_files")
+    if c.kd.pseudo_labels and c.stage != "kd":
+        raise ConfigError(f"kd.pseudo_labels={c.kd.pseudo_labels!r} has no effect in stage {c.stage!r} (it replaces "
+                          "the teacher in stage 'kd')")
+    if c.eval.files and c.eval.data_dir:
+        raise ConfigError(f"eval.files and eval.data_dir={c.eval.data_dir!r} are both set: eval.files is read and "
+                          "eval.data_dir would be ignored; set one")

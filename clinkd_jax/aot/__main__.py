@@ -21,9 +21,10 @@ import tempfile
 import time
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from clinkd_jax import cli
 from clinkd_jax.aot import programs, report, slices
 from clinkd_jax.models.flops import PEAK_BF16
 from clinkd_jax.run_setup import ConfigError, make_run_mesh
@@ -67,7 +68,7 @@ def main(argv):
         print(slices.listing())
         return
     if _CONFIG.value is None:
-        sys.exit("--config is required (or --topology=list)")
+        cli.fail("config error: --config is required (or --topology=list)")
     c = _CONFIG.value
     try:
         devices, hbm, peak, bandwidth, label = _target()
@@ -130,4 +131,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

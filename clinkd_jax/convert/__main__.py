@@ -18,29 +18,38 @@ import time
 
 import jax
 
-from clinkd_jax import checkpoint, sharding
+from clinkd_jax import checkpoint, cli, sharding
 from clinkd_jax.convert import hf
+from clinkd_jax.errors import UserError, one_line
 
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, as every command's config errors (clinkd_jax.cli)
+        cli.fail(f"config error: {message} (python -m clinkd_jax.convert --help)")
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m clinkd_jax.convert", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="python -m clinkd_jax.convert", description=__doc__.split("\n\n")[0])
     p.add_argument("direction", choices=("hf-to-orbax", "orbax-to-hf"))
     p.add_argument("--src", required=True, help="source directory")
     p.add_argument("--dst", required=True, help="destination directory (created)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="cast every parameter (default: keep stored dtype)")
     p.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor mesh shape for the conversion (-1 = rest)")
     p.add_argument("--max_shard_gb", type=float, default=4.0, help="safetensors shard size when writing HF")
+    p.add_argument("--verbose", action="store_true", help="on a config error, show the traceback as well")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if not os.path.isdir(args.src):
-        print(f"error: --src {args.src} is not a directory", file=sys.stderr)
-        return 2
-    mesh = sharding.make_mesh(tuple(int(x) for x in args.mesh.split(",")))
+        cli.fail(f"config error: --src {args.src} is not a directory")
+    try:
+        mesh = sharding.make_mesh(tuple(int(x) for x in args.mesh.split(",")))
+    except ValueError as e:
+        cli.fail(f"config error: --mesh={args.mesh}: {e}")
     start = time.time()
     try:
         if args.direction == "hf-to-orbax":
@@ -54,9 +63,10 @@ def main(argv=None) -> int:
                 params, cfg, args.dst, max_shard_bytes=int(args.max_shard_gb * 1024**3),
                 assets_from=assets if os.path.isdir(assets) else None,
             )
-    except (hf.CheckpointError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except (UserError, FileNotFoundError) as e:
+        if args.verbose:
+            raise
+        cli.fail(one_line(e) if isinstance(e, UserError) else f"config error: {e}")
     n = sum(x.size for x in jax.tree.leaves(params))
     print(f"{args.direction}: {n / 1e6:.1f}M parameters -> {args.dst} in {time.time() - start:.1f}s"
           f" (assets: {', '.join(copied) or 'none'})")

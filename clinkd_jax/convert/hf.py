@@ -24,6 +24,7 @@ import numpy as np
 from safetensors import safe_open
 
 from clinkd_jax import sharding as sharding_lib
+from clinkd_jax.errors import UserError
 from clinkd_jax.models.config import HF_NAMES, ConfigError, Qwen2VLConfig
 from clinkd_jax.models.qwen2vl import Qwen2VL, abstract_params
 
@@ -40,7 +41,7 @@ IGNORED_KEYS = re.compile(r".*(rotary_emb\.inv_freq|rotary_pos_emb\.inv_freq)$")
 LEGACY_PREFIXES = (("model.language_model.", "model."), ("model.visual.", "visual."))
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint directory that does not hold the Qwen2-VL the config describes."""
 
 

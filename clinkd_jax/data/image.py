@@ -14,6 +14,8 @@ import os
 import numpy as np
 from PIL import Image
 
+from clinkd_jax.errors import UserError
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HALF = (0.5, 0.5, 0.5)
@@ -22,8 +24,10 @@ NORMALISATION = {"qwen2_vl": (CLIP_MEAN, CLIP_STD), "qwen2_5_vl": (CLIP_MEAN, CL
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
 
-class ImageError(ValueError):
+class ImageError(UserError):
     """An image that cannot be read or used."""
+
+    kind = "data"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,11 +165,22 @@ def load_dicom(path: str) -> Image.Image:
             arr = convert_color_space(arr, ds.PhotometricInterpretation, "RGB")
         return Image.fromarray(np.asarray(arr, np.uint8), "RGB")
     slope, intercept = float(getattr(ds, "RescaleSlope", 1) or 1), float(getattr(ds, "RescaleIntercept", 0) or 0)
-    x = arr.astype(np.float32) * slope + intercept
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported by `finite`, naming the file
+        x = finite(np.asarray(arr.astype(np.float32) * slope + intercept, np.float32), path)
     out = window_to_uint8(x, _first(getattr(ds, "WindowCenter", None)), _first(getattr(ds, "WindowWidth", None)))
     if str(getattr(ds, "PhotometricInterpretation", "")) == "MONOCHROME1":
         out = 255 - out
     return Image.fromarray(out, "L")
+
+
+def finite(x: np.ndarray, path) -> np.ndarray:
+    """`x`, or an ImageError saying how many of its values are NaN or Inf (float DICOM, TIFF or arrays can hold
+    them; windowing would turn them into arbitrary grey levels)."""
+    bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+    if bad:
+        raise ImageError(f"{path if isinstance(path, str) else 'an in-memory image'}: {bad} of {x.size} pixel "
+                         "values are NaN or Inf")
+    return x
 
 
 def load_image(path) -> Image.Image:
@@ -176,7 +191,7 @@ def load_image(path) -> Image.Image:
     if isinstance(path, Image.Image):
         return path
     if isinstance(path, np.ndarray):
-        return Image.fromarray(path)
+        return Image.fromarray(finite(path, path) if path.dtype.kind == "f" else path)
     if not os.path.isfile(path):
         raise ImageError(f"{path}: image file not found")
     if path.lower().endswith(DICOM_SUFFIXES):
@@ -184,9 +199,12 @@ def load_image(path) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
-            return img.copy()
+            img = img.copy()
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
         raise ImageError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
+    if img.mode == "F":  # 32-bit float (TIFF): the only PIL mode that holds NaN or Inf
+        finite(np.asarray(img), path)
+    return img
 
 
 def image_size(path) -> tuple[int, int]:

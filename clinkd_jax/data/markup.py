@@ -24,6 +24,8 @@ import json
 import math
 import re
 
+from clinkd_jax.errors import UserError
+
 BOX_SCALE = 1000
 BOX_FORMATS = ("0-1000", "0-1")  # integers on the model's scale | floats relative to the image
 # the model's boxes: Med-GRIT's 0-1000 | pixels of its input (Qwen2.5-VL's) | 0-1000 in JSON (Qwen3-VL's)
@@ -39,8 +41,10 @@ _TO_QWEN = (("<ref>", "<|object_ref_start|>"), ("</ref>", "<|object_ref_end|>"),
             ("<box>", "<|box_start|>"), ("</box>", "<|box_end|>"))
 
 
-class MarkupError(ValueError):
+class MarkupError(UserError):
     """A box that is malformed or outside the coordinate scale."""
+
+    kind = "data"
 
 
 def strip_image_tag(text: str) -> str:

@@ -46,7 +46,8 @@ from clinkd_jax.data import plan, positions
 from clinkd_jax.data import text as text_lib
 from clinkd_jax.data.plan import Skip
 from clinkd_jax.data.pseudo_labels import PseudoLabelReader
-from clinkd_jax.data.records import TRUNCATED, Record, SkipLog, skip_summary
+from clinkd_jax.data.records import TRUNCATED, DataError, Record, SkipLog, skip_summary
+from clinkd_jax.errors import UserError
 
 log_ = logging.getLogger("clinkd_jax.data")
 
@@ -77,8 +78,10 @@ class PipelineConfig:
         return self.rows or (0, self.batch_size)
 
 
-class PseudoLabelMismatch(ValueError):
+class PseudoLabelMismatch(UserError):
     """A pseudo-label entry that does not fit its record's tokens: the store was made for other data."""
+
+    kind = "data"
 
 
 class Preprocess:
@@ -128,6 +131,9 @@ class Preprocess:
             if len(entry["positions"]) and entry["positions"].max() >= n:
                 raise PseudoLabelMismatch(f"{cfg.pseudo_labels}: entry for {record.source} does not match its tokens "
                                           "(written with another tokenizer, template or data?)")
+            if not np.isfinite(entry["logp"]).all():  # would be a NaN KD loss: a counted skip instead
+                return Skip("non-finite pseudo-labels", record.source, f"{cfg.pseudo_labels}: NaN or Inf in the "
+                            "teacher's log-probabilities")
             k = entry["ids"].shape[1]
             ids, logp, valid = np.zeros((n, k), np.int32), np.zeros((n, k), np.float32), np.zeros((n,), bool)
             at = entry["positions"]
@@ -231,7 +237,7 @@ class BatchIterator:
         self.load_skips: collections.Counter[str] = collections.Counter()  # failed to load on this host
         self.batches_per_epoch = plan.batches_per_epoch(self.ids, cfg.batch_size, cfg.drop_remainder)
         if self.batches_per_epoch == 0:
-            raise ValueError(f"no batch can be formed: {int((ids >= 0).sum())} usable of {len(records)} records "
+            raise DataError(f"no batch can be formed: {int((ids >= 0).sum())} usable of {len(records)} records "
                              f"(global batch {cfg.batch_size}, drop_remainder={cfg.drop_remainder}); {log.report()}")
         self._load = LoadBatch(records, cfg, encoder)
         planned = self.ids.astype(np.int64).tobytes() + (repr(self.units).encode() if cfg.pack else b"")

@@ -21,12 +21,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from clinkd_jax.errors import UserError
+
 QWEN2VL_GAPS = (1, 1)
 CLINKD_GAPS = (2, 2)
 
 
-class PositionError(ValueError):
+class PositionError(UserError):
     """Token ids and image grids that do not describe each other."""
+
+    kind = "data"
 
 
 def get_rope_index(

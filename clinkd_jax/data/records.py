@@ -18,14 +18,17 @@ import os
 import threading
 
 from clinkd_jax.data import markup
+from clinkd_jax.errors import UserError
 
 _log = logging.getLogger("clinkd_jax.data")
 MODALITIES = ("ct", "mr", "x", "pet", "endoscopy", "dermoscopy", "fundus", "ultrasound")
 ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A bad input item, named by file and item."""
+
+    kind = "data"
 
 
 @dataclasses.dataclass(frozen=True)

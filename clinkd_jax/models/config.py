@@ -19,6 +19,8 @@ import json
 import os
 from typing import Any
 
+from clinkd_jax.errors import UserError
+
 # Special token ids shared by every Qwen2-VL size (clinkd-spec §1.2).
 IMAGE_TOKEN_ID = 151655
 VIDEO_TOKEN_ID = 151656
@@ -42,7 +44,7 @@ VISION_NORMS = ("layer_norm", "rms_norm")
 VISION_MLPS = ("fc", "gated")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A model configuration that cannot describe a working Qwen2-VL family model."""
 
 

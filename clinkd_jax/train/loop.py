@@ -125,7 +125,9 @@ def run(c, workdir: str, hooks=()) -> dict:
         if restored is None:
             state = jax.jit(functools.partial(state_lib.create, tx=prog.tx), out_shardings=prog.state_shardings)(params)
         else:
-            start, state, data_state = restored
+            latest, (start, state, data_state) = start, restored
+            if start != latest and hooks:  # the latest step was damaged: the pool as it was at the step read
+                data = batches(c, workdir, recs, encoder, cfg, mesh, rules, pool_files(start), read_skips)
             data.set_state(data_state)
             for h in hooks:
                 h.resume(start)

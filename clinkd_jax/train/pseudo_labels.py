@@ -21,11 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from clinkd_jax import distributed, run_setup, sharding
+from clinkd_jax import cli, distributed, run_setup, sharding
 from clinkd_jax.data import pipeline, records
 from clinkd_jax.data import pseudo_labels as store
 from clinkd_jax.train import steps
-from clinkd_jax.train.config import ConfigError, kd_config, pseudo_label_switches
+from clinkd_jax.train.config import kd_config, pseudo_label_switches
 
 IGNORE = -100
 
@@ -89,17 +89,11 @@ def write(path: str, batches, topk_fn, params, *, mask: str, meta: dict, place=l
 def main(argv):
     """Write `<workdir>/pseudo_labels` with the config's teacher over its training data (every host)."""
     del argv
-    import sys
-
     from absl import flags
 
     distributed.initialize_from_flags()
     c, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-    try:
-        pseudo_label_switches(c)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
+    pseudo_label_switches(c)  # a ConfigError ends the command in one line (clinkd_jax.cli)
     with distributed.fail_fast():
         write_store(c, workdir)
 
@@ -133,11 +127,11 @@ def write_store(c, workdir: str) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", None, "a configs/<x>.py file", lock_config=True)
     flags.DEFINE_string("workdir", None, "output directory")
     distributed.define_flags()
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    cli.run(main)

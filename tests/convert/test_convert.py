@@ -326,12 +326,22 @@ def test_cli_round_trip_with_assets_and_dtype(tmp_path, capsys):
     assert json.loads((back / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
-def test_cli_reports_bad_source(tmp_path, capsys):
-    d = copy_dir(tmp_path)
-    os.remove(d / "model.safetensors")
-    assert cli.main(["hf-to-orbax", "--src", str(d), "--dst", str(tmp_path / "o")]) == 1
-    assert "error:" in capsys.readouterr().err
-    assert cli.main(["hf-to-orbax", "--src", str(tmp_path / "nope"), "--dst", str(tmp_path / "o")]) == 2
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax's reads left in flight
+def test_a_torn_params_checkpoint_is_named_not_read(tmp_path):
+    """A params checkpoint whose data files were cut short, or whose metadata is gone (a copy that stopped
+    half-way): a CheckpointError naming the directory, never Orbax's own error from deep inside a read."""
+    cfg, params = load_hf_checkpoint(SRC)
+    def cut(d):
+        for f in (d / "ocdbt.process_0" / "d").iterdir():
+            os.truncate(f, 10)
+
+    for name, tear in (("cut", cut), ("no_metadata", lambda d: os.remove(d / "_METADATA"))):
+        checkpoint.save_params(str(tmp_path / name), params, cfg)
+        tear(tmp_path / name / "params")
+        with pytest.raises(CheckpointError, match=f"{tmp_path / name / 'params'}.*(incomplete or corrupt|incomplete)"):
+            checkpoint.load_params(str(tmp_path / name))
+    with pytest.raises(CheckpointError, match="no model_config.json"):
+        checkpoint.load_params(str(tmp_path))
 
 
 def test_orbax_params_round_trip(tmp_path):

@@ -131,3 +131,24 @@ def test_bad_files_name_the_file(tmp_path):
     (tmp_path / "bad.dcm").write_bytes(b"\x00" * 200)
     with pytest.raises(I.ImageError, match="bad.dcm: cannot decode DICOM"):
         I.load_image(str(tmp_path / "bad.dcm"))
+
+
+def test_nan_or_inf_pixels_are_an_image_error(tmp_path):
+    """Float images can hold NaN or Inf (a 32-bit TIFF, a float array from a data set, a DICOM whose rescale
+    overflows); windowing would make them arbitrary grey levels, so the file is refused by name (the pipeline
+    counts it as an unreadable image, or stops under data.strict)."""
+    x = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    x[3, 5] = np.nan
+    Image.fromarray(x, mode="F").save(tmp_path / "float.tif")
+    with pytest.raises(I.ImageError, match=r"float.tif: 1 of 4096 pixel values are NaN or Inf"):
+        I.load_image(str(tmp_path / "float.tif"))
+    x[3, 5] = np.inf
+    with pytest.raises(I.ImageError, match="in-memory image: 1 of 4096"):
+        I.load_image(x)
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.RescaleSlope = "1e39"  # beyond float32: every value overflows to Inf
+    ds.save_as(tmp_path / "overflow.dcm")
+    with pytest.raises(I.ImageError, match="overflow.dcm: 16384 of 16384 pixel values are NaN or Inf"):
+        I.load_image(str(tmp_path / "overflow.dcm"))
+    x[3, 5] = 0.5  # finite float images still load
+    assert I.load_image(x).size == (64, 64)

@@ -154,7 +154,7 @@ def test_unevaluable_items_count_as_misses(data_dir, tmp_path):
     items[1]["id"] = "ct_00--missing--file"
     bad = tmp_path / "Test_VG.json"
     bad.write_text(json.dumps(items + [{"id": items[0]["id"]}]))
-    c = config(data_dir, **{"eval.files": (str(bad),)})
+    c = config(data_dir, **{"eval.files": (str(bad),), "eval.data_dir": ""})
     out = eval_run.run(c, str(tmp_path / "w"))
     assert out["skipped"] == {"unreadable image": 1, "malformed item": 1} and out["generated"] == {"VG": 2}
     preds = {p["id"]: p for p in lines(tmp_path / "w" / "predictions" / "Test_VG.jsonl")}

@@ -88,6 +88,19 @@ def test_pipeline_attaches_cached_labels(tmp_path):
         want = (p["labels"] != -100) & (p["attention_mask"] == 1)
         np.testing.assert_array_equal(b["teacher_topk_valid"], want)
         assert b["teacher_topk_ids"].shape == (*p["input_ids"].shape, 3) and (b["teacher_topk_logp"][want] == -1).all()
+    # a store holding NaN (a teacher run gone bad) for some records: each is a counted skip, or under strict a
+    # DataError naming the record; never a NaN loss
+    bad = lambda b: (b["record_index"] % 3 == 0)[:, None, None]  # noqa: E731
+    nan_topk = lambda params, b: (fake_topk(params, b)[0], np.where(bad(b), np.nan, fake_topk(params, b)[1]))  # noqa
+    pseudo_labels.write(str(tmp_path / "nan"), plain, nan_topk, None, mask="released", meta={})
+    log = records.SkipLog()
+    out = list(pipeline.make_batches(recs, enc, pipeline.PipelineConfig(**base, pseudo_labels=str(tmp_path / "nan")),
+                                     log))
+    assert log.counts["non-finite pseudo-labels"] == sum(i % 3 == 0 for i in range(len(recs))) > 0
+    assert all(np.isfinite(b["teacher_topk_logp"]).all() for b in out)
+    with pytest.raises(records.DataError, match="non-finite pseudo-labels"):
+        list(pipeline.make_batches(recs, enc, pipeline.PipelineConfig(**base, pseudo_labels=str(tmp_path / "nan"),
+                                                                      strict=True)))
 
 
 def test_a_run_refuses_a_store_it_cannot_use(tmp_path):

@@ -1,0 +1,125 @@
+"""The edge every absl command line shares (`main`, `aot`, the pseudo-label writer): a user's mistake ends the
+command with one line and exit status 2, a bug with its traceback.
+
+Caught at flag parsing: a `--config.<field>` override that names no field (with the nearest names), a value of the
+wrong type, a config file that is missing or does not load, an unknown flag. Caught while running: every
+`clinkd_jax.errors.UserError` (a setting, a data file or item, a checkpoint directory). `--verbose` shows the
+traceback as well.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import logging
+import os
+import sys
+from typing import Callable
+
+from absl import app, flags
+from ml_collections import ConfigDict
+
+from clinkd_jax.errors import UserError, one_line
+
+_VERBOSE = flags.DEFINE_bool("verbose", False, "on a config or data error, show the traceback as well")
+
+
+def fail(message: str) -> None:
+    """Print the one line and exit 2. The run's own cleanup has happened while the error unwound (checkpoint
+    managers closed); skipping the interpreter's teardown keeps a failed Orbax read's orphaned coroutines from
+    printing tracebacks after the line."""
+    sys.unraisablehook = lambda _: None  # see above: the orphaned reads' errors, already said in `message`
+    logging.getLogger("asyncio").disabled = True
+    print(message, file=sys.stderr)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(2)
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a.startswith(f"--{name}="):
+            return a.split("=", 1)[1]
+        if a == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def load_config_file(spec: str) -> ConfigDict:
+    """`path[:arg]` as config_flags reads it: the file's get_config(arg)."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise UserError(f"--config={spec}: no such file")
+    module_spec = importlib.util.spec_from_file_location("_clinkd_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.path.insert(0, os.getcwd())  # config files import `configs.base` from the repository root
+    try:
+        module_spec.loader.exec_module(module)
+        return module.get_config(arg) if arg else module.get_config()
+    except Exception as e:
+        raise UserError(f"--config={spec} does not load: {type(e).__name__}: {e}") from e
+    finally:
+        sys.path.remove(os.getcwd())
+
+
+def unknown_override(config: ConfigDict, argv: list[str], flag: str = "config") -> str | None:
+    """The first `--<flag>.a.b[=v]` that names no field of `config`, said with the nearest existing names."""
+    for a in argv:
+        if not a.startswith((f"--{flag}.", f"--no{flag}.")):
+            continue
+        path = a.split("=", 1)[0].split(".", 1)[1]
+        node, walked = config, []
+        for key in path.split("."):
+            if not isinstance(node, ConfigDict) or key not in node:
+                names = list(node.keys()) if isinstance(node, ConfigDict) else []
+                near = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
+                where = ".".join(walked) or flag
+                hint = f"; did you mean {', '.join('.'.join(walked + [n]) for n in near)}?" if near else (
+                    f"; {where} has {', '.join(sorted(names))}" if names else f"; {where} is a value, not a group")
+                return f"--{flag}.{path}: no field {key!r} in {where}{hint}"
+            node, walked = node[key], walked + [key]
+    return None
+
+
+def parse_flags(argv: list[str], flag: str = "config") -> list[str]:
+    """absl's flag parsing, its failures (and ml_collections' on a bad override) said in one line."""
+    verbose = "--verbose" in argv
+    try:
+        rest = flags.FLAGS(argv)
+        config = flags.FLAGS[flag].value if flag in flags.FLAGS else None
+        if config is not None:
+            config.get  # config_flags defers a file's load error to the first attribute read: raise it here
+        return rest
+    except flags.Error as e:
+        if verbose:
+            raise
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]  # a config's traceback: its end
+        fail("config error: " + " ".join(lines[:1] + lines[-1:] if len(lines) > 1 else lines))
+    except Exception:  # ml_collections: AttributeError / KeyError on an override, OSError on the file
+        if verbose:
+            raise
+        spec = _flag_value(argv, flag)
+        if spec is None:
+            raise
+        try:
+            message = unknown_override(load_config_file(spec), argv, flag)
+        except UserError as e:
+            message = str(e)
+        if message is None:
+            raise
+        fail(f"config error: {message}")
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+    """`absl.app.run(main)` with the one-line errors."""
+
+    def guarded(argv):
+        try:
+            return main(argv)
+        except UserError as e:
+            if _VERBOSE.value:
+                raise
+            fail(one_line(e))
+
+    app.run(guarded, flags_parser=parse_flags)
