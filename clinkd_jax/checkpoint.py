@@ -8,9 +8,13 @@ Layout of a params checkpoint directory:
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
+import re
+import shutil
 
 import jax
 import numpy as np
@@ -19,6 +23,7 @@ import orbax.checkpoint as ocp
 from clinkd_jax import distributed
 from clinkd_jax import sharding as sharding_lib
 from clinkd_jax.convert.hf import CheckpointError, copy_assets
+from clinkd_jax.errors import UserError
 from clinkd_jax.models.config import Qwen2VLConfig
 from clinkd_jax.models.qwen2vl import Qwen2VL, param_shardings
 
@@ -121,8 +126,11 @@ class TrainCheckpointer:
                 # commit_files: a step is final once it holds commit_success.txt (what Orbax does on gs://),
                 # instead of renaming a temporary directory: on a gcsfuse mount a rename is a full copy
                 temporary_path_class=ocp.path.atomicity.CommitFileTemporaryPath if commit_files else None,
+                cleanup_tmp_directories=True,  # a save cut short (killed, disk full) is removed on the next start
             ),
         )
+        self._saving: tuple[int, int] | None = None  # (step, bytes) of the save in flight
+        self._failed = False
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -133,7 +141,33 @@ class TrainCheckpointer:
             data=ocp.args.JsonSave(data_state),
             config=ocp.args.JsonSave(config),
         )
-        return self.manager.save(step, args=args, force=force)
+        need = sum(x.nbytes for x in jax.tree.leaves(state))
+        with self._disk_errors(step, need):  # an asynchronous save's failure surfaces at the next save or at close
+            saved = self.manager.save(step, args=args, force=force)
+        if saved:
+            self._saving = (step, need)
+        return saved
+
+    @contextlib.contextmanager
+    def _disk_errors(self, step: int | None = None, need: int = 0):
+        """A save that ran out of disk space, said in one line: which step, where, the space a step takes and
+        what is free; the last complete step is untouched (Orbax writes a temporary directory first)."""
+        try:
+            yield
+        except Exception as e:
+            if not _no_space(e):
+                raise
+            self._failed = True
+            step, need = self._saving or (step, need)
+            where = re.search(r"/(\d+)\.orbax-checkpoint-tmp", _chain_text(e))  # the step the disk ran out on
+            step = int(where.group(1)) if where else step
+            free = shutil.disk_usage(self.directory).free
+            done = [s for s in self.manager.all_steps() if s != step]
+            need = _bytes_under(os.path.join(self.directory, str(max(done)))) if done else need  # on disk, if known
+            raise DiskFull(f"checkpoint step {step} could not be written to {self.directory}: no space left on "
+                           f"device (a step takes about {need / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free); "
+                           + (f"step {max(done)} is complete: free space and run the same command to resume"
+                              if done else "no complete step yet: free space and run the same command")) from e
 
     def restore(self, abstract_state, step: int | None = None):
         """(step, state, data_state) of the latest (or given) checkpoint, or None when there is none.
@@ -166,11 +200,43 @@ class TrainCheckpointer:
         return None
 
     def wait(self):
-        self.manager.wait_until_finished()
+        with self._disk_errors():
+            self.manager.wait_until_finished()
 
     def close(self):
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            if not self._failed:  # after a failed save Orbax's close raises the same error again
+                self.manager.close()
+
+
+class DiskFull(UserError):
+    """A checkpoint that did not fit on its disk."""
+
+    kind = "disk"
+
+
+def _chain_text(e: BaseException | None) -> str:
+    parts = []
+    while e is not None and len(parts) < 20:
+        parts.append(str(e))
+        e = e.__cause__ or e.__context__
+    return "\n".join(parts)
+
+
+def _no_space(e: BaseException) -> bool:
+    """ENOSPC / EDQUOT anywhere in the chain (TensorStore reports it as text: `No space left on device`)."""
+    chain, x = [], e
+    while x is not None and len(chain) < 20:
+        chain.append(x)
+        x = x.__cause__ or x.__context__
+    return any(isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT) for x in chain) or any(
+        t in _chain_text(e) for t in ("No space left on device", "Disk quota exceeded"))
+
+
+def _bytes_under(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
 
 
 def _move_aside(path: str) -> str:

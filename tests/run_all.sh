@@ -4,7 +4,8 @@
 #
 #   bash tests/run_all.sh            # Python 3.11 (jax 0.10.x + torch 2.13.0 CPU, live parity)
 #                                    # and Python 3.12 (newest jax, as on TPU VMs and Colab; no torch, golden
-#                                    # files; the multi-process and launcher runs, marker `multihost`)
+#                                    # files; the multi-process and launcher runs, marker `multihost`;
+#                                    # the fault runs, marker `faults`)
 #   CLINKD_PYTHONS=3.11 bash tests/run_all.sh     # only one of them
 #   bash tests/run_all.sh -k parity               # extra arguments go to pytest
 #
@@ -30,7 +31,7 @@ for v in $PYTHONS; do
   fi
   # only 3.11 has torch; the multi-process runs (~8 min of CPU) go to 3.12 to keep both suites within budget
   # libtpu (clinkd_jax.aot's TPU compiler, marker tpu_aot) is installed in 3.12 only
-  if [ "$v" = "3.11" ]; then marker=(-m "not multihost and not tpu_aot"); else marker=(-m "not torch"); fi
+  if [ "$v" = "3.11" ]; then marker=(-m "not multihost and not tpu_aot and not faults"); else marker=(-m "not torch"); fi
   if [ -z "${linted:-}" ]; then
     linted=1
     if "$venv/bin/ruff" check .; then summary+=("ruff: clean"); else summary+=("ruff: FAILED"); status=1; fi

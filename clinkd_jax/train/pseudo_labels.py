@@ -66,6 +66,9 @@ def write(path: str, batches, topk_fn, params, *, mask: str, meta: dict, place=l
     from array_record.python.array_record_module import ArrayRecordWriter
 
     os.makedirs(path, exist_ok=True)
+    if jax.process_index() == 0 and os.path.isfile(os.path.join(path, store.META)):
+        os.remove(os.path.join(path, store.META))  # rewriting: the store is incomplete until meta.json is back
+    distributed.barrier("pseudo-label store opened")
     shard = os.path.join(path, store.shard_name(jax.process_index(), jax.process_count()))
     writer = ArrayRecordWriter(shard, "group_size:1")
     order = []

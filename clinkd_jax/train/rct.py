@@ -253,6 +253,7 @@ class InRun:
         mesh, rules, records and encoder."""
         k = self.at.index(step) + 1
         c = self.c
+        log.info("RCT round %d at step %d: the model answers up to %d training exchanges", k, step, c.rct.num_items)
         if self.generator is None:  # compiled once, reused by every round with the current params
             self.generator = gen_lib.Generator(run_setup.model_for(c, run.cfg), params, run.mesh, run.rules)
         self.generator.params = params
