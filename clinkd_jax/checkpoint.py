@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "model_config.json"
 ASSETS_DIR = "hf_assets"
+ANSWER_SETTINGS = "answer_settings.json"
 
 
 def save_params(path: str, params, cfg: Qwen2VLConfig, *, assets_from: str | None = None,
@@ -47,6 +48,14 @@ def save_params(path: str, params, cfg: Qwen2VLConfig, *, assets_from: str | Non
             json.dump(cfg.to_hf_dict(), f, indent=2)
         if assets_from:
             copy_assets(assets_from, os.path.join(path, ASSETS_DIR), chat_template)
+
+
+def write_answer_settings(path: str, settings: dict) -> None:
+    """How the model in `path` is asked (prompt template, MCG-RoPE gaps, box markup, image budget, decoding:
+    `run_setup.answer_settings`), so `clinkd_jax.predict` and `serve` ask it as its own run evaluated it."""
+    if jax.process_index() == 0:
+        with open(os.path.join(path, ANSWER_SETTINGS), "w") as f:
+            json.dump(settings, f, indent=1)
 
 
 def load_config(path: str) -> Qwen2VLConfig:

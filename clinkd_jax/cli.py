@@ -88,7 +88,7 @@ def parse_flags(argv: list[str], flag: str = "config") -> list[str]:
     try:
         rest = flags.FLAGS(argv)
         config = flags.FLAGS[flag].value if flag in flags.FLAGS else None
-        if config is not None:
+        if config is not None and not isinstance(config, str):  # a config_flags file (predict's is a path)
             config.get  # config_flags defers a file's load error to the first attribute read: raise it here
         return rest
     except flags.Error as e:

@@ -248,6 +248,17 @@ def compact_vocab(c, workdir) -> tuple[int, ...] | None:
     return ids
 
 
+# what decides how a trained model is asked a question (saved beside its params: checkpoint.ANSWER_SETTINGS)
+ANSWER_FIELDS = {"data": ("chat_template", "box_markup", "mrope_gaps"),
+                 "eval": ("min_pixels", "max_pixels", "text_buckets", "patch_buckets", "max_new_tokens",
+                          "max_new_tokens_mii", "temperature", "top_p"),
+                 "model": ("dtype",)}
+
+
+def answer_settings(c) -> dict:
+    return {part: {k: c[part][k] for k in keys} for part, keys in ANSWER_FIELDS.items()}
+
+
 def encoder_for(c, vocab_ids=None) -> text.ChatEncoder:
     """The chat encoder of the run: its tokenizer (mapped to `vocab_ids` rows) and template."""
     tok = vocab_lib.tokenizer_for(text.load_tokenizer(tokenizer_dir(c)), vocab_ids)

@@ -45,7 +45,8 @@ setup_env() {  # $1 = version, $2 = venv dir
     # torch first and pinned: the CPU wheel for 3.11 lies on local disk; anything unpinned would pull CUDA.
     pip_quiet "$venv/bin/python" -m pip install -q "torch==2.13.0" || return 1
   fi
-  if [ "$v" = "3.11" ]; then extras="cpu,test"; else extras="cpu,test,tpu"; fi  # 3.12: libtpu, for clinkd_jax.aot
+  # 3.12: libtpu (clinkd_jax.aot), gradio (clinkd_jax.serve) and Playwright (its browser test)
+  if [ "$v" = "3.11" ]; then extras="cpu,test"; else extras="cpu,test,tpu,serve,browser"; fi
   pip_quiet "$venv/bin/python" -m pip install -q -e ".[$extras]" || return 1
 }
 

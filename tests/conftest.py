@@ -14,6 +14,7 @@ import pytest  # noqa: E402
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+HAS_GRADIO = importlib.util.find_spec("gradio") is not None
 
 
 @pytest.hookimpl(trylast=True)  # after `-m` has deselected
@@ -32,6 +33,11 @@ def pytest_collection_modifyitems(config, items):
         raise pytest.UsageError(f"{len(aot)} selected test(s) compile for a TPU slice but libtpu is not installed. "
                                 "pip install '.[tpu]' (tests/run_all.sh's Python 3.12 environment has it) or run "
                                 "with -m 'not tpu_aot'.")
+    serve = [item for item in items if item.get_closest_marker("serve")]
+    if serve and not HAS_GRADIO:
+        raise pytest.UsageError(f"{len(serve)} selected test(s) start the web page but gradio is not installed. "
+                                "pip install '.[serve,browser]' (tests/run_all.sh's Python 3.12 environment has it) "
+                                "or run with -m 'not serve'.")
 
 
 # ------------------------------------------------------------------ shared data fixtures

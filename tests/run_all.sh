@@ -5,7 +5,8 @@
 #   bash tests/run_all.sh            # Python 3.11 (jax 0.10.x + torch 2.13.0 CPU, live parity)
 #                                    # and Python 3.12 (newest jax, as on TPU VMs and Colab; no torch, golden
 #                                    # files; the multi-process and launcher runs, marker `multihost`;
-#                                    # the fault runs, marker `faults`)
+#                                    # the fault runs, marker `faults`; the web page, markers `serve`
+#                                    # and `browser`, Chromium installed with apt-get when root)
 #   CLINKD_PYTHONS=3.11 bash tests/run_all.sh     # only one of them
 #   bash tests/run_all.sh -k parity               # extra arguments go to pytest
 #
@@ -19,6 +20,17 @@ mkdir -p "$LOG_DIR"
 
 source "$ROOT/launch/env.sh"
 
+ensure_chromium() {  # Debian's Chromium for the browser test; without it that test is skipped and says why
+  [ -x /usr/bin/chromium ] && return
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "== installing chromium (apt-get) for the browser test"
+    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } >"$LOG_DIR/apt-chromium.log" 2>&1 \
+      || echo "   chromium did not install ($LOG_DIR/apt-chromium.log); the browser test will be skipped"
+  else
+    echo "== /usr/bin/chromium missing and not root: the browser test will be skipped (apt-get install chromium)"
+  fi
+}
+
 status=0
 summary=()
 for v in $PYTHONS; do
@@ -31,7 +43,8 @@ for v in $PYTHONS; do
   fi
   # only 3.11 has torch; the multi-process runs (~8 min of CPU) go to 3.12 to keep both suites within budget
   # libtpu (clinkd_jax.aot's TPU compiler, marker tpu_aot) is installed in 3.12 only
-  if [ "$v" = "3.11" ]; then marker=(-m "not multihost and not tpu_aot and not faults"); else marker=(-m "not torch"); fi
+  if [ "$v" = "3.11" ]; then marker=(-m "not multihost and not tpu_aot and not faults and not serve"); else marker=(-m "not torch"); fi
+  if [ "$v" = "3.12" ]; then ensure_chromium; fi  # the web page's browser test (marker browser)
   if [ -z "${linted:-}" ]; then
     linted=1
     if "$venv/bin/ruff" check .; then summary+=("ruff: clean"); else summary+=("ruff: FAILED"); status=1; fi

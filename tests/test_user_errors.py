@@ -1,6 +1,7 @@
-"""Every user error is one line: the commands (`main`, `aot`, `convert`, the pseudo-label writer) run as a user
-runs them, on a table of mistakes; each must exit 2 with exactly one `config error: ...` / `data error: ...` line
-that names what is at fault, and no traceback. `--verbose` brings the traceback back."""
+"""Every user error is one line: the commands (`main`, `aot`, `convert`, `predict`, the pseudo-label writer) run as
+a user runs them, on a table of mistakes (predict's image and question faults are found before any model is
+read); each must exit 2 with exactly one `config error: ...` / `data error: ...` line that names what is at
+fault, and no traceback. `--verbose` brings the traceback back."""
 
 import json
 import os
@@ -8,12 +9,15 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+import pydicom
 import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = "--config=configs/demo_train.py"
-MAIN, AOT, CONVERT, PSEUDO = ("clinkd_jax.main", "clinkd_jax.aot", "clinkd_jax.convert",
-                              "clinkd_jax.train.pseudo_labels")
+MAIN, AOT, CONVERT, PSEUDO, PREDICT = ("clinkd_jax.main", "clinkd_jax.aot", "clinkd_jax.convert",
+                                       "clinkd_jax.train.pseudo_labels", "clinkd_jax.predict")
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +34,12 @@ def files(tmp_path_factory):
     (d / "hf_no_weights" / "config.json").write_text(
         open(os.path.join(ROOT, "tests", "golden", "gqa2_untied", "config.json")).read())
     (d / "raises.py").write_text("def get_config():\n    return 1 / 0\n")
+    (d / "text.png").write_text("not an image")
+    Image.new("RGB", (64, 48)).save(d / "small.png")
+    Image.new("L", (8000, 6250)).save(d / "huge.png")  # 50 megapixels
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    del ds.PixelData
+    ds.save_as(d / "no_pixels.dcm")
     return d
 
 
@@ -83,6 +93,23 @@ CASES = [
      "not a clinkd_jax params checkpoint"),
     (PSEUDO, lambda f: [DEMO, "--config.kd.divergence=reverse"], "config error", "kd.divergence='reverse'"),
     (PSEUDO, lambda f: [DEMO, "--config.kd.top_kk=3"], "config error", "did you mean kd.top_k"),
+    (PREDICT, lambda f: [f"--model={f}", "--task=vg", "--question=x", f"--image={f / 'text.png'}"], "data error",
+     "text.png: cannot read the image header"),
+    (PREDICT, lambda f: [f"--model={f}", "--task=mii", f"--image={f / 'no_pixels.dcm'}"], "data error",
+     "no_pixels.dcm: a DICOM file without"),
+    (PREDICT, lambda f: [f"--model={f}", "--task=mii", f"--image={f / 'huge.png'}"], "data error",
+     "50.0 megapixels"),
+    (PREDICT, lambda f: [f"--model={f}", "--task=vg", "--question=", f"--image={f / 'small.png'}"], "data error",
+     "needs a question"),
+    (PREDICT, lambda f: [f"--model={f}", "--task=ro", "--box=10,10,70,20", f"--image={f / 'small.png'}"],
+     "data error", "lies outside the image (of a 64 x 48 px image)"),
+    (PREDICT, lambda f: [f"--model={f}", "--task=ro", "--box=10,10,20", f"--image={f / 'small.png'}"],
+     "config error", "--box=10,10,20: expected 4"),
+    (PREDICT, lambda f: [f"--model={f}", "--task=sing", f"--image={f / 'small.png'}"], "config error", "--task"),
+    (PREDICT, lambda f: [f"--model={f / 'empty'}", "--task=mii", f"--image={f / 'small.png'}"], "config error",
+     "neither a Hugging Face model directory"),
+    (PREDICT, lambda f: [f"--model={f}", "--task=mii", f"--images={f}", "--out=x.json"], "config error",
+     "--out=FILE.jsonl"),
 ]
 
 

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from clinkd_jax.data import image as image_lib
+from clinkd_jax.data import markup
 
 # (pydicom test file or "skimage:retina", modality prefix, dataset tag, what the image shows)
 SOURCES = (
@@ -85,14 +86,15 @@ def draw_marker(img: Image.Image, kind: int, rng: np.random.Generator):
 
 
 def qa(task: str, image_file: str, obj: str, box, where: str, desc: str) -> tuple[str, str]:
-    tag, b = f"<img>{image_file}</img>", "<box>({},{}),({},{})</box>".format(*box)
+    b = markup.box_tag(box)
+    question = f"<img>{image_file}</img> " + markup.QUESTIONS[task].format(obj=obj, box=b)
     if task == "VG":
-        return f"{tag} Where is the <ref>{obj}</ref> in this image?", f"<ref>{obj}</ref>{b}"
+        return question, f"<ref>{obj}</ref>{b}"
     if task == "RO":
-        return f"{tag} What is the object in {b}?", obj
+        return question, obj
     if task == "GC":
-        return f"{tag} Describe the region {b}.", f"A {obj} in the {where} of the {desc}."
-    return f"{tag} Describe this image.", f"This is a {desc}. There is a {obj} in the {where}."
+        return question, f"A {obj} in the {where} of the {desc}."
+    return question, f"This is a {desc}. There is a {obj} in the {where}."
 
 
 def generate(out_dir: str, *, train_per_image: int = 6, test_per_image: int = 2, max_side: int = 224,

@@ -145,13 +145,19 @@ def _first(value):
         return None
 
 
-def load_dicom(path: str) -> Image.Image:
+def load_dicom(path: str, window: tuple[float, float] | None = None) -> Image.Image:
     """A DICOM slice as an 8-bit image: rescale slope/intercept, the stored VOI window (or a percentile
-    window), MONOCHROME1 inverted; colour images are kept as RGB; for multi-frame files the middle frame."""
+    window; `window` = (center, width) overrides both), MONOCHROME1 inverted; colour images are kept as RGB;
+    for multi-frame files the middle frame."""
     import pydicom  # optional dependency: only needed for DICOM input
 
     try:
         ds = pydicom.dcmread(path)
+    except Exception as e:  # pydicom raises many types for damaged or unsupported files
+        raise ImageError(f"{path}: cannot decode DICOM ({type(e).__name__}: {e})") from None
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise ImageError(f"{path}: a DICOM file without pixel data (a report or structured set, not an image)")
+    try:
         arr = ds.pixel_array
     except Exception as e:  # pydicom raises many types for damaged or unsupported files
         raise ImageError(f"{path}: cannot decode DICOM ({type(e).__name__}: {e})") from None
@@ -167,7 +173,8 @@ def load_dicom(path: str) -> Image.Image:
     slope, intercept = float(getattr(ds, "RescaleSlope", 1) or 1), float(getattr(ds, "RescaleIntercept", 0) or 0)
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported by `finite`, naming the file
         x = finite(np.asarray(arr.astype(np.float32) * slope + intercept, np.float32), path)
-    out = window_to_uint8(x, _first(getattr(ds, "WindowCenter", None)), _first(getattr(ds, "WindowWidth", None)))
+    center, width = window or (_first(getattr(ds, "WindowCenter", None)), _first(getattr(ds, "WindowWidth", None)))
+    out = window_to_uint8(x, center, width)
     if str(getattr(ds, "PhotometricInterpretation", "")) == "MONOCHROME1":
         out = 255 - out
     return Image.fromarray(out, "L")
@@ -183,8 +190,9 @@ def finite(x: np.ndarray, path) -> np.ndarray:
     return x
 
 
-def load_image(path) -> Image.Image:
-    """PNG/JPEG/... through PIL, DICOM through pydicom; raises ImageError naming the file.
+def load_image(path, window: tuple[float, float] | None = None) -> Image.Image:
+    """PNG/JPEG/... through PIL, DICOM through pydicom (`window`: `load_dicom`'s); raises ImageError naming the
+    file.
 
     Already-decoded images (a PIL image or an (H, W[, C]) uint8 array, e.g. from the TFDS source) pass through.
     """
@@ -195,7 +203,7 @@ def load_image(path) -> Image.Image:
     if not os.path.isfile(path):
         raise ImageError(f"{path}: image file not found")
     if path.lower().endswith(DICOM_SUFFIXES):
-        return load_dicom(path)
+        return load_dicom(path, window)
     try:
         with Image.open(path) as img:
             img.load()
@@ -221,8 +229,13 @@ def image_size(path) -> tuple[int, int]:
             import pydicom
 
             ds = pydicom.dcmread(path, stop_before_pixels=True)
+            if "Rows" not in ds or "Columns" not in ds:
+                raise ImageError(f"{path}: a DICOM file without an image (no Rows/Columns; a report or "
+                                 "structured set?)")
             return int(ds.Rows), int(ds.Columns)  # every frame (load_dicom takes the middle one) has this size
         with Image.open(path) as img:
             return img.height, img.width
+    except ImageError:
+        raise
     except Exception as e:  # PIL / pydicom raise many types for damaged files
         raise ImageError(f"{path}: cannot read the image header ({type(e).__name__}: {e})") from None

@@ -47,6 +47,16 @@ class MarkupError(UserError):
     kind = "data"
 
 
+# The four Med-GRIT tasks' questions, as the demo's test files ask them and `clinkd_jax.predict` asks a model
+QUESTIONS = {"VG": "Where is the <ref>{obj}</ref> in this image?", "RO": "What is the object in {box}?",
+             "GC": "Describe the region {box}.", "MII": "Describe this image."}
+
+
+def box_tag(box) -> str:
+    """`<box>(x1,y1),(x2,y2)</box>` of four integers (0-1000)."""
+    return "<box>({},{}),({},{})</box>".format(*box)
+
+
 def strip_image_tag(text: str) -> str:
     """Remove BiRD's `<img>path</img>` (the image is given to the model separately)."""
     return IMG_TAG.sub("", text).strip()

@@ -87,14 +87,9 @@ def predict(c, task: str, recs, generator, encoder, out_path: str, skips: record
     done = done_ids(out_path)
     todo = [r for r in recs if r.index not in done]
     log.info("eval %s: %d of %d items to generate", task, len(todo), len(recs))
-    tok, stop_ids = encoder.tok, encoder.stop_ids
-    sampling = sampling_for(c, task, stop_ids, encoder.pad_id)
+    sampling = sampling_for(c, task, encoder.stop_ids, encoder.pad_id)
     n = max(1, e.sasg_samples)
-    pcfg = prompts_lib.PromptConfig(
-        batch_size=e.batch_size * n, text_buckets=tuple(e.text_buckets), patch_buckets=tuple(e.patch_buckets),
-        image=image_lib.for_model(generator.model.cfg, e.min_pixels, e.max_pixels), mrope_gaps=tuple(c.data.mrope_gaps),
-        image_token_id=generator.model.cfg.image_token_id, pad_token_id=sampling.pad_token_id, threads=e.threads,
-    )
+    pcfg = prompt_config(c, generator.model.cfg, encoder, e.batch_size * n)
     writer = jax.process_index() == 0
     bar = tqdm(total=len(recs), initial=len(recs) - len(todo), unit="item", desc=f"eval {task}",
                disable=not (writer and c.train.progress))
@@ -109,12 +104,9 @@ def predict(c, task: str, recs, generator, encoder, out_path: str, skips: record
         batches = prompts_lib.prompt_batches(todo, encoder, pcfg, skips, repeat=n, on_skip=miss)
         for k, (batch_recs, batch) in enumerate(batches):
             tokens = generator(batch, sampling, rng=jax.random.fold_in(jax.random.key(c.seed), k))
-            texts = [tok.decode(row, skip_special_tokens=False) for row in gen_lib.trim(tokens, stop_ids)]
+            texts = responses(tokens, batch_recs, encoder, pcfg, n)
             for i, r in enumerate(batch_recs):
                 line = prediction_line(r)
-                if encoder.box_markup != "0-1000":  # the model's boxes back on the files' 0-1000 scale
-                    sizes = [image_lib.seen_size(p, pcfg.image) for p in r.images]
-                    texts[i * n:(i + 1) * n] = [encoder.boxes_out(t, sizes) for t in texts[i * n:(i + 1) * n]]
                 if n > 1:
                     cands = texts[i * n:(i + 1) * n]
                     best, scores = sasg.select(cands, similarity=e.sasg_similarity)
@@ -127,6 +119,28 @@ def predict(c, task: str, recs, generator, encoder, out_path: str, skips: record
             bar.update(len(batch_recs))
     bar.close()
     return made
+
+
+def prompt_config(c, model_cfg, encoder, batch_size: int) -> prompts_lib.PromptConfig:
+    """How a test question becomes a prompt batch (the evaluation protocol's settings, `c.eval` and the
+    MCG-RoPE gaps of `c.data`); `clinkd_jax.predict` asks through the same one."""
+    e = c.eval
+    return prompts_lib.PromptConfig(
+        batch_size=batch_size, text_buckets=tuple(e.text_buckets), patch_buckets=tuple(e.patch_buckets),
+        image=image_lib.for_model(model_cfg, e.min_pixels, e.max_pixels), mrope_gaps=tuple(c.data.mrope_gaps),
+        image_token_id=model_cfg.image_token_id, pad_token_id=encoder.pad_id, threads=e.threads,
+    )
+
+
+def responses(tokens, recs, encoder, pcfg: prompts_lib.PromptConfig, n: int = 1) -> list[str]:
+    """The generated rows as prediction-file responses (special tokens kept, spec §3.5), `n` rows per record,
+    their boxes on the files' 0-1000 scale whatever markup the model writes."""
+    texts = [encoder.tok.decode(row, skip_special_tokens=False) for row in gen_lib.trim(tokens, encoder.stop_ids)]
+    if encoder.box_markup != "0-1000":
+        for i, r in enumerate(recs):
+            sizes = [image_lib.seen_size(p, pcfg.image) for p in r.images]
+            texts[i * n:(i + 1) * n] = [encoder.boxes_out(t, sizes) for t in texts[i * n:(i + 1) * n]]
+    return texts
 
 
 def prediction_line(r) -> dict:

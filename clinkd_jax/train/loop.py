@@ -195,9 +195,11 @@ def run(c, workdir: str, hooks=()) -> dict:
     if not preempted and c.checkpoint.save_params:
         checkpoint.save_params(os.path.join(workdir, "params"), state.params, cfg,
                                assets_from=run_setup.tokenizer_dir(c), chat_template=encoder.template)
+        checkpoint.write_answer_settings(os.path.join(workdir, "params"), run_setup.answer_settings(c))
     if not preempted and c.checkpoint.export_hf:
         hf.save_hf_checkpoint(state.params, cfg, os.path.join(workdir, "export_hf"), dtype=c.checkpoint.export_dtype,
                               assets_from=run_setup.tokenizer_dir(c), chat_template=encoder.template)
+        checkpoint.write_answer_settings(os.path.join(workdir, "export_hf"), run_setup.answer_settings(c))
     summary = {"stage": c.stage, "steps": step, "start_step": start, "final": metrics,
                "skipped": data.skips_all_hosts(), "workdir": workdir, "preempted": preempted,
                "epochs": data.epoch + data.batch / data.batches_per_epoch, "batch_shapes": len(shapes),

@@ -133,6 +133,26 @@ def test_bad_files_name_the_file(tmp_path):
         I.load_image(str(tmp_path / "bad.dcm"))
 
 
+def test_dicom_without_pixel_data_and_a_given_window(tmp_path):
+    """A DICOM that holds no image (a report, a structured set) is named as such, header read or decoded; a
+    (center, width) window given by the caller replaces the file's own VOI window."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    del ds.PixelData
+    del ds.Rows
+    ds.save_as(tmp_path / "report.dcm")
+    for read in (I.load_image, I.image_size):
+        with pytest.raises(I.ImageError, match="report.dcm: a DICOM file without"):
+            read(str(tmp_path / "report.dcm"))
+    path = get_testdata_file("CT_small.dcm")
+    hu = pydicom.dcmread(path).pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    narrow = np.asarray(I.load_dicom(path, window=(40.0, 80.0)), np.float32)
+    np.testing.assert_array_equal(narrow, I.window_to_uint8(hu, 40.0, 80.0))
+    assert not np.array_equal(narrow, np.asarray(I.load_dicom(path), np.float32))
+
+
 def test_nan_or_inf_pixels_are_an_image_error(tmp_path):
     """Float images can hold NaN or Inf (a 32-bit TIFF, a float array from a data set, a DICOM whose rescale
     overflows); windowing would make them arbitrary grey levels, so the file is refused by name (the pipeline
