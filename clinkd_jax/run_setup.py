@@ -116,6 +116,8 @@ def demo_root(c, workdir) -> str:
     Process 0 writes it first; the other hosts then find it (shared workdir) or write their own copy."""
     root = c.data.demo_dir or os.path.join(workdir, "demo_data")
     kw = {"train_per_image": c.data.demo_train_per_image, "test_per_image": c.data.demo_test_per_image}
+    if c.data.demo_layout != "random":  # only when set, so demo folders written before the option stay valid
+        kw["layout"] = c.data.demo_layout
     if jax.process_index() == 0:
         demo.ensure(root, **kw)
     distributed.barrier("demo data")
@@ -338,6 +340,8 @@ def check_common(c) -> None:
                           f"({sorted(text.TEMPLATES)}), '' (the tokenizer's own) nor a Jinja template")
     if c.data.box_format not in ("auto", *BOX_FORMATS):
         raise ConfigError(f"data.box_format={c.data.box_format!r} is not one of {('auto', *BOX_FORMATS)}")
+    if c.data.demo_layout not in demo.LAYOUTS:
+        raise ConfigError(f"data.demo_layout={c.data.demo_layout!r} is not one of {demo.LAYOUTS}")
     if c.model.scan_unroll < 1:
         raise ConfigError(f"model.scan_unroll={c.model.scan_unroll} must be >= 1")
     if c.model.vision_query_block < 0:
@@ -363,6 +367,8 @@ def check_nothing_ignored(c) -> None:
                               "set is read); set data.format=medgrit (or sharegpt) to train on your own files")
     if d.format != "demo" and d.demo_dir:
         raise ConfigError(f"data.demo_dir={d.demo_dir!r} has no effect under data.format={d.format!r}")
+    if d.format != "demo" and d.demo_layout != "random":
+        raise ConfigError(f"data.demo_layout={d.demo_layout!r} has no effect under data.format={d.format!r}")
     if d.extra_mode != "append" and not d.extra_files:
         raise ConfigError(f"data.extra_mode={d.extra_mode!r} has no effect without data.extra_files")
     if c.kd.pseudo_labels and c.stage != "kd":

@@ -65,7 +65,7 @@ def get_config() -> ConfigDict:
     c.kd.alpha = 0.5
     c.kd.temperature = 0.5
     # released (unshifted labels: no KL on the prediction of an answer's first token) | aligned. At demo scale
-    # the released mask cost KD students first-token decisions (task, object name); README, demo ablation
+    # the released mask cost KD students first-token decisions (task, object name); docs/recipe.md, the demo ablation
     c.kd.mask = "released"
     c.kd.reduction = "sum"  # sum (released) | mean
     c.kd.divergence = "forward"  # forward KL(teacher||student) | reverse
@@ -87,6 +87,8 @@ def get_config() -> ConfigDict:
     c.data.demo_dir = ""
     c.data.demo_train_per_image = 6  # format "demo": training conversations per source image (8 images)
     c.data.demo_test_per_image = 2  # format "demo": test items per source image and task
+    # format "demo": where markers go: "random" (anywhere, any size) | "grid" (centred in a 3 x 3 cell, 2 sizes)
+    c.data.demo_layout = "random"
     c.data.image_dir = ""
     # Med-GRIT ids name no file type: <image_dir>/<id><ext> for the first of these that exists (DICOM included)
     c.data.image_ext = (".png", ".dcm", ".dicom", ".jpg", ".jpeg")

@@ -10,7 +10,7 @@ Paths are placeholders: set them on the command line, e.g.
 The teacher is not named by the paper (clinkd-spec §5.5): give the checkpoint you distil from.
 `data.batch_size` is global: 2 per device × 8 devices here; change it with the device count. The KD
 loss is computed per 2 rows whatever the device count (`kd.sum_rows`, the released per-device micro-batch).
-Ablations are one-line overrides: see the README table.
+Ablations are one-line overrides: see the table in docs/recipe.md.
 """
 
 from ml_collections import ConfigDict

@@ -11,7 +11,7 @@ a laptop CPU in minutes.
                    BiRD/ClinKD protocol on the demo test files (scaled-down pixel budget), tables + gallery
 
 The demo's labels are synthetic (one drawn marker per real image); it proves the machinery, not medicine.
-`--config.seed=N` changes every initialisation and the data order, not the data; README: figures over seeds.
+`--config.seed=N` changes every initialisation and the data order, not the data; docs/demo.md: figures over seeds.
 """
 
 from ml_collections import ConfigDict

@@ -11,7 +11,7 @@ table side by side.
 
 Reflective Correction Training is left out of every arm (it is the demo's third stage, configs/demo.py):
 the table isolates the two training-side components. Demo scale: differences smaller than the spread over
-seeds (README) say nothing.
+seeds (docs/demo.md, docs/recipe.md) say nothing.
 """
 
 from ml_collections import ConfigDict

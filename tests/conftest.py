@@ -3,11 +3,19 @@
 import importlib.util
 import os
 import sys
+import tempfile
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One persistent compilation cache for the whole run, shared by both xdist workers and by the commands tests
+# start: many tests compile the same tiny programs (a resumed run, a stage chained after another), and on two
+# cores compiling is most of the suite's time (tests/train/test_loop.py: 292 s -> 175 s from a cold cache).
+# tests/run_all.sh points it at a fresh folder per run; a plain `pytest` reuses one per user.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"clinkd_jax_test_jax_cache_{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `import reference`
 
 import pytest  # noqa: E402

@@ -2,11 +2,12 @@
 # The test command: builds both environments from scratch (or refreshes them), lints (ruff: unused imports,
 # import order, line length 120; pyproject.toml) and runs the suite in each.
 #
-#   bash tests/run_all.sh            # Python 3.11 (jax 0.10.x + torch 2.13.0 CPU, live parity)
+#   bash tests/run_all.sh            # Python 3.11 (jax 0.10.x + torch 2.13.0 CPU: live parity, marker `torch`,
+#                                    # and the in-process end-to-end runs, marker `e2e`)
 #                                    # and Python 3.12 (newest jax, as on TPU VMs and Colab; no torch, golden
-#                                    # files; the multi-process and launcher runs, marker `multihost`;
-#                                    # the fault runs, marker `faults`; the web page, markers `serve`
-#                                    # and `browser`, Chromium installed with apt-get when root)
+#                                    # files; everything else, among it the multi-process and launcher runs,
+#                                    # marker `multihost`; the fault runs, marker `faults`; the web page, markers
+#                                    # `serve` and `browser`, Chromium installed with apt-get when root)
 #   CLINKD_PYTHONS=3.11 bash tests/run_all.sh     # only one of them
 #   bash tests/run_all.sh -k parity               # extra arguments go to pytest
 #
@@ -41,9 +42,15 @@ for v in $PYTHONS; do
     status=1
     continue
   fi
-  # only 3.11 has torch; the multi-process runs (~8 min of CPU) go to 3.12 to keep both suites within budget
-  # libtpu (clinkd_jax.aot's TPU compiler, marker tpu_aot) is installed in 3.12 only
-  if [ "$v" = "3.11" ]; then marker=(-m "not multihost and not tpu_aot and not faults and not serve"); else marker=(-m "not torch"); fi
+  # Each test runs under one Python, so that both fit the CI budget on a 2-core CPU:
+  #   3.11 (jax 0.10, torch): the live comparisons with transformers (marker torch) and the in-process end-to-end
+  #        runs (marker e2e: recipes, the training loop, evaluation, RCT, pseudo-labels, predict, DICOM folders);
+  #   3.12 (newest jax, libtpu, gradio): everything else: models, data, sharding, generation, losses, steps, and
+  #        the same stack end to end through commands (markers multihost, faults, serve, tpu_aot, user errors).
+  # So each jax version runs the whole stack once. Extra arguments come after these: a `-m` of yours replaces
+  # the split (`bash tests/run_all.sh -m 'not torch'` with CLINKD_PYTHONS=3.12 runs every other test there).
+  if [ "$v" = "3.11" ]; then marker=(-m "(torch or e2e) and not multihost and not tpu_aot and not faults and not serve")
+  else marker=(-m "not torch and not e2e"); fi
   if [ "$v" = "3.12" ]; then ensure_chromium; fi  # the web page's browser test (marker browser)
   if [ -z "${linted:-}" ]; then
     linted=1
@@ -52,7 +59,9 @@ for v in $PYTHONS; do
   echo "== Python $v: $("$venv/bin/python" -c 'import sys, jax, flax; print(sys.version.split()[0], "jax", jax.__version__, "flax", flax.__version__)')"
   # two workers, one test file each at a time (module fixtures stay per file)
   # --durations: the slowest tests in every log, to keep the suite within its time budget
-  "$venv/bin/python" -m pytest -n 2 --dist loadfile --durations=20 "${marker[@]}" "$@" 2>&1 | tee "$LOG_DIR/pytest-py${v/./}.log"
+  # a fresh compilation cache per run, shared by both workers (tests/conftest.py says why)
+  cache="$ROOT/.venv/jax-cache-py${v/./}"; rm -rf "$cache"
+  JAX_COMPILATION_CACHE_DIR=$cache "$venv/bin/python" -m pytest -n 2 --dist loadfile --durations=20 "${marker[@]}" "$@" 2>&1 | tee "$LOG_DIR/pytest-py${v/./}.log"
   rc=${PIPESTATUS[0]}
   summary+=("Python $v: pytest exit $rc in $(( $(date +%s) - start ))s — $(grep -E '^(=+ )?[0-9]+ (passed|failed)' "$LOG_DIR/pytest-py${v/./}.log" | tail -1 | tr -d '=')")
   [ "$rc" -eq 0 ] || status=1

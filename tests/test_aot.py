@@ -99,6 +99,11 @@ def test_time_estimate_from_twins_equals_the_unrolled_program(tmp_path, family, 
     c.teacher.preset, c.teacher.text_overrides = "tiny_qwen", demo.TEACHER
     c.data.demo_dir = str(tmp_path / "demo")
     c.model.family, c.teacher.family = family, teacher_family
+    # small shapes: compiling the whole unrolled program (each loss chunk's full-vocabulary LM head and its
+    # gradient, every layer) is most of the test's time; two chunks and 112 px images (Qwen2.5-VL: one 112 px
+    # window each) still test the scaling over chunks, layers and window blocks
+    c.data.text_buckets, c.train.loss_chunk = (192,), 96
+    c.data.patch_buckets, c.data.max_pixels = (64,), 112 * 112
     mesh, rules = run_setup.make_run_mesh(c, slices.parse("v5e-4").devices())
     progs = programs.programs(c, str(tmp_path), mesh, rules, "largest")
     (p,) = [p for p in progs if p.name == "train_kd"]

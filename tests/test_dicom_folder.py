@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 
+import pytest
 import reference as R
 from ml_collections import ConfigDict
 from pydicom.data import get_testdata_file
@@ -22,6 +23,8 @@ from clinkd_jax.data import demo
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from configs import demo_train  # noqa: E402
+
+pytestmark = pytest.mark.e2e  # run under one Python only: tests/run_all.sh says why
 
 SMALL = {"hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 64}
 

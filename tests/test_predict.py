@@ -18,6 +18,8 @@ from clinkd_jax import predict
 from clinkd_jax.data import demo, markup
 from clinkd_jax.eval import run as eval_run
 
+pytestmark = pytest.mark.e2e  # run under one Python only: tests/run_all.sh says why
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 OBJECT = "bright oval lesion"

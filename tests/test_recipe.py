@@ -16,6 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from configs import demo_train  # noqa: E402
 
+pytestmark = pytest.mark.e2e  # run under one Python only: tests/run_all.sh says why
+
 SMALL = {"hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 64}
 
 
@@ -171,7 +173,7 @@ def test_paper_configs(name):
     plan = {n: cfg for n, cfg, _ in recipe.stage_configs(c, "/w")}
     assert plan["kd"].model.hf_dir.endswith("Instruct") and plan["sft"].model.orbax_dir == "/w/kd/params"
     assert plan["eval"].model.orbax_dir == "/w/sft_rct/params"
-    # ablations from the README table are plain overrides of this config
+    # ablations from the table in docs/recipe.md are plain overrides of this config
     c.stages = ("kd", "sft", "eval")  # no RCT
     assert {n: cfg for n, cfg, _ in recipe.stage_configs(c, "/w")}["eval"].model.orbax_dir == "/w/sft/params"
     c.stages = ("sft", "rct", "sft_rct", "eval")  # no KD: SFT starts from the base checkpoint

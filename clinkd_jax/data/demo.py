@@ -4,7 +4,9 @@ inside installed packages (pydicom, pydicom-data, scikit-image), with SYNTHETIC 
 The images are real (CT head and spine, MR shoulder and abdomen, chest and leg radiographs, an
 ultrasound of a lymph node, a fundus photograph). The findings are not: each image gets one drawn
 marker — a "bright oval lesion" (bright yellow) or a "dark round cyst" (dark blue), a fifth to two fifths of
-the side — at a random place, and every question and answer is generated from that marker and the image's
+the side — at a random place (`layout="random"`), or centred in one cell of a 3 x 3 grid at one of two sizes
+(`layout="grid"`: a box answer is one of 18 per kind, so grounding measures finding the marker rather than
+writing an arbitrary place), and every question and answer is generated from that marker and the image's
 modality and body part. The colours make the marker's kind visible in each patch it covers: drawn in grey
 (near white and near black, VERSION 2), the demo's from-scratch vision tower did not tell the two kinds
 apart better than always answering the commoner one. A training conversation asks 2-4 of the tasks,
@@ -70,14 +72,24 @@ def _where(cx: float, cy: float) -> str:
     return "center" if (v, h) == ("middle", "center") else f"{v} {h}" if v != "middle" else f"middle {h}"
 
 
-def draw_marker(img: Image.Image, kind: int, rng: np.random.Generator):
+LAYOUTS = ("random", "grid")
+GRID_SIZES = (0.18, 0.3)  # grid layout: the marker's width as a fraction of the side; IoU of the two < 0.5
+
+
+def draw_marker(img: Image.Image, kind: int, rng: np.random.Generator, layout: str = "random"):
     """Draw one marker; returns (image, box on the 0-1000 scale, relative centre)."""
     w, h = img.size
-    # a fifth to two fifths of the side: at the demo's 224 px, at least two merged image tokens across
-    bw, bh = (rng.uniform(0.2, 0.4) * w, rng.uniform(0.2, 0.4) * h)
-    if kind == 1:
-        bh = bw * h / w  # round cyst: circle
-    x1, y1 = rng.uniform(0.05, 0.95 - bw / w) * w, rng.uniform(0.05, 0.95 - bh / h) * h
+    if layout == "grid":  # centred in one of 3 x 3 cells, one of two sizes
+        cell, size = int(rng.integers(9)), GRID_SIZES[int(rng.integers(len(GRID_SIZES)))]
+        bw = size * w
+        bh = bw * h / w if kind == 1 else size * h * 0.75  # round cyst: circle; oval lesion: flatter
+        x1, y1 = ((cell % 3) + 0.5) / 3 * w - bw / 2, ((cell // 3) + 0.5) / 3 * h - bh / 2
+    else:
+        # a fifth to two fifths of the side: at the demo's 224 px, at least two merged image tokens across
+        bw, bh = (rng.uniform(0.2, 0.4) * w, rng.uniform(0.2, 0.4) * h)
+        if kind == 1:
+            bh = bw * h / w  # round cyst: circle
+        x1, y1 = rng.uniform(0.05, 0.95 - bw / w) * w, rng.uniform(0.05, 0.95 - bh / h) * h
     out = img.copy()
     d = ImageDraw.Draw(out)
     d.ellipse([x1, y1, x1 + bw, y1 + bh], fill=COLOURS[kind])
@@ -98,8 +110,11 @@ def qa(task: str, image_file: str, obj: str, box, where: str, desc: str) -> tupl
 
 
 def generate(out_dir: str, *, train_per_image: int = 6, test_per_image: int = 2, max_side: int = 224,
-             seed: int = 0) -> dict:
-    """Write the demo set to `out_dir`; returns counts. Deterministic for a seed."""
+             seed: int = 0, layout: str = "random") -> dict:
+    """Write the demo set to `out_dir`; returns counts. Deterministic for a seed. `layout`: where markers go
+    (LAYOUTS; the module's docstring)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"demo layout {layout!r} is not one of {LAYOUTS}")
     rng = np.random.default_rng(seed)
     img_dir = os.path.join(out_dir, "images")
     os.makedirs(img_dir, exist_ok=True)
@@ -109,7 +124,7 @@ def generate(out_dir: str, *, train_per_image: int = 6, test_per_image: int = 2,
         case = os.path.splitext(name.split(":")[-1])[0]
         for v in range(train_per_image + test_per_image):
             kind = int(rng.integers(len(OBJECTS)))
-            img, box, (cx, cy) = draw_marker(base, kind, rng)
+            img, box, (cx, cy) = draw_marker(base, kind, rng, layout)
             stem = f"{modality}_00--{tag}--{case}--demo_{v:04d}"
             img.save(os.path.join(img_dir, stem + ".png"))
             obj, where = OBJECTS[kind], _where(cx, cy)

@@ -2,9 +2,11 @@
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
+import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 from test_pipeline import CFG
@@ -38,16 +40,33 @@ def test_demo_is_deterministic_and_covers_tasks_and_modalities(demo_dir, tmp_pat
     assert first == {"Where", "What", "Describe"}  # every kind of question also opens conversations
 
 
-def test_marker_is_drawn_in_its_kind_colour_inside_its_box():
+@pytest.mark.parametrize("layout", demo.LAYOUTS)
+def test_marker_is_drawn_in_its_kind_colour_inside_its_box(layout):
     base = Image.new("RGB", (200, 100), (90, 90, 90))
     for kind, colour in enumerate(demo.COLOURS):
-        img, box, (cx, cy) = demo.draw_marker(base, kind, np.random.default_rng(kind))
+        img, box, (cx, cy) = demo.draw_marker(base, kind, np.random.default_rng(kind), layout)
         px = np.asarray(img)
         assert tuple(px[int(cy * 100), int(cx * 200)]) == colour  # the centre holds the kind's colour
         x1, y1, x2, y2 = (round(v / 1000 * s) for v, s in zip(box, (200, 100, 200, 100)))
         outside = np.ones((100, 200), bool)
         outside[max(y1 - 1, 0):y2 + 1, max(x1 - 1, 0):x2 + 1] = False
         assert (px[outside] == 90).all()  # nothing drawn outside the box the answers give
+
+
+def test_grid_layout_puts_each_marker_in_a_cell_at_one_of_two_sizes(tmp_path):
+    demo.generate(str(tmp_path), train_per_image=6, test_per_image=2, max_side=112, layout="grid")
+    answers = [json.loads(open(tmp_path / "Test_VG.json").read())[i]["conversations"][0][1] for i in range(16)]
+    boxes = [tuple(map(int, re.findall(r"\d+", a))) for a in answers]
+    for (x1, y1, x2, y2), a in zip(boxes, answers):
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2  # the centre of a cell: 1/6, 1/2 or 5/6 of the side (0-1000 scale)
+        assert min(abs(cx - c) for c in (166.7, 500, 833.3)) <= 1 and min(abs(cy - c) for c in (166.7, 500, 833.3)) <= 1
+        assert min(abs((x2 - x1) / 1000 - s) for s in demo.GRID_SIZES) <= 0.005, a
+    # the region caption names the marker's cell
+    caption = json.loads(open(tmp_path / "Test_GC.json").read())[0]["conversations"][0][1]
+    cx, cy = (boxes[0][0] + boxes[0][2]) / 2000, (boxes[0][1] + boxes[0][3]) / 2000
+    assert demo._where(cx, cy) in caption
+    with pytest.raises(ValueError, match="demo layout 'diagonal'"):
+        demo.generate(str(tmp_path / "x"), layout="diagonal")
 
 
 def test_ensure_reuses_or_regenerates(tmp_path):

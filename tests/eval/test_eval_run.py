@@ -17,6 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 from configs import demo_eval  # noqa: E402
 
+pytestmark = pytest.mark.e2e  # run under one Python only: tests/run_all.sh says why
+
 SMALL = {"hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 64}
 LIMIT = 6
 

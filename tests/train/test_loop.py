@@ -24,6 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 from configs import demo_train  # noqa: E402
 
+pytestmark = pytest.mark.e2e  # run under one Python only: tests/run_all.sh says why
+
 SMALL = {"hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 64}
 
 
@@ -122,6 +124,9 @@ def test_non_finite_loss_stops_with_the_step(tmp_path):
     ({"model.decode_layers": "loop"}, "model.decode_layers='loop' is not one of"),
     ({"train.loss_backward": "remat"}, "train.loss_backward='remat' is not one of"),
     ({"data.format": "csv"}, "data.format='csv'"),
+    ({"data.demo_layout": "diagonal"}, "data.demo_layout='diagonal' is not one of"),
+    ({"data.format": "demo", "data.demo_layout": "grid", "data.train_files": ("",), "data.image_dir": ""}, None),
+    ({"data.format": "medgrit", "data.demo_layout": "grid"}, "data.demo_layout='grid' has no effect"),
     ({"model.vision_overrides": {"depht": 4}}, r"model.vision_overrides: \['depht'\] are not VisionConfig fields"),
     ({"model.preset": "", "model.orbax_dir": "/tmp", "model.text_overrides": {"hidden_size": 8}},
      "model.text_overrides apply to a preset only"),
@@ -134,6 +139,9 @@ def test_config_errors_name_the_field(changes, message):
             c[section][field] = ConfigDict(value) if isinstance(value, dict) else value
         else:
             c[key] = value
+    if message is None:  # a setting that is valid as given
+        validate(c)
+        return
     with pytest.raises(ConfigError, match=message):
         validate(c)
 

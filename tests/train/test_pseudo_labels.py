@@ -15,6 +15,8 @@ from clinkd_jax.models.qwen2vl import init_params
 from clinkd_jax.train import losses, pseudo_labels
 from clinkd_jax.train import state as state_lib
 
+pytestmark = pytest.mark.e2e  # run under one Python only: tests/run_all.sh says why
+
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_cached_full_vocab_equals_online(tmp_path, batches_of_family, family, mask="released"):

@@ -18,6 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 from configs import demo_train  # noqa: E402
 
+pytestmark = pytest.mark.e2e  # run under one Python only: tests/run_all.sh says why
+
 BOX = "<ref>cyst</ref><box>(0,0),(100,100)</box>"
 
 
