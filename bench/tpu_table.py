@@ -5,6 +5,7 @@ and MFU at that batch. Or, with --levers, one slice and setup with one setting c
     python bench/tpu_table.py                                     # every setup x slice of bench/README.md
     python bench/tpu_table.py --slices v5p-8 --setups kd_7b_2b    # one cell
     python bench/tpu_table.py --levers --slices v5p-8 --setups kd_7b_2b
+    python bench/tpu_table.py --setups kd_7b_2b --slices v5e-16 --set model.remat=full   # a setting on every cell
 
 Every step is built by the run's own builder (`clinkd_jax.aot.programs`, as `python -m clinkd_jax.aot` reports
 it) at the largest (text, patch) bucket (2048 tokens, 3136 patches: one 768^2 image per row). Estimates are
@@ -14,6 +15,7 @@ labelled as such: loop-free twins priced by XLA (`clinkd_jax.aot.programs.estima
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import sys
@@ -111,6 +113,16 @@ def row(r: dict) -> str:
             f"{r['per_chip'] if r['fits'] else '—'} | {est} | {r['remat']} |")
 
 
+def parse_setting(text: str) -> tuple[str, object]:
+    field, sep, value = text.partition("=")
+    if not sep or not field:
+        raise SystemExit(f"--set {text!r}: expected FIELD=VALUE, e.g. model.remat=full")
+    try:
+        return field, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return field, value  # a bare word: model.remat=full
+
+
 def save(path: str, results: list) -> None:
     """After every row: a long table (hours on a small machine) keeps what it has if stopped."""
     if path:
@@ -127,8 +139,11 @@ def main():
     ap.add_argument("--only", default="", help="with --levers: only levers whose name holds one of these (comma list)")
     ap.add_argument("--max-per-chip", type=int, default=16)
     ap.add_argument("--no-estimate", action="store_true")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a config setting for every cell (repeatable; VALUE a Python literal or a word)")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
+    overrides = dict(parse_setting(s) for s in args.set)
     workdir = tempfile.mkdtemp(prefix="tpu_table_")
     results = []
     if args.levers:
@@ -136,10 +151,11 @@ def main():
         print(f"| lever ({setup}, {slice_name}, {args.per_chip} rows per chip) | GiB per chip | est. step s | "
               "est. MFU |\n|---|---:|---:|---:|")
         only = [w for w in args.only.split(",") if w]
-        for name, overrides in LEVERS:
+        for name, lever in LEVERS:
             if only and not any(w in name for w in only):
                 continue
-            r = measure(setup, slice_name, args.per_chip, overrides, workdir, not args.no_estimate) | {"lever": name}
+            r = measure(setup, slice_name, args.per_chip, overrides | lever, workdir, not args.no_estimate)
+            r["lever"] = name
             results.append(r)
             save(args.json, results)
             gib = "compiler OOM" if r["bytes"] is None else f"{r['bytes'] / 2**30:.1f}"
@@ -150,7 +166,7 @@ def main():
               "|---|---|---|---:|---:|---:|---:|---|")
         for setup in args.setups.split(","):
             for slice_name in args.slices.split(","):
-                r = largest_batch(setup, slice_name, {}, workdir, args.max_per_chip, not args.no_estimate)
+                r = largest_batch(setup, slice_name, overrides, workdir, args.max_per_chip, not args.no_estimate)
                 results.append(r)
                 save(args.json, results)
                 print(row(r), flush=True)

@@ -34,6 +34,7 @@ from clinkd_jax.checkpoint import abstract_with_shardings
 from clinkd_jax.data import image as image_lib
 from clinkd_jax.data import pipeline
 from clinkd_jax.data import pseudo_labels as pl_store
+from clinkd_jax.data.markup import BOX_FORMATS
 from clinkd_jax.infer import generate as gen_lib
 from clinkd_jax.infer import prompts
 from clinkd_jax.models import config as model_config
@@ -123,7 +124,9 @@ def _checked(c) -> None:
     v.model.compact_vocab = ""
     v.mesh.shape = (1, -1, 1)  # checked against the target's devices already (make_run_mesh), not this host's
     if not all(os.path.isfile(f) for f in v.data.train_files if f):  # the data need not be on this machine
-        v.data.format = "demo"
+        # the generated demo set stands in; the file settings it would refuse as ignored go with the files
+        v.data.format, v.data.train_files, v.data.image_dir = "demo", (), ""
+        v.data.box_format = "auto" if v.data.box_format in BOX_FORMATS else v.data.box_format
     v.data.extra_files = tuple(f for f in v.data.extra_files if os.path.isfile(f))
     if v.kd.pseudo_labels and not os.path.isdir(v.kd.pseudo_labels):
         v.kd.pseudo_labels = ""
