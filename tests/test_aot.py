@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from clinkd_jax.aot import report, slices
+from clinkd_jax.run_setup import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -149,3 +150,5 @@ def test_paper_configs_are_read_without_their_data_or_checkpoints(tmp_path, name
     kinds = {p.name for p in progs}
     assert {"train_sft", "train_kd"} <= kinds and any(k.startswith("generate") for k in kinds), kinds
     assert all(p.flops > 0 and p.bucket[0] == 2048 for p in progs if p.name.startswith("train")), progs
+    with pytest.raises(ConfigError, match="no field 'remat_policy' in model; did you mean model.remat"):
+        programs.config_file(os.path.join(ROOT, "configs", f"{name}.py"), **{"model.remat_policy": "full"})

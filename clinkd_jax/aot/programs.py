@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib.util
 import logging
 import os
 from typing import Callable
@@ -29,7 +28,7 @@ from typing import Callable
 import jax
 from ml_collections import ConfigDict
 
-from clinkd_jax import checkpoint, recipe, run_setup, sharding
+from clinkd_jax import checkpoint, cli, recipe, run_setup, sharding
 from clinkd_jax.checkpoint import abstract_with_shardings
 from clinkd_jax.data import image as image_lib
 from clinkd_jax.data import pipeline
@@ -141,11 +140,11 @@ def _checked(c) -> None:
 def config_file(path: str, **overrides) -> ConfigDict:
     """`get_config()` of a configs/<x>.py file with dotted overrides ({"kd.alpha": 0.5}), as the command line
     would give them (benchmarks that sweep configs)."""
-    spec = importlib.util.spec_from_file_location("run_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    c = cli.load_config_file(path)
     for key, value in overrides.items():
+        unknown = cli.unknown_override(c, [f"--config.{key}"])  # a new key would be ignored by the run
+        if unknown:
+            raise ConfigError(unknown)
         *parents, leaf = key.split(".")
         node = c
         for part in parents:
