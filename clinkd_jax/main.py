@@ -35,6 +35,7 @@ def main(argv):
     distributed.initialize_from_flags()
     logging.getLogger("clinkd_jax").info("running on %s", distributed.describe())
     c = _CONFIG.value
+    distributed.set_stage("recipe" if c.stages else c.stage)  # a recipe names each of its stages
     if _WORKDIR.value.startswith("gs://"):
         print("config error: --workdir is a gs:// URL; mount the bucket with gcsfuse on every host (launch/tpu.sh "
               "does) and pass the mount path, with --config.checkpoint.commit_files=True", file=sys.stderr)

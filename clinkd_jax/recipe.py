@@ -20,6 +20,7 @@ import time
 import jax
 from ml_collections import ConfigDict
 
+from clinkd_jax import distributed
 from clinkd_jax.eval import run as eval_run
 from clinkd_jax.eval.during_training import EvalDuringTraining, format_point
 from clinkd_jax.eval.report import comparison_table, headline_table, mean_value
@@ -147,6 +148,7 @@ def run(c, workdir: str) -> dict:
             continue
         announce(f"== {where} starts: {describe(name, cfg, c.stage_settings[name])} -> {stage_dir}")
         began = time.perf_counter()
+        distributed.set_stage(name)
         summary = run_stage(cfg, stage_dir)
         now = time.perf_counter()
         announce(f"== {where} {'interrupted' if summary.get('preempted') else 'done'} in {_minutes(now - began)} "

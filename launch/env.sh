@@ -27,8 +27,12 @@ pip_quiet() {  # pip without the noise of unreachable extra indexes; keeps pip's
   "$@" 2>&1 | grep -v -e "^WARNING: Location 'file:" -e "is neither a file nor a directory" ; return "${PIPESTATUS[0]}"
 }
 
-setup_env() {  # $1 = version, $2 = venv dir
-  local v=$1 venv=$2 py
+constraints_file() {  # $1 = 3.11 | 3.12 -> the versions CI passed with on that Python (written by launch/lock.sh)
+  echo "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/constraints/py${1/./}.txt"
+}
+
+setup_env() {  # $1 = version, $2 = venv dir, $3 = locked (default: the constraints file's versions) | newest
+  local v=$1 venv=$2 mode=${3:-locked} py extras pins
   py=$(find_python "$v")
   if [ -z "$py" ]; then
     echo "ERROR: Python $v was not found (tried python$v on PATH and pyenv)." >&2
@@ -41,12 +45,19 @@ setup_env() {  # $1 = version, $2 = venv dir
     "$py" -m venv "$venv" || return 1
   fi
   pip_quiet "$venv/bin/python" -m pip install -q -U pip || return 1
+  if [ "$mode" = locked ]; then
+    # what was tested: every package at the version in the constraints file (a newer release upstream changes
+    # nothing here until launch/lock.sh writes it and the suite passes with it)
+    pins=(-c "$(constraints_file "$v")")
+    [ -f "${pins[1]}" ] || { echo "ERROR: ${pins[1]} is missing (bash launch/lock.sh $v writes it)" >&2; return 1; }
+  else
+    pins=(-U --upgrade-strategy eager)  # the newest releases setup.cfg allows, as a TPU VM or Colab gets them
+  fi
   if [ "$v" = "3.11" ]; then
     # torch first and pinned: the CPU wheel for 3.11 lies on local disk; anything unpinned would pull CUDA.
     pip_quiet "$venv/bin/python" -m pip install -q "torch==2.13.0" || return 1
   fi
   # 3.12: libtpu (clinkd_jax.aot), gradio (clinkd_jax.serve) and Playwright (its browser test)
   if [ "$v" = "3.11" ]; then extras="cpu,test"; else extras="cpu,test,tpu,serve,browser"; fi
-  pip_quiet "$venv/bin/python" -m pip install -q -e ".[$extras]" || return 1
+  pip_quiet "$venv/bin/python" -m pip install -q "${pins[@]}" -e ".[$extras]" || return 1
 }
-

@@ -10,8 +10,11 @@
 #                                    # `serve` and `browser`, Chromium installed with apt-get when root)
 #   CLINKD_PYTHONS=3.11 bash tests/run_all.sh     # only one of them
 #   bash tests/run_all.sh -k parity               # extra arguments go to pytest
+#   CLINKD_NEWEST=1 bash tests/run_all.sh         # against the newest releases setup.cfg allows (what a TPU VM
+#                                                 # or Colab installs), in .venv/py3XX-newest; prints what it took
 #
-# Environments live in .venv/py311 and .venv/py312 (git-ignored).
+# Environments live in .venv/py311 and .venv/py312 (git-ignored), with the versions of launch/constraints/ (what
+# CI passed with; launch/lock.sh writes them).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -34,13 +37,22 @@ ensure_chromium() {  # Debian's Chromium for the browser test; without it that t
 
 status=0
 summary=()
+mode=locked
+[ -n "${CLINKD_NEWEST:-}" ] && mode=newest
 for v in $PYTHONS; do
   venv=".venv/py${v/./}"
+  [ "$mode" = newest ] && venv="$venv-newest"
   start=$(date +%s)
-  if ! setup_env "$v" "$venv"; then
+  if ! setup_env "$v" "$venv" "$mode"; then
     summary+=("Python $v: environment set-up FAILED")
     status=1
     continue
+  fi
+  if [ "$mode" = newest ]; then  # what it took, against the lock
+    taken=$("$venv/bin/python" -m pip freeze --exclude-editable | "$venv/bin/python" launch/constraints/compare.py \
+      "$(constraints_file "$v")")
+    echo "== Python $v, newest releases: $taken"
+    summary+=("Python $v newest: $taken")
   fi
   # Each test runs under one Python, so that both fit the CI budget on a 2-core CPU:
   #   3.11 (jax 0.10, torch): the live comparisons with transformers (marker torch) and the in-process end-to-end

@@ -9,6 +9,7 @@ host count, so losses agree up to float summation order across devices (rtol 1e-
 batch or an out-of-step host changes them at 1e-2 or more).
 """
 
+import glob
 import json
 import os
 import signal
@@ -117,6 +118,21 @@ def run(n, devices, args):
     return finish(start(n, devices, args))
 
 
+def until(reached, procs, what):
+    """Wait for an event of a run (a file's lines, a log's step), however long the machine's load makes it take:
+    fails at once, with the outputs, if a process ends before it, and only after DEADLINE if none does."""
+    end = time.time() + DEADLINE
+    while not reached():
+        ended = [i for i, p in enumerate(procs) if p.poll() is not None]
+        if ended or time.time() > end:
+            for p in procs:
+                p.kill()
+            tails = "\n".join(f"--- process {i} (exit {p.poll()})\n{(p.communicate()[0] or '')[-2500:]}"
+                              for i, p in enumerate(procs))
+            pytest.fail(f"{what}: {'a process ended first' if ended else f'not within {DEADLINE} s'}\n{tails}")
+        time.sleep(0.2)
+
+
 def env_with(devices):
     return {**os.environ, "XLA_FLAGS": f"{XLA}{devices}", "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,
             "PYTHON": sys.executable}
@@ -188,13 +204,11 @@ def test_sigterm_on_one_host_stops_every_host_at_one_step(setup, tmp_path):
     port = free_port()
     args = ["--config", str(recipe), "--workdir", str(work), "--", *data_args(data), "--config.stages=()",
             "--config.stage=sft", "--config.data.num_epochs=0", "--config.checkpoint.save_every=1000"]
-    node = lambda rank, steps: gpu_sh("--gpus", "1", "--nodes", "2", "--node-rank", str(rank), "--coordinator",
-                                      f"127.0.0.1:{port}", *args, f"--config.train.steps={steps}", devices=2)
+    node = lambda rank, steps, *more: gpu_sh("--gpus", "1", "--nodes", "2", "--node-rank", str(rank), "--coordinator",
+                                             f"127.0.0.1:{port}", *args, f"--config.train.steps={steps}", *more,
+                                             devices=2)
     nodes = [node(0, 400), node(1, 400)]
-    deadline = time.time() + 300
-    while time.time() < deadline and (not (work / "metrics.jsonl").exists() or len(losses(work)) < 3):
-        time.sleep(0.5)
-    assert (work / "metrics.jsonl").exists() and nodes[1].poll() is None, "training never got going"
+    until(lambda: (work / "metrics.jsonl").exists() and len(losses(work)) >= 3, nodes, "three training steps")
     nodes[1].send_signal(signal.SIGTERM)  # the launcher of node 1 passes it on to its process
     finish(nodes)
     stopped = [int(line.split("saved step ")[1].split(";")[0])
@@ -206,8 +220,13 @@ def test_sigterm_on_one_host_stops_every_host_at_one_step(setup, tmp_path):
     assert set(saved) == {"epoch", "batch", "records", "plan"}  # one data state, the same for both hosts
     assert json.load(open(work / "summary.json"))["preempted"]
     port = free_port()
-    finish([node(0, step + 2), node(1, step + 2)])
+    export = "--config.checkpoint.export_hf=True"  # every host gives its shards of the parameters to the export
+    finish([node(0, step + 2, export), node(1, step + 2, export)])
     assert json.load(open(work / "summary.json"))["start_step"] == step and max(losses(work)) == step + 2
+    from safetensors.numpy import load_file
+
+    exported = {k: v for f in glob.glob(str(work / "export_hf" / "*.safetensors")) for k, v in load_file(f).items()}
+    assert exported and all(np.isfinite(v).all() for v in exported.values())
 
 
 @pytest.mark.slow
@@ -227,9 +246,7 @@ def test_evaluation_resumes_with_the_same_to_do_list_on_every_host(setup, tmp_pa
     w0, w1 = tmp_path / "host0", tmp_path / "host1"
     procs = start(2, 2, args(w0))
     vg = w0 / "predictions" / "Test_VG.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (vg.exists() and vg.read_text().count("\n") >= 2):
-        time.sleep(0.2)
+    until(lambda: vg.exists() and vg.read_text().count("\n") >= 2, procs, "two VG predictions")
     for p in procs:
         p.kill()  # a preempted VM: no clean exit
     finish(procs, ok=False)
@@ -281,3 +298,67 @@ def test_pseudo_label_writer_on_two_hosts(setup, tmp_path):
     bad = subprocess.run([sys.executable, *args(tmp_path / "bad"), "--config.kd.divergence=reverse"], cwd=ROOT,
                          env=env_with(1), capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "config error: kd.divergence='reverse'" in bad.stderr
+
+
+# process 1 leaves out one host-level collective, as a host out of step would; everything else is the user's command
+SKIPPING = textwrap.dedent('''
+    import runpy, sys
+    import jax
+    from clinkd_jax import distributed
+
+    gather = distributed.allgather_json
+
+    def out_of_step(obj, what):
+        if what == "skipped items" and jax.process_index() == 1:
+            return [obj] * jax.process_count()
+        return gather(obj, what)
+
+    distributed.allgather_json = out_of_step
+    sys.argv[0] = "clinkd_jax.main"
+    runpy.run_module("clinkd_jax.main", run_name="__main__", alter_sys=True)
+''')
+
+
+@pytest.mark.slow
+@pytest.mark.multihost
+def test_a_host_that_skips_a_collective_ends_the_run_with_one_line(setup, tmp_path):
+    """Host 1 leaves out the last collective of a training stage (the skipped-items count, after the final
+    checkpoint): host 0 waits --collective_timeout seconds, then stops with one line naming itself, the collective
+    and the stage, exit status 3, instead of waiting forever; the checkpoint it had saved resumes."""
+    data, recipe = setup
+    work, port = tmp_path / "run", free_port()
+    args = [f"--config={recipe}", f"--workdir={work}", *data_args(data), "--config.stages=()", "--config.stage=sft",
+            "--config.train.steps=4", "--config.checkpoint.save_every=2", "--collective_timeout=30"]
+    multi = lambda i: [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
+    procs = [subprocess.Popen([sys.executable, "-c", SKIPPING, *args, *multi(i)], cwd=ROOT, env=env_with(2),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = finish(procs, ok=False)
+    line = [x for x in outs[0].splitlines() if x.startswith("collective timeout:")]
+    assert procs[0].returncode == 3 and line == [
+        "collective timeout: host 0 of 2 waited 30 s in allgather_json(skipped items) (stage sft) and not every host "
+        "arrived (one crashed, is stuck, or is out of step); stopping (--collective_timeout sets the limit)"], outs[0]
+    assert "collective timeout" not in outs[1]  # host 1 never waited: it is the one out of step
+    assert max(int(d) for d in os.listdir(work / "checkpoints") if d.isdigit()) == 4
+    port = free_port()
+    finish(start(2, 2, [*args[:-3], "--config.train.steps=6", "--config.checkpoint.save_every=2"], port=port))
+    summary = json.load(open(work / "summary.json"))
+    assert summary["start_step"] == 4 and summary["steps"] == 6 and max(losses(work)) == 6
+
+
+@pytest.mark.slow
+@pytest.mark.multihost
+def test_rct_round_on_two_hosts(setup, tmp_path):
+    """A Reflective Correction round (greedy answers, flagging, corrector sampling) by 2 processes x 2 devices: the
+    hosts generate in step and write the same corrected records (each its own copy, atomically), every item
+    answered as by one process."""
+    data, recipe = setup
+    args = lambda work: [f"--config={recipe}", f"--workdir={work}", *data_args(data), "--config.stages=()",
+                         "--config.stage=rct", "--config.rct.num_items=8", "--config.rct.samples=2",
+                         "--config.rct.max_new_tokens=8", "--config.rct.batch_size=4", "--config.data.shuffle=False"]
+    run(1, 4, args(tmp_path / "one"))
+    run(2, 2, args(tmp_path / "two"))
+    one, two = (json.load(open(tmp_path / w / "rct_summary.json")) for w in ("one", "two"))
+    assert two["final"]["items"] == one["final"]["items"] == 8, two
+    assert two["final"]["answered"] == one["final"]["answered"] == 8, two
+    lines = (tmp_path / "two" / "corrected.jsonl").read_text().splitlines()
+    assert len(lines) == two["final"]["corrected"] and len({json.loads(x)["id"] for x in lines}) == len(lines)

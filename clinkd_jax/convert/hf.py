@@ -23,6 +23,7 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
+from clinkd_jax import distributed
 from clinkd_jax import sharding as sharding_lib
 from clinkd_jax.errors import UserError
 from clinkd_jax.models.config import HF_NAMES, ConfigError, Qwen2VLConfig
@@ -302,11 +303,7 @@ def _host(x, dtype=None, layer: int | None = None) -> np.ndarray:
         x = np.asarray(x if layer is None else x[layer])
         return x if dtype is None else x.astype(dtype)
     x = _layer(x, layer, dtype=dtype) if layer is not None else x if dtype is None else x.astype(dtype)
-    if not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(jax.device_get(x))
+    return distributed.allgather_array(x, "parameters for export")
 
 
 def iter_hf_tensors(cfg: Qwen2VLConfig, params: dict, dtype=None) -> Iterator[tuple[str, np.ndarray]]:

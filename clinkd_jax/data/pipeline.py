@@ -300,7 +300,7 @@ class BatchIterator:
         """Skipped items of the whole run by reason: the plan's plus every host's load failures (call on
         every host together)."""
         total = collections.Counter(self.plan_skips)
-        for host in distributed.allgather_json(dict(self.load_skips)):
+        for host in distributed.allgather_json(dict(self.load_skips), "skipped items"):
             total.update(host)
         return dict(total)
 

@@ -117,7 +117,7 @@ class SizeTable:
 def same_records_everywhere(records: Sequence[Record]) -> None:
     """Every host must plan over the same list; a host that read other files would fall out of step."""
     digest = hashlib.sha1("\0".join(r.source for r in records).encode()).hexdigest()
-    seen = distributed.allgather_json([len(records), digest])
+    seen = distributed.allgather_json([len(records), digest], "training records per host")
     if any(s != seen[0] for s in seen):
         raise ValueError(f"the hosts read different training records ({[n for n, _ in seen]} records per host): "
                          "every host must see the same data files")
@@ -137,14 +137,14 @@ def measure(records: Sequence[Record], encoder: text_lib.ChatEncoder, image: ima
     first = jax.process_index() == 0
     table = SizeTable.load(cache, size_context(encoder, image, text_cutoff)) if first else None
     keys = [record_key(r) for r in records] if first else None
-    known = np.asarray(distributed.broadcast_json([table.sizes.get(k, [-1, -1, 0]) for k in keys] if first else None),
-                       np.int64).reshape(len(records), 3)
+    cached = [table.sizes.get(k, [-1, -1, 0]) for k in keys] if first else None
+    known = np.asarray(distributed.broadcast_json(cached, "cached record sizes"), np.int64).reshape(len(records), 3)
     todo = np.flatnonzero(known[:, 0] < 0).tolist()
     mine = todo[jax.process_index()::jax.process_count()]
     with ThreadPoolExecutor(max(1, threads)) as pool:
         results = list(pool.map(lambda i: measure_one(records[i], encoder, image, text_cutoff), mine))
     local = [[i, *r] if isinstance(r, tuple) else [i, r.reason, r.detail] for i, r in zip(mine, results)]
-    for i, *r in (e for host in distributed.allgather_json(local) for e in host):
+    for i, *r in (e for host in distributed.allgather_json(local, "measured record sizes") for e in host):
         if isinstance(r[0], str):
             log_.skip(r[0], records[i].source, r[1])
         else:

@@ -76,7 +76,7 @@ def done_ids(path: str) -> set[int]:
     """The ids in a prediction file, as process 0 (its only writer) reads it, on every host: the hosts'
     to-do lists are identical, also when only process 0 sees the file (host-local workdirs)."""
     done = sorted(read_done(path)) if jax.process_index() == 0 else None
-    return set(distributed.broadcast_json(done))
+    return set(distributed.broadcast_json(done, f"ids already in {os.path.basename(path)}"))
 
 
 def predict(c, task: str, recs, generator, encoder, out_path: str, skips: records_lib.SkipLog) -> int:

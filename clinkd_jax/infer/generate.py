@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clinkd_jax import sharding
+from clinkd_jax import distributed, sharding
 from clinkd_jax.models.llm import KVCache
 from clinkd_jax.models.qwen2vl import Qwen2VL, decode_model
 
@@ -164,8 +164,4 @@ class Generator:
         self.shapes_seen.add((sampling, *((k, np.shape(batch[k])) for k in DEVICE_KEYS if k in batch)))
         with sharding.use_mesh(self.mesh, self.rules):
             tokens = self._fn(sampling)(self.params, self._place(batch), rng)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            return np.asarray(multihost_utils.process_allgather(tokens, tiled=True))
-        return np.asarray(tokens)
+        return distributed.allgather_array(tokens, "generated tokens")

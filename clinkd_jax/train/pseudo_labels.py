@@ -83,7 +83,7 @@ def write(path: str, batches, topk_fn, params, *, mask: str, meta: dict, place=l
                 order.append(int(batch["record_index"][i]))
     finally:
         writer.close()
-    per_shard = distributed.allgather_json(order)
+    per_shard = distributed.allgather_json(order, "pseudo-label entries per shard")
     if jax.process_index() == 0:
         store.write_index(path, per_shard, {**meta, "mask": mask})
     return sum(len(o) for o in per_shard)
@@ -96,6 +96,7 @@ def main(argv):
 
     distributed.initialize_from_flags()
     c, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    distributed.set_stage("pseudo-labels")
     pseudo_label_switches(c)  # a ConfigError ends the command in one line (clinkd_jax.cli)
     with distributed.fail_fast():
         write_store(c, workdir)

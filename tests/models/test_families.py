@@ -75,9 +75,14 @@ def test_deepstack_holds_its_k_block_outputs_not_one_per_block(grad):
         fn = jax.jit(jax.grad(out) if grad else out)
         return fn.lower(params).compile().memory_analysis().temp_size_in_bytes
 
+    k = 2
     extra = {depth: temp(depth, (1, 3)) - temp(depth, ()) for depth in (8, 16)}
     assert extra[16] - extra[8] < act / 2, extra  # 8 more blocks, not 8 more activations
-    assert extra[16] <= 4 * act, extra  # K = 2 kept outputs (+ the loop's copy), not 16
+    # The (K, B, N, E) buffer, plus at most one copy of it that the compiler may make for the scan's while loop
+    # (jax 0.10.2: a copy of one slot, K + 1 activations; 0.12.1: of the whole buffer, 2K), plus a few scalars
+    # (8 bytes on both: the loop's slot index); 1 KiB of slack for such scalars, a 64th of one activation.
+    # Collecting every block's output would cost `depth` activations (8 or 16) and fail both bounds.
+    assert k * act <= extra[8] and extra[16] <= 2 * k * act + 1024, extra
 
 
 def _packed(grids, num_patches):
