@@ -245,6 +245,7 @@ def compact_vocab(c, workdir) -> tuple[int, ...] | None:
     ids = vocab_lib.build_ids(tok, used)
     log.info("compact vocabulary: %d ids (%d used by %d records)", len(ids), len(used), len(recs))
     if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)  # an rct or eval stage may not have made its workdir yet
         with open(os.path.join(workdir, "vocab_ids.json"), "w") as f:
             json.dump(list(ids), f)
     return ids

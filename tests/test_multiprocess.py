@@ -204,9 +204,8 @@ def test_sigterm_on_one_host_stops_every_host_at_one_step(setup, tmp_path):
     port = free_port()
     args = ["--config", str(recipe), "--workdir", str(work), "--", *data_args(data), "--config.stages=()",
             "--config.stage=sft", "--config.data.num_epochs=0", "--config.checkpoint.save_every=1000"]
-    node = lambda rank, steps, *more: gpu_sh("--gpus", "1", "--nodes", "2", "--node-rank", str(rank), "--coordinator",
-                                             f"127.0.0.1:{port}", *args, f"--config.train.steps={steps}", *more,
-                                             devices=2)
+    node = lambda rank, steps: gpu_sh("--gpus", "1", "--nodes", "2", "--node-rank", str(rank), "--coordinator",
+                                      f"127.0.0.1:{port}", *args, f"--config.train.steps={steps}", devices=2)
     nodes = [node(0, 400), node(1, 400)]
     until(lambda: (work / "metrics.jsonl").exists() and len(losses(work)) >= 3, nodes, "three training steps")
     nodes[1].send_signal(signal.SIGTERM)  # the launcher of node 1 passes it on to its process
@@ -220,13 +219,8 @@ def test_sigterm_on_one_host_stops_every_host_at_one_step(setup, tmp_path):
     assert set(saved) == {"epoch", "batch", "records", "plan"}  # one data state, the same for both hosts
     assert json.load(open(work / "summary.json"))["preempted"]
     port = free_port()
-    export = "--config.checkpoint.export_hf=True"  # every host gives its shards of the parameters to the export
-    finish([node(0, step + 2, export), node(1, step + 2, export)])
+    finish([node(0, step + 2), node(1, step + 2)])
     assert json.load(open(work / "summary.json"))["start_step"] == step and max(losses(work)) == step + 2
-    from safetensors.numpy import load_file
-
-    exported = {k: v for f in glob.glob(str(work / "export_hf" / "*.safetensors")) for k, v in load_file(f).items()}
-    assert exported and all(np.isfinite(v).all() for v in exported.values())
 
 
 @pytest.mark.slow
@@ -324,11 +318,13 @@ SKIPPING = textwrap.dedent('''
 def test_a_host_that_skips_a_collective_ends_the_run_with_one_line(setup, tmp_path):
     """Host 1 leaves out the last collective of a training stage (the skipped-items count, after the final
     checkpoint): host 0 waits --collective_timeout seconds, then stops with one line naming itself, the collective
-    and the stage, exit status 3, instead of waiting forever; the checkpoint it had saved resumes."""
+    and the stage, exit status 3, instead of waiting forever; the checkpoint it had saved resumes, and the resumed
+    run exports the Hugging Face layout (every host gives its shards of the parameters; full vocabulary)."""
     data, recipe = setup
     work, port = tmp_path / "run", free_port()
     args = [f"--config={recipe}", f"--workdir={work}", *data_args(data), "--config.stages=()", "--config.stage=sft",
-            "--config.train.steps=4", "--config.checkpoint.save_every=2", "--collective_timeout=30"]
+            "--config.model.compact_vocab=", "--config.train.steps=4", "--config.checkpoint.save_every=2",
+            "--collective_timeout=30"]
     multi = lambda i: [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
     procs = [subprocess.Popen([sys.executable, "-c", SKIPPING, *args, *multi(i)], cwd=ROOT, env=env_with(2),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
@@ -340,9 +336,14 @@ def test_a_host_that_skips_a_collective_ends_the_run_with_one_line(setup, tmp_pa
     assert "collective timeout" not in outs[1]  # host 1 never waited: it is the one out of step
     assert max(int(d) for d in os.listdir(work / "checkpoints") if d.isdigit()) == 4
     port = free_port()
-    finish(start(2, 2, [*args[:-3], "--config.train.steps=6", "--config.checkpoint.save_every=2"], port=port))
+    finish(start(2, 2, [*args[:-3], "--config.train.steps=6", "--config.checkpoint.save_every=2",
+                        "--config.checkpoint.export_hf=True", "--config.checkpoint.export_dtype=float32"], port=port))
     summary = json.load(open(work / "summary.json"))
     assert summary["start_step"] == 4 and summary["steps"] == 6 and max(losses(work)) == 6
+    from safetensors.numpy import load_file
+
+    exported = {k: v for f in glob.glob(str(work / "export_hf" / "*.safetensors")) for k, v in load_file(f).items()}
+    assert len(exported) > 20 and all(np.isfinite(v).all() for v in exported.values())
 
 
 @pytest.mark.slow
@@ -361,4 +362,5 @@ def test_rct_round_on_two_hosts(setup, tmp_path):
     assert two["final"]["items"] == one["final"]["items"] == 8, two
     assert two["final"]["answered"] == one["final"]["answered"] == 8, two
     lines = (tmp_path / "two" / "corrected.jsonl").read_text().splitlines()
-    assert len(lines) == two["final"]["corrected"] and len({json.loads(x)["id"] for x in lines}) == len(lines)
+    sources = {json.loads(x)["rct"]["source"] for x in lines}  # one line per corrected exchange, none twice
+    assert len(lines) == len(sources) == two["final"]["corrected"], lines
