@@ -14,6 +14,7 @@ import importlib.util
 import logging
 import os
 import sys
+import tempfile
 from typing import Callable
 
 from absl import app, flags
@@ -61,6 +62,29 @@ def load_config_file(spec: str) -> ConfigDict:
         raise UserError(f"--config={spec} does not load: {type(e).__name__}: {e}") from e
     finally:
         sys.path.remove(os.getcwd())
+
+
+def writable(path: str, flag: str, *, suffixes: tuple[str, ...] = (), folder: bool = False) -> str:
+    """`path` if the command can write it there, checked before any work: a file of one of `suffixes` (when given)
+    in an existing folder, or a folder (made later if need be) under one; else a UserError naming the flag."""
+    ext = os.path.splitext(path)[1].lower()
+    if suffixes and ext not in suffixes:
+        raise UserError(f"--{flag}={path}: " + (f"{ext} is not" if ext else "no extension, so not") + " one of "
+                        + ", ".join(suffixes))
+    if os.path.isdir(path) != folder and os.path.exists(path):
+        kinds = ("file", "folder")[::-1 if folder else 1]
+        raise UserError(f"--{flag}={path}: is a {kinds[1]}, not a {kinds[0]}")
+    where = os.path.abspath(path if folder else os.path.dirname(os.path.abspath(path)))
+    if not folder and not os.path.isdir(where):
+        raise UserError(f"--{flag}={path}: no such folder {where}")
+    while not os.path.exists(where):  # a folder to be made: the nearest one that exists must take it
+        where = os.path.dirname(where)
+    try:  # the one reliable test (permissions, a read-only mount, root's rights): write something there
+        with tempfile.NamedTemporaryFile(dir=where, prefix=".clinkd-write-test-"):
+            pass
+    except OSError as e:
+        raise UserError(f"--{flag}={path}: cannot write in {where} ({e.strerror or e})") from None
+    return path
 
 
 def unknown_override(config: ConfigDict, argv: list[str], flag: str = "config") -> str | None:

@@ -12,7 +12,9 @@ pixels of the image (`--box_units=1000`: on Med-GRIT's 0-1000 scale) and answere
 
 The prompt is built, and the answer decoded, by the evaluation's own functions with the settings the model was
 trained and evaluated with (`answer_settings.json` beside its params; else configs/base.py's, or `--config`), so
-a `vg` answer here is the one evaluation would score. One image prints one JSON object; a folder writes one JSON
+a `vg` answer here is the one evaluation would score. What the model writes is untrusted input: each box is listed
+as written and ordered and clipped, or as not a box with the reason (`eval.answers`), and drawing cannot fail on it.
+Every flag is checked before the model is loaded. One image prints one JSON object; a folder writes one JSON
 line per image (a file that cannot be asked about gets a line with its `error`, and is counted), compiling once
 per (prompt, image) bucket.
 """
@@ -35,7 +37,7 @@ from clinkd_jax.data import image as image_lib
 from clinkd_jax.data import markup
 from clinkd_jax.data.records import Record, SkipLog, Turn
 from clinkd_jax.errors import UserError
-from clinkd_jax.eval import metrics
+from clinkd_jax.eval import answers, metrics
 from clinkd_jax.eval import run as eval_run
 from clinkd_jax.infer import generate as gen_lib
 from clinkd_jax.infer import prompts as prompts_lib
@@ -43,6 +45,7 @@ from clinkd_jax.infer import prompts as prompts_lib
 TASKS = ("vg", "ro", "gc", "mii", "chat")
 BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "base.py")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff") + image_lib.DICOM_SUFFIXES
+OUT_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")  # --out of one image
 log = logging.getLogger("clinkd_jax.predict")
 
 
@@ -156,16 +159,11 @@ def answer_of(response: str) -> str:
     return markup.to_bird(metrics.extract_information(response).replace("<|im_end|>", "")).strip()
 
 
-def boxes_of(answer: str, size: tuple[int, int]) -> list[dict]:
-    """Every box of an answer, on the 0-1000 scale and in pixels of an image of `size` = (height, width)."""
-    h, w = size
-    out = []
-    for body in metrics.predicted_box_strings(answer):
-        b = metrics.to_floats(body)
-        if b is not None:
-            out.append({"0-1000": b, "pixels": [round(b[0] * w / 1000, 1), round(b[1] * h / 1000, 1),
-                                                round(b[2] * w / 1000, 1), round(b[3] * h / 1000, 1)]})
-    return out
+def boxes_of(response: str, size: tuple[int, int]) -> list[dict]:
+    """Every box the VG scorer finds in a response, as written and, when it can be one, ordered and clipped on the
+    0-1000 scale and in pixels of an image of `size` = (height, width) with what was changed; else `not_a_box`
+    with the reason (`eval.answers`)."""
+    return [b.as_json(size) for b in answers.read_boxes(response)]
 
 
 class Predictor:
@@ -211,7 +209,7 @@ class Predictor:
                 img = r.images[0]
                 answer = answer_of(response)
                 results[r.index] = {"image": r.id, "task": q.task, "question": markup.to_bird(r.question),
-                                    "answer": answer, "boxes": boxes_of(answer, (img.height, img.width)),
+                                    "answer": answer, "boxes": boxes_of(response, (img.height, img.width)),
                                     "response": response}
         seconds = (time.perf_counter() - start) / max(1, len(images))
         for r in results:
@@ -229,7 +227,8 @@ def draw(img: Image.Image, result: dict, q: Question) -> Image.Image:
         d.rectangle([x1 * out.width / 1000, y1 * out.height / 1000, x2 * out.width / 1000, y2 * out.height / 1000],
                     outline=(0, 200, 0), width=line)
     for b in result.get("boxes", ()):
-        d.rectangle(b["pixels"], outline=(230, 0, 0), width=line)
+        if "pixels" in b:  # ordered and of positive area (`eval.answers`): drawing cannot fail on it
+            d.rectangle(b["pixels"], outline=(230, 0, 0), width=line)
     return out
 
 
@@ -257,7 +256,8 @@ def define_flags() -> None:
                       "0-1000 scale")
     flags.DEFINE_string("out", None, "--image: the image with the boxes drawn (.png); --images: the answers "
                         "(.jsonl)")
-    flags.DEFINE_string("window", None, "DICOM: center,width (default: the file's own window)")
+    flags.DEFINE_string("window", None, "DICOM: center,width (default: the file's own window; --images: applied "
+                        "to its DICOM files)")
     flags.DEFINE_integer("batch_size", 0, "--images: images per generate call (default: eval.batch_size)")
 
 
@@ -270,18 +270,50 @@ def folder_images(folder: str) -> list[str]:
     return files
 
 
+def check_window(path: str, window) -> None:
+    """A DICOM window asked for an image that has none to apply it to is refused, not ignored."""
+    if window is not None and not str(path).lower().endswith(image_lib.DICOM_SUFFIXES):
+        raise AskError(f"{os.path.basename(path)}: a window (center,width) applies to DICOM files only")
+
+
+# which tasks use a flag: given for another task it would be ignored, so it is refused
+FLAG_TASKS = {"question": ("vg", "chat"), "box": ("ro", "gc"), "box_units": ("ro", "gc")}
+
+
+def check_flags() -> tuple[Question, tuple[float, float] | None]:
+    """Every flag checked before any work: the question and the DICOM window, or one line naming the flag."""
+    if not FLAGS.model or not FLAGS.task or (FLAGS.image is None) == (FLAGS.images is None):
+        raise UserError("give --model, --task and one of --image=FILE or --images=FOLDER")
+    model_source(FLAGS.model)
+    if FLAGS.config:
+        cli.load_config_file(FLAGS.config)
+    for flag, tasks in FLAG_TASKS.items():
+        if FLAGS[flag].present and FLAGS[flag].value and FLAGS.task not in tasks:
+            raise UserError(f"--{flag} is for task {' / '.join(tasks)}, not {FLAGS.task}: it would be ignored")
+    if FLAGS.max_megapixels <= 0:
+        raise UserError(f"--max_megapixels={FLAGS.max_megapixels:g}: must be positive")
+    if FLAGS.batch_size < 0 or (FLAGS.batch_size and FLAGS.images is None):
+        raise UserError(f"--batch_size={FLAGS.batch_size}: a positive number of images per call, with --images")
+    if FLAGS.images is not None:
+        if not FLAGS.out:
+            raise UserError("--images answers go to a JSON-lines file: --out=FILE.jsonl")
+        cli.writable(FLAGS.out, "out", suffixes=(".jsonl",))
+    elif FLAGS.out:
+        saved = tuple(e for e in OUT_IMAGE_SUFFIXES if e in Image.registered_extensions())
+        cli.writable(FLAGS.out, "out", suffixes=saved)
+    window = parse_numbers(FLAGS.window, 2, "window") if FLAGS.window else None
+    if FLAGS.image is not None:
+        check_window(FLAGS.image, window)
+    box = parse_numbers(FLAGS.box, 4, "box") if FLAGS.box else None
+    return Question(FLAGS.task, FLAGS.question, box, FLAGS.box_units), window
+
+
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("absl", "jax", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if not FLAGS.model or not FLAGS.task or (FLAGS.image is None) == (FLAGS.images is None):
-        raise UserError("give --model, --task and one of --image=FILE or --images=FOLDER")
-    if FLAGS.images is not None and not (FLAGS.out or "").endswith(".jsonl"):
-        raise UserError("--images answers go to a JSON-lines file: --out=FILE.jsonl")
-    window = parse_numbers(FLAGS.window, 2, "window") if FLAGS.window else None
-    q = Question(FLAGS.task, FLAGS.question, parse_numbers(FLAGS.box, 4, "box") if FLAGS.box else None,
-                 FLAGS.box_units)
+    q, window = check_flags()
     paths = [FLAGS.image] if FLAGS.images is None else folder_images(FLAGS.images)
     if FLAGS.images is None:  # one image: its faults are the command's error, before the model is loaded
         img = read_image(paths[0], window, FLAGS.max_megapixels)

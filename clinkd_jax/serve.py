@@ -4,14 +4,17 @@ Upload a PNG, JPEG or DICOM (or click one of the demo images), pick the task, ty
 a box, and the answer comes back with its boxes drawn (red; the asked region green). The model is loaded and
 compiled once (`predict.Predictor`); requests queue and run one at a time. What the page answers is what
 `python -m clinkd_jax.predict` answers for the same inputs (one code path); a request it cannot answer (not an
-image, a DICOM without pixels, an empty question, a box outside the image, an over-large image) shows its one-line
-reason and the page goes on serving. Gradio's API serves the same function as `/answer` (`gradio_client`).
+image, a DICOM without pixels, an empty question, a box outside the image, an over-large image, a failure after the
+model has answered) shows `error: <reason>` where the answer goes, the server logs one line, and the page goes on
+serving. Every flag is checked before the model is loaded (a taken port included). Gradio's API serves the same
+function as `/answer` (`gradio_client`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import tempfile
 
@@ -28,26 +31,40 @@ TASK_NAMES = {"vg": "find an object (visual grounding)", "ro": "name the object 
 log = logging.getLogger("clinkd_jax.serve")
 
 
-def answer_fn(predictor: predict.Predictor, max_megapixels: float = 40.0):
-    """(file, task, question, box, window) -> (image with boxes, answer, result): the page's one request."""
+def answer_fn(predictor: predict.Predictor, max_megapixels: float = 40.0, verbose: bool = False):
+    """(file, task, question, box, window) -> (image with boxes, answer, result): the page's one request. A request
+    that cannot be answered comes back as `error: <reason>` where the answer goes (and `error` in the result), the
+    server logs one line, and the next request is answered."""
 
-    def answer(file, task: str, question: str = "", box: str = "", window: str = ""):
+    def refused(reason: str, name: str = ""):
         import gradio as gr
 
+        log.info("request not answered%s: %s", f" ({name})" if name else "", reason)
+        gr.Warning(reason)
+        return None, f"error: {reason}", {"error": reason}
+
+    def answer(file, task: str, question: str = "", box: str = "", window: str = ""):
         if not file:
-            raise gr.Error("no image: upload a PNG, JPEG or DICOM file, or click an example", print_exception=False)
+            return refused("no image: upload a PNG, JPEG or DICOM file, or click an example")
         path = file if isinstance(file, str) else getattr(file, "name", None) or file["path"]
+        name = os.path.basename(path)
         try:
             q = predict.Question(task, question or "", predict.parse_numbers(box, 4, "box") if box and box.strip()
                                  else None)
-            img = predict.read_image(path, predict.parse_numbers(window, 2, "window") if window and window.strip()
-                                     else None, max_megapixels)
-            result = predictor.ask([(os.path.basename(path), img)], q)[0]
+            win = predict.parse_numbers(window, 2, "window") if window and window.strip() else None
+            predict.check_window(path, win)
+            img = predict.read_image(path, win, max_megapixels)
+            result = predictor.ask([(name, img)], q)[0]
+            if "error" in result:
+                return refused(result["error"], name)
+            return predict.draw(img, result, q), result["answer"], result
         except UserError as e:  # said with the uploaded file's name, not the server's copy of it
-            raise gr.Error(str(e).replace(path, os.path.basename(path)), print_exception=False) from None
-        if "error" in result:
-            raise gr.Error(result["error"], print_exception=False)
-        return predict.draw(img, result, q), result["answer"], result
+            return refused(str(e).replace(path, name), name)
+        except Exception as e:  # a bug: this request says so in one line; the page goes on serving
+            if verbose:
+                log.exception("request failed (%s)", name)
+            return refused(f"failed: {type(e).__name__}: {e} (a bug; the server's --verbose log has the traceback)"
+                           .replace(path, name), name)
 
     return answer
 
@@ -66,7 +83,8 @@ def examples(folder: str) -> list[list[str]]:
     return out
 
 
-def build_page(predictor: predict.Predictor, examples_dir: str, max_megapixels: float = 40.0):
+def build_page(predictor: predict.Predictor, examples_dir: str, max_megapixels: float = 40.0,
+               verbose: bool = False):
     import gradio as gr
 
     with gr.Blocks(title="clinkd_jax") as page:
@@ -86,7 +104,7 @@ def build_page(predictor: predict.Predictor, examples_dir: str, max_megapixels: 
                 text = gr.Textbox(label="Answer", elem_id="answer")
                 details = gr.JSON(label="Result")
         gr.Examples(examples(examples_dir), inputs=[file, task, question, box, window], label="Demo images")
-        ask.click(answer_fn(predictor, max_megapixels), inputs=[file, task, question, box, window],
+        ask.click(answer_fn(predictor, max_megapixels, verbose), inputs=[file, task, question, box, window],
                   outputs=[shown, text, details], api_name="answer", concurrency_limit=1)
     return page.queue(default_concurrency_limit=1)
 
@@ -102,15 +120,33 @@ def define_flags() -> None:
                         "where the demo example images are written")
 
 
+def check_flags() -> None:
+    """Every flag checked before the model is loaded, one line each."""
+    if not FLAGS.model:
+        raise UserError("give --model=DIR (a Hugging Face directory, a run's params, or its stage folder)")
+    predict.model_source(FLAGS.model)
+    if FLAGS.config:
+        cli.load_config_file(FLAGS.config)
+    if FLAGS.max_megapixels <= 0:
+        raise UserError(f"--max_megapixels={FLAGS.max_megapixels:g}: must be positive")
+    if not 1 <= FLAGS.port <= 65535:
+        raise UserError(f"--port={FLAGS.port}: not a port (1-65535)")
+    try:  # taken or not ours to take: said now, not after minutes of loading and compiling
+        with socket.socket(socket.AF_INET6 if ":" in FLAGS.host else socket.AF_INET) as s:
+            s.bind((FLAGS.host, FLAGS.port))
+    except OSError as e:
+        raise UserError(f"--host={FLAGS.host} --port={FLAGS.port}: cannot listen there ({e.strerror or e})") from None
+    cli.writable(FLAGS.examples_dir, "examples_dir", folder=True)
+
+
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("absl", "jax", "orbax", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if not FLAGS.model:
-        raise UserError("give --model=DIR (a Hugging Face directory, a run's params, or its stage folder)")
+    check_flags()
     predictor = predict.Predictor(FLAGS.model, FLAGS.config, 1)
-    page = build_page(predictor, FLAGS.examples_dir, FLAGS.max_megapixels)
+    page = build_page(predictor, FLAGS.examples_dir, FLAGS.max_megapixels, FLAGS.verbose)
     first = examples(FLAGS.examples_dir)[0]  # compiled before the first visitor asks (demo-sized images)
     predictor.ask([("warm-up", predict.read_image(first[0]))], predict.Question("vg", demo.OBJECTS[0]))
     log.info("serving %s on http://%s:%d", FLAGS.model, FLAGS.host, FLAGS.port)

@@ -4,7 +4,9 @@ scales and drawn where they are, DICOM windows apply, and a bad file in a folder
 
 import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -16,6 +18,7 @@ from PIL import Image
 
 from clinkd_jax import predict
 from clinkd_jax.data import demo, markup
+from clinkd_jax.eval import answers
 from clinkd_jax.eval import run as eval_run
 
 pytestmark = pytest.mark.e2e  # run under one Python only: tests/run_all.sh says why
@@ -37,11 +40,16 @@ def model_dir(tmp_path_factory):
     return tiny_model.save(str(tmp_path_factory.mktemp("run") / "params"))
 
 
-def run_predict(*args):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-    p = subprocess.run([sys.executable, "-m", "clinkd_jax.predict", *args], cwd=ROOT, env=env, capture_output=True,
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+
+
+def run_predict(*args, answers: str | None = None, ok: bool = True):
+    """The command as a user runs it; with `answers` (a JSON file), the model's answers scripted
+    (tests/scripted_answers.py)."""
+    head = [os.path.join(ROOT, "tests", "scripted_answers.py"), answers] if answers else ["-m"]
+    p = subprocess.run([sys.executable, *head, "clinkd_jax.predict", *args], cwd=ROOT, env=ENV, capture_output=True,
                        text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert (p.returncode == 0) == ok, p.stderr[-3000:]
     return p
 
 
@@ -112,7 +120,8 @@ def test_one_dicom_with_a_window_and_a_box(model_dir, tmp_path):
 def test_boxes_on_both_scales_and_drawn():
     answer = "<ref>cyst</ref><box>(100,200),(500,600)</box>"
     boxes = predict.boxes_of(answer, (300, 400))
-    assert boxes == [{"0-1000": [100, 200, 500, 600], "pixels": [40.0, 60.0, 200.0, 180.0]}]
+    assert boxes == [{"written": "(100,200),(500,600)", "0-1000": [100, 200, 500, 600],
+                      "pixels": [40.0, 60.0, 200.0, 180.0], "changed": []}]
     img = predict.draw(Image.new("RGB", (400, 300)), {"boxes": boxes}, predict.Question("vg", "cyst"))
     a = np.asarray(img)
     assert tuple(a[60, 100]) == (230, 0, 0) and tuple(a[120, 40]) == (230, 0, 0) and a[120, 120].sum() == 0
@@ -132,3 +141,99 @@ def test_a_bad_file_in_a_folder_is_a_counted_line(small_demo, model_dir, tmp_pat
     assert set(lines) == {"a.png", "b.png"} and "answer" in lines["a.png"]
     assert "b.png: cannot read the image header" in lines["b.png"]["error"]
     assert "1 of 2 images answered" in p.stdout and "1 not asked" in p.stdout
+
+
+# The issue's answers, keyed by the image each is scripted for (tests/scripted_answers.py)
+SCRIPTED = {"inverted": "<ref>cyst</ref><box>(600,800),(200,400)</box><|im_end|>",
+            "zero": "<|box_start|>(300,300),(300,700)<|box_end|>",
+            "outside": "<box>(-20,10),(1200,900)</box>", "few": "<box>(1,2),(3)</box>",
+            "many": "<box>(1,2),(3,4,5)</box>",
+            "nested": "<box><box>(1,2),(30,40)</box></box>", "unclosed": "<ref>cyst</ref><box>(10,20),(30,40)",
+            "several": "<box>(1,2),(30,40)</box><box>(50,60),(5,6)</box>", "empty": "",
+            "stray": "<|vision_start|><|im_start|>cyst<|object_ref_end|><|endoftext|>"}
+
+
+def test_any_answer_through_the_command(small_demo, model_dir, tmp_path):
+    """The model writes each case of the issue (scripted after it has generated): the folder's JSON lines keep
+    every answer as written, each box ordered and clipped with what changed, or not a box with why; one image with
+    an inverted box answers and draws it, ordered, where it is."""
+    first = os.path.join(small_demo, "images", sorted(os.listdir(os.path.join(small_demo, "images")))[0])
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for key in SCRIPTED:
+        shutil.copy(first, folder / f"{key}.png")
+    (tmp_path / "answers.json").write_text(json.dumps(SCRIPTED))
+    out = tmp_path / "preds.jsonl"
+    p = run_predict(f"--model={model_dir}", f"--images={folder}", "--task=vg", f"--question={OBJECT}",
+                    f"--out={out}", answers=str(tmp_path / "answers.json"))
+    lines = {os.path.splitext(os.path.basename(x["image"]))[0]: x for x in map(json.loads, open(out))}
+    assert set(lines) == set(SCRIPTED) and f"{len(SCRIPTED)} of {len(SCRIPTED)} images answered" in p.stdout
+    for key, line in lines.items():
+        assert line["response"] == SCRIPTED[key] and "error" not in line
+        assert line["boxes"] == predict.boxes_of(SCRIPTED[key], Image.open(first).size[::-1]), key
+    assert lines["inverted"]["boxes"][0]["0-1000"] == [200, 400, 600, 800]
+    assert lines["inverted"]["boxes"][0]["changed"] == [answers.SWAPPED]
+    assert lines["zero"]["boxes"][0]["not_a_box"].startswith("zero area")
+    assert lines["nested"]["boxes"][0]["not_a_box"] and len(lines["several"]["boxes"]) == 2
+    assert lines["empty"]["boxes"] == lines["stray"]["boxes"] == [] and lines["empty"]["answer"] == ""
+
+    drawn = tmp_path / "inverted.png"
+    p = run_predict(f"--model={model_dir}", f"--image={folder / 'inverted.png'}", "--task=vg",
+                    f"--question={OBJECT}", f"--out={drawn}", answers=str(tmp_path / "answers.json"))
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    assert result["answer"] == "<ref>cyst</ref><box>(600,800),(200,400)</box>"  # as the model wrote it
+    a = np.asarray(Image.open(drawn).convert("RGB"))
+    x1, y1, x2, y2 = (round(v) for v in result["boxes"][0]["pixels"])
+    assert tuple(a[y1, (x1 + x2) // 2]) == (230, 0, 0) and tuple(a[(y1 + y2) // 2, x1]) == (230, 0, 0)
+
+
+def test_settings_are_refused_before_the_model_loads(tmp_path, small_demo):
+    """Each bad flag of predict, serve and convert: exit 2, one line naming it, and before any model is loaded
+    (the model directory here has a config but no weights: loading it would fail with another message)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_config.json").write_text("{}")
+    png = os.path.join(small_demo, "images", sorted(os.listdir(os.path.join(small_demo, "images")))[0])
+    (tmp_path / "a_folder.png").mkdir()
+    base = ["-m", "clinkd_jax.predict", f"--model={model}", f"--image={png}", "--task=vg", "--question=cyst"]
+    serve = ["-m", "clinkd_jax.serve", f"--model={model}"]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        cases = [
+            (base + [f"--out={tmp_path / 'answer'}"], "--out=.*answer: no extension, so not one of .png"),
+            (base + [f"--out={tmp_path / 'answer.txt'}"], r"--out=.*answer.txt: .txt is not one of .png"),
+            (base + [f"--out={tmp_path / 'missing' / 'a.png'}"], "--out=.*: no such folder"),
+            (base + ["--out=/proc/answer.png"], "--out=/proc/answer.png: cannot write in /proc"),
+            (base + [f"--out={tmp_path / 'a_folder.png'}"], "is a folder, not a file"),
+            (base + ["--box=1,2,3,4"], "--box is for task ro / gc, not vg"),
+            (base + ["--window=40,400"], "a window .* applies to DICOM files only"),
+            (base + ["--max_megapixels=0"], "--max_megapixels=0: must be positive"),
+            (base + ["--batch_size=4"], "--batch_size=4: .* with --images"),
+            (base + ["--config=nowhere.py"], "--config=nowhere.py: no such file"),
+            (base[:2] + ["--model=nowhere", f"--image={png}", "--task=mii"], "--model=nowhere: no such directory"),
+            (base[:3] + base[4:] + [f"--images={tmp_path}", f"--out={tmp_path / 'a.json'}"],
+             "a.json: .json is not one of .jsonl"),
+            (serve + ["--port=70000"], "--port=70000: not a port"),
+            (serve + [f"--port={taken.getsockname()[1]}"], "cannot listen there"),
+            (serve + ["--examples_dir=/proc/examples"], "--examples_dir=/proc/examples: cannot write in /proc"),
+            (["-m", "clinkd_jax.convert", "orbax-to-hf", f"--src={model}", f"--dst={model / 'hf'}"],
+             "--dst .* overlaps --src"),
+            (["-m", "clinkd_jax.convert", "hf-to-orbax", f"--src={model}", f"--dst={tmp_path / 'o'}"],
+             "has no config.json: not a Hugging Face model directory"),
+            (["-m", "clinkd_jax.convert", "orbax-to-hf", f"--src={model}", f"--dst={png}"],
+             "is a file, not a folder"),
+        ]
+
+        def run(args):
+            return subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                                  timeout=300)
+
+        with ThreadPoolExecutor(2) as pool:
+            done = list(pool.map(run, [a for a, _ in cases]))
+    for (args, message), p in zip(cases, done):
+        lines = [x for x in p.stderr.splitlines() if x.strip()]
+        assert p.returncode == 2 and len(lines) == 1 and re.search(message, lines[0]), (args, p.stderr[-2000:])
+        assert lines[0].startswith(("config error:", "data error:", "checkpoint error:")), lines

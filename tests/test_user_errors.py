@@ -25,6 +25,8 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("bad")
     (d / "images").mkdir()
     (d / "empty").mkdir()
+    # predict's --model: a params folder by its config, without weights (every fault below is found before loading)
+    (d / "model_config.json").write_text("{}")
     (d / "not_json.json").write_text("id,conversations\n1,hello\n")
     (d / "a_dict.json").write_text(json.dumps({"id": "1"}))
     (d / "no_ids.json").write_text(json.dumps([{"image": 3}]))
@@ -90,7 +92,7 @@ CASES = [
     (CONVERT, lambda f: ["hf-to-orbax", "--src", str(f / "hf_no_weights"), "--dst", str(f / "o")], "config error",
      "no *.safetensors files"),
     (CONVERT, lambda f: ["orbax-to-hf", "--src", str(f / "empty"), "--dst", str(f / "o")], "config error",
-     "not a clinkd_jax params checkpoint"),
+     "not a clinkd_jax params directory"),
     (PSEUDO, lambda f: [DEMO, "--config.kd.divergence=reverse"], "config error", "kd.divergence='reverse'"),
     (PSEUDO, lambda f: [DEMO, "--config.kd.top_kk=3"], "config error", "did you mean kd.top_k"),
     (PREDICT, lambda f: [f"--model={f}", "--task=vg", "--question=x", f"--image={f / 'text.png'}"], "data error",
@@ -109,7 +111,7 @@ CASES = [
     (PREDICT, lambda f: [f"--model={f / 'empty'}", "--task=mii", f"--image={f / 'small.png'}"], "config error",
      "neither a Hugging Face model directory"),
     (PREDICT, lambda f: [f"--model={f}", "--task=mii", f"--images={f}", "--out=x.json"], "config error",
-     "--out=FILE.jsonl"),
+     "--out=x.json: .json is not one of .jsonl"),
 ]
 
 

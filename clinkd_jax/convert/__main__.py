@@ -42,10 +42,30 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def check_args(args) -> None:
+    """Every argument checked before anything is read or written, one line each."""
+    if not os.path.isdir(args.src):
+        raise UserError(f"--src {args.src} is not a directory")
+    wanted = "config.json" if args.direction == "hf-to-orbax" else checkpoint.CONFIG_FILE
+    if not os.path.isfile(os.path.join(args.src, wanted)):
+        raise UserError(f"--src {args.src} has no {wanted}: not a " + (
+            "Hugging Face model directory" if args.direction == "hf-to-orbax" else "clinkd_jax params directory"))
+    src, dst = os.path.realpath(args.src), os.path.realpath(args.dst)
+    if dst == src or dst.startswith(src + os.sep) or src.startswith(dst + os.sep):
+        raise UserError(f"--dst {args.dst} overlaps --src {args.src}: writing it would overwrite what is read")
+    cli.writable(args.dst, "dst", folder=True)
+    if not args.max_shard_gb > 0:
+        raise UserError(f"--max_shard_gb {args.max_shard_gb:g}: must be positive")
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if not os.path.isdir(args.src):
-        cli.fail(f"config error: --src {args.src} is not a directory")
+    try:
+        check_args(args)
+    except UserError as e:
+        if args.verbose:
+            raise
+        cli.fail(one_line(e))
     try:
         mesh = sharding.make_mesh(tuple(int(x) for x in args.mesh.split(",")))
     except ValueError as e:

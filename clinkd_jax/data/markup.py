@@ -125,8 +125,35 @@ def to_model_scale(text: str, box_format: str) -> str:
     return text
 
 
+# every grounding tag in either markup, named as BiRD writes it
+_TAGS = re.compile(r"</?box>|</?ref>|<\|(?:box|object_ref)_(?:start|end)\|>")
+_TAG_NAMES = {"<|box_start|>": "<box>", "<|box_end|>": "</box>", "<|object_ref_start|>": "<ref>",
+              "<|object_ref_end|>": "</ref>"}
+
+
+def tag_problem(text: str) -> str | None:
+    """Why the <box> / <ref> tags of a text (either markup) do not pair up, or None: an opening tag inside an open
+    one (nested), a closing tag without its opening one, a tag left open."""
+    open_tag = None
+    for m in _TAGS.finditer(text):
+        tag = _TAG_NAMES.get(m.group(0), m.group(0))
+        if not tag.startswith("</"):
+            if open_tag:
+                return f"{tag} inside an open {open_tag}"
+            open_tag = tag
+        elif open_tag != tag.replace("/", ""):
+            return f"{tag} without its opening tag" if open_tag is None else f"{tag} closes {open_tag}"
+        else:
+            open_tag = None
+    return f"{open_tag} is never closed" if open_tag else None
+
+
 def validate_boxes(text: str, scale: int = BOX_SCALE) -> None:
-    """Raise MarkupError unless every box has integer corners inside [0, scale] with x1<=x2, y1<=y2."""
+    """Raise MarkupError unless the tags pair up and every box has integer corners inside [0, scale] with x1<=x2,
+    y1<=y2."""
+    problem = tag_problem(text)
+    if problem:
+        raise MarkupError(f"unpaired grounding tags: {problem}")
     for box in parse_boxes(text):
         x1, y1, x2, y2 = box
         if any(isinstance(v, float) for v in box):
@@ -143,6 +170,8 @@ def _rescale(text: str, fx: float, fy: float, limit: tuple[int, int] | None) -> 
             x1, y1, x2, y2 = (float(v) for v in _numbers(m.group(2)))
         except MarkupError:
             return m.group(0)  # a malformed box stays as written (the scorer counts it as a miss)
+        if not all(math.isfinite(v) for v in (x1 * fx, y1 * fy, x2 * fx, y2 * fy)):
+            return m.group(0)  # hundreds of digits: as written, for the scorer to judge
         xs = [math.floor(v * fx + 0.5) for v in (x1, x2)]
         ys = [math.floor(v * fy + 0.5) for v in (y1, y2)]
         if limit:
@@ -188,14 +217,21 @@ def to_json(text: str) -> str:
     return _REF_BOXES.sub(one, text)
 
 
+def _finite_number(x) -> bool:
+    try:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x + 0.5)
+    except OverflowError:
+        return False
+
+
 def from_json(text: str) -> str:
     """A model's JSON boxes -> Med-GRIT tags (labelled objects -> <ref>label</ref><box>..</box>..., 4-number lists ->
     <box>..</box>), for the files and scorers; JSON that is not a box list is left as written."""
 
     def box(v) -> str | None:
-        if isinstance(v, list) and len(v) == 4 and all(isinstance(x, (int, float)) for x in v):
+        if isinstance(v, list) and len(v) == 4 and all(_finite_number(x) for x in v):
             return "<box>({},{}),({},{})</box>".format(*(math.floor(x + 0.5) for x in v))
-        return None
+        return None  # NaN, Infinity, 1e999, a 400-digit integer: not a box, left as written
 
     def one(m: re.Match) -> str:
         try:

@@ -19,11 +19,12 @@ from PIL import Image, ImageDraw
 from clinkd_jax.data import image as image_lib
 from clinkd_jax.data.markup import to_bird
 from clinkd_jax.data.records import MODALITIES, modality_of
-from clinkd_jax.eval.metrics import box_strings, extract_information, predicted_box_strings, to_floats
+from clinkd_jax.eval import answers
+from clinkd_jax.eval.metrics import box_strings, extract_information, to_floats
 
 TASK_NAMES = {"VG": "Visual grounding (VG)", "RO": "Referring object classification (ROC)",
               "GC": "Region captioning (RC, GC file)", "MII": "Medical image analysis (MIA, MII file)"}
-GT, PRED = (40, 200, 80), (230, 50, 50)
+GT, PRED, CHANGED = (40, 200, 80), (230, 50, 50), (250, 160, 0)
 
 
 def _columns(result: dict) -> list[str]:
@@ -63,6 +64,11 @@ def markdown_table(task: str, result: dict) -> str:
         n = sum(result["unevaluated"].values())
         notes.append(f"{n} item(s) could not be evaluated and count as misses (empty answers): "
                      + ", ".join(f"{k} {v}" for k, v in result["unevaluated"].items()))
+    odd = {k: v for k, v in result.get("answer_boxes", {}).items() if k != "boxes" and v}
+    if odd:
+        notes.append(f"the answers hold {result['answer_boxes']['boxes']} box(es): "
+                     + ", ".join(f"{v} {k}" for k, v in odd.items())
+                     + "; each is scored as written, as ClinKD's scorer does (see docs/evaluation.md)")
     if result.get("tokenizer") and "approximation" in result["tokenizer"]:
         notes.append(f"tokenizer: {result['tokenizer']}")
     if notes:
@@ -181,7 +187,8 @@ def gallery(task: str, predictions: Sequence[dict], image_dir: str, out_dir: str
     stays whole when copied out of a bucket.
 
     Ground truth: boxes of the annotation (VG) or of the question (RO/GC: the referred region).
-    Prediction: boxes parsed from the processed response the way the VG scorer parses them."""
+    Prediction: the boxes the VG scorer finds in the processed response, ordered and clipped (`eval.answers`;
+    what cannot be a box is not drawn)."""
     if not predictions:
         return None
     os.makedirs(out_dir, exist_ok=True)
@@ -190,7 +197,8 @@ def gallery(task: str, predictions: Sequence[dict], image_dir: str, out_dir: str
     for p in predictions:
         by_mod.setdefault(modality_of(p["image"]), []).append(p)
     rows = [f"<h2>{html.escape(TASK_NAMES.get(task, task))}</h2>",
-            "<p>green: ground truth / referred region; red: predicted boxes</p>"]
+            "<p>green: ground truth / referred region; red: predicted boxes; orange: predicted boxes written with "
+            "swapped corners or outside 0-1000, drawn ordered and clipped (scored as written)</p>"]
     for m in [m for m in MODALITIES if m in by_mod] + sorted(set(by_mod) - set(MODALITIES)):
         items = by_mod[m]
         rows.append(f"<h3>{html.escape(m)} ({len(items)} items)</h3><div style='display:flex;flex-wrap:wrap'>")
@@ -198,12 +206,13 @@ def gallery(task: str, predictions: Sequence[dict], image_dir: str, out_dir: str
             response = extract_information(p["response"])
             gt_text = p["annotation"] if task == "VG" else p["question"]
             gt = [to_floats(b) for b in box_strings(gt_text) + box_strings(_as_bird(gt_text))]
-            pred = [to_floats(b) for b in predicted_box_strings(response)] if task == "VG" else []
+            pred = [b for b in answers.read_boxes(p["response"]) if b.box] if task == "VG" else []
             try:
                 img = image_lib.to_rgb(image_lib.load_image(os.path.join(image_dir, p["image"])))
                 img.thumbnail((max_side, max_side))
                 _draw_boxes(img, gt, GT, 3)
-                _draw_boxes(img, pred, PRED, 2)
+                _draw_boxes(img, [b.box for b in pred if not b.changed], PRED, 2)
+                _draw_boxes(img, [b.box for b in pred if b.changed], CHANGED, 2)
                 png = io.BytesIO()
                 img.save(png, format="PNG")
                 data = base64.b64encode(png.getvalue()).decode()

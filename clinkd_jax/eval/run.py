@@ -32,7 +32,7 @@ import jax
 from clinkd_jax import distributed, run_setup
 from clinkd_jax.data import image as image_lib
 from clinkd_jax.data import records as records_lib
-from clinkd_jax.eval import captions, metrics, report
+from clinkd_jax.eval import answers, captions, metrics, report
 from clinkd_jax.infer import generate as gen_lib
 from clinkd_jax.infer import prompts as prompts_lib
 from clinkd_jax.infer import sasg
@@ -151,7 +151,7 @@ def prediction_line(r) -> dict:
 def score(task: str, predictions: list[dict], scorer_box: dict, spice: bool) -> dict:
     """The task's metrics; "unevaluated" counts, by reason, the items scored as misses (empty answers)."""
     if task == "VG":
-        result = metrics.vg_recall(predictions)
+        result = {**metrics.vg_recall(predictions), "answer_boxes": answers.tally(p["response"] for p in predictions)}
     elif task == "RO":
         result = metrics.roc_accuracy(predictions)
     else:

@@ -9,7 +9,7 @@ import pytest
 import reference as R
 
 from clinkd_jax.data import demo
-from clinkd_jax.eval import metrics
+from clinkd_jax.eval import answers, metrics
 from clinkd_jax.eval import run as eval_run
 from clinkd_jax.train.config import ConfigError
 
@@ -196,3 +196,37 @@ def test_training_eval_curve_resumes_past_a_torn_line(data_dir, tmp_path):
     assert hook.curve == [{"step": 2, "VG": 0.1}, {"step": 4, "VG": 0.2}]
     assert lines(tmp_path / CURVE) == hook.curve
     assert os.path.isdir(hook.step_dir(4)) and not os.path.exists(hook.step_dir(6))
+
+
+def test_any_answer_is_scored_reported_and_drawn(data_dir, tmp_path, monkeypatch):
+    """The model writes the untrusted-input cases (its decoded answers replaced in turn, after it has generated):
+    every task's predictions keep them as written; Recall@0.5 equals ClinKD's scorer restated from the spec
+    (tests/released_scorer.py: boxes as written); results.md counts the odd boxes; every gallery draws. Then the
+    same file scored again through eval.predictions gives the same metrics."""
+    import released_scorer
+    from test_answers import CASES
+
+    cases = list(CASES) + ["<box>(1,2),(inf,4)</box>", "A cyst.<|im_end|>\nsecond line\n"]
+    real, served = eval_run.responses, []
+
+    def written(tokens, recs, encoder, pcfg, n=1):
+        texts = real(tokens, recs, encoder, pcfg, n)
+        served.extend(cases[(len(served) + i) % len(cases)] for i in range(len(texts)))
+        return served[-len(texts):]
+
+    monkeypatch.setattr(eval_run, "responses", written)
+    c = config(data_dir, **{"eval.limit": len(cases)})
+    out = eval_run.run(c, str(tmp_path / "w"))
+    files = tuple(str(tmp_path / "w" / "predictions" / f"Test_{t}.jsonl") for t in ("VG", "RO", "GC", "MII"))
+    written_all = [p["response"] for f in files for p in lines(f)]
+    assert set(written_all) == set(cases) and len(written_all) == len(served)  # each kept as written
+    preds = lines(files[0])
+    assert out["tasks"]["VG"]["mean"] == pytest.approx(released_scorer.vg_recall(preds), abs=1e-12)
+    boxes = out["tasks"]["VG"]["answer_boxes"]
+    assert boxes == answers.tally(p["response"] for p in preds) and boxes["not a box"] > 0
+    assert f"the answers hold {boxes['boxes']} box(es): " in open(tmp_path / "w" / "results.md").read()
+    for task in ("VG", "RO", "GC", "MII"):
+        assert "image not shown" not in open(tmp_path / "w" / "gallery" / f"{task}.html").read()
+    again = config(data_dir, **{"eval.predictions": files})
+    again.model.preset = ""
+    assert eval_run.run(again, str(tmp_path / "s"))["tasks"] == out["tasks"]
