@@ -9,7 +9,6 @@ Layout of a params checkpoint directory:
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -20,10 +19,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from clinkd_jax import distributed
+from clinkd_jax import distributed, files
 from clinkd_jax import sharding as sharding_lib
 from clinkd_jax.convert.hf import CheckpointError, copy_assets
-from clinkd_jax.errors import UserError
+from clinkd_jax.data import processor
 from clinkd_jax.models.config import Qwen2VLConfig
 from clinkd_jax.models.qwen2vl import Qwen2VL, param_shardings
 
@@ -44,18 +43,17 @@ def save_params(path: str, params, cfg: Qwen2VLConfig, *, assets_from: str | Non
         ckptr.save(os.path.join(path, "params"), params, force=True)
         ckptr.wait_until_finished()
     if jax.process_index() == 0:
-        with open(os.path.join(path, CONFIG_FILE), "w") as f:
-            json.dump(cfg.to_hf_dict(), f, indent=2)
+        files.write_json(os.path.join(path, CONFIG_FILE), cfg.to_hf_dict())
         if assets_from:
             copy_assets(assets_from, os.path.join(path, ASSETS_DIR), chat_template)
+        processor.write(os.path.join(path, ASSETS_DIR), cfg)
 
 
 def write_answer_settings(path: str, settings: dict) -> None:
     """How the model in `path` is asked (prompt template, MCG-RoPE gaps, box markup, image budget, decoding:
     `run_setup.answer_settings`), so `clinkd_jax.predict` and `serve` ask it as its own run evaluated it."""
     if jax.process_index() == 0:
-        with open(os.path.join(path, ANSWER_SETTINGS), "w") as f:
-            json.dump(settings, f, indent=1)
+        files.write_json(os.path.join(path, ANSWER_SETTINGS), settings, indent=1)
 
 
 def load_config(path: str) -> Qwen2VLConfig:
@@ -63,7 +61,8 @@ def load_config(path: str) -> Qwen2VLConfig:
     if not os.path.isfile(file):
         raise CheckpointError(f"{path}: no {CONFIG_FILE}; not a clinkd_jax params checkpoint")
     with open(file) as f:
-        return Qwen2VLConfig.from_hf_dict(json.load(f), source=file)
+        cfg = Qwen2VLConfig.from_hf_dict(json.load(f), source=file)
+    return processor.read(os.path.join(path, ASSETS_DIR), cfg)
 
 
 def load_params(path: str, *, mesh=None, rules=None, dtype=None):
@@ -164,7 +163,7 @@ class TrainCheckpointer:
         try:
             yield
         except Exception as e:
-            if not _no_space(e):
+            if not files.is_disk_full(e):
                 raise
             self._failed = True
             step, need = self._saving or (step, need)
@@ -173,7 +172,7 @@ class TrainCheckpointer:
             free = shutil.disk_usage(self.directory).free
             done = [s for s in self.manager.all_steps() if s != step]
             need = _bytes_under(os.path.join(self.directory, str(max(done)))) if done else need  # on disk, if known
-            raise DiskFull(f"checkpoint step {step} could not be written to {self.directory}: no space left on "
+            raise files.DiskFull(f"checkpoint step {step} could not be written to {self.directory}: no space left on "
                            f"device (a step takes about {need / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free); "
                            + (f"step {max(done)} is complete: free space and run the same command to resume"
                               if done else "no complete step yet: free space and run the same command")) from e
@@ -198,7 +197,8 @@ class TrainCheckpointer:
                 continue
             if failed:  # moved aside (kept for a look), so that the run can write those steps again
                 if jax.process_index() == 0:
-                    kept = [_move_aside(os.path.join(self.directory, str(bad))) for bad in steps[: len(failed)]]
+                    kept = [os.path.basename(files.set_aside(os.path.join(self.directory, str(bad))))
+                            for bad in steps[: len(failed)]]
                     log.warning("resuming from step %d; the unreadable steps are kept as %s", s, ", ".join(kept))
                 distributed.barrier("unreadable checkpoint steps moved aside")
                 self.manager.reload()
@@ -220,10 +220,6 @@ class TrainCheckpointer:
                 self.manager.close()
 
 
-class DiskFull(UserError):
-    """A checkpoint that did not fit on its disk."""
-
-    kind = "disk"
 
 
 def _chain_text(e: BaseException | None) -> str:
@@ -234,28 +230,8 @@ def _chain_text(e: BaseException | None) -> str:
     return "\n".join(parts)
 
 
-def _no_space(e: BaseException) -> bool:
-    """ENOSPC / EDQUOT anywhere in the chain (TensorStore reports it as text: `No space left on device`)."""
-    chain, x = [], e
-    while x is not None and len(chain) < 20:
-        chain.append(x)
-        x = x.__cause__ or x.__context__
-    return any(isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT) for x in chain) or any(
-        t in _chain_text(e) for t in ("No space left on device", "Disk quota exceeded"))
-
-
 def _bytes_under(path: str) -> int:
     return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
-
-
-def _move_aside(path: str) -> str:
-    """Rename `path` to `<path>.unreadable` (-2, -3, ... if taken); the new name."""
-    target, n = f"{path}.unreadable", 1
-    while os.path.exists(target):
-        n += 1
-        target = f"{path}.unreadable-{n}"
-    os.rename(path, target)
-    return os.path.basename(target)
 
 
 def abstract_with_shardings(abstract_tree, shardings):

@@ -20,6 +20,7 @@ from typing import Callable
 from absl import app, flags
 from ml_collections import ConfigDict
 
+from clinkd_jax import files
 from clinkd_jax.errors import UserError, one_line
 
 _VERBOSE = flags.DEFINE_bool("verbose", False, "on a config or data error, show the traceback as well")
@@ -145,5 +146,9 @@ def run(main: Callable[[list[str]], None]) -> None:
             if _VERBOSE.value:
                 raise
             fail(one_line(e))
+        except Exception as e:  # a full disk met by a writer of a library (Orbax, TensorBoard, ArrayRecord)
+            if _VERBOSE.value or not files.is_disk_full(e):
+                raise
+            fail(one_line(files.disk_full(getattr(e, "filename", None) or "a file of the run")))
 
     app.run(guarded, flags_parser=parse_flags)

@@ -32,7 +32,7 @@ import jax
 from absl import flags
 from PIL import Image, ImageDraw
 
-from clinkd_jax import checkpoint, cli, run_setup
+from clinkd_jax import checkpoint, cli, files, run_setup
 from clinkd_jax.data import image as image_lib
 from clinkd_jax.data import markup
 from clinkd_jax.data.records import Record, SkipLog, Turn
@@ -86,12 +86,12 @@ def predict_config(model_dir: str, config_file: str = ""):
     c = cli.load_config_file(config_file or BASE_CONFIG)
     kind, where = model_source(model_dir)
     saved = os.path.join(where, checkpoint.ANSWER_SETTINGS)
-    if not config_file and os.path.isfile(saved):
-        with open(saved) as f:
-            for part, fields in json.load(f).items():
-                for k, v in fields.items():
-                    if part in c and k in c[part]:
-                        c[part][k] = tuple(v) if isinstance(c[part][k], tuple) else v
+    settings = None if config_file else files.read_json(saved)  # a torn one is named and set aside
+    if isinstance(settings, dict):
+        for part, fields in settings.items():
+            for k, v in fields.items():
+                if part in c and k in c[part]:
+                    c[part][k] = tuple(v) if isinstance(c[part][k], tuple) else v
     elif not config_file:
         log.warning("%s has no %s: asking it with configs/base.py's prompt settings (MCG-RoPE gaps %s, eval "
                     "image budget); pass --config=<its run config> if it was trained otherwise", where,
@@ -322,14 +322,14 @@ def main(argv):
     if FLAGS.images is None:
         result = predictor.ask([(paths[0], img)], q)[0]
         if FLAGS.out:
-            draw(img, result, q).save(FLAGS.out)
+            files.save_image(FLAGS.out, draw(img, result, q))
             result["out"] = FLAGS.out
         print(json.dumps(result, ensure_ascii=False))
         return
     from tqdm.auto import tqdm
 
     errors, chunk = [], predictor.pcfg.batch_size * 8  # images decoded at a time (bounds host memory)
-    with open(FLAGS.out, "w") as f, tqdm(total=len(paths), unit="image", desc=f"predict {q.task}") as bar:
+    with files.Lines(FLAGS.out, "w") as f, tqdm(total=len(paths), unit="image", desc=f"predict {q.task}") as bar:
         for start in range(0, len(paths), chunk):
             images, results = [], []
             for p in paths[start:start + chunk]:
@@ -338,8 +338,7 @@ def main(argv):
                 except image_lib.ImageError as e:
                     results.append({"image": p, "task": q.task, "error": str(e)})
             results = predictor.ask(images, q) + results
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
-            f.flush()
+            f.write(*(json.dumps(r, ensure_ascii=False) for r in results))
             errors += [r["error"] for r in results if "error" in r]
             bar.update(len(results))
     print(f"{len(paths) - len(errors)} of {len(paths)} images answered -> {FLAGS.out}; compiled "

@@ -12,7 +12,6 @@ one resumes from its own checkpoints (training) or predictions (evaluation).
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import time
@@ -20,7 +19,7 @@ import time
 import jax
 from ml_collections import ConfigDict
 
-from clinkd_jax import distributed
+from clinkd_jax import distributed, files
 from clinkd_jax.eval import run as eval_run
 from clinkd_jax.eval.during_training import EvalDuringTraining, format_point
 from clinkd_jax.eval.report import comparison_table, headline_table, mean_value
@@ -141,10 +140,10 @@ def run(c, workdir: str) -> dict:
     for k, (name, cfg, stage_dir) in enumerate(plan, 1):
         marker = os.path.join(stage_dir, "stage_done.json")
         where = f"[{k}/{len(plan)}] {name}"
-        if os.path.isfile(marker):
+        brief = files.read_json(marker)  # a torn one is named and set aside: the stage runs (resumes) again
+        if isinstance(brief, dict):
             announce(f"== {where}: already done ({marker}), skipped")
-            with open(marker) as f:
-                done.append((name, json.load(f)))
+            done.append((name, brief))
             continue
         announce(f"== {where} starts: {describe(name, cfg, c.stage_settings[name])} -> {stage_dir}")
         began = time.perf_counter()
@@ -159,14 +158,12 @@ def run(c, workdir: str) -> dict:
         brief = {k: v for k, v in summary.items()
                  if k in ("stage", "steps", "final", "means", "skipped", "rct", "eval_curve")}
         if jax.process_index() == 0:  # one writer per shared workdir
-            os.makedirs(stage_dir, exist_ok=True)
-            with open(marker, "w") as f:
-                json.dump(brief, f, indent=2, default=float)
+            files.write_json(marker, brief, default=float)
         done.append((name, brief))
     evals = eval_results([(name, d) for name, cfg, d in plan if cfg.stage == "eval"])
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "recipe_summary.md"), "w") as f:
-            f.write(summary_table(done) + ("\n" + comparison(evals) if evals else ""))
+        files.write_text(os.path.join(workdir, "recipe_summary.md"),
+                         summary_table(done) + ("\n" + comparison(evals) if evals else ""))
     return {"stage": "recipe", "stages": done, "workdir": workdir, "complete": True, "evals": evals}
 
 
@@ -175,9 +172,9 @@ def eval_results(stages) -> dict[str, dict]:
     out = {}
     for name, stage_dir in stages:
         path = os.path.join(stage_dir, "metrics.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                out[name] = json.load(f)["tasks"]
+        metrics = files.read_json(path)
+        if isinstance(metrics, dict) and "tasks" in metrics:
+            out[name] = metrics["tasks"]
     return out
 
 

@@ -15,9 +15,9 @@ import re
 import jax
 import numpy as np
 
-from clinkd_jax import checkpoint, distributed, sharding
+from clinkd_jax import checkpoint, distributed, files, sharding
 from clinkd_jax.convert import hf
-from clinkd_jax.data import demo, pipeline, records, text
+from clinkd_jax.data import demo, pipeline, processor, records, text
 from clinkd_jax.data import image as image_lib
 from clinkd_jax.data import vocab as vocab_lib
 from clinkd_jax.data.markup import BOX_FORMATS, BOX_MARKUPS
@@ -50,11 +50,14 @@ def config_of(src, vocab_ids=None) -> model_config.Qwen2VLConfig:
     text_overrides and vision_overrides, + a compact vocabulary `vocab_ids` for a preset); no weights read."""
     family = src.get("family", "")
     if src.hf_dir or src.orbax_dir:
-        cfg = (model_config.Qwen2VLConfig.from_hf_dir(src.hf_dir) if src.hf_dir
+        cfg = (processor.read(src.hf_dir, model_config.Qwen2VLConfig.from_hf_dir(src.hf_dir)) if src.hf_dir
                else checkpoint.load_config(src.orbax_dir))
         if family and family != cfg.family:
             raise ConfigError(f"{src.hf_dir or src.orbax_dir} holds a {cfg.family} model, but its family is set to "
                               f"{family!r}; a checkpoint's family is its own (unset the family field)")
+        note = checkpoint_decoding(src.hf_dir or os.path.join(src.orbax_dir, checkpoint.ASSETS_DIR))
+        if note:
+            log.info(note)
         return cfg
     cfg = presets.PRESETS[src.preset]()
     for part in ("text", "vision"):  # the LLM's sizes before the family (Qwen3-VL's DeepStack fits its depth), the
@@ -65,6 +68,31 @@ def config_of(src, vocab_ids=None) -> model_config.Qwen2VLConfig:
         if family and part == "text":
             cfg = model_config.as_family(cfg, family)
     return cfg if vocab_ids is None else vocab_lib.compact_config(cfg, vocab_ids)
+
+
+# generation_config.json fields and the value at which they change nothing (greedy, no penalty)
+_NEUTRAL = {"do_sample": False, "repetition_penalty": 1.0, "num_beams": 1, "length_penalty": 1.0,
+            "no_repeat_ngram_size": 0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
+
+
+def checkpoint_decoding(folder: str) -> str:
+    """What a checkpoint's generation_config.json asks that decoding here does not do, as one log line ("" if
+    nothing): decoding follows the run's settings (eval.temperature / top_p: greedy for the ClinKD protocol, which
+    the released scripts approach with Qwen2-VL-Instruct's near-greedy file), and stops at the tokenizer's
+    end-of-turn and end-of-text tokens."""
+    path = os.path.join(folder, "generation_config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, ValueError):
+        return ""
+    asked = {k: d[k] for k in _NEUTRAL if k in d and d[k] not in (None, _NEUTRAL[k])}
+    if d.get("do_sample"):
+        asked.update({k: d[k] for k in ("temperature", "top_p", "top_k") if k in d})
+    if not asked:
+        return ""
+    return (f"{path}: not applied: {', '.join(f'{k}={v}' for k, v in asked.items())} (decoding follows the run's "
+            "eval.temperature / eval.top_p; no repetition penalty or beam search here; docs/models.md)")
 
 
 def load_model(src, mesh, rules, seed: int, vocab_ids=None, dtype: str | None = None):
@@ -94,7 +122,7 @@ def same_inputs(cfg, other, what: str) -> None:
     """One batch means the same to both models (a teacher or corrector reads the student's): the same (full or
     compact) token rows and special ids, and the same image processing (patch geometry, normalisation). Vocabulary
     sizes may differ by padding rows (Qwen2.5-VL-7B 152064 vs 3B 151936): losses cut to the student's."""
-    mine, theirs = image_lib.for_model(cfg, 0, 0), image_lib.for_model(other, 0, 0)
+    mine, theirs = image_lib.for_model(cfg, 1, 1), image_lib.for_model(other, 1, 1)  # the run's budget is theirs
     if mine != theirs:
         raise ConfigError(f"{what} ({other.family}: {theirs.patch_size} px patches, mean {theirs.mean}) reads images "
                           f"differently from the model ({cfg.family}: {mine.patch_size} px patches, mean {mine.mean}): "
@@ -245,9 +273,7 @@ def compact_vocab(c, workdir) -> tuple[int, ...] | None:
     ids = vocab_lib.build_ids(tok, used)
     log.info("compact vocabulary: %d ids (%d used by %d records)", len(ids), len(used), len(recs))
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)  # an rct or eval stage may not have made its workdir yet
-        with open(os.path.join(workdir, "vocab_ids.json"), "w") as f:
-            json.dump(list(ids), f)
+        files.write_json(os.path.join(workdir, "vocab_ids.json"), list(ids), indent=None)
     return ids
 
 

@@ -12,6 +12,7 @@ function as `/answer` (`gradio_client`).
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import socket
@@ -20,9 +21,9 @@ import tempfile
 
 from absl import flags
 
-from clinkd_jax import cli, predict
+from clinkd_jax import cli, files, predict
 from clinkd_jax.data import demo
-from clinkd_jax.errors import UserError
+from clinkd_jax.errors import UserError, one_line
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home: the machines we run on may be closed
 
@@ -57,7 +58,11 @@ def answer_fn(predictor: predict.Predictor, max_megapixels: float = 40.0, verbos
             result = predictor.ask([(name, img)], q)[0]
             if "error" in result:
                 return refused(result["error"], name)
-            return predict.draw(img, result, q), result["answer"], result
+            drawn = predict.draw(img, result, q)
+            room = room_for(drawn)  # gradio writes the picture to its cache: a full disk is this request's message
+            if room:
+                return refused(room, name)
+            return drawn, result["answer"], result
         except UserError as e:  # said with the uploaded file's name, not the server's copy of it
             return refused(str(e).replace(path, name), name)
         except Exception as e:  # a bug: this request says so in one line; the page goes on serving
@@ -67,6 +72,17 @@ def answer_fn(predictor: predict.Predictor, max_megapixels: float = 40.0, verbos
                            .replace(path, name), name)
 
     return answer
+
+
+def room_for(img) -> str:
+    """"" if gradio's cache (where it writes each answered picture) has room for `img` as PNG, else the one-line
+    disk error to answer with."""
+    cache = os.environ.get("GRADIO_TEMP_DIR") or os.path.join(tempfile.gettempdir(), "gradio")
+    png = io.BytesIO()
+    img.save(png, format="PNG")
+    need = len(png.getvalue()) + 4096  # and a page for its name
+    free = files.free_bytes(cache)
+    return "" if free is None or free >= need else one_line(files.disk_full(cache, need))
 
 
 def examples(folder: str) -> list[list[str]]:

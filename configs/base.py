@@ -188,8 +188,8 @@ def get_config() -> ConfigDict:
     c.eval.batch_size = 8  # prompts per generate call (global)
     c.eval.text_buckets = (256, 512, 1024, 2048)  # left-padded prompt lengths (one compile each)
     c.eval.patch_buckets = (1600, 2704, 4096, 5376)  # per-prompt patch slots; 1024^2 px -> <= 5329 patches
-    c.eval.min_pixels = 512 * 512  # ClinKD evaluation budget
-    c.eval.max_pixels = 1024 * 1024
+    c.eval.min_pixels = 512 * 512  # ClinKD evaluation budget; 0: the checkpoint's preprocessor_config.json's
+    c.eval.max_pixels = 1024 * 1024  # (else its family's published one); docs/models.md
     c.eval.max_new_tokens = 80  # BiRD/ClinKD
     c.eval.max_new_tokens_mii = 100  # whole-image description
     c.eval.temperature = 0.0  # 0 = greedy (the protocol)

@@ -187,3 +187,24 @@ def test_in_a_browser(server, model_dir, images):
         drawn = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
         assert tuple(drawn[20, 80]) == (0, 200, 0) and tuple(drawn[80, 20]) == (0, 200, 0)  # region 20,20,150,150
         browser.close()
+
+
+def test_a_full_disk_is_that_request_s_message(images, monkeypatch):
+    """Gradio writes each answered picture to its cache; with no room there the request is answered with the one
+    `disk error:` line (nothing of ours is written per request), and the next one, with room, is answered."""
+    from PIL import Image
+
+    from clinkd_jax import files, serve
+
+    class Answers:  # the model's side, as predict.Predictor.ask returns it
+        def ask(self, batch, q):
+            return [{"image": name, "task": q.task, "answer": "a cyst", "boxes": [], "response": "a cyst"}
+                    for name, _ in batch]
+
+    answer = serve.answer_fn(Answers())
+    monkeypatch.setattr(files, "free_bytes", lambda path: 0)
+    drawn, text, result = answer(str(images / "scan.png"), "mii")
+    assert drawn is None and text.startswith("error: disk error: ") and "no space left on the device (0 B free" in text
+    monkeypatch.undo()
+    drawn, text, result = answer(str(images / "scan.png"), "mii")
+    assert isinstance(drawn, Image.Image) and text == "a cyst" and result["task"] == "mii"

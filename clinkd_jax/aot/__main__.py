@@ -12,7 +12,6 @@ measurements) and the collectives. Exit status 1 when something does not fit, wi
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -24,7 +23,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from clinkd_jax import cli
+from clinkd_jax import cli, files
 from clinkd_jax.aot import programs, report, slices
 from clinkd_jax.models.flops import PEAK_BF16
 from clinkd_jax.run_setup import ConfigError, make_run_mesh
@@ -119,8 +118,7 @@ def main(argv):
         entries.append(entry)
         print(report.format_entry(entry), flush=True)
     if _JSON.value:
-        with open(_JSON.value, "w") as f:
-            json.dump(entries, f, indent=1)
+        files.write_json(_JSON.value, entries, indent=1)
         print(f"report written to {_JSON.value}")
     if not all(e["fits"] for e in entries):
         bad = ", ".join(f"{e['stage']}/{e['program']} {e['bucket']}" for e in entries if not e["fits"])

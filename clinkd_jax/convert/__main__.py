@@ -18,7 +18,7 @@ import time
 
 import jax
 
-from clinkd_jax import checkpoint, cli, sharding
+from clinkd_jax import checkpoint, cli, files, sharding
 from clinkd_jax.convert import hf
 from clinkd_jax.errors import UserError, one_line
 
@@ -87,6 +87,10 @@ def main(argv=None) -> int:
         if args.verbose:
             raise
         cli.fail(one_line(e) if isinstance(e, UserError) else f"config error: {e}")
+    except Exception as e:  # a full disk met by Orbax's writer
+        if args.verbose or not files.is_disk_full(e):
+            raise
+        cli.fail(one_line(files.disk_full(args.dst)))
     n = sum(x.size for x in jax.tree.leaves(params))
     print(f"{args.direction}: {n / 1e6:.1f}M parameters -> {args.dst} in {time.time() - start:.1f}s"
           f" (assets: {', '.join(copied) or 'none'})")

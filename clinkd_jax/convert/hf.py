@@ -9,6 +9,7 @@ releases wrote for fine-tuned models of the older families). Export writes the f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import glob
@@ -23,8 +24,9 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
-from clinkd_jax import distributed
+from clinkd_jax import distributed, files
 from clinkd_jax import sharding as sharding_lib
+from clinkd_jax.data import processor
 from clinkd_jax.errors import UserError
 from clinkd_jax.models.config import HF_NAMES, ConfigError, Qwen2VLConfig
 from clinkd_jax.models.qwen2vl import Qwen2VL, abstract_params
@@ -268,7 +270,7 @@ def load_hf_checkpoint(
 
     `dtype`: None keeps each tensor's stored dtype; otherwise every parameter is cast to it.
     """
-    cfg = config or Qwen2VLConfig.from_hf_dir(path)
+    cfg = config or processor.read(path, Qwen2VLConfig.from_hf_dir(path))
     mesh = mesh or sharding_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     rules = rules or sharding_lib.DEFAULT_RULES
     store = SafetensorsDir(path)
@@ -344,17 +346,34 @@ class _ShardWriter:
         tensor = np.ascontiguousarray(tensor)
         self.entries[key] = {"dtype": _ST_DTYPES[str(tensor.dtype)], "shape": list(tensor.shape),
                              "data_offsets": [self.size, self.size + tensor.nbytes]}
-        self._data.write(tensor.tobytes())  # little-endian hosts (x86, ARM), as safetensors stores
+        try:
+            self._data.write(tensor.tobytes())  # little-endian hosts (x86, ARM), as safetensors stores
+        except OSError as e:
+            self.discard()
+            raise files.disk_full(self.path + ".data", tensor.nbytes) if files.is_disk_full(e) else e
         self.size += tensor.nbytes
 
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self._data.close()
+        with contextlib.suppress(OSError):
+            os.remove(self.path + ".data")
+
     def finish(self, final: str, metadata: dict) -> None:
-        self._data.close()
+        try:
+            self._data.close()
+        except OSError as e:
+            self.discard()
+            raise files.disk_full(self.path + ".data") if files.is_disk_full(e) else e
         header = json.dumps({"__metadata__": metadata, **self.entries}, separators=(",", ":")).encode()
         header += b" " * (-len(header) % 8)
-        with open(final, "wb") as out, open(self.path + ".data", "rb") as data:
-            out.write(len(header).to_bytes(8, "little") + header)
-            shutil.copyfileobj(data, out, 64 * 1024 * 1024)
-        os.remove(self.path + ".data")
+        try:  # the shard appears whole or not at all
+            with files.atomic(final, self.size + len(header) + 8) as out, open(self.path + ".data", "rb") as data:
+                out.write(len(header).to_bytes(8, "little") + header)
+                shutil.copyfileobj(data, out, 64 * 1024 * 1024)
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(self.path + ".data")
 
 
 def save_hf_checkpoint(
@@ -382,31 +401,40 @@ def save_hf_checkpoint(
         os.makedirs(path, exist_ok=True)
     shards: list[_ShardWriter] = []
     stored = None
-    for key, tensor in iter_hf_tensors(cfg, params, dtype):
-        stored = stored or tensor.dtype
+    try:
+        for key, tensor in iter_hf_tensors(cfg, params, dtype):
+            stored = stored or tensor.dtype
+            if not writer:
+                continue
+            if not shards or (shards[-1].size and shards[-1].size + tensor.nbytes > max_shard_bytes):
+                shards.append(_ShardWriter(os.path.join(path, f".shard{len(shards)}")))
+            shards[-1].add(key, tensor)
         if not writer:
-            continue
-        if not shards or (shards[-1].size and shards[-1].size + tensor.nbytes > max_shard_bytes):
-            shards.append(_ShardWriter(os.path.join(path, f".shard{len(shards)}")))
-        shards[-1].add(key, tensor)
-    if not writer:
-        return []
-    meta = {"format": "pt"}
-    if len(shards) == 1:
-        shards[0].finish(os.path.join(path, "model.safetensors"), meta)
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            shard.finish(os.path.join(path, name), meta)
-            weight_map.update({k: name for k in shard.entries})
-        with open(os.path.join(path, INDEX_FILE), "w") as f:
-            json.dump({"metadata": {"total_size": sum(s.size for s in shards)}, "weight_map": weight_map}, f, indent=2)
+            return []
+        meta = {"format": "pt"}
+        if len(shards) == 1:
+            shards[0].finish(os.path.join(path, "model.safetensors"), meta)
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                shard.finish(os.path.join(path, name), meta)
+                weight_map.update({k: name for k in shard.entries})
+            files.write_json(os.path.join(path, INDEX_FILE), {"metadata": {"total_size": sum(s.size for s in shards)},
+                                                              "weight_map": weight_map})
+    except files.DiskFull:  # said for the whole export: where, what is free there, what it takes
+        raise files.disk_full(path, sum(x.size * np.dtype(dtype or x.dtype).itemsize
+                                        for x in jax.tree.leaves(params))) from None
+    finally:  # a failed export leaves no side files (what was finished is whole, and rewritten by a rerun)
+        for shard in shards:
+            shard.discard()
+    copied = copy_assets(assets_from, path, chat_template) if assets_from or chat_template else []
+    if processor.write(path, cfg) and processor.FILE not in copied:  # how its pixels are made travels with it
+        copied.append(processor.FILE)
     hf_config = cfg.to_hf_dict()
     hf_config["torch_dtype"] = {"bfloat16": "bfloat16", "float16": "float16"}.get(str(stored), "float32")
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2)
-    return copy_assets(assets_from, path, chat_template) if assets_from or chat_template else []
+    files.write_json(os.path.join(path, "config.json"), hf_config)  # last: a directory without it is no model
+    return copied
 
 
 def copy_assets(src: str | None, dst: str, chat_template: str | None = None) -> list[str]:
@@ -418,11 +446,10 @@ def copy_assets(src: str | None, dst: str, chat_template: str | None = None) -> 
     same = src and os.path.abspath(src) == os.path.abspath(dst)
     for name in ASSET_FILES if src and not same else ():
         if os.path.isfile(os.path.join(src, name)):
-            shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+            files.copy_file(os.path.join(src, name), os.path.join(dst, name))
             copied.append(name)
     if chat_template:
-        with open(os.path.join(dst, "chat_template.jinja"), "w") as f:
-            f.write(chat_template)
+        files.write_text(os.path.join(dst, "chat_template.jinja"), chat_template)
         copied.append("chat_template.jinja")
     return copied
 

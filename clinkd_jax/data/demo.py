@@ -19,7 +19,6 @@ medicine.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -27,6 +26,7 @@ import sys
 import numpy as np
 from PIL import Image, ImageDraw
 
+from clinkd_jax import files
 from clinkd_jax.data import image as image_lib
 from clinkd_jax.data import markup
 
@@ -126,7 +126,7 @@ def generate(out_dir: str, *, train_per_image: int = 6, test_per_image: int = 2,
             kind = int(rng.integers(len(OBJECTS)))
             img, box, (cx, cy) = draw_marker(base, kind, rng, layout)
             stem = f"{modality}_00--{tag}--{case}--demo_{v:04d}"
-            img.save(os.path.join(img_dir, stem + ".png"))
+            files.save_image(os.path.join(img_dir, stem + ".png"), img)
             obj, where = OBJECTS[kind], _where(cx, cy)
             if v < train_per_image:
                 tasks = list(rng.permutation(list(TASK_FILES)))[: int(rng.integers(2, 5))]
@@ -144,11 +144,9 @@ def generate(out_dir: str, *, train_per_image: int = 6, test_per_image: int = 2,
                 for task in TASK_FILES:
                     tests[task].append({"id": stem,
                                         "conversations": [list(qa(task, stem + ".png", obj, box, where, desc))]})
-    with open(os.path.join(out_dir, "train.json"), "w") as f:
-        json.dump(train, f, indent=1)
+    files.write_json(os.path.join(out_dir, "train.json"), train, indent=1)
     for task, file in TASK_FILES.items():
-        with open(os.path.join(out_dir, file), "w") as f:
-            json.dump(tests[task], f, indent=1)
+        files.write_json(os.path.join(out_dir, file), tests[task], indent=1)
     return {"images": len(os.listdir(img_dir)), "train": len(train), **{t: len(v) for t, v in tests.items()}}
 
 
@@ -157,15 +155,10 @@ def ensure(out_dir: str, **kw) -> str:
     or made with other arguments or by another VERSION. Returns out_dir."""
     meta_file = os.path.join(out_dir, "demo.json")
     meta = {**kw, "version": VERSION}
-    try:
-        with open(meta_file) as f:
-            if json.load(f) == meta and os.path.isfile(os.path.join(out_dir, "train.json")):
-                return out_dir
-    except (OSError, ValueError):
-        pass
+    if files.read_json(meta_file) == meta and os.path.isfile(os.path.join(out_dir, "train.json")):
+        return out_dir  # (demo.json is written last: a set cut short by a kill or a full disk is made again)
     counts = generate(out_dir, **kw)
-    with open(meta_file, "w") as f:
-        json.dump(meta, f)
+    files.write_json(meta_file, meta, indent=None)
     logging.getLogger("clinkd_jax.data").info("demo data set %s written to %s", counts, out_dir)
     return out_dir
 

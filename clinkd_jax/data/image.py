@@ -14,13 +14,10 @@ import os
 import numpy as np
 from PIL import Image
 
+from clinkd_jax.data import processor
+from clinkd_jax.data.processor import CLIP_MEAN, CLIP_STD
 from clinkd_jax.errors import UserError
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-HALF = (0.5, 0.5, 0.5)
-# each family's normalisation, as its published preprocessor_config.json sets it (Qwen3-VL: mean = std = 0.5)
-NORMALISATION = {"qwen2_vl": (CLIP_MEAN, CLIP_STD), "qwen2_5_vl": (CLIP_MEAN, CLIP_STD), "qwen3_vl": (HALF, HALF)}
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
 
@@ -55,9 +52,12 @@ class ImageConfig:
 
 def for_model(model_cfg, min_pixels: int, max_pixels: int) -> ImageConfig:
     """The image processing a model of this config was trained with: its patch and merge geometry, its
-    family's normalisation, and the run's pixel budget."""
+    checkpoint's normalisation (else its family's: `data.processor`), and the run's pixel budget (0: the
+    checkpoint's, else the family's)."""
     v = model_cfg.vision
-    mean, std = NORMALISATION[model_cfg.family]
+    mean, std = processor.normalisation(model_cfg)
+    lo, hi = processor.budget(model_cfg)
+    min_pixels, max_pixels = min_pixels or lo, max_pixels or hi
     return ImageConfig(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=v.patch_size,
                        temporal_patch_size=v.temporal_patch_size, merge_size=v.spatial_merge_size, mean=mean, std=std)
 

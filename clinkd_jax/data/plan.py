@@ -25,14 +25,13 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import numpy as np
 
-from clinkd_jax import distributed
+from clinkd_jax import distributed, files
 from clinkd_jax.data import image as image_lib
 from clinkd_jax.data import text as text_lib
 from clinkd_jax.data.records import Record, SkipLog
@@ -98,20 +97,16 @@ class SizeTable:
 
     @classmethod
     def load(cls, path: str | None, context: str) -> SizeTable:
-        try:
-            with open(path) as f:
-                saved = json.load(f)
-            if saved["context"] == context:
-                return cls(context, saved["sizes"])
-        except (TypeError, OSError, ValueError, KeyError):
-            pass  # none yet, unreadable, or another context: measure
-        return cls(context)
+        saved = files.read_json(path) if path else None  # a torn one is named and set aside
+        if isinstance(saved, dict) and saved.get("context") == context and isinstance(saved.get("sizes"), dict):
+            return cls(context, saved["sizes"])
+        return cls(context)  # none yet, unreadable, or another context: measure
 
     def save(self, path: str) -> None:
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"context": self.context, "sizes": self.sizes}, f)
-        os.replace(tmp, path)
+        try:
+            files.write_json(path, {"context": self.context, "sizes": self.sizes}, indent=None)
+        except files.DiskFull as e:  # a cache: the run goes on, measuring again next time
+            log.warning("record size cache not saved: %s", e)
 
 
 def same_records_everywhere(records: Sequence[Record]) -> None:

@@ -14,10 +14,11 @@ them the teacher's top-k token ids and log p(token) at temperature T over the st
 from __future__ import annotations
 
 import io
-import json
 import os
 
 import numpy as np
+
+from clinkd_jax import files
 
 META = "meta.json"
 INDEX = "index.npy"
@@ -45,17 +46,21 @@ def read_meta(path: str) -> dict:
     if not os.path.isfile(file) or not os.path.isfile(os.path.join(path, INDEX)):
         raise FileNotFoundError(f"{path}: not a pseudo-label store (needs {META} and {INDEX}; written by "
                                 "python -m clinkd_jax.train.pseudo_labels)")
-    with open(file) as f:
-        return json.load(f)
+    meta = files.read_json(file)  # a torn one is set aside: the store is then incomplete, as if never finished
+    if not isinstance(meta, dict):
+        raise FileNotFoundError(f"{path}: an incomplete pseudo-label store ({META} unreadable, set aside); write it "
+                                "again with python -m clinkd_jax.train.pseudo_labels")
+    return meta
 
 
 def write_index(path: str, per_shard: list[list[int]], meta: dict) -> None:
     """index.npy from each shard's record indices in write order, then meta.json (written last: a store
     without it is incomplete)."""
     rows = [(r, s, j) for s, order in enumerate(per_shard) for j, r in enumerate(order)]
-    np.save(os.path.join(path, INDEX), np.asarray(rows, np.int64).reshape(-1, 3))
-    with open(os.path.join(path, META), "w") as f:
-        json.dump({**meta, "shards": len(per_shard), "entries": len(rows)}, f, indent=2)
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(rows, np.int64).reshape(-1, 3))
+    files.write_bytes(os.path.join(path, INDEX), buf.getvalue())
+    files.write_json(os.path.join(path, META), {**meta, "shards": len(per_shard), "entries": len(rows)})
 
 
 class PseudoLabelReader:

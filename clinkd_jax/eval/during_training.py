@@ -20,6 +20,7 @@ import shutil
 
 import jax
 
+from clinkd_jax import files
 from clinkd_jax.data import records as records_lib
 from clinkd_jax.eval import run as eval_run
 from clinkd_jax.eval.report import mean_value
@@ -61,19 +62,10 @@ class EvalDuringTraining:
         """Keep the evaluations up to `step`; later ones (a killed run's) are made again."""
         path = os.path.join(self.workdir, CURVE)
         self.curve = []
-        if os.path.isfile(path):
-            with open(path) as f:
-                for line in f:
-                    try:
-                        point = json.loads(line)
-                    except json.JSONDecodeError:  # a line torn by a kill mid-write: that evaluation runs again
-                        log.warning("%s: dropping an unreadable line (interrupted write?)", path)
-                        continue
-                    if point["step"] <= step:
-                        self.curve.append(point)
+        # a line torn by a kill or a full disk mid-write is dropped: that evaluation runs again
+        self.curve = [p for p in files.read_lines(path, _point, rewrite=False) if p["step"] <= step]
         if jax.process_index() == 0:
-            with open(path, "w") as f:
-                f.writelines(json.dumps(p) + "\n" for p in self.curve)
+            files.write_text(path, "".join(json.dumps(p) + "\n" for p in self.curve))
             root = os.path.dirname(self.step_dir(0))
             for name in os.listdir(root) if os.path.isdir(root) else ():
                 if name.startswith("step_") and name[5:].isdigit() and int(name[5:]) > step:
@@ -95,8 +87,14 @@ class EvalDuringTraining:
         self.curve.append(point)
         log.info("evaluation at step %d: %s", step, format_point(point))
         if jax.process_index() == 0:
-            with open(os.path.join(self.workdir, CURVE), "a") as f:
-                f.write(json.dumps(point) + "\n")
+            with files.Lines(os.path.join(self.workdir, CURVE)) as f:
+                f.write_json(point)
+
+
+def _point(line: str) -> dict:
+    point = json.loads(line)
+    int(point["step"])  # a line without its step is unreadable too
+    return point
 
 
 def format_point(point: dict) -> str:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from PIL import Image, ImageDraw
 
+from clinkd_jax import files
 from clinkd_jax.data import image as image_lib
 from clinkd_jax.data.markup import to_bird
 from clinkd_jax.data.records import MODALITIES, modality_of
@@ -159,7 +160,7 @@ def bar_chart(task: str, result: dict, path: str, column: str | None = None, siz
         d.text((x0, bottom + 6), m[:10], fill="black")
     y = bottom - plot_h * mean / top
     d.line([(left, y), (w - 10, y)], fill=(200, 60, 60))
-    img.save(path)
+    files.save_image(path, img)
 
 
 def _bmr(result, m):
@@ -226,8 +227,8 @@ def gallery(task: str, predictions: Sequence[dict], image_dir: str, out_dir: str
                 + f"<p><b>model:</b> {html.escape(response)}</p></div>")
         rows.append("</div>")
     page = os.path.join(out_dir, f"{task}.html")
-    with open(page, "w") as f:
-        f.write("<!doctype html><meta charset='utf-8'><title>clinkd_jax " + task + "</title>\n" + "\n".join(rows))
+    files.write_text(page, "<!doctype html><meta charset='utf-8'><title>clinkd_jax " + task + "</title>\n"
+                     + "\n".join(rows))
     return page
 
 

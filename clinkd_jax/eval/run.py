@@ -29,7 +29,7 @@ import os
 
 import jax
 
-from clinkd_jax import distributed, run_setup
+from clinkd_jax import distributed, files, run_setup
 from clinkd_jax.data import image as image_lib
 from clinkd_jax.data import records as records_lib
 from clinkd_jax.eval import answers, captions, metrics, report
@@ -67,8 +67,7 @@ def read_done(path: str) -> set[int]:
                 good.append(line if line.endswith("\n") else line + "\n")
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 log.warning("%s: dropping an unreadable line (interrupted write?)", path)
-    with open(path, "w") as f:
-        f.writelines(good)
+    files.write_text(path, "".join(good))
     return done
 
 
@@ -94,11 +93,10 @@ def predict(c, task: str, recs, generator, encoder, out_path: str, skips: record
     bar = tqdm(total=len(recs), initial=len(recs) - len(todo), unit="item", desc=f"eval {task}",
                disable=not (writer and c.train.progress))
     made = 0
-    with open(out_path, "a") if writer else open(os.devnull, "w") as f:
+    with files.Lines(out_path if writer else os.devnull) as f:
 
         def miss(r, reason):  # scored as an empty answer
-            f.write(json.dumps({**prediction_line(r), "response": "", "unevaluated": reason},
-                               ensure_ascii=False) + "\n")
+            f.write_json({**prediction_line(r), "response": "", "unevaluated": reason})
             bar.update(1)
 
         batches = prompts_lib.prompt_batches(todo, encoder, pcfg, skips, repeat=n, on_skip=miss)
@@ -113,8 +111,7 @@ def predict(c, task: str, recs, generator, encoder, out_path: str, skips: record
                     line.update(response=cands[best], candidates=cands, sasg_scores=scores)
                 else:
                     line["response"] = texts[i]
-                f.write(json.dumps(line, ensure_ascii=False) + "\n")
-            f.flush()
+                f.write_json(line)
             made += len(batch_recs)
             bar.update(len(batch_recs))
     bar.close()
@@ -172,8 +169,7 @@ def write_reports(c, workdir: str, results: dict, preds: dict, images: str, left
     for task, result in results.items():
         table = report.markdown_table(task, result)
         tables.append(table)
-        with open(os.path.join(workdir, "tables", f"{task}.md"), "w") as f:
-            f.write(table)
+        files.write_text(os.path.join(workdir, "tables", f"{task}.md"), table)
         report.bar_chart(task, result, os.path.join(workdir, "charts", f"{task}.png"))
         if images and os.path.isdir(images) and c.eval.gallery_per_modality > 0:
             report.gallery(task, preds[task], images, os.path.join(workdir, "gallery"), c.eval.gallery_per_modality,
@@ -181,8 +177,7 @@ def write_reports(c, workdir: str, results: dict, preds: dict, images: str, left
     if left_out:
         tables.append("Test items left out (no usable reference answer, not scorable): "
                       + ", ".join(f"{k} {v}" for k, v in left_out.items()) + "\n")
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write("\n".join(tables))
+    files.write_text(os.path.join(workdir, "results.md"), "\n".join(tables))
 
 
 def validate(c, workdir: str) -> None:
@@ -269,7 +264,7 @@ def set_aside_if_stale(pred_path: str, stamp: dict) -> None:
     """Resuming is only right for predictions of the same model and settings: a prediction file made by other
     ones (or with no record of what made it) moves to predictions/stale/ and is generated afresh. Process 0."""
     meta = pred_path[: -len(".jsonl")] + ".made_by.json"
-    old = json.load(open(meta)) if os.path.isfile(meta) else None
+    old = files.read_json(meta)  # a torn or empty stamp is named, set aside, and counts as no record
     if os.path.isfile(pred_path) and old != stamp:
         stale = os.path.join(os.path.dirname(pred_path), "stale")
         os.makedirs(stale, exist_ok=True)
@@ -283,8 +278,7 @@ def set_aside_if_stale(pred_path: str, stamp: dict) -> None:
             "other " + ", ".join(k for k in stamp if stamp[k] != old.get(k))
         log.warning("%s: made by another model or settings (%s); moved to %s, generating again", pred_path,
                     changed, dest)
-    with open(meta, "w") as f:
-        json.dump(stamp, f, indent=1)
+    files.write_json(meta, stamp, indent=1)
 
 
 def predict_all(c, workdir: str, generator, encoder, read_skips, skips, out_dir: str = "",
@@ -317,9 +311,8 @@ def scored(c, workdir: str, pred_files: dict, generated: dict, read_skips, skips
             results[task] = score(task, preds[task], box, c.eval.spice)
         if "scorer" in box:
             box["scorer"].close()
-        with open(os.path.join(workdir, "metrics.json"), "w") as f:
-            json.dump({"tasks": results, "skipped": skipped, "generated": generated,
-                       "predictions": pred_files}, f, indent=2)
+        files.write_json(os.path.join(workdir, "metrics.json"), {"tasks": results, "skipped": skipped,
+                                                                 "generated": generated, "predictions": pred_files})
         if reports:
             write_reports(c, workdir, results, preds, eval_image_dir(c, workdir), read_skips.counts)
     for what, log_ in (("not scorable", read_skips), ("scored as misses", skips)):

@@ -15,7 +15,10 @@ import argparse
 import json
 import os
 import statistics
+import sys
 
+from clinkd_jax import cli, files
+from clinkd_jax.errors import UserError, one_line
 from clinkd_jax.eval.report import TASK_NAMES, headline, mean_value
 
 
@@ -27,8 +30,12 @@ def collect(workdirs) -> dict[str, dict[str, list[float]]]:
             path = os.path.join(w, name, "metrics.json")
             if not os.path.isfile(path):
                 continue
-            with open(path) as f:
-                tasks = json.load(f)["tasks"]
+            try:
+                with open(path) as f:
+                    tasks = json.load(f)["tasks"]
+            except (ValueError, KeyError, TypeError) as e:  # torn: that evaluation's own rerun writes it again
+                print(f"warning: {path} is unreadable ({type(e).__name__}); left out", file=sys.stderr)
+                continue
             for task in (t for t in TASK_NAMES if t in tasks):
                 value = mean_value(task, tasks[task]["mean"])
                 if value is not None:
@@ -58,6 +65,11 @@ def main(argv=None) -> None:
     missing = [w for w in args.workdirs if not os.path.isdir(w)]
     if missing:
         p.error(f"not a directory: {', '.join(missing)}")
+    if args.out:
+        try:
+            cli.writable(args.out, "out")
+        except UserError as e:
+            p.error(str(e))
     values = collect(args.workdirs)
     if not values:
         p.error("no evaluation results (<workdir>/<stage>/metrics.json) in " + ", ".join(args.workdirs))
@@ -65,8 +77,10 @@ def main(argv=None) -> None:
              + spread_table(values))
     print(table)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(table)
+        try:
+            files.write_text(args.out, table)
+        except files.DiskFull as e:
+            cli.fail(one_line(e))
 
 
 if __name__ == "__main__":

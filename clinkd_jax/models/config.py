@@ -149,6 +149,11 @@ class Qwen2VLConfig:
     # None: row k is token k, as in every published checkpoint.
     vocab_ids: tuple[int, ...] | None = None
     family: str = "qwen2_vl"  # a key of FAMILIES: which checkpoints it reads and writes
+    # the checkpoint's image processor settings (clinkd_jax.data.processor); None / 0: the family's published ones
+    image_mean: tuple[float, float, float] | None = None
+    image_std: tuple[float, float, float] | None = None
+    min_pixels: int = 0
+    max_pixels: int = 0
 
     def __post_init__(self):
         validate(self)
@@ -169,6 +174,12 @@ class Qwen2VLConfig:
             if key not in ("text_config", "vision_config"):
                 t.setdefault(key, value)
         rope = dict(t.get("rope_parameters") or t.get("rope_scaling") or {})
+        if t.get("use_sliding_window"):  # would change every long answer: refused, not ignored
+            raise ConfigError(f"{source}: use_sliding_window is true; only full attention is implemented (every "
+                              "published Qwen2-VL-family checkpoint has it off)")
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind not in ("default", "mrope"):
+            raise ConfigError(f"{source}: rope type {kind!r} is not supported (M-RoPE without scaling only)")
         v = dict(d["vision_config"])
         tie = bool(d.get("tie_word_embeddings", False) or t.get("tie_word_embeddings", False))
         qwen3 = family == "qwen3_vl"  # the Qwen3 LLM: its own head width, no q/k/v biases, q/k norms

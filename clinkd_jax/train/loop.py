@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import math
 import os
@@ -32,7 +31,7 @@ import time
 import jax
 import numpy as np
 
-from clinkd_jax import checkpoint, distributed, run_setup, sharding
+from clinkd_jax import checkpoint, distributed, files, run_setup, sharding
 from clinkd_jax.convert import hf
 from clinkd_jax.data import pipeline, records
 from clinkd_jax.models.config import Qwen2VLConfig
@@ -205,8 +204,7 @@ def run(c, workdir: str, hooks=()) -> dict:
                "epochs": data.epoch + data.batch / data.batches_per_epoch, "batch_shapes": len(shapes),
                **{k: v for h in hooks for k, v in h.summary().items()}}
     if jax.process_index() == 0:  # one writer per shared workdir
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2, default=float)
+        files.write_json(os.path.join(workdir, "summary.json"), summary, default=float)
     return {**summary, "state": state}
 
 

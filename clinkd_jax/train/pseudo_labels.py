@@ -14,6 +14,7 @@ forward KL only, and the student's position ids (`teacher.positions=shared`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import jax
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from clinkd_jax import cli, distributed, run_setup, sharding
+from clinkd_jax import cli, distributed, files, run_setup, sharding
 from clinkd_jax.data import pipeline, records
 from clinkd_jax.data import pseudo_labels as store
 from clinkd_jax.train import steps
@@ -71,7 +72,7 @@ def write(path: str, batches, topk_fn, params, *, mask: str, meta: dict, place=l
     distributed.barrier("pseudo-label store opened")
     shard = os.path.join(path, store.shard_name(jax.process_index(), jax.process_count()))
     writer = ArrayRecordWriter(shard, "group_size:1")
-    order = []
+    order, closed = [], False
     try:
         for batch in batches:
             ids, logp = topk_fn(params, place(batch))
@@ -81,8 +82,15 @@ def write(path: str, batches, topk_fn, params, *, mask: str, meta: dict, place=l
                 pos = np.flatnonzero(where[i])
                 writer.write(store.encode_entry(batch["record_index"][i], pos, ids[i, pos], logp[i, pos]))
                 order.append(int(batch["record_index"][i]))
-    finally:
+        closed = True
         writer.close()
+    except Exception as e:  # ArrayRecord says a full disk in its message
+        if not closed:
+            with contextlib.suppress(Exception):
+                writer.close()
+        if files.is_disk_full(e):
+            raise files.disk_full(shard) from e
+        raise
     per_shard = distributed.allgather_json(order, "pseudo-label entries per shard")
     if jax.process_index() == 0:
         store.write_index(path, per_shard, {**meta, "mask": mask})

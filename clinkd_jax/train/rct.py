@@ -26,7 +26,7 @@ import os
 import jax
 import numpy as np
 
-from clinkd_jax import run_setup
+from clinkd_jax import files, run_setup
 from clinkd_jax.data import image as image_lib
 from clinkd_jax.data import markup
 from clinkd_jax.data.records import Record, SkipLog, Turn, text_problem
@@ -151,15 +151,9 @@ def write_round(workdir: str, corrected: list[dict], summary: dict) -> str:
     """corrected.jsonl (one record per line) + rct_summary.json in workdir. Every host computed the same
     corrections and writes them (atomically): later stages read them on every host, also where workdirs
     are host-local."""
-    os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, CORRECTED)
-    texts = {CORRECTED: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in corrected),
-             "rct_summary.json": json.dumps({**summary, "corrected_file": path}, indent=2)}
-    for name, text in texts.items():
-        tmp = os.path.join(workdir, f".{name}.{jax.process_index()}.tmp")
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(workdir, name))
+    files.write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in corrected))
+    files.write_json(os.path.join(workdir, "rct_summary.json"), {**summary, "corrected_file": path})
     log.info("RCT round: %s -> %s", summary["final"], path)
     return path
 
@@ -242,8 +236,8 @@ class InRun:
         self.rounds = []
         for k, at in enumerate(self.at, 1):
             if at <= step:
-                with open(os.path.join(self.round_dir(k), "rct_summary.json")) as f:
-                    self.rounds.append({"round": k, "step": at, **json.load(f)["final"]})
+                summary = files.read_json(os.path.join(self.round_dir(k), "rct_summary.json"), {})
+                self.rounds.append({"round": k, "step": at, **summary.get("final", {"counts": "unreadable"})})
 
     def summary(self) -> dict:
         return {"rct": self.rounds}

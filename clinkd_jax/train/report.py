@@ -9,6 +9,8 @@ import os
 import jax
 from PIL import Image, ImageDraw
 
+from clinkd_jax import files
+
 
 class MetricsWriter:
     def __init__(self, workdir: str, *, resume_from: int = 0, progress: bool = True, total: int | None = None):
@@ -20,11 +22,10 @@ class MetricsWriter:
             return
         path = os.path.join(workdir, "metrics.jsonl")
         if os.path.isfile(path):  # a killed run may have logged steps past its last checkpoint: drop them
-            with open(path) as f:
-                kept = [line for line in f if _step(line) <= resume_from]
-            with open(path, "w") as f:
-                f.writelines(kept)
-        self._jsonl = open(path, "a")
+            with open(path, encoding="utf-8", errors="replace") as f:
+                kept = [line.rstrip("\n") + "\n" for line in f if _step(line) <= resume_from]
+            files.write_text(path, "".join(kept))
+        self._jsonl = files.Lines(path)
         try:
             from tensorboardX import SummaryWriter
 
@@ -41,8 +42,7 @@ class MetricsWriter:
         self.history.append((step, metrics))
         if not self.main:
             return
-        self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-        self._jsonl.flush()
+        self._jsonl.write_json({"step": step, **metrics})
         if self._tb is not None:
             for k, v in metrics.items():
                 self._tb.add_scalar(f"train/{k}", v, step)
@@ -97,4 +97,4 @@ def plot_losses(history, path: str, size=(640, 360)) -> None:
     d.text((w - pad - 60, h - pad + 8), f"step {s1}", fill="black")
     d.text((2, pad), f"{hi:.3g}", fill="black")
     d.text((2, h - pad - 10), f"{lo:.3g}", fill="black")
-    img.save(path)
+    files.save_image(path, img)

@@ -207,6 +207,8 @@ def test_config_layouts():
         (lambda d: d.update(num_key_value_heads=5), "not a multiple of num_key_value_heads=5"),
         (lambda d: d["vision_config"].update(hidden_size=3584), "must equal the LLM hidden_size=1536"),
         (lambda d: d.update(model_type="qwen3_vl_moe"), r"model_type is 'qwen3_vl_moe', expected one of "),
+        (lambda d: d.update(use_sliding_window=True), "use_sliding_window is true; only full attention"),
+        (lambda d: d["rope_scaling"].update(type="yarn"), "rope type 'yarn' is not supported"),
     ],
 )
 def test_bad_config_is_named(change, message):
