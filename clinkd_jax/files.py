@@ -192,7 +192,10 @@ def set_aside(path: str, why: str = "") -> str:
     while os.path.exists(dest):
         k += 1
         dest = f"{path}.unreadable-{k}"
-    os.replace(path, dest)
+    try:
+        os.replace(path, dest)
+    except FileNotFoundError:  # another host of the run set it aside first (a shared workdir)
+        return dest
     if why:
         log.warning("%s: %s; set aside as %s, made again", path, why, os.path.basename(dest))
     return dest
