@@ -48,6 +48,7 @@ if [ "$DRY" = 1 ] || ! gcloud compute tpus tpu-vm describe "$NAME" --zone "$ZONE
   run gcloud compute tpus tpu-vm create "$NAME" --zone "$ZONE" --accelerator-type "$TYPE" --version "$VERSION" "${SPOT[@]}"
 fi
 SRC=$(mktemp -d)/clinkd_jax_src.tgz
+trap 'rm -rf "${SRC%/*}"' EXIT  # the local copy of the sources: gone once they are on the workers
 if [ "$DRY" = 1 ]; then echo "git ls-files -z -co --exclude-standard | tar --null -czf $SRC -T -"
 else git ls-files -z -co --exclude-standard | tar --null --ignore-failed-read -czf "$SRC" -T - 2>/dev/null; fi
 run gcloud compute tpus tpu-vm scp "$SRC" "$NAME:~/clinkd_jax_src.tgz" --zone "$ZONE" --worker=all
