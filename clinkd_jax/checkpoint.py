@@ -220,8 +220,6 @@ class TrainCheckpointer:
                 self.manager.close()
 
 
-
-
 def _chain_text(e: BaseException | None) -> str:
     parts = []
     while e is not None and len(parts) < 20:

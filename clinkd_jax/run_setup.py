@@ -56,7 +56,8 @@ def config_of(src, vocab_ids=None) -> model_config.Qwen2VLConfig:
             raise ConfigError(f"{src.hf_dir or src.orbax_dir} holds a {cfg.family} model, but its family is set to "
                               f"{family!r}; a checkpoint's family is its own (unset the family field)")
         note = checkpoint_decoding(src.hf_dir or os.path.join(src.orbax_dir, checkpoint.ASSETS_DIR))
-        if note:
+        if note and note not in _SAID:  # once per run, however often the geometry is asked for
+            _SAID.add(note)
             log.info(note)
         return cfg
     cfg = presets.PRESETS[src.preset]()
@@ -73,6 +74,9 @@ def config_of(src, vocab_ids=None) -> model_config.Qwen2VLConfig:
 # generation_config.json fields and the value at which they change nothing (greedy, no penalty)
 _NEUTRAL = {"do_sample": False, "repetition_penalty": 1.0, "num_beams": 1, "length_penalty": 1.0,
             "no_repeat_ngram_size": 0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
+
+
+_SAID: set[str] = set()
 
 
 def checkpoint_decoding(folder: str) -> str:

@@ -78,11 +78,13 @@ def room_for(img) -> str:
     """"" if gradio's cache (where it writes each answered picture) has room for `img` as PNG, else the one-line
     disk error to answer with."""
     cache = os.environ.get("GRADIO_TEMP_DIR") or os.path.join(tempfile.gettempdir(), "gradio")
-    png = io.BytesIO()
+    free = files.free_bytes(cache)
+    if free is None or free >= img.width * img.height * 4 + 65536:  # more than any PNG of it: no encoding needed
+        return ""
+    png = io.BytesIO()  # little room: the picture's own size decides
     img.save(png, format="PNG")
     need = len(png.getvalue()) + 4096  # and a page for its name
-    free = files.free_bytes(cache)
-    return "" if free is None or free >= need else one_line(files.disk_full(cache, need))
+    return "" if free >= need else one_line(files.disk_full(cache, need))
 
 
 def examples(folder: str) -> list[list[str]]:

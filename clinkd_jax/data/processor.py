@@ -26,6 +26,7 @@ FILE = "preprocessor_config.json"
 class ConfigError(UserError):
     """A processor file that cannot be honoured (a geometry that contradicts the weights, an unsupported switch)."""
 
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HALF = (0.5, 0.5, 0.5)
