@@ -39,9 +39,14 @@ def save_params(path: str, params, cfg: Qwen2VLConfig, *, assets_from: str | Non
     `chat_template` (the template the run used) to hf_assets/chat_template.jinja, so a later stage, and an
     export, use exactly the tokenizer and template this model was trained with."""
     path = os.path.abspath(path)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(path, "params"), params, force=True)
-        ckptr.wait_until_finished()
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(os.path.join(path, "params"), params, force=True)
+            ckptr.wait_until_finished()
+    except Exception as e:  # Orbax's temporary folder is removed by the next save
+        if files.is_disk_full(e):
+            raise files.disk_full(os.path.join(path, "params"), sum(x.nbytes for x in jax.tree.leaves(params))) from e
+        raise
     if jax.process_index() == 0:
         files.write_json(os.path.join(path, CONFIG_FILE), cfg.to_hf_dict())
         if assets_from:

@@ -136,10 +136,23 @@ def parse_flags(argv: list[str], flag: str = "config") -> list[str]:
         fail(f"config error: {message}")
 
 
+class _DiskFullTraceback(logging.Filter):
+    """A library (Orbax) that meets a full disk in a thread of its own logs the traceback, then raises the error in
+    ours, where it ends the command as the one `disk error:` line: the logged message is kept, its traceback (a
+    repeat) only under --verbose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None and files.is_disk_full(record.exc_info[1]):
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def run(main: Callable[[list[str]], None]) -> None:
     """`absl.app.run(main)` with the one-line errors."""
 
     def guarded(argv):
+        if not _VERBOSE.value:
+            logging.getLogger("absl").addFilter(_DiskFullTraceback())
         try:
             return main(argv)
         except UserError as e:

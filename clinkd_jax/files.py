@@ -70,7 +70,7 @@ def disk_full(path: str, needed: int | None = None) -> DiskFull:
     """The one-line error for a full disk at `path`."""
     need = f", needed {size_text(needed)}" if needed else ""
     return DiskFull(f"{path}: no space left on the device ({size_text(free_bytes(path))} free{need}); make room "
-                    "and run the same command again: it goes on from what was written")
+                    "and run the same command again")
 
 
 @contextlib.contextmanager
@@ -141,8 +141,9 @@ def copy_file(src: str, dst: str) -> str:
 
 
 class Lines:
-    """A file that grows by whole lines (JSON lines, logs), written unbuffered: each `write` puts out one or more
-    complete lines; `sync()` fsyncs. A full disk cuts the file back to its last whole line and raises DiskFull."""
+    """A file that grows by whole lines (JSON lines, logs) or whole records (`append`), written unbuffered: each
+    `write` puts out one or more complete lines; `sync()` fsyncs. A full disk cuts the file back to its last whole
+    line and raises DiskFull."""
 
     def __init__(self, path: str, mode: str = "a"):
         self.path = path
@@ -152,7 +153,10 @@ class Lines:
                                0o644)
 
     def write(self, *lines: str) -> None:
-        data = "".join(x if x.endswith("\n") else x + "\n" for x in lines).encode("utf-8")
+        self.append("".join(x if x.endswith("\n") else x + "\n" for x in lines).encode("utf-8"))
+
+    def append(self, data: bytes) -> None:
+        """`data` at the end, all of it or (on a full disk) none of it: for records that are not text lines."""
         start = os.lseek(self._fd, 0, os.SEEK_END)
         try:
             view = memoryview(data)

@@ -152,3 +152,29 @@ def test_paper_configs_are_read_without_their_data_or_checkpoints(tmp_path, name
     assert all(p.flops > 0 and p.bucket[0] == 2048 for p in progs if p.name.startswith("train")), progs
     with pytest.raises(ConfigError, match="no field 'remat_policy' in model; did you mean model.remat"):
         programs.config_file(os.path.join(ROOT, "configs", f"{name}.py"), **{"model.remat_policy": "full"})
+
+
+@pytest.mark.tpu_aot
+def test_the_report_on_a_full_disk_and_in_a_missing_folder(tmp_path):
+    """`--json` in a folder that does not exist is refused before any compiling; a disk that fills as the report is
+    written (tests/full_disk_at.py) ends with one line naming it, and the same command with room writes it whole."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    aot = ["clinkd_jax.aot", "--config=configs/demo_eval.py", "--topology=v5e-4", "--buckets=largest",
+           "--estimate=none", "--programs=generate_eval", f"--workdir={tmp_path / 'work'}"]
+    missing = subprocess.run([sys.executable, "-m", *aot, f"--json={tmp_path}/no/report.json"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert missing.returncode == 2 and "== compiling" not in missing.stdout, missing.stdout + missing.stderr
+    said = missing.stderr.strip().splitlines()[-1]
+    assert said == f"config error: --json={tmp_path}/no/report.json: no such folder {tmp_path}/no", said
+
+    out = tmp_path / "report.json"
+    full = subprocess.run([sys.executable, "tests/full_disk_at.py", str(tmp_path), "report.json", "1", *aot,
+                           f"--json={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    line = full.stderr.strip().splitlines()[-1]
+    assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr[-3000:]
+    assert line.startswith(f"disk error: {out}: no space left on the device (") and not out.exists(), line
+    again = subprocess.run([sys.executable, "-m", *aot, f"--json={out}"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {e["program"] for e in json.loads(out.read_text())} == {"generate_eval_80tok", "generate_eval_100tok"}
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import reference as R
+import small_recipe
 from ml_collections import ConfigDict
 
 from clinkd_jax import recipe, run_setup
@@ -14,22 +15,12 @@ from clinkd_jax.train.config import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from configs import demo_train  # noqa: E402
 
 pytestmark = pytest.mark.e2e  # run under one Python only: tests/run_all.sh says why
 
-SMALL = {"hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 64}
-
 
 def plan_config():
-    c = demo_train.get_config()
-    c.model.text_overrides = SMALL
-    c.model.compact_vocab = "data"  # shared by every stage (kd checks the teacher's against the student's)
-    R.override(c, {"data.batch_size": 2, "data.text_buckets": (192,), "data.patch_buckets": (256,),
-                   "data.max_pixels": 112 * 112, "data.num_epochs": None, "train.progress": False,
-                   "checkpoint.async_save": False, "checkpoint.save_every": 2, "train.total_steps_hint": 10})
-    c.eval.limit, c.eval.max_new_tokens, c.eval.max_new_tokens_mii = 2, 4, 4
-    c.eval.tasks, c.eval.patch_buckets, c.eval.max_pixels, c.eval.min_pixels = ("VG", "RO"), (256,), 112 * 112, 56 * 56
+    c = small_recipe.base()
     c.stages = ("teacher", "kd", "sft", "eval")
     c.stage_settings = ConfigDict({
         "teacher": {"stage": "sft", "train": {"steps": 3}},

@@ -69,6 +69,8 @@ def main(argv):
     if _CONFIG.value is None:
         cli.fail("config error: --config is required (or --topology=list)")
     c = _CONFIG.value
+    if _JSON.value:  # before minutes of compiling, not after
+        cli.writable(_JSON.value, "json", suffixes=(".json",))
     try:
         devices, hbm, peak, bandwidth, label = _target()
         mesh, rules = make_run_mesh(c, devices)

@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 
 import jax
@@ -137,7 +138,7 @@ def run(c, workdir: str, hooks=()) -> dict:
         writer = MetricsWriter(workdir, resume_from=start, progress=c.train.progress and jax.process_index() == 0,
                                total=None if c.train.steps < 0 else c.train.steps)
         stop = StopSignal()
-        step, metrics, t0 = start, {}, time.perf_counter()
+        step, metrics, t0 = start, writer.resumed, time.perf_counter()  # a run resumed at its end keeps its last
         shapes = set()  # batch shapes met so far: the step compiles once for each, never again
         try:
             while c.train.steps < 0 or step < c.train.steps:
@@ -189,7 +190,7 @@ def run(c, workdir: str, hooks=()) -> dict:
         finally:
             stop.close()
             ckpt.close()
-            writer.close()
+            writer.close(failing=sys.exc_info()[0] is not None)  # an exception on its way out
     preempted = stop.received is not None
     if not preempted and c.checkpoint.save_params:
         checkpoint.save_params(os.path.join(workdir, "params"), state.params, cfg,
