@@ -2,7 +2,7 @@
 fits or not, GiB per chip, the largest per-chip batch that fits, and the compiler-count estimate of the step time
 and MFU at that batch. Or, with --levers, one slice and setup with one setting changed at a time.
 
-    python bench/tpu_table.py                                     # every setup x slice of bench/README.md
+    python bench/tpu_table.py                                     # every setup x slice of bench/history.md
     python bench/tpu_table.py --slices v5p-8 --setups kd_7b_2b    # one cell
     python bench/tpu_table.py --levers --slices v5p-8 --setups kd_7b_2b
     python bench/tpu_table.py --setups kd_7b_2b --slices v5e-16 --set model.remat=full   # a setting on every cell

@@ -228,9 +228,10 @@ def run_jax(s, mode, steps, warmup, profile="", args=None):
         teacher = Qwen2VL(t_cfg, param_dtype=compute, **kw)
         teacher_params = init_params(teacher, jax.random.key(1))
         kd = losses.KDConfig()
-    fn = jax.jit(functools.partial(steps_lib.train_step, model=model, tx=tx, teacher=teacher, kd=kd,
-                                   chunk=args.chunk, frozen=("visual/.*",), loss_backward=args.loss_backward),
-                 donate_argnums=(0,))
+    source = None if teacher is None else steps_lib.TeacherSource("online", teacher)
+    loss = steps_lib.LossSettings(kd=kd, chunk=args.chunk, backward=args.loss_backward)
+    fn = jax.jit(functools.partial(steps_lib.train_step, model=model, tx=tx, loss=loss, teacher=source,
+                                   frozen=("visual/.*",)), donate_argnums=(0,))
     compiled = fn.lower(state, teacher_params, batch).compile()
     mem = compiled.memory_analysis()
     base_rss = rss_mb()

@@ -6,7 +6,7 @@
     python bench/vision_attention.py --heads 16      # Qwen2-VL's ViT: 16 heads of 80
 
 The op a prefill runs `depth` times; on a 2-core CPU it was the part of the time to first token furthest from
-the GEMM rate (bench/README.md). Each variant is timed alternately with the others, the median of the
+the GEMM rate (bench/history.md). Each variant is timed alternately with the others, the median of the
 repeats; every variant's output is checked against the batched one.
 """
 

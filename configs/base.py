@@ -39,14 +39,14 @@ def get_config() -> ConfigDict:
     c.model.scan_unroll = 1  # decoder/ViT layers per scan iteration; >= the layer count: fully unrolled
     # attention "xla" (both towers; decode steps always batched): "per_head" = one (sample, KV head) pair at a
     # time (2-D matmuls, scores in cache, flash-style backward), "batched" = all pairs in one matmul,
-    # "auto" = per_head on CPU (measured faster there, bench/README.md), batched elsewhere
+    # "auto" = per_head on CPU (faster there, bench/history.md), batched elsewhere
     c.model.attention_loop = "auto"
     c.model.vision_query_block = 0  # vision attention query rows per block (bounds memory on big images); 0 = all
     # generation's one-token decode steps: "scan" = over the stacked layer weights as training does, "unrolled" =
     # the weights and KV cache laid out for decoding once per generate call (per-layer copies, LM head as rows,
     # a cache buffer per layer; no copy per token; costs a second copy of the decoder's weights while generating
-    # and a decode-step compile time that grows with depth), "auto" = unrolled on CPU (measured faster there,
-    # bench/README.md), scan elsewhere
+    # and a decode-step compile time that grows with depth), "auto" = unrolled on CPU (faster there,
+    # bench/history.md), scan elsewhere
     c.model.decode_layers = "auto"
 
     # --- the teacher (stage "kd"): same sources; it shares the mesh, is never donated, has no optimizer state

@@ -9,9 +9,8 @@ def get_config():
     c = clinkd_qwen2vl_7b.get_config()
     c.model.hf_dir = "/ckpt/Qwen2-VL-2B-Instruct"
     c.teacher.hf_dir = "/ckpt/Qwen2-VL-7B-Instruct"  # ideally fine-tuned on Med-GRIT first
-    # v5p-8, ahead of time (bench/README.md): the KD step fits 16 rows per chip without remat (92.0 GiB of 95; 2 rows:
-    # 23.0 GiB); full remat (13.9 GiB at 2 rows) was not estimated faster, so none stays. Splash from the 7B config.
-    # On 16-32 GiB chips (v4, v5e, v6e) set model.remat=full: 16 rows per chip instead of 2-4, estimated 21-37 %
-    # more rows per second (bench/README.md).
+    # No remat: on a v5p-8 the KD step fits 16 rows per chip without it, and full remat was not estimated faster
+    # (bench/README.md, TPU table). Splash from the 7B config. On 16-32 GiB chips (v4, v5e, v6e) set
+    # model.remat=full: without it only 2-4 rows per chip fit, with it 16 (bench/history.md).
     c.model.remat = "none"
     return c

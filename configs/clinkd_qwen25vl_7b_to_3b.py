@@ -20,7 +20,7 @@ def get_config():
     c.model.hf_dir = "/ckpt/Qwen2.5-VL-3B-Instruct"
     c.teacher.hf_dir = "/ckpt/Qwen2.5-VL-7B-Instruct"  # ideally fine-tuned on Med-GRIT first
     c.model.family = "qwen2_5_vl"  # checked against both checkpoints' config.json before anything is loaded
-    # v5p-8, ahead of time (bench/README.md): with full remat the KD step fits 16 rows per chip (30.3 GiB of 95),
-    # estimated 3.74 s a step; remat none was not compiled. `python -m clinkd_jax.aot` says what fits elsewhere
+    # full remat: the KD step then fits 16 rows per chip on a v5p-8 with room to spare; remat none was not compiled.
+    # `python -m clinkd_jax.aot` says what fits elsewhere
     c.model.remat = "full"
     return c

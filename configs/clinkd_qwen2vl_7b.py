@@ -23,9 +23,9 @@ def get_config():
     c.model.hf_dir = "/ckpt/Qwen2-VL-7B-Instruct"
     c.teacher.hf_dir = "/ckpt/teacher"
     c.model.dtype = c.teacher.dtype = "bfloat16"
-    # On a v5p-8 (compiled ahead of time, bench/README.md "Compiled for Cloud TPU slices"): with full remat and
-    # splash attention the SFT step fits 16 rows per chip (52.9 GiB of 95) and 7B -> 7B KD too (57.0 GiB); the
-    # XLA attention does not compile there (libtpu 0.0.52 aborts). On GPUs set model.attention=cudnn or xla.
+    # Full remat and splash attention: with them the SFT step and 7B -> 7B KD fit 16 rows per chip on a v5p-8
+    # (bench/README.md, TPU table); the XLA attention does not compile for TPU (libtpu aborts). On GPUs set
+    # model.attention=cudnn or xla.
     c.model.remat = "full"
     c.model.attention = "splash"
     c.data.format = "medgrit"

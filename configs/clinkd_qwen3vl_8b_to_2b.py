@@ -23,7 +23,7 @@ def get_config():
     c.teacher.hf_dir = "/ckpt/Qwen3-VL-8B-Instruct"  # ideally fine-tuned on Med-GRIT first
     c.model.family = "qwen3_vl"  # checked against both checkpoints' config.json before anything is loaded
     c.data.chat_template = "qwen3vl"
-    # v5p-8, ahead of time (bench/README.md): the KD step with the 8B teacher fits 8 rows per chip without remat
-    # (60.8 GiB of 95; 16 rows do not), estimated 1.49 s a step; remat none as in clinkd_2b_from_7b
+    # remat none as in clinkd_2b_from_7b: on a v5p-8 the KD step with the 8B teacher fits 8 rows per chip without it
+    # (`python -m clinkd_jax.aot` for other slices)
     c.model.remat = "none"
     return c

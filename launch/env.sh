@@ -4,8 +4,8 @@
 # process settings (GLIBC_TUNABLES below).
 
 # glibc's malloc backs its large buffers with transparent huge pages (madvise). XLA:CPU allocates fresh
-# buffers every step (a scan's stacked residuals, gradient accumulators), and faulting them in page by page
-# cost up to ~20 % of a CPU train step on a Zen 3 EPYC (bench/README.md). Unknown to other C libraries: ignored.
+# buffers every step (a scan's stacked residuals, gradient accumulators), and faulting them in page by page is a
+# visible share of a CPU train step (bench/history.md). Unknown to other C libraries: ignored.
 case ":${GLIBC_TUNABLES:-}:" in
   *:glibc.malloc.hugetlb=*) ;;
   *) export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1" ;;

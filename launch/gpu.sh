@@ -11,7 +11,7 @@
 #                  JAX images set it); changes the schedule only, never the math
 #   lhs_cublas     also --xla_gpu_enable_triton_gemm=false: every matmul through cuBLAS instead of Triton
 #   none           nothing added
-# bench/device_check.sh measures the three on the train step (bench/README.md); every run logs the
+# bench/device_check.sh measures the three on the train step (bench/history.md); every run logs the
 # XLA_FLAGS it ran with ("running on ..." line).
 # --dry-run prints the per-process commands instead of starting them. With --gpus 1 and one node the
 # plain single-process command runs (no jax.distributed). Logs: <workdir>/logs/process_<id>.log.

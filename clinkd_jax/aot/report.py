@@ -33,9 +33,9 @@ def memory(compiled) -> dict[str, int]:
     return out
 
 
-# TPU layout custom calls that XLA's cost analysis prices at -1 s each (unknown cost) in "optimal_seconds": found
-# by counting them against the (negative) integer part of train steps' estimates (issue 32 notes). Their cost is
-# taken as 0 (they re-label or crop buffers); any other unknown left makes the estimate unusable (NaN).
+# TPU layout custom calls that XLA's cost analysis prices at -1 s each (unknown cost) in "optimal_seconds" (their
+# count matches the negative integer part of train steps' estimates). Their cost is taken as 0 (they re-label or
+# crop buffers); any other unknown left makes the estimate unusable (NaN).
 UNKNOWN_COST_CALLS = ("ConcatBitcast", "ZeroCrop")
 
 

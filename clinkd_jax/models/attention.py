@@ -92,8 +92,8 @@ def _xla_attention(q, k, v, mask):
     """Written for XLA's dot layouts: the (B, K) batch dimensions lead every operand (the small q/k/v and
     output are transposed, never the (T, S) scores), and the mask is an additive bias, whose gradient needs
     no mask (nothing per layer is kept for the backward pass but the probabilities). The 1/sqrt(H) scale
-    goes on q, a (T, H) pass instead of one over the (T, S) scores (on XLA:CPU the latter was a separate
-    copy of the scores: 3 % of the time to first token, bench/README.md)."""
+    goes on q, a (T, H) pass instead of one over the (T, S) scores (on XLA:CPU the latter is a separate
+    copy of the scores)."""
     b, t, n, h = q.shape
     kv_heads = k.shape[1]  # k, v (B, K, S, H)
     g = n // kv_heads
@@ -116,8 +116,8 @@ def _in_query_blocks(attend, q, k, v, mask, block: int):
 
 def _xla_attention_per_head(q, k, v, mask, query_block: int):
     """`_xla_attention` one (sample, KV head) pair per step of a `lax.map`: (G*T, H) x (H, S) matmuls without
-    batch dimensions, and (G, T, S) scores that fit in cache, where XLA:CPU's batched matmuls over all pairs
-    ran at ~40 GFLOP/s against ~130 (bench/README.md)."""
+    batch dimensions, and (G, T, S) scores that fit in cache: XLA:CPU's batched matmuls over all pairs run at a
+    fraction of its plain matmuls' rate (bench/history.md)."""
     b, t, n, h = q.shape
     kv_heads, s = k.shape[1], k.shape[2]  # k, v (B, K, S, H)
     g = n // kv_heads
@@ -145,7 +145,7 @@ def _attend_2d(q_gth, k_sh, v_sh, mask_ts):
     only the output and each row's max and sum are kept, and the probabilities are recomputed from q and k
     (one more (T, H) x (H, S) matmul) instead of being stacked per pair (a (T, S) float32 buffer to fill,
     write and read back per pair and layer); and every matmul takes the (T, S) operand in its stored
-    layout (differentiated automatically, XLA:CPU copied a transpose of it per pair; bench/README.md)."""
+    layout (differentiated automatically, XLA:CPU copied a transpose of it per pair)."""
     return _attend_2d_fwd(q_gth, k_sh, v_sh, mask_ts)[0]
 
 

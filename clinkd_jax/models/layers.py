@@ -120,7 +120,7 @@ def gated_activation(name: str):
     """(gate, up) -> act(gate) * up, the gated MLP's product, keeping only its two inputs for the backward
     pass and recomputing the activation there. Differentiated as written, JAX kept act(gate), its derivative
     terms and the product too: six (tokens, intermediate) stacks per layer in the layer scan instead of three
-    (with the down projection's input), ~270 MB a step at the CPU benchmark's medium size (issue 17)."""
+    (with the down projection's input)."""
     act = activation(name)
 
     @jax.custom_vjp

@@ -177,7 +177,7 @@ class Qwen2Model(nn.Module):
 
     `stacked=False` runs the layers as a Python loop over their own param trees `layers_0` ... (`unstack_layers`
     converts): generation's decode steps on CPU, where the scan copied every layer's weights out of the stacked
-    arrays at every token (a fifth of a generate call's op time, bench/README.md).
+    arrays at every token.
     """
 
     cfg: TextConfig

@@ -148,7 +148,7 @@ def decode_model(model: Qwen2VL, params) -> tuple[Qwen2VL, Any, Callable[[jax.Ar
     decode_layers="scan" (and "auto" off CPU): the model and params as given. "unrolled": its weights laid out
     for one-token steps once per call, outside the decode loop: the layers' params sliced out of the stack (the
     scan copied them at every token), and the LM head as (V, D) rows, whose logits are one multiply-reduce per
-    row (XLA:CPU's dot streamed the head at 12 GB/s against 28 for the reduce, bench/README.md). The unrolled
+    row (XLA:CPU streams the head faster through a reduce than through its matrix-vector dot). The unrolled
     model takes the KV cache as one buffer per layer (`KVCache.per_layer`)."""
     if resolve_auto(model.decode_layers, "unrolled", "scan") == "scan" or not model.stacked_layers:
         head = lambda h: model.apply({"params": params}, h[:, None], method=Qwen2VL.logits)[:, 0]

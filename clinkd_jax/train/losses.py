@@ -65,6 +65,29 @@ class KDConfig:
             raise ValueError(f"kd.sum_rows must be >= 0, got {self.sum_rows}")
 
 
+@dataclasses.dataclass(frozen=True)
+class OnlineTeacher:
+    """The teacher's signal when it runs in the step: its final hidden states (B, L, D_t) and its LM head (which
+    may be wider than the student's vocabulary); the loss projects them chunk by chunk, never all logits."""
+
+    hidden: jax.Array
+    head: Callable[[jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedTopK:
+    """The teacher's signal read with the batch (pseudo-labels, `clinkd_jax.train.pseudo_labels`): its top-k
+    token ids and log-probabilities at temperature T, (B, L, k) each, and where they hold, (B, L)."""
+
+    ids: jax.Array
+    logp: jax.Array
+    valid: jax.Array
+
+
+# What the loss distils from: None (SFT), an online teacher, or cached top-k; on-policy samples are a third kind.
+Teacher = OnlineTeacher | CachedTopK | None
+
+
 def resolve_token_weights(spec: str) -> Callable | None:
     """"" -> None (uniform weights); "module:function" -> the function (raises ValueError naming what is wrong)."""
     if not spec:
@@ -98,8 +121,8 @@ def _weighted(kd: KDConfig, w: jax.Array, log_p: jax.Array, log_q: jax.Array) ->
 
 def forward_kl(t: jax.Array, s: jax.Array) -> jax.Array:
     """KL(softmax(t) || softmax(s)) over the last axis, written as sum p (t - s) - lse(t) + lse(s) (sum p = 1):
-    no (.., V) log-probabilities are formed, and the gradient in s is softmax(s) - p. On CPU the two
-    log_softmax + exp form was the KD step's largest elementwise cost (bench/README.md, issue 17)."""
+    no (.., V) log-probabilities are formed, and the gradient in s is softmax(s) - p. The two-log_softmax form
+    writes two vocabulary-wide arrays per position more, the KD step's largest elementwise cost on CPU."""
     lse_t = jax.nn.logsumexp(t, axis=-1, keepdims=True)
     p = jnp.exp(t - lse_t)
     return jnp.sum(p * (t - s), axis=-1) - lse_t[..., 0] + jax.nn.logsumexp(s, axis=-1)
@@ -114,7 +137,7 @@ def _chunks(x, chunk):
     return jnp.moveaxis(x.reshape(b, -1, chunk, *x.shape[2:]), 1, 0)
 
 
-def _chunked_inputs(hidden_bld, labels_bl, *, chunk, teacher_hidden_bld, kd, kd_weights_bl, teacher_topk):
+def _chunked_inputs(hidden_bld, labels_bl, *, chunk, teacher: Teacher, kd, kd_weights_bl):
     """The per-position inputs of the loss in chunks (`_chunks` layout), scored positions first per row."""
     b, length, _ = hidden_bld.shape
     targets = jnp.concatenate([labels_bl[:, 1:], jnp.full((b, 1), IGNORE, labels_bl.dtype)], axis=1)
@@ -128,10 +151,10 @@ def _chunked_inputs(hidden_bld, labels_bl, *, chunk, teacher_hidden_bld, kd, kd_
     first = lambda x: _chunks(jax.vmap(lambda row, o: row[o])(x, order), chunk)
     xs = {"h": first(hidden_bld), "tgt": first(targets), "ce_m": first(ce_mask), "kd_m": first(kd_mask),
           "w": first(weights)}
-    if teacher_hidden_bld is not None:
-        xs["th"] = first(jax.lax.stop_gradient(teacher_hidden_bld))
-    if teacher_topk is not None:
-        xs["tk_ids"], xs["tk_logp"], xs["tk_valid"] = (first(x) for x in teacher_topk)
+    if isinstance(teacher, OnlineTeacher):
+        xs["th"] = first(jax.lax.stop_gradient(teacher.hidden))
+    elif isinstance(teacher, CachedTopK):
+        xs["tk_ids"], xs["tk_logp"], xs["tk_valid"] = (first(x) for x in (teacher.ids, teacher.logp, teacher.valid))
     return xs
 
 
@@ -178,26 +201,26 @@ def token_losses(
     labels_bl: jax.Array,
     *,
     chunk: int = 256,
-    teacher_hidden_bld: jax.Array | None = None,
-    teacher_head: Callable[[jax.Array], jax.Array] | None = None,
+    teacher: Teacher = None,
     kd: KDConfig = KDConfig(),
     kd_weights_bl: jax.Array | None = None,
-    teacher_topk: tuple[jax.Array, jax.Array, jax.Array] | None = None,
 ) -> dict[str, jax.Array]:
     """Sums and counts per row: {"ce_sum", "ce_count", "kd_sum", "kd_count"} (float32, shape (B,)).
 
-    `head(h)` maps (B, c, D) hidden states to (B, c, V) logits; the teacher's head may be wider.
-    `kd_weights_bl` is the per-token weight hook (uniform = released; the v4 curriculum plugs in here).
-    `teacher_topk` = (ids (B, L, k), log p (B, L, k), valid (B, L)): cached pseudo-labels instead of a
-    teacher forward (`clinkd_jax.train.pseudo_labels`); forward KL over the k stored tokens.
+    `head(h)` maps (B, c, D) hidden states to (B, c, V) logits. `teacher`: what KD distils from (`Teacher`; with
+    `CachedTopK` the forward KL runs over the k stored tokens). `kd_weights_bl` is the per-token weight hook
+    (uniform = released; the v4 curriculum plugs in here).
     Differentiable as written (JAX keeps each scored chunk's logits for the backward pass); a training step
     takes `chunked_loss`, whose gradient is computed during the forward pass.
     """
-    xs = _chunked_inputs(hidden_bld, labels_bl, chunk=chunk, teacher_hidden_bld=teacher_hidden_bld, kd=kd,
-                         kd_weights_bl=kd_weights_bl, teacher_topk=teacher_topk)
-    distill = teacher_hidden_bld is not None or teacher_topk is not None
+    xs = _chunked_inputs(hidden_bld, labels_bl, chunk=chunk, teacher=teacher, kd=kd, kd_weights_bl=kd_weights_bl)
+    distill = teacher is not None
     keys = ("ce_sum", "ce_count") + (("kd_sum", "kd_count") if distill else ())
-    return _sums(functools.partial(_scored, kd, distill, head, teacher_head), keys, xs)
+    return _sums(functools.partial(_scored, kd, distill, head, _head_of(teacher)), keys, xs)
+
+
+def _head_of(teacher: Teacher):
+    return teacher.head if isinstance(teacher, OnlineTeacher) else None
 
 
 def chunked_loss(
@@ -208,10 +231,8 @@ def chunked_loss(
     kd: KDConfig | None = None,
     backward: str = "fused",
     chunk: int = 256,
-    teacher_hidden_bld: jax.Array | None = None,
-    teacher_head: Callable[[jax.Array], jax.Array] | None = None,
+    teacher: Teacher = None,
     kd_weights_bl: jax.Array | None = None,
-    teacher_topk: tuple[jax.Array, jax.Array, jax.Array] | None = None,
     unrolled: bool = False,
 ) -> dict[str, jax.Array]:
     """The training loss: `combine(token_losses(...), kd)` (`kd=None`: SFT), as {"loss", "loss_ce",
@@ -229,24 +250,23 @@ def chunked_loss(
     last scored chunk: the program `clinkd_jax.aot` asks XLA's cost analysis about (which counts a loop's body
     once); same values.
     """
-    distill = teacher_hidden_bld is not None or teacher_topk is not None
+    distill = teacher is not None
     if distill != (kd is not None):
-        raise ValueError("distillation takes kd and a teacher (its hidden states or cached top-k); SFT neither")
+        raise ValueError("distillation takes kd and a teacher (online or cached top-k); SFT neither")
     if backward not in LOSS_BACKWARDS:
         raise ValueError(f"train.loss_backward={backward!r} is not one of {LOSS_BACKWARDS}")
     kd_ = kd or KDConfig()
     if backward == "autodiff":
-        return combine(token_losses(hidden_bld, head, labels_bl, chunk=chunk, teacher_hidden_bld=teacher_hidden_bld,
-                                    teacher_head=teacher_head, kd=kd_, kd_weights_bl=kd_weights_bl,
-                                    teacher_topk=teacher_topk), kd)
-    xs = _chunked_inputs(hidden_bld, labels_bl, chunk=chunk, teacher_hidden_bld=teacher_hidden_bld, kd=kd_,
-                         kd_weights_bl=kd_weights_bl, teacher_topk=teacher_topk)
+        return combine(token_losses(hidden_bld, head, labels_bl, chunk=chunk, teacher=teacher, kd=kd_,
+                                    kd_weights_bl=kd_weights_bl), kd)
+    xs = _chunked_inputs(hidden_bld, labels_bl, chunk=chunk, teacher=teacher, kd=kd_, kd_weights_bl=kd_weights_bl)
     counts = {"ce_count": jnp.sum(xs["ce_m"], axis=(0, 2)).astype(jnp.float32)}
     if distill:
         counts["kd_count"] = jnp.sum(_kd_mask(xs), axis=(0, 2)).astype(jnp.float32)
     coef = coefficients(counts, kd)
     keys = ("ce_sum", "ce_count") + (("kd_sum", "kd_count") if distill else ())
-    loss, totals = _fused(functools.partial(_scored, kd_, distill), keys, xs, head, teacher_head, coef, unrolled)
+    loss, totals = _fused(functools.partial(_scored, kd_, distill), keys, xs, head, _head_of(teacher), coef,
+                          unrolled)
     return {**combine(totals, kd), "loss": loss}
 
 
@@ -272,7 +292,7 @@ def _fused(scored, keys, xs, head, teacher_head, coef, unrolled=False):
     ends at the last one whatever the order (an unscored chunk inside adds zeros: correct, only slower).
     Chunk 0 always runs, so the head's gradient starts from a chunk's, not from zeros. Differentiating the
     chunk scan instead recomputed each chunk's logits (or kept them) and added a (D, V) gradient per chunk,
-    scored or not (bench/README.md, issue 17)."""
+    scored or not."""
     s_fn, s_consts = jax.closure_convert(head, xs["h"][0])
     t_fn, t_consts = (None, []) if teacher_head is None else jax.closure_convert(teacher_head, xs["th"][0])
     loss_of = functools.partial(_weighted_sum, coef)

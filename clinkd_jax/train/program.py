@@ -63,9 +63,12 @@ def build(c, cfg: Qwen2VLConfig, mesh, rules, *, teacher_cfg: Qwen2VLConfig | No
     st_sh = state_lib.state_shardings(model, tx, mesh, rules)
     t_sh = None if teacher is None else sharding.tree_shardings(abstract_params(teacher), mesh, rules)
     sched = state_lib.schedule(opt)
-    step = steps.jit_train_step(
-        st_sh, t_sh, None, model=model, tx=tx, teacher=teacher, kd=kd_config(c) if c.stage == "kd" else None,
-        chunk=c.train.loss_chunk, loss_backward=c.train.loss_backward, teacher_positions=c.teacher.positions,
-        lr_schedule=lambda s: sched(s // opt.grad_accum), frozen=opt.frozen, loss_unrolled=loss_unrolled,
-    )
+    source = None
+    if c.stage == "kd":
+        source = steps.TeacherSource("cached") if teacher is None else steps.TeacherSource(
+            "online", teacher, c.teacher.positions)
+    loss = steps.LossSettings(kd=kd_config(c) if source else None, chunk=c.train.loss_chunk,
+                              backward=c.train.loss_backward, unrolled=loss_unrolled)
+    step = steps.jit_train_step(st_sh, t_sh, None, model=model, tx=tx, loss=loss, teacher=source,
+                                lr_schedule=lambda s: sched(s // opt.grad_accum), frozen=opt.frozen)
     return TrainProgram(model, teacher, opt, tx, st_sh, t_sh, step)

@@ -74,7 +74,7 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     """Scale all gradients by min(1, max_norm / global norm), as `optax.clip_by_global_norm` (same empty state)
     and `torch.nn.utils.clip_grad_norm_` do, but as one scalar times each gradient: optax divides every element
     by the norm, and XLA:CPU wrote those quotients out as a second copy of every gradient for the two AdamW
-    moments to read (one more pass over the parameters per step; bench/README.md, issue 17)."""
+    moments to read: one more pass over the parameters per step (bench/history.md)."""
 
     def update(updates, state, params=None):
         del params

@@ -8,6 +8,7 @@ Both project hidden states to logits in sequence chunks (losses.chunked_loss).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -34,6 +35,42 @@ def hidden_and_head(model: Qwen2VL, params, batch, position_key="position_ids"):
     return hidden, head
 
 
+@dataclasses.dataclass(frozen=True)
+class TeacherSource:
+    """Where a distillation step's teacher signal comes from; static, part of the compiled program.
+    "online": `model` runs in the step on the params passed beside the state (`positions` "shared": the student's
+    position ids, as released; "own": the batch's teacher_position_ids). "cached": the batch's pseudo-labels
+    (`teacher_topk_*`), no teacher forward."""
+
+    kind: str
+    model: Qwen2VL | None = None
+    positions: str = "shared"
+
+    def __post_init__(self):
+        if self.kind not in ("online", "cached") or (self.kind == "online") != (self.model is not None):
+            raise ValueError(f"a teacher source is 'online' with a model or 'cached' without, not {self!r}")
+
+    def signal(self, teacher_params, batch: dict) -> losses.Teacher:
+        if self.kind == "cached":
+            return losses.CachedTopK(batch["teacher_topk_ids"], batch["teacher_topk_logp"],
+                                     batch["teacher_topk_valid"])
+        key = "position_ids" if self.positions == "shared" else "teacher_position_ids"
+        hidden, head = hidden_and_head(self.model, teacher_params, batch, key)
+        return losses.OnlineTeacher(jax.lax.stop_gradient(hidden), head)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+    """How the step's loss is computed (`losses.chunked_loss`): `kd` None is SFT; `chunk` positions per LM-head
+    chunk; `backward` "fused" | "autodiff"; `unrolled`: the chunk loop as straight-line code (for XLA's cost
+    analysis, `clinkd_jax.aot`)."""
+
+    kd: losses.KDConfig | None = None
+    chunk: int = 256
+    backward: str = "fused"
+    unrolled: bool = False
+
+
 def train_step(
     state: TrainState,
     teacher_params,
@@ -41,37 +78,24 @@ def train_step(
     *,
     model: Qwen2VL,
     tx: optax.GradientTransformation,
-    teacher: Qwen2VL | None = None,
-    kd: losses.KDConfig | None = None,
-    chunk: int = 256,
-    teacher_positions: str = "shared",
+    loss: LossSettings = LossSettings(),
+    teacher: TeacherSource | None = None,
     lr_schedule=None,
     frozen: tuple[str, ...] = (),
-    loss_backward: str = "fused",
-    loss_unrolled: bool = False,
 ):
-    """One optimizer micro-step. `teacher_params=None` and `kd=None` is plain SFT; `kd` with cached
-    pseudo-labels in the batch (`teacher_topk_*`) distils without a teacher forward. `loss_unrolled`: the loss's
-    chunk loop as straight-line code (`losses.chunked_loss`; for XLA's cost analysis, `clinkd_jax.aot`)."""
-    cached = kd is not None and "teacher_topk_ids" in batch
-    distill = teacher_params is not None or cached
-    topk = (batch["teacher_topk_ids"], batch["teacher_topk_logp"], batch["teacher_topk_valid"]) if cached else None
-    if teacher_params is not None:
-        key = "position_ids" if teacher_positions == "shared" else "teacher_position_ids"
-        t_hidden, t_head = hidden_and_head(teacher, teacher_params, batch, key)
-        t_hidden = jax.lax.stop_gradient(t_hidden)
-    else:
-        t_hidden = t_head = None
-
+    """One optimizer micro-step: SFT without a `teacher`, ClinKD distillation (`loss.kd`) from its signal with
+    one. `teacher_params`: the online teacher's (None otherwise)."""
+    if (teacher is None) != (loss.kd is None):
+        raise ValueError("distillation takes loss.kd and a teacher source; SFT neither")
+    signal = None if teacher is None else teacher.signal(teacher_params, batch)
     labels = state_lib.trainable_labels(state.params, frozen) if frozen else None
 
     def loss_fn(params):
         if labels is not None:  # no backward pass at all through frozen parts (the vision tower)
             params = jax.tree.map(lambda p, lab: jax.lax.stop_gradient(p) if lab == "frozen" else p, params, labels)
         hidden, head = hidden_and_head(model, params, batch)
-        out = losses.chunked_loss(hidden, head, batch["labels"], kd=kd if distill else None, backward=loss_backward,
-                                  chunk=chunk, teacher_hidden_bld=t_hidden, teacher_head=t_head, teacher_topk=topk,
-                                  unrolled=loss_unrolled)
+        out = losses.chunked_loss(hidden, head, batch["labels"], kd=loss.kd, backward=loss.backward, chunk=loss.chunk,
+                                  teacher=signal, unrolled=loss.unrolled)
         return out["loss"], out
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

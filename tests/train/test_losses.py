@@ -66,8 +66,9 @@ SWITCHES = [L.KDConfig(mask=m, reduction=r, divergence=d, alpha=a, temperature=t
 def test_matches_spec_formula(kd):
     hs, ht, ws, wt, labels, weights = data()
     f32 = lambda x: jnp.asarray(x, jnp.float32)
-    totals = L.token_losses(f32(hs), lambda h: h @ f32(ws), jnp.asarray(labels), chunk=4, teacher_hidden_bld=f32(ht),
-                            teacher_head=lambda h: h @ f32(wt), kd=kd, kd_weights_bl=f32(weights))
+    teacher = L.OnlineTeacher(f32(ht), lambda h: h @ f32(wt))
+    totals = L.token_losses(f32(hs), lambda h: h @ f32(ws), jnp.asarray(labels), chunk=4, teacher=teacher, kd=kd,
+                            kd_weights_bl=f32(weights))
     out = L.combine(totals, kd)
     ce, l_kd, total = reference(hs, ht, ws, wt, labels, weights, kd)
     np.testing.assert_allclose([out["loss_ce"], out["loss_kd"], out["loss"]], [ce, l_kd, total], rtol=1e-5)
@@ -78,8 +79,8 @@ def test_kd_only_branch_and_plain_ce():
     f32 = lambda x: jnp.asarray(x, jnp.float32)
     kd = L.KDConfig(use_ce=False)
     out = L.combine(L.token_losses(f32(hs), lambda h: h @ f32(ws), jnp.asarray(labels), chunk=5,
-                                   teacher_hidden_bld=f32(ht),
-                                   teacher_head=lambda h: h @ f32(wt), kd=kd, kd_weights_bl=f32(weights)), kd)
+                                   teacher=L.OnlineTeacher(f32(ht), lambda h: h @ f32(wt)), kd=kd,
+                                   kd_weights_bl=f32(weights)), kd)
     np.testing.assert_allclose(out["loss"], reference(hs, ht, ws, wt, labels, weights, kd)[2], rtol=1e-5)
     sft = L.combine(L.token_losses(f32(hs), lambda h: h @ f32(ws), jnp.asarray(labels)), None)
     np.testing.assert_allclose(sft["loss"], reference(hs, ht, ws, wt, labels, weights, kd)[0], rtol=1e-5)
@@ -107,8 +108,8 @@ def test_chunked_gradients_equal_the_dense_formula(chunk, backward, prompt):
     for kd in KD_VARIANTS:
         def ours(ws_, hs_):
             return L.chunked_loss(hs_, lambda h: h @ ws_, jnp.asarray(labels), kd=kd, backward=backward, chunk=chunk,
-                                  teacher_hidden_bld=None if kd is None else f32(ht), kd_weights_bl=f32(weights),
-                                  teacher_head=None if kd is None else (lambda h: h @ f32(wt)))["loss"]
+                                  teacher=None if kd is None else L.OnlineTeacher(f32(ht), lambda h: h @ f32(wt)),
+                                  kd_weights_bl=f32(weights))["loss"]
 
         def dense(ws_, hs_):
             w = f32(weights)
@@ -143,7 +144,7 @@ def test_loss_groups_of_filler_rows_do_not_count(backward):
 
     def ours(ws_):
         return L.chunked_loss(f32(two(hs)), lambda h: h @ ws_, jnp.asarray(labels4), kd=kd, backward=backward,
-                              chunk=4, teacher_hidden_bld=f32(two(ht)), teacher_head=lambda h: h @ f32(wt),
+                              chunk=4, teacher=L.OnlineTeacher(f32(two(ht)), lambda h: h @ f32(wt)),
                               kd_weights_bl=f32(two(weights)))
 
     def dense(ws_):
@@ -164,7 +165,7 @@ def test_nothing_to_score_gives_zero_loss_and_gradients(backward):
     kd = L.KDConfig()
     loss = lambda ws_, hs_: L.chunked_loss(
         hs_, lambda h: h @ ws_, jnp.full((B, T), -100), kd=kd, backward=backward, chunk=4,
-        teacher_hidden_bld=f32(ht), teacher_head=lambda h: h @ f32(wt))["loss"]
+        teacher=L.OnlineTeacher(f32(ht), lambda h: h @ f32(wt)))["loss"]
     v, (g_w, g_h) = jax.value_and_grad(loss, argnums=(0, 1))(f32(ws), f32(hs))
     assert float(v) == 0.0 and not np.any(g_w) and not np.any(g_h)
 
@@ -193,8 +194,8 @@ def test_lm_head_runs_only_on_chunks_that_hold_scored_positions():
         return h @ jnp.float32(ws)
 
     f32 = lambda x: jnp.asarray(x, jnp.float32)
-    t = L.token_losses(f32(hs), head, jnp.asarray(labels), chunk=1, teacher_hidden_bld=f32(ht),
-                       teacher_head=lambda h: h @ f32(wt), kd=kd, kd_weights_bl=f32(weights))
+    t = L.token_losses(f32(hs), head, jnp.asarray(labels), chunk=1,
+                       teacher=L.OnlineTeacher(f32(ht), lambda h: h @ f32(wt)), kd=kd, kd_weights_bl=f32(weights))
     loss = float(L.combine(t, kd)["loss"])
     jax.effects_barrier()
     targets = np.concatenate([labels[:, 1:], np.full((B, 1), -100)], 1)
@@ -225,9 +226,11 @@ def test_token_weight_hook_changes_the_loss_as_by_hand():
     p = np.sort(np.exp(log_softmax((ht @ wt)[..., :VS] / kd.temperature)), -1)
     margin = p[..., -1] - p[..., -2]
 
+    teacher = L.OnlineTeacher(f32(ht), lambda h: h @ f32(wt))
+
     def ours(ws_):
-        totals = L.token_losses(f32(hs), lambda h: h @ ws_, jnp.asarray(labels), chunk=4, teacher_hidden_bld=f32(ht),
-                                teacher_head=lambda h: h @ f32(wt), kd=kd, kd_weights_bl=f32(weights))
+        totals = L.token_losses(f32(hs), lambda h: h @ ws_, jnp.asarray(labels), chunk=4, teacher=teacher, kd=kd,
+                                kd_weights_bl=f32(weights))
         return L.combine(totals, kd)["loss_kd"]
 
     _, l_kd, _ = reference(hs, ht, ws, wt, labels, weights * margin, kd)
@@ -236,8 +239,8 @@ def test_token_weight_hook_changes_the_loss_as_by_hand():
     assert abs(l_kd - unweighted) > 0.1 * abs(unweighted)  # the hook matters at this size
     fixed = dataclasses.replace(kd, token_weights=None)  # the same weights given as constants
     const = lambda ws_: L.combine(L.token_losses(
-        f32(hs), lambda h: h @ ws_, jnp.asarray(labels), chunk=4, teacher_hidden_bld=f32(ht),
-        teacher_head=lambda h: h @ f32(wt), kd=fixed, kd_weights_bl=f32(weights * margin)), fixed)["loss_kd"]
+        f32(hs), lambda h: h @ ws_, jnp.asarray(labels), chunk=4, teacher=teacher, kd=fixed,
+        kd_weights_bl=f32(weights * margin)), fixed)["loss_kd"]
     np.testing.assert_allclose(jax.grad(ours)(f32(ws)), jax.grad(const)(f32(ws)), rtol=1e-4, atol=1e-6)
     # a weight that depends on the student: still a constant for the gradient
     kd = dataclasses.replace(kd, token_weights=lambda lp, lq: jnp.exp(jnp.max(lq, axis=-1)))
@@ -282,18 +285,18 @@ def test_cached_topk_with_full_vocab_equals_online(mask, token_weights):
     hs, ht, ws, wt, labels, weights = data(3)
     f32 = lambda x: jnp.asarray(x, jnp.float32)
     kd = L.KDConfig(mask=mask, token_weights=L.resolve_token_weights(token_weights))
-    online = L.token_losses(f32(hs), lambda h: h @ f32(ws), jnp.asarray(labels), chunk=4, teacher_hidden_bld=f32(ht),
-                            teacher_head=lambda h: h @ f32(wt), kd=kd)
+    online = L.token_losses(f32(hs), lambda h: h @ f32(ws), jnp.asarray(labels), chunk=4,
+                            teacher=L.OnlineTeacher(f32(ht), lambda h: h @ f32(wt)), kd=kd)
     logp = jax.nn.log_softmax(f32(ht @ wt)[..., :VS] / kd.temperature, axis=-1)
     vals, ids = jax.lax.top_k(logp, VS)
     cached = L.token_losses(f32(hs), lambda h: h @ f32(ws), jnp.asarray(labels), chunk=4, kd=kd,
-                            teacher_topk=(ids, vals, jnp.ones((B, T), bool)))
+                            teacher=L.CachedTopK(ids, vals, jnp.ones((B, T), bool)))
     for key in ("kd_sum", "kd_count", "ce_sum", "ce_count"):
         np.testing.assert_allclose(cached[key], online[key], rtol=1e-5, err_msg=key)
     # and the training loss's gradient, computed in the fused forward pass of each (rtol 1e-4: a sum of V
     # terms in another order, through the softmax)
     grad = lambda **teacher: jax.grad(lambda w: L.chunked_loss(f32(hs), lambda h: h @ w, jnp.asarray(labels), kd=kd,
                                                                chunk=4, **teacher)["loss"])(f32(ws))
-    np.testing.assert_allclose(grad(teacher_topk=(ids, vals, jnp.ones((B, T), bool))),
-                               grad(teacher_hidden_bld=f32(ht), teacher_head=lambda h: h @ f32(wt)),
+    np.testing.assert_allclose(grad(teacher=L.CachedTopK(ids, vals, jnp.ones((B, T), bool))),
+                               grad(teacher=L.OnlineTeacher(f32(ht), lambda h: h @ f32(wt))),
                                rtol=1e-4, atol=1e-6)

@@ -12,7 +12,7 @@ from clinkd_jax.data import pipeline
 from clinkd_jax.data import pseudo_labels as store
 from clinkd_jax.models import Qwen2VL
 from clinkd_jax.models.qwen2vl import init_params
-from clinkd_jax.train import losses, pseudo_labels
+from clinkd_jax.train import losses, pseudo_labels, steps
 from clinkd_jax.train import state as state_lib
 
 pytestmark = pytest.mark.e2e  # run under one Python only: tests/run_all.sh says why
@@ -54,8 +54,9 @@ def test_cached_full_vocab_equals_online(tmp_path, batches_of_family, family, ma
         cached.append(b)
 
     tx = state_lib.optimizer_for(student, state_lib.OptimConfig(learning_rate=1e-3, total_steps=4))
-    online = one_device_step(model=student, tx=tx, teacher=teacher, kd=kd, chunk=64)
-    offline = one_device_step(model=student, tx=tx, kd=kd, chunk=64)
+    loss = steps.LossSettings(kd=kd, chunk=64)
+    online = one_device_step(model=student, tx=tx, loss=loss, teacher=steps.TeacherSource("online", teacher))
+    offline = one_device_step(model=student, tx=tx, loss=loss, teacher=steps.TeacherSource("cached"))
     a = b_ = on_one_device(state_lib.create(s_params, tx))
     for on_batch, off_batch in zip(batches, cached):
         a, ma = online(a, t_params, feed(on_batch))

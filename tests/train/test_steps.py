@@ -47,8 +47,10 @@ def run(model, params, batches, n, teacher=None, teacher_params=None, kd=None, o
         abstract_params(teacher), mesh)
     with sharding.use_mesh(mesh):
         st = jax.jit(functools.partial(state_lib.create, tx=tx), out_shardings=st_sh)(params)
-        step = steps.jit_train_step(st_sh, t_sh, None, model=model, tx=tx, teacher=teacher, kd=kd, chunk=64,
-                                    frozen=opt.frozen)
+        source = None if kd is None else steps.TeacherSource("cached") if teacher is None else steps.TeacherSource(
+            "online", teacher)
+        step = steps.jit_train_step(st_sh, t_sh, None, model=model, tx=tx, loss=steps.LossSettings(kd=kd, chunk=64),
+                                    teacher=source, frozen=opt.frozen)
         history = []
         for i in range(n):
             st, m = step(st, teacher_params, feed(batches[i % len(batches)]))
@@ -149,9 +151,8 @@ def test_packed_rows_give_the_loss_of_unpacked_ones(plain_and_packed, kd):
     def loss(p, batch):
         batch = feed(batch)
         hidden, head = steps.hidden_and_head(model, p, batch)
-        t_hidden, t_head = steps.hidden_and_head(model, t_params, batch) if kd else (None, None)
-        return losses.chunked_loss(hidden, head, batch["labels"], kd=kd, chunk=64, teacher_hidden_bld=t_hidden,
-                                   teacher_head=t_head)["loss"]
+        teacher = steps.TeacherSource("online", model).signal(t_params, batch) if kd else None
+        return losses.chunked_loss(hidden, head, batch["labels"], kd=kd, chunk=64, teacher=teacher)["loss"]
 
     (a, ga), (b, gb) = (jax.jit(jax.value_and_grad(loss))(params, x[0]) for x in (plain, packed))
     np.testing.assert_allclose(float(b), float(a), rtol=2e-5)
@@ -169,7 +170,7 @@ def test_gradient_accumulation_averages_micro_batches(tiny_and_batches):
     acc_opt = state_lib.OptimConfig(learning_rate=1e-3, grad_accum=2, total_steps=10)
     one_opt = state_lib.OptimConfig(learning_rate=1e-3, grad_accum=1, total_steps=10)
     tx2, tx1 = state_lib.optimizer_for(model, acc_opt), state_lib.optimizer_for(model, one_opt)
-    step2 = one_device_step(model=model, tx=tx2, chunk=64, frozen=acc_opt.frozen)
+    step2 = one_device_step(model=model, tx=tx2, loss=steps.LossSettings(chunk=64), frozen=acc_opt.frozen)
     st = on_one_device(state_lib.create(params, tx2))
     st, _ = step2(st, None, a)
     for x, y in zip(jax.tree.leaves(st.params), jax.tree.leaves(params)):
@@ -210,9 +211,8 @@ def test_kd_loss_is_the_released_per_device_loss_on_any_mesh(tiny_and_batches):
     def loss_fn(kd, grad=True):
         def f(params, t_params, batch):
             hidden, head = steps.hidden_and_head(student, params, batch)
-            t_hidden, t_head = steps.hidden_and_head(teacher, t_params, batch)
-            out = losses.chunked_loss(hidden, head, batch["labels"], kd=kd, chunk=64, teacher_hidden_bld=t_hidden,
-                                      teacher_head=t_head)
+            signal = steps.TeacherSource("online", teacher).signal(t_params, batch)
+            out = losses.chunked_loss(hidden, head, batch["labels"], kd=kd, chunk=64, teacher=signal)
             return out["loss"], out
         return jax.jit(jax.value_and_grad(f, has_aux=True) if grad else lambda *a: (f(*a), None))
 
@@ -274,9 +274,8 @@ def test_bfloat16_compute_tracks_float32_through_the_kd_loss(tiny_and_batches):
 
         def f(params):
             hidden, head = steps.hidden_and_head(student, params, batch)
-            t_hidden, t_head = steps.hidden_and_head(teacher, t_params, batch)
-            return losses.chunked_loss(hidden, head, batch["labels"], kd=kd, chunk=64, teacher_hidden_bld=t_hidden,
-                                       teacher_head=t_head)["loss"]
+            signal = steps.TeacherSource("online", teacher).signal(t_params, batch)
+            return losses.chunked_loss(hidden, head, batch["labels"], kd=kd, chunk=64, teacher=signal)["loss"]
 
         return jax.jit(jax.value_and_grad(f))(s_params)
 
@@ -318,9 +317,8 @@ def test_kd_across_families_and_padded_vocabularies(tiny_and_batches):
     def loss_and_grad(t_model, t_p):
         def f(params):
             hidden, head = steps.hidden_and_head(student, params, batch)
-            t_hidden, t_head = steps.hidden_and_head(t_model, t_p, batch)
-            return losses.chunked_loss(hidden, head, batch["labels"], kd=kd, chunk=64, teacher_hidden_bld=t_hidden,
-                                       teacher_head=t_head)["loss_kd"]
+            signal = steps.TeacherSource("online", t_model).signal(t_p, batch)
+            return losses.chunked_loss(hidden, head, batch["labels"], kd=kd, chunk=64, teacher=signal)["loss_kd"]
         return jax.jit(jax.value_and_grad(f))(s_params)
 
     (l_cut, g_cut), (l_pad, g_pad) = loss_and_grad(teacher, t_params), loss_and_grad(padded_teacher, padded)
