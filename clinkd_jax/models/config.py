@@ -180,55 +180,10 @@ class Qwen2VLConfig:
         kind = rope.get("rope_type", rope.get("type", "default"))
         if kind not in ("default", "mrope"):
             raise ConfigError(f"{source}: rope type {kind!r} is not supported (M-RoPE without scaling only)")
-        v = dict(d["vision_config"])
         tie = bool(d.get("tie_word_embeddings", False) or t.get("tie_word_embeddings", False))
-        qwen3 = family == "qwen3_vl"  # the Qwen3 LLM: its own head width, no q/k/v biases, q/k norms
         try:
-            text = TextConfig(
-                vocab_size=int(t["vocab_size"]),
-                hidden_size=int(t["hidden_size"]),
-                intermediate_size=int(t["intermediate_size"]),
-                num_hidden_layers=int(t["num_hidden_layers"]),
-                num_attention_heads=int(t["num_attention_heads"]),
-                num_key_value_heads=int(t.get("num_key_value_heads") or t["num_attention_heads"]),
-                hidden_act=t.get("hidden_act", "silu"),
-                rms_norm_eps=float(t.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(rope.get("rope_theta", t.get("rope_theta", 1_000_000.0))),
-                mrope_section=tuple(int(s) for s in rope.get("mrope_section", (16, 24, 24))),
-                max_position_embeddings=int(t.get("max_position_embeddings", 32768)),
-                tie_word_embeddings=tie,
-                head_size=int(t.get("head_dim") or 0) if qwen3 else 0,
-                attention_bias=bool(t.get("attention_bias", False)) if qwen3 else True,
-                qk_norm=qwen3, mrope_interleaved=qwen3,  # transformers' Qwen3-VL always interleaves
-            )
-            common = dict(
-                depth=int(v["depth"]),
-                num_heads=int(v["num_heads"]),
-                in_channels=int(v.get("in_channels", v.get("in_chans", 3))),
-                patch_size=int(v.get("patch_size", 16 if family == "qwen3_vl" else 14)),
-                temporal_patch_size=int(v.get("temporal_patch_size", 2)),
-                spatial_merge_size=int(v.get("spatial_merge_size", 2)),
-                rope_theta=float((v.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
-            )
-            if qwen3:  # hidden_size is the tower's width, out_hidden_size the merger's output
-                merger_out = v.get("out_hidden_size")
-                vision = VisionConfig(
-                    embed_dim=int(v["hidden_size"]), hidden_act=v.get("hidden_act", "gelu_pytorch_tanh"),
-                    intermediate_size=int(v["intermediate_size"]), patch_bias=True,
-                    num_position_embeddings=int(v["num_position_embeddings"]),
-                    deepstack_visual_indexes=tuple(int(i) for i in v.get("deepstack_visual_indexes", ())), **common,
-                )
-            elif family == "qwen2_5_vl":  # hidden_size is the tower's width, out_hidden_size the merger's output
-                merger_out = v.get("out_hidden_size")
-                vision = VisionConfig(
-                    embed_dim=int(v["hidden_size"]), hidden_act=v.get("hidden_act", "silu"), norm="rms_norm",
-                    mlp="gated", intermediate_size=int(v["intermediate_size"]), window_size=int(v["window_size"]),
-                    fullatt_block_indexes=tuple(int(i) for i in v.get("fullatt_block_indexes", ())), **common,
-                )
-            else:  # Qwen2-VL: embed_dim is the tower's width, hidden_size the merger's output
-                merger_out = v.get("hidden_size")
-                vision = VisionConfig(embed_dim=int(v["embed_dim"]), mlp_ratio=float(v.get("mlp_ratio", 4)),
-                                      hidden_act=v.get("hidden_act", "quick_gelu"), **common)
+            text = _text_from_hf(t, rope, family, tie)
+            vision, merger_out = _vision_from_hf(dict(d["vision_config"]), family)
         except KeyError as e:
             raise ConfigError(f"{source}: missing field {e.args[0]!r}") from None
         if merger_out is not None and int(merger_out) != text.hidden_size:
@@ -418,3 +373,55 @@ def as_family(cfg: Qwen2VLConfig, family: str) -> Qwen2VLConfig:
         text = dataclasses.replace(text, head_size=t.head_dim, attention_bias=False, qk_norm=True,
                                    mrope_interleaved=True)
     return cfg.replace(family=family, vision=vision, text=text)
+
+
+def _text_from_hf(t: dict, rope: dict, family: str, tie: bool) -> TextConfig:
+    """The LLM's geometry from config.json's text fields (`t`, flat or text_config) and its rope settings."""
+    qwen3 = family == "qwen3_vl"  # the Qwen3 LLM: its own head width, no q/k/v biases, q/k norms
+    return TextConfig(
+        vocab_size=int(t["vocab_size"]),
+        hidden_size=int(t["hidden_size"]),
+        intermediate_size=int(t["intermediate_size"]),
+        num_hidden_layers=int(t["num_hidden_layers"]),
+        num_attention_heads=int(t["num_attention_heads"]),
+        num_key_value_heads=int(t.get("num_key_value_heads") or t["num_attention_heads"]),
+        hidden_act=t.get("hidden_act", "silu"),
+        rms_norm_eps=float(t.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(rope.get("rope_theta", t.get("rope_theta", 1_000_000.0))),
+        mrope_section=tuple(int(s) for s in rope.get("mrope_section", (16, 24, 24))),
+        max_position_embeddings=int(t.get("max_position_embeddings", 32768)),
+        tie_word_embeddings=tie,
+        head_size=int(t.get("head_dim") or 0) if qwen3 else 0,
+        attention_bias=bool(t.get("attention_bias", False)) if qwen3 else True,
+        qk_norm=qwen3, mrope_interleaved=qwen3,  # transformers' Qwen3-VL always interleaves
+    )
+
+
+def _vision_from_hf(v: dict, family: str) -> tuple[VisionConfig, Any]:
+    """The vision tower's geometry from config.json's vision_config, and the merger's output width it names
+    (None where it names none): each family spells the tower's width differently."""
+    common = dict(
+        depth=int(v["depth"]),
+        num_heads=int(v["num_heads"]),
+        in_channels=int(v.get("in_channels", v.get("in_chans", 3))),
+        patch_size=int(v.get("patch_size", 16 if family == "qwen3_vl" else 14)),
+        temporal_patch_size=int(v.get("temporal_patch_size", 2)),
+        spatial_merge_size=int(v.get("spatial_merge_size", 2)),
+        rope_theta=float((v.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+    )
+    if family == "qwen3_vl":  # hidden_size is the tower's width, out_hidden_size the merger's output
+        return VisionConfig(
+            embed_dim=int(v["hidden_size"]), hidden_act=v.get("hidden_act", "gelu_pytorch_tanh"),
+            intermediate_size=int(v["intermediate_size"]), patch_bias=True,
+            num_position_embeddings=int(v["num_position_embeddings"]),
+            deepstack_visual_indexes=tuple(int(i) for i in v.get("deepstack_visual_indexes", ())), **common,
+        ), v.get("out_hidden_size")
+    if family == "qwen2_5_vl":  # hidden_size is the tower's width, out_hidden_size the merger's output
+        return VisionConfig(
+            embed_dim=int(v["hidden_size"]), hidden_act=v.get("hidden_act", "silu"), norm="rms_norm",
+            mlp="gated", intermediate_size=int(v["intermediate_size"]), window_size=int(v["window_size"]),
+            fullatt_block_indexes=tuple(int(i) for i in v.get("fullatt_block_indexes", ())), **common,
+        ), v.get("out_hidden_size")
+    # Qwen2-VL: embed_dim is the tower's width, hidden_size the merger's output
+    return VisionConfig(embed_dim=int(v["embed_dim"]), mlp_ratio=float(v.get("mlp_ratio", 4)),
+                        hidden_act=v.get("hidden_act", "quick_gelu"), **common), v.get("hidden_size")

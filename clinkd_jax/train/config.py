@@ -45,28 +45,34 @@ def _pseudo_labels(c) -> None:
                               f"with kd.{field}={meta.get(field)!r}; write them again or use the same setting")
 
 
+# The allowed values of the settings a training stage reads, listed once; a bad one is named with these.
+CHOICES = {
+    "data.extra_mode": ("append", "replace"),
+    "data.format": ("medgrit", "sharegpt", "demo"),
+    "teacher.positions": ("shared", "own"),
+    "model.attention": IMPLS,
+    "model.remat": REMAT_POLICIES,
+    "optim.schedule": ("cosine", "constant"),
+    "train.loss_backward": losses.LOSS_BACKWARDS,
+}
+DTYPES = ("model.dtype", "model.param_dtype", "teacher.dtype", "checkpoint.export_dtype", "optim.mu_dtype")
+
+
 def validate(c) -> None:
+    """A training stage's config: its settings (`check_settings`), then the files and checkpoints it names."""
+    check_settings(c)
+    check_files(c)
+
+
+def check_settings(c) -> None:
+    """Every setting on its own and against the others; reads no file."""
     if c.stage not in ("sft", "kd", "rct"):
         raise ConfigError(f"stage={c.stage!r} is not one of ('sft', 'kd', 'rct', 'eval')")
-    for f in c.data.extra_files:
-        if not os.path.isfile(f):
-            raise ConfigError(f"data.extra_files: {f} does not exist")
-    if c.data.extra_mode not in ("append", "replace"):
-        raise ConfigError(f"data.extra_mode={c.data.extra_mode!r} is not one of ('append', 'replace')")
-    check_common(c)
-    cached = c.stage == "kd" and bool(c.kd.pseudo_labels)
-    check_source(c, "teacher", required=c.stage == "kd" and not cached)
-    check_same_tokenizer(c, "teacher")
-    if cached:
-        _pseudo_labels(c)
-    if c.stage == "kd":
-        try:
-            kd_config(c)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(str(e)) from None
-        if c.teacher.positions not in ("shared", "own"):
-            raise ConfigError(f"teacher.positions={c.teacher.positions!r} is not one of ('shared', 'own')")
-    for field in ("model.dtype", "model.param_dtype", "teacher.dtype", "checkpoint.export_dtype", "optim.mu_dtype"):
+    for field, allowed in CHOICES.items():
+        section, key = field.split(".")
+        if c[section][key] not in allowed:
+            raise ConfigError(f"{field}={c[section][key]!r} is not one of {allowed}")
+    for field in DTYPES:
         section, key = field.split(".")
         if field == "optim.mu_dtype" and not c.optim.mu_dtype:
             continue  # "" = the parameters' dtype
@@ -74,22 +80,33 @@ def validate(c) -> None:
             np.dtype(c[section][key])
         except TypeError:
             raise ConfigError(f"{field}={c[section][key]!r} is not a dtype") from None
-    if c.rct.every_steps > 0:
-        if c.stage != "sft":
-            raise ConfigError(f"rct.every_steps={c.rct.every_steps}: RCT rounds run inside SFT (stage 'sft'), "
-                              f"not {c.stage!r}")
-        if c.train.steps <= 0:
-            raise ConfigError("rct.every_steps needs train.steps > 0 (rounds change the pool, so epochs do not say "
-                              "when to stop)")
-        if c.rct.rounds < 1:
-            raise ConfigError(f"rct.rounds={c.rct.rounds} must be >= 1")
-    if c.model.attention not in IMPLS:
-        raise ConfigError(f"model.attention={c.model.attention!r} is not one of {IMPLS}")
-    if c.model.remat not in REMAT_POLICIES:
-        raise ConfigError(f"model.remat={c.model.remat!r} is not one of {REMAT_POLICIES}")
+    if c.stage == "kd":
+        try:
+            kd_config(c)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(str(e)) from None
+    _rct_in_run(c)
+    _data_shapes(c)
+    if c.optim.grad_accum < 1:
+        raise ConfigError(f"optim.grad_accum={c.optim.grad_accum} must be >= 1")
+    _mesh(c)
+    if c.train.loss_chunk <= 0:
+        raise ConfigError(f"train.loss_chunk={c.train.loss_chunk} must be > 0")
+
+
+def check_files(c) -> None:
+    """What the settings name on disk: training and extra files, images, model and teacher sources, the
+    tokenizer, a pseudo-label store."""
+    for f in c.data.extra_files:
+        if not os.path.isfile(f):
+            raise ConfigError(f"data.extra_files: {f} does not exist")
+    check_common(c)
+    cached = c.stage == "kd" and bool(c.kd.pseudo_labels)
+    check_source(c, "teacher", required=c.stage == "kd" and not cached)
+    check_same_tokenizer(c, "teacher")
+    if cached:
+        _pseudo_labels(c)
     d = c.data
-    if d.format not in ("medgrit", "sharegpt", "demo"):
-        raise ConfigError(f"data.format={d.format!r} is not one of ('medgrit', 'sharegpt', 'demo')")
     if d.format != "demo":
         files = [f for f in d.train_files if f]
         if not files:
@@ -99,6 +116,22 @@ def validate(c) -> None:
                 raise ConfigError(f"data.train_files: {f} does not exist")
         if not os.path.isdir(d.image_dir):
             raise ConfigError(f"data.image_dir={d.image_dir!r} is not a directory")
+
+
+def _rct_in_run(c) -> None:
+    if c.rct.every_steps > 0:
+        if c.stage != "sft":
+            raise ConfigError(f"rct.every_steps={c.rct.every_steps}: RCT rounds run inside SFT (stage 'sft'), "
+                              f"not {c.stage!r}")
+        if c.train.steps <= 0:
+            raise ConfigError("rct.every_steps needs train.steps > 0 (rounds change the pool, so epochs do not say "
+                              "when to stop)")
+        if c.rct.rounds < 1:
+            raise ConfigError(f"rct.rounds={c.rct.rounds} must be >= 1")
+
+
+def _data_shapes(c) -> None:
+    d = c.data
     for key in ("text_buckets", "patch_buckets"):
         b = list(d[key])
         if not b or b != sorted(set(b)) or b[0] <= 0:
@@ -112,10 +145,9 @@ def validate(c) -> None:
                           "whole rows: the released per-device micro-batch)")
     if len(d.mrope_gaps) != 2 or min(d.mrope_gaps) < 1:
         raise ConfigError(f"data.mrope_gaps={tuple(d.mrope_gaps)} must be two gaps >= 1")
-    if c.optim.grad_accum < 1:
-        raise ConfigError(f"optim.grad_accum={c.optim.grad_accum} must be >= 1")
-    if c.optim.schedule not in ("cosine", "constant"):
-        raise ConfigError(f"optim.schedule={c.optim.schedule!r} is not one of ('cosine', 'constant')")
+
+
+def _mesh(c) -> None:
     shape = list(c.mesh.shape)
     if len(shape) != 3:
         raise ConfigError(f"mesh.shape={tuple(shape)} must have 3 axes (data, fsdp, tensor)")
@@ -123,7 +155,3 @@ def validate(c) -> None:
     n = jax.device_count()
     if shape.count(-1) > 1 or (shape.count(-1) == 0 and known > n) or (shape.count(-1) == 1 and n % known):
         raise ConfigError(f"mesh.shape={tuple(shape)} does not fit the {n} available devices")
-    if c.train.loss_backward not in losses.LOSS_BACKWARDS:
-        raise ConfigError(f"train.loss_backward={c.train.loss_backward!r} is not one of {losses.LOSS_BACKWARDS}")
-    if c.train.loss_chunk <= 0:
-        raise ConfigError(f"train.loss_chunk={c.train.loss_chunk} must be > 0")

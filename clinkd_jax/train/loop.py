@@ -28,6 +28,7 @@ import os
 import signal
 import sys
 import time
+from typing import Any
 
 import jax
 import numpy as np
@@ -92,6 +93,36 @@ class StopSignal:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+@dataclasses.dataclass
+class _Training:
+    """One stage's training: what is set up once (mesh, models, records, program, checkpoints) and where it
+    stands (state, step, the last metrics, the batch shapes met)."""
+
+    c: Any
+    workdir: str
+    hooks: tuple
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    cfg: Qwen2VLConfig
+    teacher_params: Any
+    ckpt: checkpoint.TrainCheckpointer
+    recs: list
+    encoder: Any
+    read_skips: records.SkipLog
+    data: Any = None
+    prog: program.TrainProgram | None = None
+    state: Any = None
+    start: int = 0
+    step: int = 0
+    metrics: dict = dataclasses.field(default_factory=dict)
+    shapes: set = dataclasses.field(default_factory=set)  # batch shapes met: the step compiles once for each
+
+    def batches(self, step: int, skips=None):
+        """The batch iterator over the records and the files the hooks had added by `step`."""
+        pool = [f for h in self.hooks for f in h.pool_files(step)]
+        return batches(self.c, self.workdir, self.recs, self.encoder, self.cfg, self.mesh, self.rules, pool, skips)
+
+
 def run(c, workdir: str, hooks=()) -> dict:
     """Train as `c` says, calling the step-end `hooks`; returns a summary (final metrics, steps, skips, paths)."""
     validate(c)
@@ -99,9 +130,20 @@ def run(c, workdir: str, hooks=()) -> dict:
         raise ConfigError("rct.every_steps: in-run RCT rounds are a step-end hook; run the stage with "
                           "clinkd_jax.recipe.run_stage (as clinkd_jax.main does)")
     os.makedirs(workdir, exist_ok=True)
+    t, params = _set_up(c, workdir, tuple(hooks))
+    with sharding.use_mesh(t.mesh, t.rules):
+        _restore_or_init(t, params)
+        del params
+        preempted = _train(t)
+    return _finish(t, preempted)
+
+
+def _set_up(c, workdir: str, hooks: tuple) -> tuple[_Training, Any]:
+    """Mesh, student (and online teacher), checkpoints, records, data and the compiled step; the student's
+    initial params (used unless a checkpoint is restored)."""
     mesh, rules = run_setup.make_run_mesh(c)
     cfg, params = run_setup.load_model(c.model, mesh, rules, c.seed, run_setup.compact_vocab(c, workdir),
-                                         c.model.param_dtype)
+                                       c.model.param_dtype)
     t_cfg = teacher_params = None
     if c.stage == "kd" and not c.kd.pseudo_labels:
         t_cfg, teacher_params = run_setup.load_model(c.teacher, mesh, rules, c.seed + 1, cfg.vocab_ids)
@@ -109,104 +151,125 @@ def run(c, workdir: str, hooks=()) -> dict:
     ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"), save_every=c.checkpoint.save_every,
                                         keep=c.checkpoint.keep, async_save=c.checkpoint.async_save,
                                         commit_files=c.checkpoint.commit_files)
-    start = ckpt.latest_step() or 0
-
-    def pool_files(step):
-        return [f for h in hooks for f in h.pool_files(step)]
-
     read_skips = records.SkipLog(strict=c.data.strict)
     recs = run_setup.training_records(c, workdir, read_skips)
-    encoder = run_setup.encoder_for(c, cfg.vocab_ids)
-    data = batches(c, workdir, recs, encoder, cfg, mesh, rules, pool_files(start), read_skips)
+    t = _Training(c, workdir, hooks, mesh, rules, cfg, teacher_params, ckpt, recs,
+                  run_setup.encoder_for(c, cfg.vocab_ids), read_skips, start=ckpt.latest_step() or 0)
+    t.data = t.batches(t.start, read_skips)
+    t.prog = program.build(c, cfg, mesh, rules, teacher_cfg=t_cfg, total_updates=_total_updates(c, t.data))
+    return t, params
 
-    prog = program.build(c, cfg, mesh, rules, teacher_cfg=t_cfg, total_updates=_total_updates(c, data))
-    with sharding.use_mesh(mesh, rules):
-        restored = ckpt.restore(prog.abstract_state())
-        if restored is None:
-            state = jax.jit(functools.partial(state_lib.create, tx=prog.tx), out_shardings=prog.state_shardings)(params)
-        else:
-            latest, (start, state, data_state) = start, restored
-            if start != latest and hooks:  # the latest step was damaged: the pool as it was at the step read
-                data = batches(c, workdir, recs, encoder, cfg, mesh, rules, pool_files(start), read_skips)
-            data.set_state(data_state)
-            for h in hooks:
-                h.resume(start)
-            log.info("resumed from step %d (epoch %d, batch %d of %d)", start, data.epoch, data.batch,
-                     data.batches_per_epoch)
-        del params
-        step_fn = prog.step
-        writer = MetricsWriter(workdir, resume_from=start, progress=c.train.progress and jax.process_index() == 0,
-                               total=None if c.train.steps < 0 else c.train.steps)
-        stop = StopSignal()
-        step, metrics, t0 = start, writer.resumed, time.perf_counter()  # a run resumed at its end keeps its last
-        shapes = set()  # batch shapes met so far: the step compiles once for each, never again
-        try:
-            while c.train.steps < 0 or step < c.train.steps:
-                batch = next(data, None)
-                if batch is None:
-                    break
-                shape = tuple((k, np.shape(v)) for k, v in sorted(batch.items()))
-                if shape not in shapes:
-                    shapes.add(shape)
-                    named = ", ".join(f"{k} {np.shape(batch[k])}" for k in ("input_ids", "pixel_values") if k in batch)
-                    log.info("step %d: a new batch shape (%s); the step compiles for it once", step + 1, named)
-                state, metrics = step_fn(state, teacher_params,
-                                         run_setup.device_batch(batch, mesh, rules, c.data.batch_size))
-                step += 1
-                due = [h for h in hooks if h.due(step)]
-                grows = any(h.changes_pool for h in due)
-                preempted = stop(step)  # every host answers the same at the same step
-                saving = ckpt.manager.should_save(step) or grows or preempted  # a resume must see the grown pool
-                if step % c.train.log_every == 0 or step == c.train.steps or saving:
-                    metrics = jax.tree.map(float, metrics)  # a host sync; never save a state without this check
-                    if not math.isfinite(metrics["loss"]):
-                        raise NonFiniteLoss(f"non-finite loss {metrics['loss']} at step {step}; the last good "
-                                            f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
-                if step % c.train.log_every == 0 or step == c.train.steps:
-                    elapsed = max(time.perf_counter() - t0, 1e-9)
-                    metrics["tokens_per_s"] = metrics["tokens"] * c.train.log_every / elapsed
-                    metrics["epoch"] = data.epoch + data.batch / data.batches_per_epoch
-                    t0 = time.perf_counter()
-                    writer.write(step, metrics)
-                for h in due:  # e.g. a correction round with the current params
-                    h(step, state.params, HookContext(cfg, mesh, rules, recs, encoder))
-                if grows:  # the pool grows from the next step
-                    old = data
-                    data = batches(c, workdir, recs, encoder, cfg, mesh, rules, pool_files(step))
-                    data.set_state({"epoch": old.epoch, "batch": old.batch})  # the stream goes on, not epoch 0
-                    data.load_skips.update(old.load_skips)
-                if due:
-                    t0 = time.perf_counter()  # the hooks' time is not training throughput
-                if saving:
-                    ckpt.save(step, state, data.get_state(), c.to_dict(), force=grows or preempted)
-                if preempted:
-                    log.warning("SIGTERM: saved step %d; stopping (run the same command to resume)", step)
-                    break
-            if ckpt.latest_step() != step:
-                if metrics and not math.isfinite(float(metrics["loss"])):
-                    raise NonFiniteLoss(f"non-finite loss at step {step}; the last good checkpoint is step "
-                                        f"{ckpt.latest_step()} in {ckpt.directory}")
-                ckpt.save(step, state, data.get_state(), c.to_dict(), force=True)
-        finally:
-            stop.close()
-            ckpt.close()
-            writer.close(failing=sys.exc_info()[0] is not None)  # an exception on its way out
-    preempted = stop.received is not None
+
+def _restore_or_init(t: _Training, params) -> None:
+    """The latest readable checkpoint (state, data position, the hooks' rounds), else a fresh state."""
+    restored = t.ckpt.restore(t.prog.abstract_state())
+    if restored is None:
+        create = jax.jit(functools.partial(state_lib.create, tx=t.prog.tx), out_shardings=t.prog.state_shardings)
+        t.state = create(params)
+        return
+    latest, (t.start, t.state, data_state) = t.start, restored
+    if t.start != latest and t.hooks:  # the latest step was damaged: the pool as it was at the step read
+        t.data = t.batches(t.start, t.read_skips)
+    t.data.set_state(data_state)
+    for h in t.hooks:
+        h.resume(t.start)
+    log.info("resumed from step %d (epoch %d, batch %d of %d)", t.start, t.data.epoch, t.data.batch,
+             t.data.batches_per_epoch)
+
+
+def _train(t: _Training) -> bool:
+    """Steps until train.steps (or the data's end, or SIGTERM), then a checkpoint of the last step; whether the
+    run was preempted."""
+    c = t.c
+    writer = MetricsWriter(t.workdir, resume_from=t.start, progress=c.train.progress and jax.process_index() == 0,
+                           total=None if c.train.steps < 0 else c.train.steps)
+    stop = StopSignal()
+    t.step, t.metrics, clock = t.start, writer.resumed, time.perf_counter()  # resumed at its end: its last metrics
+    try:
+        while c.train.steps < 0 or t.step < c.train.steps:
+            batch = next(t.data, None)
+            if batch is None:
+                break
+            _note_shape(t, batch)
+            t.state, t.metrics = t.prog.step(t.state, t.teacher_params,
+                                             run_setup.device_batch(batch, t.mesh, t.rules, c.data.batch_size))
+            t.step += 1
+            clock = _step_end(t, writer, stop, clock)
+            if stop.received is not None:
+                log.warning("SIGTERM: saved step %d; stopping (run the same command to resume)", t.step)
+                break
+        if t.ckpt.latest_step() != t.step:
+            if t.metrics and not math.isfinite(float(t.metrics["loss"])):
+                raise NonFiniteLoss(f"non-finite loss at step {t.step}; the last good checkpoint is step "
+                                    f"{t.ckpt.latest_step()} in {t.ckpt.directory}")
+            t.ckpt.save(t.step, t.state, t.data.get_state(), c.to_dict(), force=True)
+    finally:
+        stop.close()
+        t.ckpt.close()
+        writer.close(failing=sys.exc_info()[0] is not None)  # an exception on its way out
+    return stop.received is not None
+
+
+def _note_shape(t: _Training, batch: dict) -> None:
+    shape = tuple((k, np.shape(v)) for k, v in sorted(batch.items()))
+    if shape not in t.shapes:
+        t.shapes.add(shape)
+        named = ", ".join(f"{k} {np.shape(batch[k])}" for k in ("input_ids", "pixel_values") if k in batch)
+        log.info("step %d: a new batch shape (%s); the step compiles for it once", t.step + 1, named)
+
+
+def _step_end(t: _Training, writer: MetricsWriter, stop: StopSignal, clock: float) -> float:
+    """After a step: check the loss where it is read, log, run the hooks due (and grow the pool), save; returns
+    the clock the next throughput figure counts from."""
+    c, step = t.c, t.step
+    due = [h for h in t.hooks if h.due(step)]
+    grows = any(h.changes_pool for h in due)
+    preempted = stop(step)  # every host answers the same at the same step
+    saving = t.ckpt.manager.should_save(step) or grows or preempted  # a resume must see the grown pool
+    logging_step = step % c.train.log_every == 0 or step == c.train.steps
+    if logging_step or saving:
+        t.metrics = jax.tree.map(float, t.metrics)  # a host sync; never save a state without this check
+        if not math.isfinite(t.metrics["loss"]):
+            raise NonFiniteLoss(f"non-finite loss {t.metrics['loss']} at step {step}; the last good "
+                                f"checkpoint is step {t.ckpt.latest_step()} in {t.ckpt.directory}")
+    if logging_step:
+        t.metrics["tokens_per_s"] = t.metrics["tokens"] * c.train.log_every / max(time.perf_counter() - clock, 1e-9)
+        t.metrics["epoch"] = t.data.epoch + t.data.batch / t.data.batches_per_epoch
+        clock = time.perf_counter()
+        writer.write(step, t.metrics)
+    for h in due:  # e.g. a correction round with the current params
+        h(step, t.state.params, HookContext(t.cfg, t.mesh, t.rules, t.recs, t.encoder))
+    if grows:  # the pool grows from the next step
+        old, t.data = t.data, t.batches(step)
+        t.data.set_state({"epoch": old.epoch, "batch": old.batch})  # the stream goes on, not epoch 0
+        t.data.load_skips.update(old.load_skips)
+    if due:
+        clock = time.perf_counter()  # the hooks' time is not training throughput
+    if saving:
+        t.ckpt.save(step, t.state, t.data.get_state(), c.to_dict(), force=grows or preempted)
+    return clock
+
+
+def _finish(t: _Training, preempted: bool) -> dict:
+    """The trained params (and the Hugging Face export) unless preempted, and the run's summary."""
+    c, params, assets = t.c, t.state.params, run_setup.tokenizer_dir(t.c)
     if not preempted and c.checkpoint.save_params:
-        checkpoint.save_params(os.path.join(workdir, "params"), state.params, cfg,
-                               assets_from=run_setup.tokenizer_dir(c), chat_template=encoder.template)
-        checkpoint.write_answer_settings(os.path.join(workdir, "params"), run_setup.answer_settings(c))
+        where = os.path.join(t.workdir, "params")
+        checkpoint.save_params(where, params, t.cfg, assets_from=assets, chat_template=t.encoder.template)
+        checkpoint.write_answer_settings(where, run_setup.answer_settings(c))
     if not preempted and c.checkpoint.export_hf:
-        hf.save_hf_checkpoint(state.params, cfg, os.path.join(workdir, "export_hf"), dtype=c.checkpoint.export_dtype,
-                              assets_from=run_setup.tokenizer_dir(c), chat_template=encoder.template)
-        checkpoint.write_answer_settings(os.path.join(workdir, "export_hf"), run_setup.answer_settings(c))
-    summary = {"stage": c.stage, "steps": step, "start_step": start, "final": metrics,
-               "skipped": data.skips_all_hosts(), "workdir": workdir, "preempted": preempted,
-               "epochs": data.epoch + data.batch / data.batches_per_epoch, "batch_shapes": len(shapes),
-               **{k: v for h in hooks for k, v in h.summary().items()}}
+        where = os.path.join(t.workdir, "export_hf")
+        hf.save_hf_checkpoint(params, t.cfg, where, dtype=c.checkpoint.export_dtype, assets_from=assets,
+                              chat_template=t.encoder.template)
+        checkpoint.write_answer_settings(where, run_setup.answer_settings(c))
+    data = t.data
+    summary = {"stage": c.stage, "steps": t.step, "start_step": t.start, "final": t.metrics,
+               "skipped": data.skips_all_hosts(), "workdir": t.workdir, "preempted": preempted,
+               "epochs": data.epoch + data.batch / data.batches_per_epoch, "batch_shapes": len(t.shapes),
+               **{k: v for h in t.hooks for k, v in h.summary().items()}}
     if jax.process_index() == 0:  # one writer per shared workdir
-        files.write_json(os.path.join(workdir, "summary.json"), summary, default=float)
-    return {**summary, "state": state}
+        files.write_json(os.path.join(t.workdir, "summary.json"), summary, default=float)
+    return {**summary, "state": t.state}
 
 
 def _total_updates(c, data) -> int:
