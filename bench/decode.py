@@ -154,12 +154,12 @@ def main():
     ap.add_argument("--new", type=int, default=128, help="new tokens per row")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--attention", default="xla", help="clinkd_jax attention implementation")
-    ap.add_argument("--scan-unroll", type=int, default=1, help="clinkd_jax model.scan_unroll")
-    ap.add_argument("--attention-loop", default="auto", help="clinkd_jax model.attention_loop: "
+    ap.add_argument("--scan-unroll", type=int, default=1, help="clinkd_jax runtime.scan_unroll")
+    ap.add_argument("--attention-loop", default="auto", help="clinkd_jax runtime.attention_loop: "
                     "auto (per_head on CPU) | per_head | batched")
     ap.add_argument("--vision-query-block", type=int, default=0,
-                    help="clinkd_jax model.vision_query_block: 0 all rows | rows per block")
-    ap.add_argument("--decode-layers", default="auto", help="clinkd_jax model.decode_layers: "
+                    help="clinkd_jax runtime.vision_query_block: 0 all rows | rows per block")
+    ap.add_argument("--decode-layers", default="auto", help="clinkd_jax runtime.decode_layers: "
                     "auto (unrolled on CPU) | unrolled | scan")
     ap.add_argument("--frameworks", default="torch,jax")
     ap.add_argument("--profile", default="", help="a directory: also profile one generate call (traces kept there)")

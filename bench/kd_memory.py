@@ -40,7 +40,7 @@ def main():
     import jax
 
     from clinkd_jax.aot import programs, report, slices
-    from clinkd_jax.run_setup import make_run_mesh
+    from clinkd_jax.sharding import run_mesh
 
     if args.topology:
         s = slices.parse(args.topology)
@@ -65,7 +65,7 @@ def main():
                     "model.remat": remat, "model.attention": args.attention, "optim.mu_dtype": args.mu_dtype,
                     "data.batch_size": per * len(devices),
                     "kd.pseudo_labels": "/not/here/pseudo_labels" if mode == "pseudo_labels" else ""})
-                mesh, rules = make_run_mesh(c, devices)
+                mesh, rules = run_mesh(c, devices)
                 (p,) = [p for p in programs.programs(c, workdir, mesh, rules, "largest") if p.name.startswith("train")]
                 m = report.memory(p.lower(None).compile())
                 line.append(f"{per}: {m['total'] / 2**30:.1f} ({m['arguments'] / 2**30:.1f} + "

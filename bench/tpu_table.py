@@ -43,7 +43,7 @@ LEVERS = [  # (name, overrides) against the setup as configured
     ("model.remat=full", {"model.remat": "full"}),
     ("mesh (data 1, fsdp n/2, tensor 2)", {"mesh.shape": (1, -1, 2)}),
     ("optim.mu_dtype=bfloat16", {"optim.mu_dtype": "bfloat16"}),
-    ("layers unrolled (model.scan_unroll=64)", {"model.scan_unroll": 64}),
+    ("layers unrolled (runtime.scan_unroll=64)", {"runtime.scan_unroll": 64}),
     ("train.loss_chunk=512", {"train.loss_chunk": 512}),
     ("train.loss_chunk=1024", {"train.loss_chunk": 1024}),
     ("model.attention=xla", {"model.attention": "xla"}),
@@ -52,13 +52,13 @@ LEVERS = [  # (name, overrides) against the setup as configured
 
 def measure(setup: str, slice_name: str, per_chip: int, overrides: dict, workdir: str, estimate: bool) -> dict:
     from clinkd_jax.aot import programs, report, slices
-    from clinkd_jax.run_setup import make_run_mesh
+    from clinkd_jax.sharding import run_mesh
 
     s = slices.parse(slice_name)
     path, base = SETUPS[setup]
     c = programs.config_file(os.path.join(ROOT, path), stages=(), **{
         "model.attention": "splash", **base, "data.batch_size": per_chip * s.chips, **overrides})
-    mesh, rules = make_run_mesh(c, s.devices())
+    mesh, rules = run_mesh(c, s.devices())
     (p,) = [p for p in programs.programs(c, workdir, mesh, rules, "largest") if p.name.startswith("train")]
     out = {"setup": setup, "slice": slice_name, "per_chip": per_chip, "remat": c.model.remat,
            "mesh": dict(mesh.shape), "hbm": s.hbm_bytes}

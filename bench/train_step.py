@@ -280,7 +280,7 @@ def main():
     ap.add_argument("--modes", default="sft,kd")
     ap.add_argument("--frameworks", default="torch,jax")
     ap.add_argument("--profile", default="", help="a directory: also profile each step (traces kept there)")
-    # clinkd_jax levers (config fields of the same names): model.scan_unroll, train.loss_chunk, train.loss_backward
+    # clinkd_jax levers (config fields of the same names): runtime.scan_unroll, train.loss_chunk, train.loss_backward
     ap.add_argument("--scan-unroll", type=int, default=1)
     ap.add_argument("--chunk", type=int, default=128)
     ap.add_argument("--loss-backward", default="fused", choices=("fused", "autodiff"))
@@ -288,9 +288,9 @@ def main():
                     "dots_saveable | full")
     ap.add_argument("--attention", default="xla", help="model.attention: xla | jax | cudnn (GPU) | splash (TPU)")
     ap.add_argument("--attention-loop", default="auto",
-                    help="model.attention_loop: auto (per_head on CPU) | per_head | batched")
+                    help="runtime.attention_loop: auto (per_head on CPU) | per_head | batched")
     ap.add_argument("--vision-query-block", type=int, default=0,
-                    help="model.vision_query_block: 0 all rows | rows per block")
+                    help="runtime.vision_query_block: 0 all rows | rows per block")
     ap.add_argument("--mu-dtype", default="", help="optim.mu_dtype: '' (float32) | bfloat16")
     ap.add_argument("--batch", type=int, default=0, help="rows per step (0: the size's own)")
     ap.add_argument("--teacher-size", default="", choices=["", *sorted(SIZES)], help="KD teacher ('': --size)")

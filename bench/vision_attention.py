@@ -1,5 +1,5 @@
-"""The vision tower's attention alone: clinkd_jax's `xla` attention (each `model.attention_loop` /
-`model.vision_query_block` setting) vs PyTorch's `scaled_dot_product_attention`, same shapes, float32.
+"""The vision tower's attention alone: clinkd_jax's `xla` attention (each `runtime.attention_loop` /
+`runtime.vision_query_block` setting) vs PyTorch's `scaled_dot_product_attention`, same shapes, float32.
 
     python bench/vision_attention.py                 # medium geometry: 4 images x 1024 patches, 4 x 64 heads
     python bench/vision_attention.py --grad          # also forward + backward (training)

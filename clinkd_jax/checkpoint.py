@@ -54,11 +54,22 @@ def save_params(path: str, params, cfg: Qwen2VLConfig, *, assets_from: str | Non
         processor.write(os.path.join(path, ASSETS_DIR), cfg)
 
 
-def write_answer_settings(path: str, settings: dict) -> None:
-    """How the model in `path` is asked (prompt template, MCG-RoPE gaps, box markup, image budget, decoding:
-    `run_setup.answer_settings`), so `clinkd_jax.predict` and `serve` ask it as its own run evaluated it."""
+# what decides how a trained model is asked a question (saved beside its params as ANSWER_SETTINGS)
+ANSWER_FIELDS = {"data": ("chat_template", "box_markup", "mrope_gaps"),
+                 "eval": ("min_pixels", "max_pixels", "text_buckets", "patch_buckets", "max_new_tokens",
+                          "max_new_tokens_mii", "temperature", "top_p"),
+                 "model": ("dtype",)}
+
+
+def answer_settings(c) -> dict:
+    return {part: {k: c[part][k] for k in keys} for part, keys in ANSWER_FIELDS.items()}
+
+
+def write_answer_settings(path: str, c) -> None:
+    """How the model in `path` is asked under run config `c` (prompt template, MCG-RoPE gaps, box markup, image
+    budget, decoding: ANSWER_FIELDS), so `clinkd_jax.predict` and `serve` ask it as its own run evaluated it."""
     if jax.process_index() == 0:
-        files.write_json(os.path.join(path, ANSWER_SETTINGS), settings, indent=1)
+        files.write_json(os.path.join(path, ANSWER_SETTINGS), answer_settings(c), indent=1)
 
 
 def load_config(path: str) -> Qwen2VLConfig:

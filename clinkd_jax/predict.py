@@ -32,7 +32,7 @@ import jax
 from absl import flags
 from PIL import Image, ImageDraw
 
-from clinkd_jax import checkpoint, cli, files, run_setup
+from clinkd_jax import checkpoint, cli, files
 from clinkd_jax.data import image as image_lib
 from clinkd_jax.data import markup
 from clinkd_jax.data.records import Record, SkipLog, Turn
@@ -41,6 +41,8 @@ from clinkd_jax.eval import answers, metrics
 from clinkd_jax.eval import run as eval_run
 from clinkd_jax.infer import generate as gen_lib
 from clinkd_jax.infer import prompts as prompts_lib
+from clinkd_jax.model_source import ModelSource
+from clinkd_jax.stage import StageContext
 
 TASKS = ("vg", "ro", "gc", "mii", "chat")
 BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "base.py")
@@ -63,28 +65,14 @@ class Question:
     box_units: str = "pixels"  # "pixels" of the image as given | "1000" (Med-GRIT's scale)
 
 
-def model_source(path: str) -> tuple[str, str]:
-    """("hf_dir" | "orbax_dir", directory) of what `--model` names (a stage folder: its params, else export_hf)."""
-    if not os.path.isdir(path):
-        raise checkpoint.CheckpointError(f"--model={path}: no such directory")
-    for sub in ("", "params", "export_hf"):
-        d = os.path.join(path, sub) if sub else path
-        if os.path.isfile(os.path.join(d, checkpoint.CONFIG_FILE)):
-            return "orbax_dir", d
-        if os.path.isfile(os.path.join(d, "config.json")):
-            return "hf_dir", d
-    raise checkpoint.CheckpointError(f"--model={path}: neither a Hugging Face model directory (config.json) nor a "
-                                     f"clinkd_jax params directory ({checkpoint.CONFIG_FILE}), nor a run's stage "
-                                     "folder holding one (params/, export_hf/)")
-
-
 def predict_config(model_dir: str, config_file: str = ""):
     """The run config the model is asked under: `config_file` (a run's config) or configs/base.py, updated with
     the settings saved beside the model (unless a config file was given), pointed at the model."""
     if not config_file and not os.path.isfile(BASE_CONFIG):
         raise UserError(f"{BASE_CONFIG} not found (run from a clinkd_jax clone), or pass --config=<a run config>")
     c = cli.load_config_file(config_file or BASE_CONFIG)
-    kind, where = model_source(model_dir)
+    source = ModelSource.find(model_dir)
+    where = source.where
     saved = os.path.join(where, checkpoint.ANSWER_SETTINGS)
     settings = None if config_file else files.read_json(saved)  # a torn one is named and set aside
     if isinstance(settings, dict):
@@ -96,9 +84,7 @@ def predict_config(model_dir: str, config_file: str = ""):
         log.warning("%s has no %s: asking it with configs/base.py's prompt settings (MCG-RoPE gaps %s, eval "
                     "image budget); pass --config=<its run config> if it was trained otherwise", where,
                     checkpoint.ANSWER_SETTINGS, tuple(c.data.mrope_gaps))
-    for src in run_setup.SOURCES:
-        c.model[src] = ""
-    c.model[kind] = where
+    source.put(c.model)
     c.model.compact_vocab = ""
     c.model.family = ""
     c.train.progress = False
@@ -172,11 +158,11 @@ class Predictor:
 
     def __init__(self, model_dir: str, config_file: str = "", batch_size: int = 0):
         self.c = c = predict_config(model_dir, config_file)
-        mesh, rules = run_setup.make_run_mesh(c)
-        cfg, params = run_setup.load_model(c.model, mesh, rules, c.seed)
-        self.generator = gen_lib.Generator(run_setup.model_for(c, cfg), params, mesh, rules)
-        self.encoder = run_setup.encoder_for(c, cfg.vocab_ids)
-        width = mesh.shape["data"] * mesh.shape["fsdp"]  # the batch axes: a batch fills them
+        stage = StageContext.of(c, "")  # no workdir: a checkpoint's vocabulary is its own, nothing is written
+        cfg, params = stage.load_model()
+        self.generator = gen_lib.Generator(stage.module(cfg), params, stage.mesh, stage.rules)
+        self.encoder = stage.encoder
+        width = stage.mesh.shape["data"] * stage.mesh.shape["fsdp"]  # the batch axes: a batch fills them
         rows = batch_size or c.eval.batch_size
         self.pcfg = eval_run.prompt_config(c, cfg, self.encoder, -(-rows // width) * width)
         self.model_dir = model_dir
@@ -284,7 +270,7 @@ def check_flags() -> tuple[Question, tuple[float, float] | None]:
     """Every flag checked before any work: the question and the DICOM window, or one line naming the flag."""
     if not FLAGS.model or not FLAGS.task or (FLAGS.image is None) == (FLAGS.images is None):
         raise UserError("give --model, --task and one of --image=FILE or --images=FOLDER")
-    model_source(FLAGS.model)
+    ModelSource.find(FLAGS.model)
     if FLAGS.config:
         cli.load_config_file(FLAGS.config)
     for flag, tasks in FLAG_TASKS.items():

@@ -23,7 +23,8 @@ from clinkd_jax import distributed, files
 from clinkd_jax.eval import run as eval_run
 from clinkd_jax.eval.during_training import EvalDuringTraining, format_point
 from clinkd_jax.eval.report import comparison_table, headline_table, mean_value
-from clinkd_jax.run_setup import SOURCES, ConfigError
+from clinkd_jax.model_source import ModelSource, names_a_source
+from clinkd_jax.models.config import ConfigError
 from clinkd_jax.train import loop, rct
 
 log = logging.getLogger("clinkd_jax.recipe")
@@ -43,14 +44,6 @@ def _merge(base: ConfigDict, override: ConfigDict, where: str) -> None:
             _merge(base[key], value, f"{where}.{key}")
         else:
             base[key] = value
-
-
-def _use_params(src: ConfigDict, params_dir: str) -> None:
-    for k in SOURCES:
-        src[k] = ""
-    src.orbax_dir = params_dir
-    src.text_overrides = ConfigDict()
-    src.vision_overrides = ConfigDict()
 
 
 def stage_configs(c, workdir: str) -> list[tuple[str, ConfigDict, str]]:
@@ -77,15 +70,15 @@ def stage_configs(c, workdir: str) -> list[tuple[str, ConfigDict, str]]:
             if ref:
                 if ref not in trained:
                     raise ConfigError(f"stage_settings.{name}.{key}={ref!r} is not an earlier training stage")
-                _use_params(cfg[target], os.path.join(workdir, ref, "params"))
+                ModelSource(target, "orbax_dir", os.path.join(workdir, ref, "params")).put(cfg[target])
         ref = settings.get("rct_from", "")
         if ref:
             if ref not in rct_done:
                 raise ConfigError(f"stage_settings.{name}.rct_from={ref!r} is not an earlier rct stage")
             cfg.data.extra_files = tuple(cfg.data.extra_files) + (os.path.join(workdir, ref, "corrected.jsonl"),)
-        has_source = any(settings.get("model", {}).get(k) for k in SOURCES)
+        has_source = names_a_source(settings.get("model", {}))
         if not settings.get("model_from", "") and not has_source and trained:
-            _use_params(cfg.model, os.path.join(workdir, trained[-1], "params"))
+            ModelSource("model", "orbax_dir", os.path.join(workdir, trained[-1], "params")).put(cfg.model)
         out.append((name, cfg, os.path.join(workdir, name)))
         if cfg.stage in ("sft", "kd"):
             trained.append(name)
@@ -109,7 +102,9 @@ def run_stage(cfg, stage_dir: str) -> dict:
 def describe(name: str, cfg, settings) -> str:
     """What a stage does, in words, for the console."""
     if cfg.stage == "eval":
-        model = settings.get("model_from", "") or ("a random model" if cfg.model.preset else "the last trained model")
+        src = ModelSource.of(cfg, "model", required=False)
+        random = src is not None and src.kind == "preset"
+        model = settings.get("model_from", "") or ("a random model" if random else "the last trained model")
         return f"evaluates {model} on {', '.join(cfg.eval.tasks)} (BiRD/ClinKD protocol)"
     if cfg.stage == "rct":
         return "one Reflective Correction round: the model answers, the corrector rewrites the flagged answers"

@@ -24,6 +24,7 @@ from absl import flags
 from clinkd_jax import cli, files, predict
 from clinkd_jax.data import demo
 from clinkd_jax.errors import UserError, one_line
+from clinkd_jax.model_source import ModelSource
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home: the machines we run on may be closed
 
@@ -142,7 +143,7 @@ def check_flags() -> None:
     """Every flag checked before the model is loaded, one line each."""
     if not FLAGS.model:
         raise UserError("give --model=DIR (a Hugging Face directory, a run's params, or its stage folder)")
-    predict.model_source(FLAGS.model)
+    ModelSource.find(FLAGS.model)
     if FLAGS.config:
         cli.load_config_file(FLAGS.config)
     if FLAGS.max_megapixels <= 0:

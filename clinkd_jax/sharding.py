@@ -236,3 +236,14 @@ def logical_names(boxed_tree):
         boxed_tree,
         is_leaf=lambda l: isinstance(l, nn.LogicallyPartitioned),
     )
+
+
+def run_mesh(c, devices=None):
+    """(mesh, logical rules) from config.mesh over `devices` (default: all; a TPU slice's described devices for
+    `clinkd_jax.aot`); a smaller explicit mesh uses the first devices."""
+    devices = jax.devices() if devices is None else list(devices)
+    shape = tuple(c.mesh.shape)
+    n_mesh = int(np.prod(shape)) if -1 not in shape else len(devices)
+    mesh = make_mesh(shape, devices=devices[:n_mesh])
+    rules = tuple(tuple(r) for r in c.mesh.rules) if c.mesh.rules else DEFAULT_RULES
+    return mesh, rules

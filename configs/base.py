@@ -36,17 +36,10 @@ def get_config() -> ConfigDict:
     # activations recomputed in the backward pass, per layer (least recompute first):
     # none | minimal | minimal_with_context | dots_saveable | full  (clinkd_jax.models.layers.maybe_remat)
     c.model.remat = "none"
-    c.model.scan_unroll = 1  # decoder/ViT layers per scan iteration; >= the layer count: fully unrolled
-    # attention "xla" (both towers; decode steps always batched): "per_head" = one (sample, KV head) pair at a
-    # time (2-D matmuls, scores in cache, flash-style backward), "batched" = all pairs in one matmul,
-    # "auto" = per_head on CPU (faster there, bench/history.md), batched elsewhere
+    # moved to runtime.* (below): still read from here when set, with a warning, while runtime.* keeps its default
+    c.model.scan_unroll = 1
     c.model.attention_loop = "auto"
-    c.model.vision_query_block = 0  # vision attention query rows per block (bounds memory on big images); 0 = all
-    # generation's one-token decode steps: "scan" = over the stacked layer weights as training does, "unrolled" =
-    # the weights and KV cache laid out for decoding once per generate call (per-layer copies, LM head as rows,
-    # a cache buffer per layer; no copy per token; costs a second copy of the decoder's weights while generating
-    # and a decode-step compile time that grows with depth), "auto" = unrolled on CPU (faster there,
-    # bench/history.md), scan elsewhere
+    c.model.vision_query_block = 0
     c.model.decode_layers = "auto"
 
     # --- the teacher (stage "kd"): same sources; it shares the mesh, is never donated, has no optimizer state
@@ -202,6 +195,21 @@ def get_config() -> ConfigDict:
     c.eval.spice = True  # SPICE needs Java + Stanford CoreNLP 3.6.0 jars; reported as skipped when missing
     c.eval.gallery_per_modality = 4  # images per modality in <workdir>/gallery/<task>.html (0 = none)
     c.eval.threads = 4  # image loading threads
+
+    # --- how the model runs on this machine: loops, layouts and unrolling that change speed and memory, not results
+    c.runtime = ConfigDict()
+    c.runtime.scan_unroll = 1  # decoder/ViT layers per scan iteration; >= the layer count: fully unrolled
+    # attention "xla" (both towers; decode steps always batched): "per_head" = one (sample, KV head) pair at a
+    # time (2-D matmuls, scores in cache, flash-style backward), "batched" = all pairs in one matmul,
+    # "auto" = per_head on CPU (faster there, bench/history.md), batched elsewhere
+    c.runtime.attention_loop = "auto"
+    c.runtime.vision_query_block = 0  # vision attention query rows per block (bounds memory on big images); 0 = all
+    # generation's one-token decode steps: "scan" = over the stacked layer weights as training does, "unrolled" =
+    # the weights and KV cache laid out for decoding once per generate call (per-layer copies, LM head as rows,
+    # a cache buffer per layer; no copy per token; costs a second copy of the decoder's weights while generating
+    # and a decode-step compile time that grows with depth), "auto" = unrolled on CPU (faster there,
+    # bench/history.md), scan elsewhere
+    c.runtime.decode_layers = "auto"
 
     c.mesh = ConfigDict()
     c.mesh.rules = ()  # (logical axis, mesh axis | (axes) | None) pairs; () = clinkd_jax.sharding.DEFAULT_RULES

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from clinkd_jax.aot import report, slices
-from clinkd_jax.run_setup import ConfigError
+from clinkd_jax.models.config import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,8 +90,8 @@ def test_time_estimate_from_twins_equals_the_unrolled_program(tmp_path, family, 
     keep a layer per DeepStack feature)."""
     import jax
 
-    from clinkd_jax import run_setup
     from clinkd_jax.aot import programs
+    from clinkd_jax.sharding import run_mesh
     from configs import demo
 
     c = demo.get_config()
@@ -105,7 +105,7 @@ def test_time_estimate_from_twins_equals_the_unrolled_program(tmp_path, family, 
     # window each) still test the scaling over chunks, layers and window blocks
     c.data.text_buckets, c.train.loss_chunk = (192,), 96
     c.data.patch_buckets, c.data.max_pixels = (64,), 112 * 112
-    mesh, rules = run_setup.make_run_mesh(c, slices.parse("v5e-4").devices())
+    mesh, rules = run_mesh(c, slices.parse("v5e-4").devices())
     progs = programs.programs(c, str(tmp_path), mesh, rules, "largest")
     (p,) = [p for p in progs if p.name == "train_kd"]
     if family == "qwen3_vl":  # DeepStack from both blocks
@@ -133,25 +133,32 @@ def test_out_of_memory_errors_are_read_as_does_not_fit():
                                   "clinkd_qwen3vl_8b_to_2b"])
 def test_paper_configs_are_read_without_their_data_or_checkpoints(tmp_path, name):
     """What `python -m clinkd_jax.aot --config=configs/<paper>.py` does before it compiles: every stage of the
-    recipe is checked by the run's own checks and its programs built from abstract shapes, although neither the
-    Med-GRIT files nor the checkpoints the config names are on this machine (the demo set stands in for the files;
-    the file settings it would refuse as ignored go with them)."""
+    recipe is checked by the run's own checks of its settings (those that read no file: nothing stands in for the
+    Med-GRIT files or the checkpoints, which are not on this machine) and its programs built from abstract shapes;
+    a bad value, or one the run would ignore, still stops it, naming the field."""
     import jax
 
-    from clinkd_jax import run_setup
     from clinkd_jax.aot import programs
+    from clinkd_jax.sharding import run_mesh
 
     # the paper does not name the 7B run's teacher (clinkd-spec §5.5): the user gives one, here by a published name
     teacher = {"teacher.hf_dir": "/ckpt/Qwen2-VL-7B-Instruct"} if name == "clinkd_qwen2vl_7b" else {}
     c = programs.config_file(os.path.join(ROOT, "configs", f"{name}.py"), **teacher)
     assert not any(os.path.isfile(f) for f in c.data.train_files)
-    mesh, rules = run_setup.make_run_mesh(c, jax.devices()[:1])
+    mesh, rules = run_mesh(c, jax.devices()[:1])
     progs = programs.programs(c, str(tmp_path), mesh, rules, "largest")
     kinds = {p.name for p in progs}
     assert {"train_sft", "train_kd"} <= kinds and any(k.startswith("generate") for k in kinds), kinds
     assert all(p.flops > 0 and p.bucket[0] == 2048 for p in progs if p.name.startswith("train")), progs
     with pytest.raises(ConfigError, match="no field 'remat_policy' in model; did you mean model.remat"):
         programs.config_file(os.path.join(ROOT, "configs", f"{name}.py"), **{"model.remat_policy": "full"})
+    for field, value, says in (("kd.divergence", "sideways", "kd.divergence='sideways'"),
+                               ("data.demo_layout", "grid", "data.demo_layout='grid' has no effect"),
+                               ("runtime.decode_layers", "loop", "runtime.decode_layers='loop' is not one of"),
+                               ("mesh.shape", (2, 1, 1), r"mesh.shape=\(2, 1, 1\) does not fit the 1 available")):
+        bad = programs.config_file(os.path.join(ROOT, "configs", f"{name}.py"), **teacher, **{field: value})
+        with pytest.raises(ConfigError, match=says):
+            programs.programs(bad, str(tmp_path / "bad"), mesh, rules, "largest")
 
 
 @pytest.mark.tpu_aot

@@ -13,9 +13,9 @@ import pytest
 import tiny_model
 from PIL import Image
 
-from clinkd_jax import run_setup
 from clinkd_jax.convert import hf
 from clinkd_jax.data import demo, markup, processor, text
+from clinkd_jax.stage import StageContext
 
 pytestmark = [pytest.mark.torch, pytest.mark.e2e]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,9 +38,10 @@ def checkpoint_of(family: str, folder: str) -> str:
     """A tiny random model of `family` as a Hugging Face directory (full vocabulary, the real tokenizer, the run's
     template) with the processor file above."""
     c = tiny_model.eval_config(**{"model.family": family})
-    mesh, rules = run_setup.make_run_mesh(c)
-    cfg, params = run_setup.load_model(c.model, mesh, rules, seed=5)
-    template = run_setup.encoder_for(c).template or text.QWEN2VL_TEMPLATE
+    c.seed = 5
+    stage = StageContext.of(c, "")
+    cfg, params = stage.load_model()
+    template = stage.encoder.template or text.QWEN2VL_TEMPLATE
     hf.save_hf_checkpoint(params, cfg, folder, assets_from=text.bundled_qwen2_tokenizer_dir(), chat_template=template)
     with open(os.path.join(folder, processor.FILE), "w") as f:
         json.dump({**PROCESSOR, "patch_size": cfg.vision.patch_size, "merge_size": cfg.vision.spatial_merge_size,

@@ -10,7 +10,8 @@ import reference as R
 import small_recipe
 from ml_collections import ConfigDict
 
-from clinkd_jax import recipe, run_setup
+from clinkd_jax import recipe
+from clinkd_jax.model_source import ModelSource
 from clinkd_jax.train.config import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -188,10 +189,11 @@ def test_qwen25_family_runs_the_recipe(tmp_path):
         saved = json.load(open(os.path.join(tmp_path, stage, "params", "model_config.json")))
         assert saved["model_type"] == "qwen2_5_vl" and saved["vision_config"]["window_size"] == 56, stage
     assert json.load(open(os.path.join(tmp_path, "sft", "summary.json")))["rct"]
-    bad = plan_config()
+    bad = plan_config()  # a checkpoint named with another family than its own
     R.override(bad, {"model.family": "qwen2_vl", "model.preset": "", "model.orbax_dir": f"{tmp_path}/kd/params"})
+    bad.model.text_overrides, bad.model.vision_overrides = ConfigDict(), ConfigDict()
     with pytest.raises(ConfigError, match="holds a qwen2_5_vl model, but its family is set to 'qwen2_vl'"):
-        run_setup.config_of(bad.model)
+        ModelSource.of(bad, "model").geometry()
 
 
 def test_qwen3_family_runs_the_recipe(tmp_path):

@@ -4,8 +4,9 @@ tests of the commands that load one: predict and serve."""
 import os
 import sys
 
-from clinkd_jax import checkpoint, run_setup
+from clinkd_jax import checkpoint
 from clinkd_jax.data import text
+from clinkd_jax.stage import StageContext
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -31,8 +32,8 @@ def eval_config(**changes):
 
 def save(d: str, seed: int = 3) -> str:
     c = eval_config()
-    mesh, rules = run_setup.make_run_mesh(c)
-    cfg, params = run_setup.load_model(c.model, mesh, rules, seed=seed)
+    c.seed = seed
+    cfg, params = StageContext.of(c, "").load_model()
     checkpoint.save_params(d, params, cfg, assets_from=text.bundled_qwen2_tokenizer_dir())
-    checkpoint.write_answer_settings(d, run_setup.answer_settings(c))
+    checkpoint.write_answer_settings(d, c)
     return d

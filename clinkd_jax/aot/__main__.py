@@ -25,8 +25,9 @@ from ml_collections import config_flags
 
 from clinkd_jax import cli, files
 from clinkd_jax.aot import programs, report, slices
+from clinkd_jax.models.config import ConfigError
 from clinkd_jax.models.flops import PEAK_BF16
-from clinkd_jax.run_setup import ConfigError, make_run_mesh
+from clinkd_jax.sharding import run_mesh
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/<x>.py file", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", "", "a Cloud TPU slice (v4-8, v5e-16, v5p-8, v6e-8, ...), 'list', or "
@@ -73,7 +74,7 @@ def main(argv):
         cli.writable(_JSON.value, "json", suffixes=(".json",))
     try:
         devices, hbm, peak, bandwidth, label = _target()
-        mesh, rules = make_run_mesh(c, devices)
+        mesh, rules = run_mesh(c, devices)
         workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="clinkd_aot_")
         progs = programs.programs(c, workdir, mesh, rules, _BUCKETS.value)
     except (ConfigError, ValueError, RuntimeError) as e:

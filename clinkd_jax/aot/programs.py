@@ -28,22 +28,24 @@ from typing import Callable
 import jax
 from ml_collections import ConfigDict
 
-from clinkd_jax import checkpoint, cli, recipe, run_setup, sharding
+from clinkd_jax import cli, recipe, settings, sharding
 from clinkd_jax.checkpoint import abstract_with_shardings
+from clinkd_jax.data import dataset, pipeline
 from clinkd_jax.data import image as image_lib
-from clinkd_jax.data import pipeline
 from clinkd_jax.data import pseudo_labels as pl_store
-from clinkd_jax.data.markup import BOX_FORMATS
+from clinkd_jax.eval import run as eval_run
 from clinkd_jax.infer import generate as gen_lib
 from clinkd_jax.infer import prompts
+from clinkd_jax.model_source import ModelSource, same_inputs
 from clinkd_jax.models import config as model_config
 from clinkd_jax.models import flops as flops_lib
 from clinkd_jax.models import presets
+from clinkd_jax.models.config import ConfigError
 from clinkd_jax.models.qwen2vl import param_shardings
-from clinkd_jax.run_setup import SOURCES, ConfigError
+from clinkd_jax.stage import StageContext
+from clinkd_jax.train import config as train_config
 from clinkd_jax.train import program as program_lib
 from clinkd_jax.train import state as state_lib
-from clinkd_jax.train.config import validate
 
 log = logging.getLogger("clinkd_jax.aot")
 # published checkpoints by directory name -> preset (72b before 7b: "qwen2-vl-72b" contains "qwen2-vl-7")
@@ -72,69 +74,40 @@ class Program:
     base: dict[str, int] = dataclasses.field(default_factory=dict)  # the smaller twin's count per dim (default 1)
 
 
-class _Ids:
-    """The two token ids the pipeline's filler batches are made with (values only; shapes do not depend on them)."""
-
-    def __init__(self, cfg):
-        self.image_pad_id, self.pad_id = cfg.image_token_id, 0
-
-
-def _source(c, name: str, chained: dict[str, Geometry], workdir: str, vocab_ids) -> Geometry:
-    """The geometry of config.<name> (model or teacher) without reading weights."""
-    src = c[name]
-    if src.preset:
-        dtype = c.model.param_dtype if name == "model" else "float32"
-        return Geometry(run_setup.config_of(src, vocab_ids), dtype, f"preset {src.preset}")
-    if src.hf_dir:
-        if os.path.isdir(src.hf_dir):
-            cfg = run_setup.config_of(src)
-            return Geometry(cfg, "bfloat16" if name == "teacher" else c.model.param_dtype, src.hf_dir)
-        base = os.path.basename(os.path.normpath(src.hf_dir)).lower()
-        for key, preset in PUBLISHED:
-            if key in base:
-                log.warning("%s.hf_dir=%s is not on this machine: its geometry is taken from the name (%s)", name,
-                            src.hf_dir, preset)
-                cfg = presets.PRESETS[preset]()
-                return Geometry(cfg, "bfloat16" if name == "teacher" else c.model.param_dtype,
-                                f"{src.hf_dir} (not here: {preset} by its name)")
-        raise ConfigError(f"{name}.hf_dir={src.hf_dir!r} is not on this machine and its name is not a published "
-                          f"Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint's; aot needs only its geometry: add "
-                          f"--config.{name}.hf_dir= "
-                          f"--config.{name}.preset=qwen2vl_7b (or another of {sorted(presets.PRESETS)})")
-    if src.orbax_dir:
-        if os.path.isdir(src.orbax_dir):
-            return Geometry(checkpoint.load_config(src.orbax_dir), c.model.param_dtype, src.orbax_dir)
+def _source(c, src: ModelSource, chained: dict[str, Geometry], workdir: str, vocab_ids) -> Geometry:
+    """The geometry of a stage's model or teacher `src` without reading weights."""
+    name = src.section
+    dtype = "bfloat16" if name == "teacher" else c.model.param_dtype
+    if src.kind == "preset":
+        return Geometry(src.geometry(vocab_ids), c.model.param_dtype if name == "model" else "float32",
+                        src.describe())
+    if os.path.isdir(src.where):
+        return Geometry(src.geometry(), dtype if src.kind == "hf_dir" else c.model.param_dtype, src.where)
+    if src.kind == "orbax_dir":
         for stage, geo in chained.items():
-            if os.path.normpath(src.orbax_dir) == os.path.normpath(os.path.join(workdir, stage, "params")):
+            if os.path.normpath(src.where) == os.path.normpath(os.path.join(workdir, stage, "params")):
                 return dataclasses.replace(geo, where=f"stage {stage}'s params")
-        raise ConfigError(f"{name}.orbax_dir={src.orbax_dir!r} does not exist")
-    raise ConfigError(f"{name}: no source; set {name}.hf_dir, {name}.orbax_dir or {name}.preset")
+        raise ConfigError(f"{name}.orbax_dir={src.where!r} does not exist")
+    base = os.path.basename(os.path.normpath(src.where)).lower()
+    for key, preset in PUBLISHED:
+        if key in base:
+            log.warning("%s.hf_dir=%s is not on this machine: its geometry is taken from the name (%s)", name,
+                        src.where, preset)
+            return Geometry(presets.PRESETS[preset](), dtype, f"{src.where} (not here: {preset} by its name)")
+    raise ConfigError(f"{name}.hf_dir={src.where!r} is not on this machine and its name is not a published "
+                      f"Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint's; aot needs only its geometry: add "
+                      f"--config.{name}.hf_dir= "
+                      f"--config.{name}.preset=qwen2vl_7b (or another of {sorted(presets.PRESETS)})")
 
 
-def _checked(c) -> None:
-    """The run's own config checks, on a copy whose model sources and files (not on this machine) are stood in
-    for: a bad value still stops here, naming the field."""
-    v = copy.deepcopy(c)
-    for name in ("model", "teacher"):
-        if any(v[name][k] for k in SOURCES):
-            for k in SOURCES:
-                v[name][k] = ""
-            v[name].preset, v[name].text_overrides, v[name].vision_overrides = "tiny", ConfigDict(), ConfigDict()
-    v.model.compact_vocab = ""
-    v.mesh.shape = (1, -1, 1)  # checked against the target's devices already (make_run_mesh), not this host's
-    if not all(os.path.isfile(f) for f in v.data.train_files if f):  # the data need not be on this machine
-        # the generated demo set stands in; the file settings it would refuse as ignored go with the files
-        v.data.format, v.data.train_files, v.data.image_dir = "demo", (), ""
-        v.data.box_format = "auto" if v.data.box_format in BOX_FORMATS else v.data.box_format
-    v.data.extra_files = tuple(f for f in v.data.extra_files if os.path.isfile(f))
-    if v.kd.pseudo_labels and not os.path.isdir(v.kd.pseudo_labels):
-        v.kd.pseudo_labels = ""
-        if not any(v.teacher[k] for k in SOURCES):
-            v.teacher.preset = "tiny"
-    if v.stage == "eval":
-        run_setup.check_common(v)
+def check_settings(c, devices: int) -> None:
+    """The stage's own config checks that read no file (its data and checkpoints need not be on this machine),
+    with its mesh on the described slice's `devices`: a bad value stops here, naming the field."""
+    if c.stage == "eval":
+        eval_run.check_settings(c)
     else:
-        validate(v)
+        train_config.check_settings(c)
+    train_config.check_devices(c, devices)
 
 
 def config_file(path: str, **overrides) -> ConfigDict:
@@ -171,7 +144,7 @@ def _twin(c, cfg, counts: dict | None, prefix: str):
     if counts is None:
         return c, cfg
     t = copy.deepcopy(c)
-    t.model.scan_unroll = 1 << 12
+    t.runtime.scan_unroll, t.model.scan_unroll = 1 << 12, 1  # (the deprecated field would disagree)
     windowed = counts[prefix + "depth"]
     depth = windowed + counts.get(prefix + "full_depth", 0)
     vision = dataclasses.replace(cfg.vision, depth=depth, fullatt_block_indexes=tuple(range(windowed, depth)),
@@ -207,8 +180,9 @@ def train_programs(name, c, student: Geometry, teacher: Geometry | None, mesh, r
     kind = "train_kd_pseudo_labels" if cached else f"train_{c.stage}"
     online = teacher if c.stage == "kd" and not cached else None
     if online is not None:
-        run_setup.same_inputs(student.cfg, online.cfg, "the teacher")
-    pcfg = run_setup.pipeline_config(c, _Ids(student.cfg), student.cfg, mesh, rules, host_rows=False)  # a slice's hosts
+        same_inputs(student.cfg, online.cfg, "the teacher")
+    # all rows (a slice's hosts); the token ids fill the filler batches, whose shapes do not depend on them
+    pcfg = dataset.pipeline_config(c, (student.cfg.image_token_id, 0), student.cfg, mesh, rules, host_rows=False)
     out = []
     for bucket in _buckets(c.data.text_buckets, c.data.patch_buckets, buckets):
 
@@ -217,7 +191,7 @@ def train_programs(name, c, student: Geometry, teacher: Geometry | None, mesh, r
             _, t_cfg = (None, None) if online is None else _twin(c, online.cfg, counts, "teacher_")
             prog = program_lib.build(tc, s_cfg, mesh, rules, teacher_cfg=t_cfg, loss_unrolled=counts is not None)
             batch = pipeline.empty_batch(pcfg, bucket, top_k)
-            batch = sharding.abstract_batch({k: v for k, v in batch.items() if k not in run_setup.HOST_ONLY}, mesh,
+            batch = sharding.abstract_batch({k: v for k, v in batch.items() if k not in pipeline.HOST_ONLY}, mesh,
                                             rules)
             with sharding.use_mesh(mesh, rules):
                 return prog.step.lower(prog.abstract_state(), prog.abstract_teacher(online and online.dtype), batch)
@@ -250,7 +224,7 @@ def generate_programs(name, kind, c, geo: Geometry, mesh, rules, buckets, batch_
                 tc, cfg = _twin(c, geo.cfg, counts, "")
                 if counts is not None:
                     sampling = dataclasses.replace(sampling, max_new_tokens=counts["new_tokens"])
-                model = run_setup.model_for(tc, cfg)
+                model = settings.model_module(tc, cfg)
                 shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, geo.dtype), state_lib.param_shapes(model))
                 params = abstract_with_shardings(shapes, param_shardings(model, mesh, rules))
                 pcfg = prompts.PromptConfig(batch_size=batch_size, image_token_id=cfg.image_token_id,
@@ -286,14 +260,16 @@ def programs(c, workdir: str, mesh, rules, buckets: str = "all") -> list[Program
     chained: dict[str, Geometry] = {}
     out: list[Program] = []
     for name, sc in stage_configs(c, workdir):
-        _checked(sc)
+        check_settings(sc, mesh.size)
         os.makedirs(os.path.join(workdir, name), exist_ok=True)
-        vocab = run_setup.compact_vocab(sc, os.path.join(workdir, name)) if sc.model.preset else None
-        student = _source(sc, "model", chained, workdir, vocab)
+        stage = StageContext(sc, os.path.join(workdir, name), mesh, rules, ModelSource.of(sc, "model"),
+                             ModelSource.of(sc, "teacher", required=False))
+        vocab = stage.vocab_ids if stage.model.kind == "preset" else None  # a checkpoint's: from its geometry
+        student = _source(sc, stage.model, chained, workdir, vocab)
         # the teacher's geometry where a compiled program holds it: the online KD teacher, the RCT stage's corrector
         needs_teacher = (sc.stage == "kd" and not sc.kd.pseudo_labels) or sc.stage == "rct"
-        has_teacher = needs_teacher and any(sc.teacher[k] for k in SOURCES)
-        teacher = _source(sc, "teacher", chained, workdir, student.cfg.vocab_ids) if has_teacher else None
+        has_teacher = needs_teacher and stage.teacher is not None
+        teacher = _source(sc, stage.teacher, chained, workdir, student.cfg.vocab_ids) if has_teacher else None
         e, r = sc.eval, sc.rct
         greedy_eval = e.sasg_temperature if e.sasg_samples > 1 else e.temperature
         eval_top_p = e.sasg_top_p if e.sasg_samples > 1 else e.top_p

@@ -40,7 +40,7 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-from clinkd_jax import distributed
+from clinkd_jax import distributed, sharding
 from clinkd_jax.data import image as image_lib
 from clinkd_jax.data import plan, positions
 from clinkd_jax.data import text as text_lib
@@ -326,3 +326,11 @@ def make_batches(records: Sequence[Record], encoder: text_lib.ChatEncoder, cfg: 
     if found:
         log_.warning("batch plan over %d records: %s %s", len(records), skip_summary(found), dict(found))
     return BatchIterator(records, ids, cfg, encoder, log, log.counts, sizes)  # read + plan skips: equal on all hosts
+
+
+HOST_ONLY = ("sample_mask", "decode_offsets", "record_index")  # batch fields the jitted steps do not read
+
+
+def device_batch(batch: dict, mesh, rules, global_batch: int) -> dict:
+    """This host's rows of a global training batch -> the global arrays a jitted step takes."""
+    return sharding.place_batch({k: v for k, v in batch.items() if k not in HOST_ONLY}, mesh, rules, global_batch)

@@ -25,7 +25,7 @@ from clinkd_jax.data import records as records_lib
 from clinkd_jax.eval import run as eval_run
 from clinkd_jax.eval.report import mean_value
 from clinkd_jax.infer import generate as gen_lib
-from clinkd_jax.run_setup import ConfigError, model_for
+from clinkd_jax.models.config import ConfigError
 
 log = logging.getLogger("clinkd_jax.eval")
 CURVE = "eval_curve.jsonl"
@@ -77,11 +77,11 @@ class EvalDuringTraining:
     def __call__(self, step: int, params, run) -> None:
         c, out = self.c, self.step_dir(step)
         if self.generator is None:  # compiled once, reused with each step's parameters
-            self.generator = gen_lib.Generator(model_for(c, run.cfg), params, run.mesh, run.rules)
+            self.generator = gen_lib.Generator(run.stage.module(run.cfg), params, run.stage.mesh, run.stage.rules)
         self.generator.params = params
         skips, read_skips = records_lib.SkipLog(strict=c.data.strict), records_lib.SkipLog(strict=c.data.strict)
-        pred_files, generated = eval_run.predict_all(c, self.workdir, self.generator, run.encoder, read_skips, skips,
-                                                     out_dir=out)
+        pred_files, generated = eval_run.predict_all(c, self.workdir, self.generator, run.stage.encoder, read_skips,
+                                                     skips, out_dir=out)
         result = eval_run.scored(c, out, pred_files, generated, read_skips, skips, reports=False)
         point = {"step": step, **{t: mean_value(t, m) for t, m in result["means"].items()}}
         self.curve.append(point)

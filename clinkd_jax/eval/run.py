@@ -29,14 +29,17 @@ import os
 
 import jax
 
-from clinkd_jax import distributed, files, run_setup
+from clinkd_jax import distributed, files, settings
 from clinkd_jax.data import image as image_lib
 from clinkd_jax.data import records as records_lib
+from clinkd_jax.data.dataset import TASKS, eval_image_dir, eval_records, task_of, test_files
 from clinkd_jax.eval import answers, captions, metrics, report
 from clinkd_jax.infer import generate as gen_lib
 from clinkd_jax.infer import prompts as prompts_lib
 from clinkd_jax.infer import sasg
-from clinkd_jax.run_setup import TASKS, ConfigError, check_common, eval_image_dir, task_of, test_files
+from clinkd_jax.model_source import ModelSource
+from clinkd_jax.models.config import ConfigError
+from clinkd_jax.stage import StageContext
 
 log = logging.getLogger("clinkd_jax.eval")
 
@@ -181,31 +184,46 @@ def write_reports(c, workdir: str, results: dict, preds: dict, images: str, left
 
 
 def validate(c, workdir: str) -> None:
+    check_settings(c)
+    check_files(c, workdir)
+
+
+def check_settings(c) -> None:
+    """The evaluation stage's settings; reads no file (`clinkd_jax.aot` checks with this)."""
     e = c.eval
+    for p in e.predictions:
+        if task_of(p) is None:
+            raise ConfigError(f"eval.predictions: cannot tell the task of {p} (name it like Test_VG.jsonl)")
     if e.predictions:
-        for p in e.predictions:
-            if not os.path.isfile(p):
-                raise ConfigError(f"eval.predictions: {p} does not exist")
-            if task_of(p) is None:
-                raise ConfigError(f"eval.predictions: cannot tell the task of {p} (name it like Test_VG.jsonl)")
         return
-    check_common(c)
+    settings.check(c)
     unknown = [t for t in e.tasks if t not in TASKS]
     if unknown:
         raise ConfigError(f"eval.tasks has {unknown}; known: {TASKS}")
-    for task, path in test_files(c, workdir).items():
-        if task is None:
+    for path in e.files:
+        if task_of(path) is None:
             raise ConfigError(f"eval.files: cannot tell the task of {path} (name it like Test_VG.json)")
-        if not os.path.isfile(path):
-            raise ConfigError(f"eval: test file {path} not found (eval.data_dir / eval.files / eval.tasks)")
-    if not os.path.isdir(eval_image_dir(c, workdir)):
-        raise ConfigError(f"eval.image_dir={eval_image_dir(c, workdir)!r} is not a directory")
     if e.sasg_samples > 1 and e.sasg_temperature <= 0:
         raise ConfigError("eval.sasg_samples > 1 needs eval.sasg_temperature > 0 (identical greedy candidates)")
     try:
         sasg.resolve(e.sasg_similarity)
     except (ValueError, ImportError, AttributeError) as err:
         raise ConfigError(f"eval.sasg_similarity: {err}") from None
+
+
+def check_files(c, workdir: str) -> None:
+    """The predictions to score, else the model's checkpoint, the test files and their images."""
+    for p in c.eval.predictions:
+        if not os.path.isfile(p):
+            raise ConfigError(f"eval.predictions: {p} does not exist")
+    if c.eval.predictions:
+        return
+    settings.check_files(c)
+    for path in test_files(c, workdir).values():
+        if not os.path.isfile(path):
+            raise ConfigError(f"eval: test file {path} not found (eval.data_dir / eval.files / eval.tasks)")
+    if not os.path.isdir(eval_image_dir(c, workdir)):
+        raise ConfigError(f"eval.image_dir={eval_image_dir(c, workdir)!r} is not a directory")
 
 
 def run(c, workdir: str) -> dict:
@@ -217,12 +235,10 @@ def run(c, workdir: str) -> dict:
     if c.eval.predictions:
         pred_files, generated = {task_of(p): p for p in c.eval.predictions}, {}
     else:
-        mesh, rules = run_setup.make_run_mesh(c)
-        cfg, params = run_setup.load_model(c.model, mesh, rules, c.seed, run_setup.compact_vocab(c, workdir),
-                                         c.model.param_dtype)
-        generator = gen_lib.Generator(run_setup.model_for(c, cfg), params, mesh, rules)
-        encoder = run_setup.encoder_for(c, cfg.vocab_ids)
-        pred_files, generated = predict_all(c, workdir, generator, encoder, read_skips, skips, stamped=True)
+        stage = StageContext.of(c, workdir)
+        cfg, params = stage.load_model(c.model.param_dtype)
+        generator = gen_lib.Generator(stage.module(cfg), params, stage.mesh, stage.rules)
+        pred_files, generated = predict_all(c, workdir, generator, stage.encoder, read_skips, skips, stamped=True)
         log.info("generation compiled %d time(s)", generator.compiled)
     return scored(c, workdir, pred_files, generated, read_skips, skips)
 
@@ -246,8 +262,7 @@ def files_stamp(path: str) -> str:
 def made_by(c, test_file: str) -> dict:
     """What decides the answers in a prediction file: the model (its source, and a stamp of its checkpoint
     files), tokenizer and prompt settings, decoding settings and the test file."""
-    m = c.model
-    source = m.hf_dir or m.orbax_dir
+    m, source = c.model, ModelSource.of(c, "model").checkpoint
     stamp = {
         "model": {k: str(m[k]) for k in ("hf_dir", "orbax_dir", "preset", "text_overrides", "vision_overrides",
                                           "compact_vocab", "dtype", "param_dtype")},
@@ -290,7 +305,7 @@ def predict_all(c, workdir: str, generator, encoder, read_skips, skips, out_dir:
     os.makedirs(pred_dir, exist_ok=True)
     pred_files, generated = {}, {}
     for task, path in test_files(c, workdir).items():
-        recs = run_setup.eval_records(c, path, workdir, read_skips)
+        recs = eval_records(c, path, workdir, read_skips)
         if c.eval.limit > 0:
             recs = recs[: c.eval.limit]
         pred_files[task] = os.path.join(pred_dir, f"Test_{task}.jsonl")

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import jax
 import numpy as np
 
-from clinkd_jax.data import pseudo_labels as pl_store
-from clinkd_jax.models.attention import IMPLS
+from clinkd_jax import settings
+from clinkd_jax.models.config import ConfigError
 from clinkd_jax.models.layers import REMAT_POLICIES
-from clinkd_jax.run_setup import ConfigError, check_common, check_same_tokenizer, check_source
 from clinkd_jax.train import losses
 
 
@@ -32,25 +29,9 @@ def pseudo_label_switches(c) -> None:
         raise ConfigError(f"kd.top_k={c.kd.top_k} must be >= 1")
 
 
-def _pseudo_labels(c) -> None:
-    """A KD run reading a store: it exists and was written with this run's mask and temperature."""
-    try:
-        meta = pl_store.read_meta(c.kd.pseudo_labels)
-    except FileNotFoundError as e:
-        raise ConfigError(f"kd.pseudo_labels: {e}") from None
-    pseudo_label_switches(c)
-    for field, mine in (("mask", c.kd.mask), ("temperature", c.kd.temperature)):
-        if meta.get(field) != mine:
-            raise ConfigError(f"kd.{field}={mine!r} but the pseudo-labels in {c.kd.pseudo_labels} were written "
-                              f"with kd.{field}={meta.get(field)!r}; write them again or use the same setting")
-
-
 # The allowed values of the settings a training stage reads, listed once; a bad one is named with these.
 CHOICES = {
-    "data.extra_mode": ("append", "replace"),
-    "data.format": ("medgrit", "sharegpt", "demo"),
     "teacher.positions": ("shared", "own"),
-    "model.attention": IMPLS,
     "model.remat": REMAT_POLICIES,
     "optim.schedule": ("cosine", "constant"),
     "train.loss_backward": losses.LOSS_BACKWARDS,
@@ -59,27 +40,17 @@ DTYPES = ("model.dtype", "model.param_dtype", "teacher.dtype", "checkpoint.expor
 
 
 def validate(c) -> None:
-    """A training stage's config: its settings (`check_settings`), then the files and checkpoints it names."""
+    """A training stage's config: the mesh on this host's devices, its settings (`check_settings`), then the files
+    and checkpoints it names (`settings.check_files`)."""
+    check_devices(c, jax.device_count())
     check_settings(c)
-    check_files(c)
+    settings.check_files(c, teacher="teacher", training=True)
 
 
 def check_settings(c) -> None:
-    """Every setting on its own and against the others; reads no file."""
+    """Every setting on its own and against the others; reads no file (`clinkd_jax.aot` checks with this)."""
     if c.stage not in ("sft", "kd", "rct"):
         raise ConfigError(f"stage={c.stage!r} is not one of ('sft', 'kd', 'rct', 'eval')")
-    for field, allowed in CHOICES.items():
-        section, key = field.split(".")
-        if c[section][key] not in allowed:
-            raise ConfigError(f"{field}={c[section][key]!r} is not one of {allowed}")
-    for field in DTYPES:
-        section, key = field.split(".")
-        if field == "optim.mu_dtype" and not c.optim.mu_dtype:
-            continue  # "" = the parameters' dtype
-        try:
-            np.dtype(c[section][key])
-        except TypeError:
-            raise ConfigError(f"{field}={c[section][key]!r} is not a dtype") from None
     if c.stage == "kd":
         try:
             kd_config(c)
@@ -89,33 +60,14 @@ def check_settings(c) -> None:
     _data_shapes(c)
     if c.optim.grad_accum < 1:
         raise ConfigError(f"optim.grad_accum={c.optim.grad_accum} must be >= 1")
-    _mesh(c)
+    if len(c.mesh.shape) != 3:
+        raise ConfigError(f"mesh.shape={tuple(c.mesh.shape)} must have 3 axes (data, fsdp, tensor)")
     if c.train.loss_chunk <= 0:
         raise ConfigError(f"train.loss_chunk={c.train.loss_chunk} must be > 0")
-
-
-def check_files(c) -> None:
-    """What the settings name on disk: training and extra files, images, model and teacher sources, the
-    tokenizer, a pseudo-label store."""
-    for f in c.data.extra_files:
-        if not os.path.isfile(f):
-            raise ConfigError(f"data.extra_files: {f} does not exist")
-    check_common(c)
     cached = c.stage == "kd" and bool(c.kd.pseudo_labels)
-    check_source(c, "teacher", required=c.stage == "kd" and not cached)
-    check_same_tokenizer(c, "teacher")
     if cached:
-        _pseudo_labels(c)
-    d = c.data
-    if d.format != "demo":
-        files = [f for f in d.train_files if f]
-        if not files:
-            raise ConfigError("data.train_files is empty")
-        for f in files:
-            if not os.path.isfile(f):
-                raise ConfigError(f"data.train_files: {f} does not exist")
-        if not os.path.isdir(d.image_dir):
-            raise ConfigError(f"data.image_dir={d.image_dir!r} is not a directory")
+        pseudo_label_switches(c)
+    settings.check(c, CHOICES, DTYPES, teacher_required=c.stage == "kd" and not cached)
 
 
 def _rct_in_run(c) -> None:
@@ -147,11 +99,9 @@ def _data_shapes(c) -> None:
         raise ConfigError(f"data.mrope_gaps={tuple(d.mrope_gaps)} must be two gaps >= 1")
 
 
-def _mesh(c) -> None:
+def check_devices(c, n: int) -> None:
+    """config.mesh.shape fits `n` devices."""
     shape = list(c.mesh.shape)
-    if len(shape) != 3:
-        raise ConfigError(f"mesh.shape={tuple(shape)} must have 3 axes (data, fsdp, tensor)")
     known = int(np.prod([s for s in shape if s != -1]))
-    n = jax.device_count()
     if shape.count(-1) > 1 or (shape.count(-1) == 0 and known > n) or (shape.count(-1) == 1 and n % known):
         raise ConfigError(f"mesh.shape={tuple(shape)} does not fit the {n} available devices")

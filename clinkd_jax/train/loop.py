@@ -33,10 +33,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from clinkd_jax import checkpoint, distributed, files, run_setup, sharding
+from clinkd_jax import checkpoint, distributed, files, sharding
 from clinkd_jax.convert import hf
-from clinkd_jax.data import pipeline, records
+from clinkd_jax.data import dataset, pipeline, records
 from clinkd_jax.models.config import Qwen2VLConfig
+from clinkd_jax.stage import StageContext
 from clinkd_jax.train import program
 from clinkd_jax.train import state as state_lib
 from clinkd_jax.train.config import ConfigError, validate
@@ -51,23 +52,21 @@ class NonFiniteLoss(FloatingPointError):
 
 @dataclasses.dataclass(frozen=True)
 class HookContext:
-    """What a step-end hook may use of the running stage."""
+    """What a step-end hook may use of the running stage: its context, the model's geometry, its records."""
 
+    stage: StageContext
     cfg: Qwen2VLConfig
-    mesh: jax.sharding.Mesh
-    rules: tuple
     records: list
-    encoder: object
 
 
-def batches(c, workdir, recs, encoder, model_cfg, mesh, rules, pool_files=(), skips=None):
+def batches(stage: StageContext, recs, model_cfg, pool_files=(), skips=None):
     """The batch iterator over `recs` plus data.extra_files plus `pool_files` (RCT corrections); `skips`
     holds what reading `recs` skipped (counted in the run's summary)."""
+    c, pcfg = stage.c, stage.pipeline_config(model_cfg)
     skips = skips or records.SkipLog(strict=c.data.strict)
     extra = tuple(c.data.extra_files) + tuple(pool_files)
-    pool = run_setup.with_extra(recs, extra, c.data.extra_mode, skips) if extra else recs
-    return pipeline.make_batches(pool, encoder, run_setup.pipeline_config(c, encoder, model_cfg, mesh, rules), skips,
-                                 sizes_cache=run_setup.sizes_cache(c, workdir))
+    pool = dataset.with_extra(recs, extra, c.data.extra_mode, skips) if extra else recs
+    return pipeline.make_batches(pool, stage.encoder, pcfg, skips, sizes_cache=dataset.sizes_cache(c, stage.workdir))
 
 
 class StopSignal:
@@ -98,16 +97,12 @@ class _Training:
     """One stage's training: what is set up once (mesh, models, records, program, checkpoints) and where it
     stands (state, step, the last metrics, the batch shapes met)."""
 
-    c: Any
-    workdir: str
+    stage: StageContext
     hooks: tuple
-    mesh: jax.sharding.Mesh
-    rules: tuple
     cfg: Qwen2VLConfig
     teacher_params: Any
     ckpt: checkpoint.TrainCheckpointer
     recs: list
-    encoder: Any
     read_skips: records.SkipLog
     data: Any = None
     prog: program.TrainProgram | None = None
@@ -117,10 +112,18 @@ class _Training:
     metrics: dict = dataclasses.field(default_factory=dict)
     shapes: set = dataclasses.field(default_factory=set)  # batch shapes met: the step compiles once for each
 
+    @property
+    def c(self):
+        return self.stage.c
+
+    @property
+    def workdir(self) -> str:
+        return self.stage.workdir
+
     def batches(self, step: int, skips=None):
         """The batch iterator over the records and the files the hooks had added by `step`."""
         pool = [f for h in self.hooks for f in h.pool_files(step)]
-        return batches(self.c, self.workdir, self.recs, self.encoder, self.cfg, self.mesh, self.rules, pool, skips)
+        return batches(self.stage, self.recs, self.cfg, pool, skips)
 
 
 def run(c, workdir: str, hooks=()) -> dict:
@@ -130,33 +133,31 @@ def run(c, workdir: str, hooks=()) -> dict:
         raise ConfigError("rct.every_steps: in-run RCT rounds are a step-end hook; run the stage with "
                           "clinkd_jax.recipe.run_stage (as clinkd_jax.main does)")
     os.makedirs(workdir, exist_ok=True)
-    t, params = _set_up(c, workdir, tuple(hooks))
-    with sharding.use_mesh(t.mesh, t.rules):
+    t, params = _set_up(StageContext.of(c, workdir), tuple(hooks))
+    with sharding.use_mesh(t.stage.mesh, t.stage.rules):
         _restore_or_init(t, params)
         del params
         preempted = _train(t)
     return _finish(t, preempted)
 
 
-def _set_up(c, workdir: str, hooks: tuple) -> tuple[_Training, Any]:
-    """Mesh, student (and online teacher), checkpoints, records, data and the compiled step; the student's
-    initial params (used unless a checkpoint is restored)."""
-    mesh, rules = run_setup.make_run_mesh(c)
-    cfg, params = run_setup.load_model(c.model, mesh, rules, c.seed, run_setup.compact_vocab(c, workdir),
-                                       c.model.param_dtype)
+def _set_up(stage: StageContext, hooks: tuple) -> tuple[_Training, Any]:
+    """Student (and online teacher), checkpoints, records, data and the compiled step; the student's initial
+    params (used unless a checkpoint is restored)."""
+    c = stage.c
+    cfg, params = stage.load_model(c.model.param_dtype)
     t_cfg = teacher_params = None
     if c.stage == "kd" and not c.kd.pseudo_labels:
-        t_cfg, teacher_params = run_setup.load_model(c.teacher, mesh, rules, c.seed + 1, cfg.vocab_ids)
-        run_setup.same_inputs(cfg, t_cfg, "the teacher")
-    ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"), save_every=c.checkpoint.save_every,
-                                        keep=c.checkpoint.keep, async_save=c.checkpoint.async_save,
-                                        commit_files=c.checkpoint.commit_files)
+        t_cfg, teacher_params = stage.load_teacher(cfg)
+    ckpt = checkpoint.TrainCheckpointer(os.path.join(stage.workdir, "checkpoints"),
+                                        save_every=c.checkpoint.save_every, keep=c.checkpoint.keep,
+                                        async_save=c.checkpoint.async_save, commit_files=c.checkpoint.commit_files)
     read_skips = records.SkipLog(strict=c.data.strict)
-    recs = run_setup.training_records(c, workdir, read_skips)
-    t = _Training(c, workdir, hooks, mesh, rules, cfg, teacher_params, ckpt, recs,
-                  run_setup.encoder_for(c, cfg.vocab_ids), read_skips, start=ckpt.latest_step() or 0)
+    recs = stage.training_records(read_skips)
+    t = _Training(stage, hooks, cfg, teacher_params, ckpt, recs, read_skips, start=ckpt.latest_step() or 0)
     t.data = t.batches(t.start, read_skips)
-    t.prog = program.build(c, cfg, mesh, rules, teacher_cfg=t_cfg, total_updates=_total_updates(c, t.data))
+    t.prog = program.build(c, cfg, stage.mesh, stage.rules, teacher_cfg=t_cfg,
+                           total_updates=_total_updates(c, t.data))
     return t, params
 
 
@@ -191,8 +192,7 @@ def _train(t: _Training) -> bool:
             if batch is None:
                 break
             _note_shape(t, batch)
-            t.state, t.metrics = t.prog.step(t.state, t.teacher_params,
-                                             run_setup.device_batch(batch, t.mesh, t.rules, c.data.batch_size))
+            t.state, t.metrics = t.prog.step(t.state, t.teacher_params, t.stage.device_batch(batch))
             t.step += 1
             clock = _step_end(t, writer, stop, clock)
             if stop.received is not None:
@@ -213,7 +213,7 @@ def _train(t: _Training) -> bool:
 def _note_shape(t: _Training, batch: dict) -> None:
     shape = tuple((k, np.shape(v)) for k, v in sorted(batch.items()))
     if shape not in t.shapes:
-        t.shapes.add(shape)
+        t.shapes |= {shape}
         named = ", ".join(f"{k} {np.shape(batch[k])}" for k in ("input_ids", "pixel_values") if k in batch)
         log.info("step %d: a new batch shape (%s); the step compiles for it once", t.step + 1, named)
 
@@ -238,7 +238,7 @@ def _step_end(t: _Training, writer: MetricsWriter, stop: StopSignal, clock: floa
         clock = time.perf_counter()
         writer.write(step, t.metrics)
     for h in due:  # e.g. a correction round with the current params
-        h(step, t.state.params, HookContext(t.cfg, t.mesh, t.rules, t.recs, t.encoder))
+        h(step, t.state.params, HookContext(t.stage, t.cfg, t.recs))
     if grows:  # the pool grows from the next step
         old, t.data = t.data, t.batches(step)
         t.data.set_state({"epoch": old.epoch, "batch": old.batch})  # the stream goes on, not epoch 0
@@ -252,16 +252,16 @@ def _step_end(t: _Training, writer: MetricsWriter, stop: StopSignal, clock: floa
 
 def _finish(t: _Training, preempted: bool) -> dict:
     """The trained params (and the Hugging Face export) unless preempted, and the run's summary."""
-    c, params, assets = t.c, t.state.params, run_setup.tokenizer_dir(t.c)
+    c, params, template, assets = t.c, t.state.params, t.stage.encoder.template, t.stage.tokenizer_dir
     if not preempted and c.checkpoint.save_params:
         where = os.path.join(t.workdir, "params")
-        checkpoint.save_params(where, params, t.cfg, assets_from=assets, chat_template=t.encoder.template)
-        checkpoint.write_answer_settings(where, run_setup.answer_settings(c))
+        checkpoint.save_params(where, params, t.cfg, assets_from=assets, chat_template=template)
+        checkpoint.write_answer_settings(where, c)
     if not preempted and c.checkpoint.export_hf:
         where = os.path.join(t.workdir, "export_hf")
         hf.save_hf_checkpoint(params, t.cfg, where, dtype=c.checkpoint.export_dtype, assets_from=assets,
-                              chat_template=t.encoder.template)
-        checkpoint.write_answer_settings(where, run_setup.answer_settings(c))
+                              chat_template=template)
+        checkpoint.write_answer_settings(where, c)
     data = t.data
     summary = {"stage": c.stage, "steps": t.step, "start_step": t.start, "final": t.metrics,
                "skipped": data.skips_all_hosts(), "workdir": t.workdir, "preempted": preempted,

@@ -12,7 +12,7 @@ from typing import Any
 
 import jax
 
-from clinkd_jax import run_setup, sharding
+from clinkd_jax import settings, sharding
 from clinkd_jax.checkpoint import abstract_with_shardings
 from clinkd_jax.models.config import Qwen2VLConfig
 from clinkd_jax.models.qwen2vl import Qwen2VL, abstract_params
@@ -56,19 +56,19 @@ def build(c, cfg: Qwen2VLConfig, mesh, rules, *, teacher_cfg: Qwen2VLConfig | No
           loss_unrolled: bool = False) -> TrainProgram:
     """The step of stage `c.stage` ("sft" or "kd") for student geometry `cfg` (and the online teacher's
     `teacher_cfg`) on `mesh`. `loss_unrolled`: the loss's chunk loop as straight-line code (aot's cost twins)."""
-    model = run_setup.model_for(c, cfg, param_dtype=c.model.param_dtype, remat=c.model.remat)
-    teacher = None if teacher_cfg is None else run_setup.model_for(c, teacher_cfg, c.teacher.dtype)
     opt = optim_config(c, total_updates)
-    tx = state_lib.optimizer_for(model, opt)
-    st_sh = state_lib.state_shardings(model, tx, mesh, rules)
-    t_sh = None if teacher is None else sharding.tree_shardings(abstract_params(teacher), mesh, rules)
     sched = state_lib.schedule(opt)
+    loss = steps.LossSettings(kd=kd_config(c) if c.stage == "kd" else None, chunk=c.train.loss_chunk,
+                              backward=c.train.loss_backward, unrolled=loss_unrolled)
+    model = settings.model_module(c, cfg, param_dtype=c.model.param_dtype, remat=c.model.remat)
+    teacher = None if teacher_cfg is None else settings.model_module(c, teacher_cfg, c.teacher.dtype)
     source = None
     if c.stage == "kd":
         source = steps.TeacherSource("cached") if teacher is None else steps.TeacherSource(
             "online", teacher, c.teacher.positions)
-    loss = steps.LossSettings(kd=kd_config(c) if source else None, chunk=c.train.loss_chunk,
-                              backward=c.train.loss_backward, unrolled=loss_unrolled)
+    tx = state_lib.optimizer_for(model, opt)
+    st_sh = state_lib.state_shardings(model, tx, mesh, rules)
+    t_sh = None if teacher is None else sharding.tree_shardings(abstract_params(teacher), mesh, rules)
     step = steps.jit_train_step(st_sh, t_sh, None, model=model, tx=tx, loss=loss, teacher=source,
                                 lr_schedule=lambda s: sched(s // opt.grad_accum), frozen=opt.frozen)
     return TrainProgram(model, teacher, opt, tx, st_sh, t_sh, step)

@@ -22,9 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from clinkd_jax import cli, distributed, files, run_setup, sharding
-from clinkd_jax.data import pipeline, records
+from clinkd_jax import cli, distributed, files, sharding
+from clinkd_jax.data import dataset, pipeline, records
 from clinkd_jax.data import pseudo_labels as store
+from clinkd_jax.stage import StageContext
 from clinkd_jax.train import steps
 from clinkd_jax.train.config import kd_config, pseudo_label_switches
 
@@ -112,17 +113,16 @@ def main(argv):
 
 def write_store(c, workdir: str) -> None:
     os.makedirs(workdir, exist_ok=True)
-    mesh, rules = run_setup.make_run_mesh(c)
-    s_cfg = run_setup.config_of(c.model, run_setup.compact_vocab(c, workdir))
-    t_cfg, t_params = run_setup.load_model(c.teacher, mesh, rules, c.seed + 1, s_cfg.vocab_ids)
-    run_setup.same_inputs(s_cfg, t_cfg, "the teacher")
-    teacher = run_setup.model_for(c, t_cfg, c.teacher.dtype)
-    encoder = run_setup.encoder_for(c, s_cfg.vocab_ids)
+    stage = StageContext.of(c, workdir)
+    mesh, rules = stage.mesh, stage.rules
+    s_cfg = stage.model.geometry(stage.vocab_ids)
+    t_cfg, t_params = stage.load_teacher(s_cfg)
+    teacher = stage.module(t_cfg, c.teacher.dtype)
     skips = records.SkipLog(strict=c.data.strict)
-    recs = run_setup.training_records(c, workdir, skips)
-    pcfg = run_setup.pipeline_config(c, encoder, s_cfg, mesh, rules, shuffle=False, num_epochs=1, pseudo_labels=None,
-                                     teacher_mrope_gaps=None, pack=False)  # entries are per record: one per row
-    batches = pipeline.make_batches(recs, encoder, pcfg, skips, sizes_cache=run_setup.sizes_cache(c, workdir))
+    recs = stage.training_records(skips)
+    pcfg = stage.pipeline_config(s_cfg, shuffle=False, num_epochs=1, pseudo_labels=None, teacher_mrope_gaps=None,
+                                 pack=False)  # entries are per record: one per row
+    batches = pipeline.make_batches(recs, stage.encoder, pcfg, skips, sizes_cache=dataset.sizes_cache(c, workdir))
     kd = kd_config(c)
     out = NamedSharding(mesh, sharding.batch_spec("input_ids", 3, c.data.batch_size, mesh, rules))
     fn = jax.jit(teacher_topk_fn(teacher, top_k=c.kd.top_k, temperature=kd.temperature,
@@ -132,7 +132,7 @@ def write_store(c, workdir: str) -> None:
     meta = {"temperature": kd.temperature, "top_k": c.kd.top_k, "records": len(recs), "vocab": s_cfg.text.vocab_size}
     with sharding.use_mesh(mesh, rules):
         n = write(path, batches, fn, t_params, mask=kd.mask, meta=meta,
-                  place=lambda b: run_setup.device_batch(b, mesh, rules, c.data.batch_size),
+                  place=stage.device_batch,
                   to_host=lambda x: sharding.local_rows(x, *pcfg.host_rows))
     if jax.process_index() == 0:
         print(f"wrote {n} entries (top-{c.kd.top_k}) to {path}; {skips.report()}")

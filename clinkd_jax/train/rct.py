@@ -26,14 +26,15 @@ import os
 import jax
 import numpy as np
 
-from clinkd_jax import files, run_setup
+from clinkd_jax import files
+from clinkd_jax.data import dataset, markup
 from clinkd_jax.data import image as image_lib
-from clinkd_jax.data import markup
 from clinkd_jax.data.records import Record, SkipLog, Turn, text_problem
 from clinkd_jax.eval.metrics import extract_information, vg_item_hits
 from clinkd_jax.infer import generate as gen_lib
 from clinkd_jax.infer import prompts as prompts_lib
 from clinkd_jax.infer import sasg
+from clinkd_jax.stage import StageContext
 
 log = logging.getLogger("clinkd_jax.rct")
 CORRECTED = "corrected.jsonl"  # a round's corrected records (ShareGPT, one per line)
@@ -158,36 +159,32 @@ def write_round(workdir: str, corrected: list[dict], summary: dict) -> str:
     return path
 
 
-def has_corrector(c) -> bool:
-    return any(c.teacher[k] for k in run_setup.SOURCES)
+def generator(stage: StageContext, cfg, params) -> gen_lib.Generator:
+    return gen_lib.Generator(stage.module(cfg), params, stage.mesh, stage.rules)
 
 
-def load_corrector(c, mesh, rules, student_cfg):
+def load_corrector(stage: StageContext, student_cfg):
     """The corrector (`teacher.*`) as a Generator, on the student's vocabulary."""
-    cfg, params = run_setup.load_model(c.teacher, mesh, rules, c.seed, student_cfg.vocab_ids)
-    run_setup.same_inputs(student_cfg, cfg, "the corrector (teacher.*)")
-    return gen_lib.Generator(run_setup.model_for(c, cfg), params, mesh, rules)
+    cfg, params = stage.load_teacher(student_cfg, "the corrector (teacher.*)", seed_offset=0)
+    return generator(stage, cfg, params)
 
 
 def run(c, workdir: str) -> dict:
     """One RCT round as a stage; returns a summary with the counts (also in <workdir>/rct_summary.json)."""
-    mesh, rules = run_setup.make_run_mesh(c)
-    s_cfg, params = run_setup.load_model(c.model, mesh, rules, c.seed, run_setup.compact_vocab(c, workdir),
-                                         c.model.param_dtype)
+    stage = StageContext.of(c, workdir)
+    s_cfg, params = stage.load_model(c.model.param_dtype)
     skips = SkipLog(strict=c.data.strict)
-    recs = run_setup.training_records(c, workdir, skips)
-    recs = run_setup.with_extra(recs, c.data.extra_files, c.data.extra_mode, skips)
-    encoder = run_setup.encoder_for(c, s_cfg.vocab_ids)
-    box = {"student": gen_lib.Generator(run_setup.model_for(c, s_cfg), params, mesh, rules)}
+    recs = dataset.with_extra(stage.training_records(skips), c.data.extra_files, c.data.extra_mode, skips)
+    box = {"student": generator(stage, s_cfg, params)}
     del params
 
     def corrector_for():
-        if not has_corrector(c):
+        if stage.teacher is None:
             return box["student"]
         del box["student"]  # free the student's parameters before loading the corrector's
-        return load_corrector(c, mesh, rules, s_cfg)
+        return load_corrector(stage, s_cfg)
 
-    corrected, counts = correction_round(c, recs, encoder, box["student"], corrector_for, c.rct.seed)
+    corrected, counts = correction_round(c, recs, stage.encoder, box["student"], corrector_for, c.rct.seed)
     summary = {"stage": "rct", "final": counts, "skipped": dict(skips.counts), "workdir": workdir}
     return {**summary, "corrected_file": write_round(workdir, corrected, summary)}
 
@@ -243,19 +240,19 @@ class InRun:
         return {"rct": self.rounds}
 
     def __call__(self, step: int, params, run) -> None:
-        """Round number `at.index(step) + 1` with `params`; `run` holds the training run's model config,
-        mesh, rules, records and encoder."""
+        """Round number `at.index(step) + 1` with `params`; `run` holds the training run's stage context, model
+        geometry and records."""
         k = self.at.index(step) + 1
         c = self.c
         log.info("RCT round %d at step %d: the model answers up to %d training exchanges", k, step, c.rct.num_items)
         if self.generator is None:  # compiled once, reused by every round with the current params
-            self.generator = gen_lib.Generator(run_setup.model_for(c, run.cfg), params, run.mesh, run.rules)
+            self.generator = generator(run.stage, run.cfg, params)
         self.generator.params = params
 
         def corrector_for():  # loaded for the round and freed after it (it is frozen; memory matters more)
-            return load_corrector(c, run.mesh, run.rules, run.cfg) if has_corrector(c) else self.generator
+            return self.generator if run.stage.teacher is None else load_corrector(run.stage, run.cfg)
 
-        corrected, counts = correction_round(c, run.records, run.encoder, self.generator, corrector_for,
+        corrected, counts = correction_round(c, run.records, run.stage.encoder, self.generator, corrector_for,
                                              c.rct.seed + k)
         summary = {"stage": "rct", "round": k, "step": step, "final": counts, "workdir": self.round_dir(k)}
         write_round(self.round_dir(k), corrected, summary)

@@ -116,8 +116,8 @@ def abstract_state(model: Qwen2VL, tx) -> TrainState:
 def state_shardings(model: Qwen2VL, tx, mesh, rules=None) -> TrainState:
     """NamedShardings for every leaf of the TrainState: params by their logical names, optimizer moments
     like their params, counters replicated."""
-    p_sh = param_shardings(model, mesh, rules)
     abstract = abstract_state(model, tx)
+    p_sh = param_shardings(model, mesh, rules)
     replicated = NamedSharding(mesh, P())
     opt_sh = optax.tree_map_params(
         tx, lambda leaf, s: leaf if isinstance(leaf, optax.MaskedNode) else s, abstract.opt_state, p_sh,

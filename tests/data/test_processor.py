@@ -60,9 +60,7 @@ def test_a_file_we_cannot_honour_is_refused_by_name(tmp_path, change, message):
 def test_settings_travel_with_params_and_exports(tmp_path):
     """HF directory with its own processor -> params checkpoint -> export: the same settings at every step, the
     file's other keys kept; a model without settings of its own writes none."""
-    from ml_collections import ConfigDict
-
-    from clinkd_jax import run_setup
+    from clinkd_jax.model_source import ModelSource
 
     src = tmp_path / "hf"
     shutil.copytree("tests/golden/gqa2_untied", src)
@@ -78,21 +76,20 @@ def test_settings_travel_with_params_and_exports(tmp_path):
     exported = json.load(open(tmp_path / "export" / processor.FILE))
     assert exported["image_mean"] == [0.2, 0.3, 0.4] and exported["custom_key"] == "kept"
     assert processor.read(str(tmp_path / "export"), cfg) == cfg
-    source = ConfigDict({"hf_dir": str(src), "orbax_dir": "", "preset": "", "family": ""})
-    assert run_setup.config_of(source) == cfg  # what a run's stages read
+    assert ModelSource("model", "hf_dir", str(src)).geometry() == cfg  # what a run's stages read
     assert processor.write(str(tmp_path / "none"), presets.PRESETS["tiny_qwen"]()) is None  # family defaults
 
 
 def test_a_checkpoint_s_decoding_settings_are_said_when_not_applied(tmp_path):
     """generation_config.json: what would change decoding and is not done here is named in one log line (decoding
     follows the run's settings); a greedy file, or none, says nothing."""
-    from clinkd_jax import run_setup
+    from clinkd_jax.model_source import checkpoint_decoding
 
-    assert run_setup.checkpoint_decoding(str(tmp_path)) == ""
+    assert checkpoint_decoding(str(tmp_path)) == ""
     published = {"bos_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643], "pad_token_id": 151643,
                  "repetition_penalty": 1.05, "temperature": 0.1, "top_k": 1, "top_p": 0.001}  # Qwen2-VL-Instruct's
     (tmp_path / "generation_config.json").write_text(json.dumps(published))
-    note = run_setup.checkpoint_decoding(str(tmp_path))
+    note = checkpoint_decoding(str(tmp_path))
     assert "generation_config.json: not applied: do_sample=True, repetition_penalty=1.05, temperature=0.1" in note
     (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False, "eos_token_id": 151645}))
-    assert run_setup.checkpoint_decoding(str(tmp_path)) == ""
+    assert checkpoint_decoding(str(tmp_path)) == ""

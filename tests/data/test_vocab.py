@@ -97,7 +97,7 @@ def test_ids_travel_with_the_config(ids):
 
 def test_mismatches_are_refused(ids, tmp_path):
     from clinkd_jax.convert import hf
-    from clinkd_jax.run_setup import same_inputs
+    from clinkd_jax.model_source import same_inputs
 
     cfg = vocab.compact_config(tiny_qwen(), ids)
     with pytest.raises(ValueError, match="the teacher has the full vocabulary but the model has a compact"):
@@ -113,7 +113,7 @@ def test_data_vocab_of_an_eval_only_config(demo_dir, encoder, tmp_path):
     import os
     import sys
 
-    from clinkd_jax.run_setup import compact_vocab
+    from clinkd_jax.stage import compact_vocab
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     from configs import base

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from clinkd_jax import run_setup
+from clinkd_jax.data import dataset
 from clinkd_jax.eval import metrics as M
 
 
@@ -103,4 +103,4 @@ def test_read_predictions(tmp_path):
     ("x_GC_y.jsonl", "GC"), ("Test_other.json", None),
 ])
 def test_task_of(name, task):
-    assert run_setup.task_of(name) == task
+    assert dataset.task_of(name) == task

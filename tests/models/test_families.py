@@ -133,7 +133,7 @@ def test_a_teacher_with_another_tokenizer_is_refused_by_name(tmp_path):
     (tokenizer.json vocabulary) or special ids differ is refused before any weight is read."""
     from ml_collections import ConfigDict
 
-    from clinkd_jax import run_setup
+    from clinkd_jax.model_source import ModelSource, same_inputs, same_tokenizer
 
     def ckpt(name, vocab):
         d = tmp_path / name
@@ -144,15 +144,19 @@ def test_a_teacher_with_another_tokenizer_is_refused_by_name(tmp_path):
     same, other = {"a": 0, "b": 1}, {"a": 0, "c": 1}
     c = ConfigDict({"model": {"hf_dir": ckpt("student", same), "orbax_dir": ""},
                     "teacher": {"hf_dir": ckpt("teacher", same), "orbax_dir": ""}})
-    run_setup.check_same_tokenizer(c)
+    def check():
+        same_tokenizer(ModelSource("model", "hf_dir", c.model.hf_dir),
+                       ModelSource("teacher", "hf_dir", c.teacher.hf_dir), "teacher")
+
+    check()
     c.teacher.hf_dir = ckpt("other", other)
     with pytest.raises(ConfigError, match=r"teacher: its tokenizer \(.*other/tokenizer.json\) is not the model's"):
-        run_setup.check_same_tokenizer(c)
+        check()
     student = as_family(tiny(), "qwen2_5_vl")
-    run_setup.same_inputs(student, tiny(), "the teacher")  # Qwen2-VL teacher, Qwen2.5-VL student
+    same_inputs(student, tiny(), "the teacher")  # Qwen2-VL teacher, Qwen2.5-VL student
     with pytest.raises(ConfigError, match="the teacher has image_token_id=7 but the model has 250"):
-        run_setup.same_inputs(student, tiny().replace(image_token_id=7), "the teacher")
+        same_inputs(student, tiny().replace(image_token_id=7), "the teacher")
     # Qwen3-VL reads 16 px patches normalised to [-1, 1]: no batch serves it and a Qwen2-VL teacher together
     with pytest.raises(ConfigError, match=r"the teacher \(qwen2_vl: 14 px patches.*\) reads images differently from "
                                           r"the model \(qwen3_vl: 16 px patches"):
-        run_setup.same_inputs(as_family(tiny(), "qwen3_vl"), tiny(), "the teacher")
+        same_inputs(as_family(tiny(), "qwen3_vl"), tiny(), "the teacher")

@@ -14,8 +14,10 @@ import pytest
 import reference as R
 from ml_collections import ConfigDict
 
-from clinkd_jax import checkpoint, run_setup, sharding
+from clinkd_jax import checkpoint, sharding
+from clinkd_jax.model_source import ModelSource, tokenizer_dir
 from clinkd_jax.models import Qwen2VL
+from clinkd_jax.stage import encoder_for
 from clinkd_jax.train import loop
 from clinkd_jax.train import state as state_lib
 from clinkd_jax.train.config import ConfigError, validate
@@ -87,7 +89,7 @@ def test_resume_is_exact(tmp_path, caplog):
 def test_restore_onto_another_mesh(tmp_path):
     c = small_config(**{"train.steps": 3})
     saved = loop.run(c, str(tmp_path / "r"))["state"]
-    cfg = run_setup.config_of(c.model)
+    cfg = ModelSource.of(c, "model").geometry()
     model = Qwen2VL(cfg)
     tx = state_lib.optimizer_for(model, state_lib.OptimConfig(frozen=tuple(c.optim.frozen)))
     mesh = sharding.make_mesh((2, 2, 2))
@@ -119,9 +121,14 @@ def test_non_finite_loss_stops_with_the_step(tmp_path):
     ({"data.text_buckets": (512, 256)}, "must be increasing"),
     ({"mesh.shape": (3, 3, 1)}, r"mesh.shape=\(3, 3, 1\) does not fit the 8 available devices"),
     ({"model.attention": "flash"}, "model.attention='flash' is not one of"),
-    ({"model.vision_query_block": -1}, r"model.vision_query_block=-1 must be 0 \(all rows\)"),
+    ({"runtime.vision_query_block": -1}, r"runtime.vision_query_block=-1 must be 0 \(all rows\)"),
+    ({"runtime.attention_loop": "heads"}, "runtime.attention_loop='heads' is not one of"),
+    ({"runtime.decode_layers": "loop"}, "runtime.decode_layers='loop' is not one of"),
+    ({"runtime.scan_unroll": 0}, r"runtime.scan_unroll=0 must be >= 1"),
+    # the fields' old place (model.*) is still read, and named where it is set
     ({"model.attention_loop": "heads"}, "model.attention_loop='heads' is not one of"),
-    ({"model.decode_layers": "loop"}, "model.decode_layers='loop' is not one of"),
+    ({"model.scan_unroll": 2, "runtime.scan_unroll": 4}, "model.scan_unroll=2 and runtime.scan_unroll=4 disagree"),
+    ({"model.scan_unroll": 2, "runtime.scan_unroll": 2}, None),
     ({"train.loss_backward": "remat"}, "train.loss_backward='remat' is not one of"),
     ({"data.format": "csv"}, "data.format='csv'"),
     ({"data.demo_layout": "diagonal"}, "data.demo_layout='diagonal' is not one of"),
@@ -144,6 +151,25 @@ def test_config_errors_name_the_field(changes, message):
         return
     with pytest.raises(ConfigError, match=message):
         validate(c)
+
+
+def test_runtime_settings_in_their_old_place_are_read_with_a_warning(caplog):
+    """runtime.* used to be model.*: a value set there still reaches the module (and is said once) while runtime.*
+    keeps its default; runtime.* wins where only it is set."""
+    from clinkd_jax import settings
+
+    cfg = ModelSource.of(small_config(), "model").geometry()
+    c = small_config(**{"model.scan_unroll": 2, "model.decode_layers": "scan"})
+    settings._WARNED.clear()
+    with caplog.at_level("WARNING", logger="clinkd_jax.setup"):
+        validate(c)
+        validate(c)
+    said = [r.getMessage() for r in caplog.records if "is now runtime." in r.getMessage()]
+    assert len(said) == 2 and "model.scan_unroll is now runtime.scan_unroll; 2 is used" in said[0], said
+    model = settings.model_module(c, cfg)
+    assert (model.scan_unroll, model.decode_layers, model.attention_loop) == (2, "scan", "auto")
+    model = settings.model_module(small_config(**{"runtime.scan_unroll": 3}), cfg)
+    assert model.scan_unroll == 3 and model.decode_layers == "auto"
 
 
 def test_kd_switch_errors_name_the_field():
@@ -206,11 +232,11 @@ def test_a_chained_stage_uses_the_checkpoint_tokenizer(tmp_path):
     params = tmp_path / "a" / "params"
     c = small_config()
     c.model.preset, c.model.text_overrides, c.model.orbax_dir = "", {}, str(params)
-    assert run_setup.tokenizer_dir(c) == str(params / checkpoint.ASSETS_DIR)
-    enc = run_setup.encoder_for(c)
-    assert enc.template == run_setup.encoder_for(small_config()).template
+    assert tokenizer_dir(c) == str(params / checkpoint.ASSETS_DIR)
+    enc = encoder_for(c)
+    assert enc.template == encoder_for(small_config()).template
     import shutil
 
     shutil.rmtree(params / checkpoint.ASSETS_DIR)
     with pytest.raises(ConfigError, match="holds no tokenizer .* set data.tokenizer"):
-        run_setup.tokenizer_dir(c)
+        tokenizer_dir(c)

@@ -8,7 +8,8 @@ import pytest
 import reference as R
 from ml_collections import ConfigDict
 
-from clinkd_jax import recipe, run_setup
+from clinkd_jax import recipe
+from clinkd_jax.data import dataset
 from clinkd_jax.data.records import Record, SkipLog, Turn, read_sharegpt, text_problem
 from clinkd_jax.infer import sasg
 from clinkd_jax.train import loop, rct
@@ -25,8 +26,8 @@ BOX = "<ref>cyst</ref><box>(0,0),(100,100)</box>"
 
 def pool(c, workdir, files=()):
     """The training records a stage of `c` trains on (its extra files, plus `files`)."""
-    recs = run_setup.training_records(c, workdir, SkipLog())
-    return run_setup.with_extra(recs, tuple(c.data.extra_files) + tuple(files), c.data.extra_mode, SkipLog())
+    recs = dataset.training_records(c, workdir, SkipLog())
+    return dataset.with_extra(recs, tuple(c.data.extra_files) + tuple(files), c.data.extra_mode, SkipLog())
 
 
 def test_flag_rules():
