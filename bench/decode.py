@@ -107,8 +107,8 @@ def run_jax(s, args, ckpt):
     import jax
 
     from clinkd_jax import sharding
-    from clinkd_jax.convert.hf import load_hf_checkpoint
     from clinkd_jax.data import positions
+    from clinkd_jax.hf_checkpoint import load_hf_checkpoint
     from clinkd_jax.infer import generate as G
     from clinkd_jax.models import Qwen2VL
 

@@ -21,8 +21,8 @@ import orbax.checkpoint as ocp
 
 from clinkd_jax import distributed, files
 from clinkd_jax import sharding as sharding_lib
-from clinkd_jax.convert.hf import CheckpointError, copy_assets
 from clinkd_jax.data import processor
+from clinkd_jax.hf_checkpoint import CheckpointError, copy_assets
 from clinkd_jax.models.config import Qwen2VLConfig
 from clinkd_jax.models.qwen2vl import Qwen2VL, param_shardings
 

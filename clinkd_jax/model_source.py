@@ -15,8 +15,7 @@ import os
 
 import jax
 
-from clinkd_jax import checkpoint
-from clinkd_jax.convert import hf
+from clinkd_jax import checkpoint, hf_checkpoint
 from clinkd_jax.data import image as image_lib
 from clinkd_jax.data import processor, text
 from clinkd_jax.data import vocab as vocab_lib
@@ -149,7 +148,7 @@ class ModelSource:
         (None: a checkpoint's own, float32 for a preset)."""
         cfg = self.geometry(vocab_ids)  # the geometry (and its family checked) before any weight is read
         if self.kind == "hf_dir":
-            return hf.load_hf_checkpoint(self.where, config=cfg, mesh=mesh, rules=rules, dtype=dtype)
+            return hf_checkpoint.load_hf_checkpoint(self.where, config=cfg, mesh=mesh, rules=rules, dtype=dtype)
         if self.kind == "orbax_dir":
             return checkpoint.load_params(self.where, mesh=mesh, rules=rules, dtype=dtype)
         return cfg, init_params(Qwen2VL(cfg, param_dtype=dtype or "float32"), jax.random.key(seed), mesh, rules)

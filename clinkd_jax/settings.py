@@ -1,36 +1,231 @@
-"""Checks of the run-config fields every model-running stage reads (the model's source, its vocabulary, how data
-files are read, the runtime switches), in two parts: `check` reads no file, so `clinkd_jax.aot` checks a paper
-config on a machine without its data or checkpoints; `check_files` checks what the settings name on disk.
-Each stage adds its own sections (`train.config`, `eval.run.validate`). Allowed values are listed once (CHOICES)."""
+"""The run config's shared sections, declared with their defaults and what each field accepts, and their checks.
+
+A section is a frozen dataclass: each field is a config field with its default, a comment saying what it does, and,
+where the values are few or bounded, what it accepts in its annotation (`Literal[...]` of the allowed values,
+`Annotated[..., AtLeast(n)]`, `DTYPE`), so the allowed values are listed once, beside the field, and checked by
+`check_section`. configs/base.py builds a run config from the sections (`defaults`); each stage checks the sections
+it reads: the shared ones here (model, teacher, data, runtime, mesh), a training stage's in `train.config`, an
+evaluation's in `eval.config`.
+
+The checks come in two parts: `check` reads no file, so `clinkd_jax.aot` checks a paper config on a machine without
+its data or checkpoints; `check_files` checks what the settings name on disk."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import typing
+from typing import Annotated, Literal
 
 import numpy as np
+from ml_collections import ConfigDict
 
-from clinkd_jax.data import demo, text
 from clinkd_jax.data import pseudo_labels as pl_store
+from clinkd_jax.data import text
+from clinkd_jax.data.demo import LAYOUTS
 from clinkd_jax.data.markup import BOX_FORMATS, BOX_MARKUPS
 from clinkd_jax.model_source import ModelSource, same_tokenizer
 from clinkd_jax.models.attention import IMPLS
 from clinkd_jax.models.config import ConfigError
+from clinkd_jax.models.layers import REMAT_POLICIES
 from clinkd_jax.models.qwen2vl import ATTENTION_LOOPS, DECODE_LAYERS, Qwen2VL
 
 log = logging.getLogger("clinkd_jax.setup")
-CHOICES = {
-    "data.format": ("medgrit", "sharegpt", "demo"),
-    "data.extra_mode": ("append", "replace"),
-    "model.attention": IMPLS,
-    "data.box_markup": BOX_MARKUPS,
-    "data.box_format": ("auto", *BOX_FORMATS),
-    "data.demo_layout": demo.LAYOUTS,
-}
-# runtime.*: how the model runs here (never what it computes), with defaults and allowed values. They used to be
-# model.* fields; a value still set there is read while runtime.* keeps its default (`runtime`), with a warning.
-RUNTIME_DEFAULTS = {"scan_unroll": 1, "attention_loop": "auto", "vision_query_block": 0, "decode_layers": "auto"}
-RUNTIME_CHOICES = {"attention_loop": ATTENTION_LOOPS, "decode_layers": DECODE_LAYERS}
+
+
+@dataclasses.dataclass(frozen=True)
+class AtLeast:
+    """A number field's lower bound (`says`: the message's own words after the value)."""
+
+    low: int
+    says: str = ""
+
+    def __call__(self, field: str, value) -> None:
+        if value < self.low:
+            raise ConfigError(f"{field}={value} {self.says or f'must be >= {self.low}'}")
+
+
+@dataclasses.dataclass(frozen=True)
+class IsDType:
+    empty_ok: bool = False  # "" = another field's dtype
+
+    def __call__(self, field: str, value) -> None:
+        if self.empty_ok and value == "":
+            return
+        try:
+            np.dtype(value)
+        except TypeError:
+            raise ConfigError(f"{field}={value!r} is not a dtype") from None
+
+
+DTYPE = Annotated[str, IsDType()]
+
+
+def _checks(hint) -> list:
+    """The checks a field's annotation declares: its Literal's allowed values, its Annotated bounds."""
+    if typing.get_origin(hint) is Annotated:
+        inner, *marks = typing.get_args(hint)
+        return _checks(inner) + [m for m in marks if callable(m)]
+    if typing.get_origin(hint) is Literal:
+        allowed = typing.get_args(hint)
+
+        def one_of(field, value):
+            if value not in allowed:
+                raise ConfigError(f"{field}={value!r} is not one of {allowed}")
+        return [one_of]
+    return []
+
+
+def field_checks(section: type) -> dict[str, list]:
+    """{field: [check(field name, value)]} of a section's declared fields."""
+    hints = typing.get_type_hints(section, include_extras=True)
+    return {f.name: _checks(hints[f.name]) for f in dataclasses.fields(section)}
+
+
+def check_section(c, name: str, section: type) -> None:
+    """Each field of config section `name` accepts its value, as `section` declares."""
+    for key, checks in field_checks(section).items():
+        for check in checks:
+            check(f"{name}.{key}", c[name][key])
+
+
+def defaults(section: type) -> ConfigDict:
+    """A section's fields with their defaults, as a config section."""
+    return ConfigDict(dataclasses.asdict(section()))
+
+
+def _overrides():
+    return dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """The student / the model being trained. Exactly one source: hf_dir, orbax_dir or preset."""
+
+    hf_dir: str = ""  # a Hugging Face Qwen2-VL / Qwen2.5-VL directory (config.json + *.safetensors)
+    orbax_dir: str = ""  # a clinkd_jax params checkpoint (python -m clinkd_jax.convert)
+    # build from scratch: tiny | tiny_qwen | qwen2vl_2b | qwen2vl_7b | qwen2vl_72b | qwen2_5_vl_3b | qwen2_5_vl_7b |
+    # qwen3_vl_2b | qwen3_vl_4b | qwen3_vl_8b
+    preset: str = ""
+    # the model family (qwen2_vl | qwen2_5_vl | qwen3_vl): a checkpoint's comes from its config.json (model_type)
+    # and a value here must agree with it; with a preset, the preset's sizes with that family's vision tower (and,
+    # for qwen3_vl, its LLM's q/k norms and DeepStack); "" = as given
+    family: str = ""
+    text_overrides: dict = _overrides()  # with a preset: LLM fields to change, e.g. {"hidden_size": 128}
+    vision_overrides: dict = _overrides()  # with a preset: vision-tower fields to change, e.g. {"depth": 4}
+    # with a preset: "data" = embedding/LM-head rows only for the token ids the training and test data use
+    # (clinkd_jax.data.vocab; the demo's CPU speed-up); a JSON file of ids; "" = the full vocabulary.
+    # A checkpoint's own vocabulary (model_config.json) always applies; the teacher shares the model's.
+    compact_vocab: str = ""
+    dtype: DTYPE = "bfloat16"  # compute dtype
+    param_dtype: DTYPE = "float32"  # master weights (optimizer state is float32 too)
+    attention: Literal[IMPLS] = "xla"  # cudnn: GPU; splash: TPU
+    # activations recomputed in the backward pass, per layer (least recompute first; clinkd_jax.models.layers)
+    remat: Literal[REMAT_POLICIES] = "none"
+    # moved to runtime.* (below): still read from here when set, with a warning, while runtime.* keeps its default
+    scan_unroll: int = 1
+    attention_loop: str = "auto"
+    vision_query_block: int = 0
+    decode_layers: str = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    """The teacher (stage "kd"): the model's sources; it shares the mesh, is never donated, has no optimizer
+    state."""
+
+    hf_dir: str = ""
+    orbax_dir: str = ""
+    preset: str = ""
+    family: str = ""  # as model.family, for the teacher
+    text_overrides: dict = _overrides()
+    vision_overrides: dict = _overrides()
+    dtype: DTYPE = "bfloat16"
+    positions: Literal["shared", "own"] = "shared"  # "shared": the student's MCG-RoPE ids (released) | "own": (1, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+    """Training data: where it is, how it is read, how it is batched."""
+
+    # medgrit | sharegpt | demo (generate the bundled demo set into the workdir)
+    format: Literal["medgrit", "sharegpt", "demo"] = "medgrit"
+    train_files: tuple = ("",)  # JSON files
+    # format "demo": where the set is generated; "" = <workdir>/demo_data (recipes: <workdir>/demo_data)
+    demo_dir: str = ""
+    demo_train_per_image: int = 6  # format "demo": training conversations per source image (8 images)
+    demo_test_per_image: int = 2  # format "demo": test items per source image and task
+    # format "demo": where markers go: "random" (anywhere, any size) | "grid" (centred in a 3 x 3 cell, 2 sizes)
+    demo_layout: Literal[LAYOUTS] = "random"
+    image_dir: str = ""
+    # Med-GRIT ids name no file type: <image_dir>/<id><ext> for the first of these that exists (DICOM included)
+    image_ext: tuple = (".png", ".dcm", ".dicom", ".jpg", ".jpeg")
+    # auto (told per file, logged) | 0-1000 (integers, Qwen2-VL) | 0-1 (floats)
+    box_format: Literal[("auto", *BOX_FORMATS)] = "auto"
+    # the boxes the model is trained on and answers with: "0-1000" = Med-GRIT's markup (integers on a 0-1000 scale
+    # between box tokens; ClinKD's, every family's default) | "absolute" = Qwen2.5-VL's own grounding convention
+    # (pixels of the resized image the model sees) | "json" = Qwen3-VL's ({"bbox_2d": [0-1000 x4], "label": ...}).
+    # Files, predictions and scores stay 0-1000 Med-GRIT tags whichever it is.
+    box_markup: Literal[BOX_MARKUPS] = "0-1000"
+    tokenizer: str = ""  # directory; default: the model's hf_dir, else the bundled Qwen2 tokenizer
+    # "qwen2vl" (built in) | "qwen3vl" (built in: no default system turn) | "" (the tokenizer's own) | a Jinja text
+    chat_template: str = "qwen2vl"
+    # global batch (all hosts): rows of one step; each host loads the rows its devices hold
+    batch_size: Annotated[int, AtLeast(1, "must be > 0")] = 2
+    text_buckets: tuple = (512, 1024, 2048)  # the last one is the cutoff (ClinKD: 2048)
+    patch_buckets: tuple = (1024, 2304, 3136)  # per-sample patch slots; 768^2 px -> <= 2916 patches
+    min_pixels: int = 32 * 32
+    max_pixels: int = 768 * 768  # ClinKD training budget
+    mrope_gaps: tuple = (2, 2)  # MCG-RoPE; (1, 1) = plain Qwen2-VL (the MCG ablation)
+    num_epochs: int = 3  # 0 = repeat forever (then train.steps or train.total_steps_hint sets the length)
+    shuffle: bool = True
+    # several conversations per row, packed once up to the largest text and patch buckets (no attention across
+    # them, positions from 0 each): fewer padded positions per step. The CE mean is unchanged; the KD sum runs
+    # over kd.sum_rows *packed* rows (kd.sum_rows=0 or kd.reduction="mean" keep it independent of packing)
+    pack: bool = False
+    strict: bool = False  # True: stop at the first bad item instead of skipping and counting
+    extra_files: tuple = ()  # more training records (ShareGPT JSON, absolute image paths), e.g. RCT corrections
+    # append | replace (drop the original records whose id the extra files correct)
+    extra_mode: Literal["append", "replace"] = "append"
+    worker_count: int = 0
+    read_threads: int = 2
+    # measured record sizes (tokens, patches) the batch plan is made from; "" = <workdir>/data_sizes.json
+    sizes_cache: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """How the model runs on this machine: loops, layouts and unrolling that change speed and memory, not
+    results. They used to be model.* fields; a value still set there is read while runtime.* keeps its default
+    (`runtime_field`), with a warning."""
+
+    # decoder/ViT layers per scan iteration; >= the layer count: fully unrolled
+    scan_unroll: Annotated[int, AtLeast(1)] = 1
+    # attention "xla" (both towers; decode steps always batched): "per_head" = one (sample, KV head) pair at a
+    # time (2-D matmuls, scores in cache, flash-style backward), "batched" = all pairs in one matmul,
+    # "auto" = per_head on CPU (faster there, bench/history.md), batched elsewhere
+    attention_loop: Literal[ATTENTION_LOOPS] = "auto"
+    # vision attention query rows per block (bounds memory on big images); 0 = all
+    vision_query_block: Annotated[int, AtLeast(0, "must be 0 (all rows) or a row count")] = 0
+    # generation's one-token decode steps: "scan" = over the stacked layer weights as training does, "unrolled" =
+    # the weights and KV cache laid out for decoding once per generate call (per-layer copies, LM head as rows,
+    # a cache buffer per layer; no copy per token; costs a second copy of the decoder's weights while generating
+    # and a decode-step compile time that grows with depth), "auto" = unrolled on CPU (faster there,
+    # bench/history.md), scan elsewhere
+    decode_layers: Literal[DECODE_LAYERS] = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class Mesh:
+    """The device mesh and how logical axes map onto it."""
+
+    rules: tuple = ()  # (logical axis, mesh axis | (axes) | None) pairs; () = clinkd_jax.sharding.DEFAULT_RULES
+    shape: tuple = (1, -1, 1)  # data, fsdp, tensor; -1 = the remaining devices (without -1: the first devices)
+
+
+SECTIONS = {"model": Model, "teacher": Teacher, "data": Data, "runtime": Runtime, "mesh": Mesh}
+RUNTIME_DEFAULTS = dataclasses.asdict(Runtime())
 _WARNED: set[str] = set()
 
 
@@ -64,38 +259,18 @@ def check_runtime(c) -> None:
             _WARNED.add(f"model.{key}")
             log.warning("model.%s is now runtime.%s; %r is used (set runtime.%s instead: model.%s will go)", key,
                         key, old, key, key)
-    for key, allowed in RUNTIME_CHOICES.items():
+    for key, checks in field_checks(Runtime).items():
         field, value = runtime_field(c, key)
-        if value not in allowed:
-            raise ConfigError(f"{field}={value!r} is not one of {allowed}")
-    field, value = runtime_field(c, "scan_unroll")
-    if value < 1:
-        raise ConfigError(f"{field}={value} must be >= 1")
-    field, value = runtime_field(c, "vision_query_block")
-    if value < 0:
-        raise ConfigError(f"{field}={value} must be 0 (all rows) or a row count")
+        for check in checks:
+            check(field, value)
 
 
-def check_choices(c, choices: dict) -> None:
-    """Each field of `choices` ("section.field": allowed values) holds one of its allowed values."""
-    for field, allowed in choices.items():
-        section, key = field.split(".")
-        if c[section][key] not in allowed:
-            raise ConfigError(f"{field}={c[section][key]!r} is not one of {allowed}")
-
-
-def check(c, choices: dict | None = None, dtypes: tuple = (), teacher_required: bool = False) -> None:
-    """The shared fields on their own and against each other, and a stage's own `choices` ("section.field":
-    allowed values) and `dtypes` (fields naming a dtype; "" allowed for optim.mu_dtype); reads no file."""
-    check_choices(c, {**CHOICES, **(choices or {})})
-    for field in dtypes:
-        section, key = field.split(".")
-        if field == "optim.mu_dtype" and not c.optim.mu_dtype:
-            continue  # "" = the parameters' dtype
-        try:
-            np.dtype(c[section][key])
-        except TypeError:
-            raise ConfigError(f"{field}={c[section][key]!r} is not a dtype") from None
+def check(c, sections: dict | None = None, teacher_required: bool = False) -> None:
+    """The shared sections and a stage's own `sections` ({name: section}), each field on its own (as declared),
+    and the shared fields against each other; reads no file."""
+    for name, section in {**SECTIONS, **(sections or {})}.items():
+        if name != "runtime":  # read where it is set (`check_runtime`)
+            check_section(c, name, section)
     if c.model.compact_vocab and is_preset(c) and c.checkpoint.export_hf:  # a checkpoint keeps its vocabulary
         raise ConfigError("checkpoint.export_hf: a compact-vocabulary model cannot be exported to the Hugging "
                           "Face layout (full vocabulary); unset model.compact_vocab or export_hf")

@@ -13,7 +13,7 @@ import pytest
 import tiny_model
 from PIL import Image
 
-from clinkd_jax.convert import hf
+from clinkd_jax import hf_checkpoint
 from clinkd_jax.data import demo, markup, processor, text
 from clinkd_jax.stage import StageContext
 
@@ -42,7 +42,8 @@ def checkpoint_of(family: str, folder: str) -> str:
     stage = StageContext.of(c, "")
     cfg, params = stage.load_model()
     template = stage.encoder.template or text.QWEN2VL_TEMPLATE
-    hf.save_hf_checkpoint(params, cfg, folder, assets_from=text.bundled_qwen2_tokenizer_dir(), chat_template=template)
+    hf_checkpoint.save_hf_checkpoint(params, cfg, folder, assets_from=text.bundled_qwen2_tokenizer_dir(),
+                                     chat_template=template)
     with open(os.path.join(folder, processor.FILE), "w") as f:
         json.dump({**PROCESSOR, "patch_size": cfg.vision.patch_size, "merge_size": cfg.vision.spatial_merge_size,
                    "temporal_patch_size": cfg.vision.temporal_patch_size}, f)

@@ -12,7 +12,7 @@ import reference as R
 from jax.sharding import PartitionSpec as P
 
 from clinkd_jax import checkpoint, sharding
-from clinkd_jax.convert.hf import load_hf_checkpoint
+from clinkd_jax.hf_checkpoint import load_hf_checkpoint
 from clinkd_jax.models import Qwen2VL
 from clinkd_jax.models.qwen2vl import init_params
 

@@ -33,7 +33,7 @@ from clinkd_jax.checkpoint import abstract_with_shardings
 from clinkd_jax.data import dataset, pipeline
 from clinkd_jax.data import image as image_lib
 from clinkd_jax.data import pseudo_labels as pl_store
-from clinkd_jax.eval import run as eval_run
+from clinkd_jax.eval import config as eval_config
 from clinkd_jax.infer import generate as gen_lib
 from clinkd_jax.infer import prompts
 from clinkd_jax.model_source import ModelSource, same_inputs
@@ -104,7 +104,7 @@ def check_settings(c, devices: int) -> None:
     """The stage's own config checks that read no file (its data and checkpoints need not be on this machine),
     with its mesh on the described slice's `devices`: a bad value stops here, naming the field."""
     if c.stage == "eval":
-        eval_run.check_settings(c)
+        eval_config.check_settings(c)
     else:
         train_config.check_settings(c)
     train_config.check_devices(c, devices)

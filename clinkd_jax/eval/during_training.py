@@ -22,6 +22,7 @@ import jax
 
 from clinkd_jax import files
 from clinkd_jax.data import records as records_lib
+from clinkd_jax.eval import config as eval_config
 from clinkd_jax.eval import run as eval_run
 from clinkd_jax.eval.report import mean_value
 from clinkd_jax.infer import generate as gen_lib
@@ -40,7 +41,7 @@ class EvalDuringTraining:
         if c.eval.predictions:
             raise ConfigError("eval.every_steps evaluates the model being trained; eval.predictions (score-only) "
                               "cannot go with it")
-        eval_run.validate(c, workdir)  # test files, tasks, image folder: fail before anything compiles
+        eval_config.validate(c, workdir)  # test files, tasks, image folder: fail before anything compiles
         self.c, self.workdir, self.every = c, workdir, c.eval.every_steps
         self.generator = None
         self.curve: list[dict] = []

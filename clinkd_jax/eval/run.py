@@ -29,16 +29,15 @@ import os
 
 import jax
 
-from clinkd_jax import distributed, files, settings
+from clinkd_jax import distributed, files
 from clinkd_jax.data import image as image_lib
 from clinkd_jax.data import records as records_lib
-from clinkd_jax.data.dataset import TASKS, eval_image_dir, eval_records, task_of, test_files
-from clinkd_jax.eval import answers, captions, metrics, report
+from clinkd_jax.data.dataset import eval_image_dir, eval_records, task_of, test_files
+from clinkd_jax.eval import answers, captions, metrics, report, sasg
+from clinkd_jax.eval import config as eval_config
 from clinkd_jax.infer import generate as gen_lib
 from clinkd_jax.infer import prompts as prompts_lib
-from clinkd_jax.infer import sasg
 from clinkd_jax.model_source import ModelSource
-from clinkd_jax.models.config import ConfigError
 from clinkd_jax.stage import StageContext
 
 log = logging.getLogger("clinkd_jax.eval")
@@ -183,53 +182,10 @@ def write_reports(c, workdir: str, results: dict, preds: dict, images: str, left
     files.write_text(os.path.join(workdir, "results.md"), "\n".join(tables))
 
 
-def validate(c, workdir: str) -> None:
-    check_settings(c)
-    check_files(c, workdir)
-
-
-def check_settings(c) -> None:
-    """The evaluation stage's settings; reads no file (`clinkd_jax.aot` checks with this)."""
-    e = c.eval
-    for p in e.predictions:
-        if task_of(p) is None:
-            raise ConfigError(f"eval.predictions: cannot tell the task of {p} (name it like Test_VG.jsonl)")
-    if e.predictions:
-        return
-    settings.check(c)
-    unknown = [t for t in e.tasks if t not in TASKS]
-    if unknown:
-        raise ConfigError(f"eval.tasks has {unknown}; known: {TASKS}")
-    for path in e.files:
-        if task_of(path) is None:
-            raise ConfigError(f"eval.files: cannot tell the task of {path} (name it like Test_VG.json)")
-    if e.sasg_samples > 1 and e.sasg_temperature <= 0:
-        raise ConfigError("eval.sasg_samples > 1 needs eval.sasg_temperature > 0 (identical greedy candidates)")
-    try:
-        sasg.resolve(e.sasg_similarity)
-    except (ValueError, ImportError, AttributeError) as err:
-        raise ConfigError(f"eval.sasg_similarity: {err}") from None
-
-
-def check_files(c, workdir: str) -> None:
-    """The predictions to score, else the model's checkpoint, the test files and their images."""
-    for p in c.eval.predictions:
-        if not os.path.isfile(p):
-            raise ConfigError(f"eval.predictions: {p} does not exist")
-    if c.eval.predictions:
-        return
-    settings.check_files(c)
-    for path in test_files(c, workdir).values():
-        if not os.path.isfile(path):
-            raise ConfigError(f"eval: test file {path} not found (eval.data_dir / eval.files / eval.tasks)")
-    if not os.path.isdir(eval_image_dir(c, workdir)):
-        raise ConfigError(f"eval.image_dir={eval_image_dir(c, workdir)!r} is not a directory")
-
-
 def run(c, workdir: str) -> dict:
     """Predict (unless score-only) and score; returns {task: result} plus skips and paths."""
     os.makedirs(workdir, exist_ok=True)
-    validate(c, workdir)
+    eval_config.validate(c, workdir)
     skips = records_lib.SkipLog(strict=c.data.strict)  # items not generated for: scored as misses
     read_skips = records_lib.SkipLog(strict=c.data.strict)  # items of the test files that cannot be scored
     if c.eval.predictions:

@@ -1,1 +1,1 @@
-"""Generation: jitted prefill + decode, prompts, SASG."""
+"""Generation: jitted prefill + decode, prompts."""

@@ -34,7 +34,7 @@ FAMILIES = {
     "qwen2_5_vl": ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"),
     "qwen3_vl": ("qwen3_vl", "Qwen3VLForConditionalGeneration"),
 }
-# what each family's checkpoints call the parts that differ (clinkd_jax.convert.hf): the merger's norm and two
+# what each family's checkpoints call the parts that differ (clinkd_jax.hf_checkpoint): the merger's norm and two
 # linears, a prefix of the vision MLP's linears, and the key prefixes of the published layout (tower, LLM)
 _QWEN2_NAMES = {"merger": ("ln_q", "mlp.0", "mlp.2"), "vision_mlp": "", "visual": "visual.", "llm": "model."}
 HF_NAMES = {"qwen2_vl": _QWEN2_NAMES, "qwen2_5_vl": _QWEN2_NAMES,

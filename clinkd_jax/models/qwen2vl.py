@@ -2,7 +2,7 @@
 The same class runs Qwen2.5-VL and Qwen3-VL (the config's features; Qwen3-VL's DeepStack features are scattered
 to the image tokens like the merged ones and added inside the LLM's first layers).
 
-Parameter tree (mirrors the Hugging Face module names, see `clinkd_jax.convert.hf`):
+Parameter tree (mirrors the Hugging Face module names, see `clinkd_jax.hf_checkpoint`):
     visual/{patch_embed, blocks (stacked), merger}
     model/{embed_tokens, layers (stacked), norm}
     lm_head            (absent when the embeddings are tied)

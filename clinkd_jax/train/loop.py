@@ -33,8 +33,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from clinkd_jax import checkpoint, distributed, files, sharding
-from clinkd_jax.convert import hf
+from clinkd_jax import checkpoint, distributed, files, hf_checkpoint, sharding
 from clinkd_jax.data import dataset, pipeline, records
 from clinkd_jax.models.config import Qwen2VLConfig
 from clinkd_jax.stage import StageContext
@@ -259,8 +258,8 @@ def _finish(t: _Training, preempted: bool) -> dict:
         checkpoint.write_answer_settings(where, c)
     if not preempted and c.checkpoint.export_hf:
         where = os.path.join(t.workdir, "export_hf")
-        hf.save_hf_checkpoint(params, t.cfg, where, dtype=c.checkpoint.export_dtype, assets_from=assets,
-                              chat_template=template)
+        hf_checkpoint.save_hf_checkpoint(params, t.cfg, where, dtype=c.checkpoint.export_dtype,
+                                         assets_from=assets, chat_template=template)
         checkpoint.write_answer_settings(where, c)
     data = t.data
     summary = {"stage": c.stage, "steps": t.step, "start_step": t.start, "final": t.metrics,

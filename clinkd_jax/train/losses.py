@@ -39,6 +39,9 @@ import jax.numpy as jnp
 
 IGNORE = -100
 LOSS_BACKWARDS = ("fused", "autodiff")  # train.loss_backward: see `chunked_loss`
+KD_MASKS = ("released", "aligned")
+KD_REDUCTIONS = ("sum", "mean")
+KD_DIVERGENCES = ("forward", "reverse")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +56,7 @@ class KDConfig:
     token_weights: Callable[[jax.Array, jax.Array], jax.Array] | None = None  # None: w = 1 (released)
 
     def __post_init__(self):
-        for name, allowed in (("mask", ("released", "aligned")), ("reduction", ("sum", "mean")),
-                              ("divergence", ("forward", "reverse"))):
+        for name, allowed in (("mask", KD_MASKS), ("reduction", KD_REDUCTIONS), ("divergence", KD_DIVERGENCES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"kd.{name}={getattr(self, name)!r} is not one of {allowed}")
         if self.temperature <= 0:

@@ -13,7 +13,7 @@
        run, or in a later SFT stage that names the round with `rct_from`.
 
 Every constant here is ours (the paper gives none): item count, N, sampling, threshold, hint wording,
-similarity (`clinkd_jax.infer.sasg`), round spacing.
+similarity (`clinkd_jax.eval.sasg`), round spacing.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from clinkd_jax import files
 from clinkd_jax.data import dataset, markup
 from clinkd_jax.data import image as image_lib
 from clinkd_jax.data.records import Record, SkipLog, Turn, text_problem
+from clinkd_jax.eval import sasg
 from clinkd_jax.eval.metrics import extract_information, vg_item_hits
 from clinkd_jax.infer import generate as gen_lib
 from clinkd_jax.infer import prompts as prompts_lib
-from clinkd_jax.infer import sasg
 from clinkd_jax.stage import StageContext
 
 log = logging.getLogger("clinkd_jax.rct")

@@ -20,6 +20,8 @@ from jax.sharding import PartitionSpec as P
 
 from clinkd_jax.models.qwen2vl import Qwen2VL, abstract_params, param_shardings
 
+SCHEDULES = ("cosine", "constant")
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
@@ -67,7 +69,7 @@ def schedule(cfg: OptimConfig):
             0.0 if cfg.warmup_steps else cfg.learning_rate, cfg.learning_rate, cfg.warmup_steps,
             max(cfg.total_steps, cfg.warmup_steps + 1), cfg.learning_rate * cfg.end_lr_ratio,
         )
-    raise ValueError(f"optim.schedule={cfg.schedule!r} is not one of ('cosine', 'constant')")
+    raise ValueError(f"optim.schedule={cfg.schedule!r} is not one of {SCHEDULES}")
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:

@@ -8,8 +8,7 @@ import shutil
 
 import pytest
 
-from clinkd_jax import checkpoint
-from clinkd_jax.convert import hf
+from clinkd_jax import checkpoint, hf_checkpoint
 from clinkd_jax.data import image as image_lib
 from clinkd_jax.data import processor
 from clinkd_jax.models import presets
@@ -65,13 +64,13 @@ def test_settings_travel_with_params_and_exports(tmp_path):
     src = tmp_path / "hf"
     shutil.copytree("tests/golden/gqa2_untied", src)
     folder_with(src, {**CUSTOM, "patch_size": json.load(open(src / "config.json"))["vision_config"]["patch_size"]})
-    cfg, params = hf.load_hf_checkpoint(str(src))
+    cfg, params = hf_checkpoint.load_hf_checkpoint(str(src))
     assert cfg.image_mean == (0.2, 0.3, 0.4) and cfg.max_pixels == 224 * 224
     checkpoint.save_params(str(tmp_path / "params"), params, cfg)
     again = checkpoint.load_config(str(tmp_path / "params"))
     assert (again.image_mean, again.image_std, again.min_pixels, again.max_pixels) == (
         cfg.image_mean, cfg.image_std, cfg.min_pixels, cfg.max_pixels)
-    copied = hf.save_hf_checkpoint(params, again, str(tmp_path / "export"), assets_from=str(src))
+    copied = hf_checkpoint.save_hf_checkpoint(params, again, str(tmp_path / "export"), assets_from=str(src))
     assert processor.FILE in copied
     exported = json.load(open(tmp_path / "export" / processor.FILE))
     assert exported["image_mean"] == [0.2, 0.3, 0.4] and exported["custom_key"] == "kept"

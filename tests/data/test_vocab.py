@@ -96,14 +96,14 @@ def test_ids_travel_with_the_config(ids):
 
 
 def test_mismatches_are_refused(ids, tmp_path):
-    from clinkd_jax.convert import hf
+    from clinkd_jax import hf_checkpoint
     from clinkd_jax.model_source import same_inputs
 
     cfg = vocab.compact_config(tiny_qwen(), ids)
     with pytest.raises(ValueError, match="the teacher has the full vocabulary but the model has a compact"):
         same_inputs(cfg, tiny_qwen(), "the teacher")
     with pytest.raises(mcfg.ConfigError, match="cannot be exported"):
-        hf.save_hf_checkpoint({}, cfg, str(tmp_path / "hf"))
+        hf_checkpoint.save_hf_checkpoint({}, cfg, str(tmp_path / "hf"))
     with pytest.raises(ValueError, match="duplicate"):
         vocab.CompactTokenizer(None, [1, 1])
 

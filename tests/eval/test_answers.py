@@ -16,9 +16,8 @@ from PIL import Image
 from clinkd_jax import predict
 from clinkd_jax.data import markup
 from clinkd_jax.data.records import text_problem
-from clinkd_jax.eval import answers, metrics
+from clinkd_jax.eval import answers, metrics, sasg
 from clinkd_jax.eval import report as report_lib
-from clinkd_jax.infer import sasg
 from clinkd_jax.train import rct
 
 # ------------------------------------------------------------------ what a model may write

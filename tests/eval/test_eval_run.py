@@ -136,7 +136,7 @@ def test_score_only_rescores_existing_files(first_run, data_dir, tmp_path):
 
 
 def test_sasg_mode_keeps_the_most_agreed_candidate(data_dir, tmp_path):
-    from clinkd_jax.infer import sasg
+    from clinkd_jax.eval import sasg
 
     c = config(data_dir, **{"eval.tasks": ("RO",), "eval.sasg_samples": 3, "eval.sasg_temperature": 1.0,
                             "eval.limit": 2, "eval.batch_size": 2})

@@ -14,7 +14,7 @@ import pytest
 import reference as R
 
 from clinkd_jax import sharding
-from clinkd_jax.convert.hf import load_hf_checkpoint
+from clinkd_jax.hf_checkpoint import load_hf_checkpoint
 from clinkd_jax.infer import generate as G
 from clinkd_jax.models import KVCache, Qwen2VL
 

@@ -12,8 +12,8 @@ import pytest
 import reference as R
 from jax.ad_checkpoint import print_saved_residuals
 
-from clinkd_jax.convert.hf import load_hf_checkpoint
 from clinkd_jax.data import positions
+from clinkd_jax.hf_checkpoint import load_hf_checkpoint
 from clinkd_jax.models import KVCache, Qwen2VL
 from clinkd_jax.models.layers import REMAT_POLICIES
 from clinkd_jax.models.qwen2vl import scatter_image_features

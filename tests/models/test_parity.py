@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import reference as R
 
-from clinkd_jax.convert.hf import load_hf_checkpoint
+from clinkd_jax.hf_checkpoint import load_hf_checkpoint
 from clinkd_jax.models import Qwen2VL
 
 ATOL = 1e-4

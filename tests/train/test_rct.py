@@ -11,7 +11,7 @@ from ml_collections import ConfigDict
 from clinkd_jax import recipe
 from clinkd_jax.data import dataset
 from clinkd_jax.data.records import Record, SkipLog, Turn, read_sharegpt, text_problem
-from clinkd_jax.infer import sasg
+from clinkd_jax.eval import sasg
 from clinkd_jax.train import loop, rct
 from clinkd_jax.train.config import ConfigError
 

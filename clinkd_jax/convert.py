@@ -18,9 +18,9 @@ import time
 
 import jax
 
-from clinkd_jax import checkpoint, cli, files, sharding
-from clinkd_jax.convert import hf
+from clinkd_jax import checkpoint, cli, files, hf_checkpoint, sharding
 from clinkd_jax.errors import UserError, one_line
+from clinkd_jax.model_source import ModelSource
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -71,17 +71,16 @@ def main(argv=None) -> int:
     except ValueError as e:
         cli.fail(f"config error: --mesh={args.mesh}: {e}")
     start = time.time()
+    source = ModelSource("model", "hf_dir" if args.direction == "hf-to-orbax" else "orbax_dir", args.src)
     try:
+        cfg, params = source.load(mesh, sharding.DEFAULT_RULES, seed=0, dtype=args.dtype)
         if args.direction == "hf-to-orbax":
-            cfg, params = hf.load_hf_checkpoint(args.src, mesh=mesh, dtype=args.dtype)
             checkpoint.save_params(args.dst, params, cfg)
-            copied = hf.copy_assets(args.src, os.path.join(args.dst, checkpoint.ASSETS_DIR))
+            copied = hf_checkpoint.copy_assets(source.assets, os.path.join(args.dst, checkpoint.ASSETS_DIR))
         else:
-            cfg, params = checkpoint.load_params(args.src, mesh=mesh, dtype=args.dtype)
-            assets = os.path.join(args.src, checkpoint.ASSETS_DIR)
-            copied = hf.save_hf_checkpoint(
+            copied = hf_checkpoint.save_hf_checkpoint(
                 params, cfg, args.dst, max_shard_bytes=int(args.max_shard_gb * 1024**3),
-                assets_from=assets if os.path.isdir(assets) else None,
+                assets_from=source.assets if os.path.isdir(source.assets) else None,
             )
     except (UserError, FileNotFoundError) as e:
         if args.verbose:

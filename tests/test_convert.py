@@ -12,8 +12,8 @@ import reference as R
 from safetensors.numpy import load_file, save_file
 
 from clinkd_jax import checkpoint
-from clinkd_jax.convert import __main__ as cli
-from clinkd_jax.convert.hf import CheckpointError, load_hf_checkpoint, save_hf_checkpoint
+from clinkd_jax import convert as cli
+from clinkd_jax.hf_checkpoint import CheckpointError, load_hf_checkpoint, save_hf_checkpoint
 from clinkd_jax.models import Qwen2VL, Qwen2VLConfig
 from clinkd_jax.models.config import ConfigError
 from clinkd_jax.models.presets import qwen2_5_vl_3b, qwen2vl_2b, qwen3_vl_2b

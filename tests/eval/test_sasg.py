@@ -2,7 +2,7 @@
 
 import pytest
 
-from clinkd_jax.infer import sasg
+from clinkd_jax.eval import sasg
 
 
 def test_rouge_l_hand_computed():
@@ -32,7 +32,7 @@ def test_reference_selection_and_plugins():
     boxes = ["<box>(0,0),(10,10)</box>", "<box>(0,0),(100,95)</box>"]
     assert sasg.select(boxes, reference="<box>(0,0),(100,100)</box>", similarity="box_iou")[0] == 1
     assert sasg.select(["a", "bb"], reference="bb", similarity=lambda x, y: float(x == y))[0] == 1
-    assert sasg.resolve("clinkd_jax.infer.sasg:rouge_l") is sasg.rouge_l
+    assert sasg.resolve("clinkd_jax.eval.sasg:rouge_l") is sasg.rouge_l
     with pytest.raises(ValueError, match="unknown similarity"):
         sasg.resolve("nope")
     with pytest.raises(ValueError):

@@ -1,1 +1,0 @@
-"""Checkpoint conversion: Hugging Face safetensors <-> our params, and the `python -m clinkd_jax.convert` CLI."""
