@@ -149,8 +149,7 @@ class Teacher:
 class Data:
     """Training data: where it is, how it is read, how it is batched."""
 
-    # medgrit | sharegpt | demo (generate the bundled demo set into the workdir)
-    format: Literal["medgrit", "sharegpt", "demo"] = "medgrit"
+    format: Literal["medgrit", "sharegpt", "demo"] = "medgrit"  # demo: generate the bundled demo set into the workdir
     train_files: tuple = ("",)  # JSON files
     # format "demo": where the set is generated; "" = <workdir>/demo_data (recipes: <workdir>/demo_data)
     demo_dir: str = ""
@@ -186,7 +185,7 @@ class Data:
     pack: bool = False
     strict: bool = False  # True: stop at the first bad item instead of skipping and counting
     extra_files: tuple = ()  # more training records (ShareGPT JSON, absolute image paths), e.g. RCT corrections
-    # append | replace (drop the original records whose id the extra files correct)
+    # replace: drop the original records whose id the extra files correct
     extra_mode: Literal["append", "replace"] = "append"
     worker_count: int = 0
     read_threads: int = 2

@@ -59,7 +59,7 @@ class KD:
     # released (unshifted labels: no KL on the prediction of an answer's first token) | aligned. At demo scale
     # the released mask cost KD students first-token decisions (task, object name); docs/recipe.md, the demo ablation
     mask: Literal[losses.KD_MASKS] = "released"
-    reduction: Literal[losses.KD_REDUCTIONS] = "sum"  # sum (released) | mean
+    reduction: Literal[losses.KD_REDUCTIONS] = "sum"  # sum: released
     divergence: Literal[losses.KD_DIVERGENCES] = "forward"  # forward KL(teacher||student) | reverse
     use_ce: bool = True  # False: L = L_KD only
     # rows whose loss is computed together: the released per-device micro-batch (2; DDP averaged the devices'
