@@ -104,6 +104,21 @@ def set_stage(name: str) -> None:
     _settings["stage"] = name
 
 
+_last_words: list = []  # run before a collective timeout ends the process (no unwinding happens then)
+LAST_WORDS_S = 20.0
+
+
+@contextlib.contextmanager
+def last_words(say):
+    """While in this block, `say()` runs (at most LAST_WORDS_S seconds) before a collective timeout ends this
+    process: what an exception would have closed on its way out (the stage's W&B run)."""
+    _last_words.append(say)
+    try:
+        yield
+    finally:
+        _last_words.remove(say)
+
+
 @contextlib.contextmanager
 def deadline(collective: str):
     """Bounds one host-level collective: past `--collective_timeout` seconds this process prints one line and
@@ -120,6 +135,10 @@ def deadline(collective: str):
         print(f"collective timeout: host {jax.process_index()} of {jax.process_count()} waited {limit:g} s in "
               f"{collective} (stage {stage}) and not every host arrived (one crashed, is stuck, or is out of step); "
               f"stopping (--collective_timeout sets the limit)", file=sys.stderr, flush=True)
+        for say in list(_last_words):  # each bounded: a stuck one must not keep the process from ending
+            t = threading.Thread(target=say, name="last words", daemon=True)
+            t.start()
+            t.join(LAST_WORDS_S)
         sys.stdout.flush()
         os._exit(COLLECTIVE_TIMEOUT_EXIT)
 

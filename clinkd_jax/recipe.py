@@ -19,10 +19,10 @@ import time
 import jax
 from ml_collections import ConfigDict
 
-from clinkd_jax import distributed, files
+from clinkd_jax import distributed, files, tracking
 from clinkd_jax.eval import run as eval_run
 from clinkd_jax.eval.during_training import EvalDuringTraining, format_point
-from clinkd_jax.eval.report import comparison_table, headline_table, mean_value
+from clinkd_jax.eval.report import comparison_table, headline_rows, headline_table, mean_value
 from clinkd_jax.model_source import ModelSource, names_a_source
 from clinkd_jax.models.config import ConfigError
 from clinkd_jax.train import loop, rct
@@ -87,16 +87,20 @@ def stage_configs(c, workdir: str) -> list[tuple[str, ConfigDict, str]]:
     return out
 
 
-def run_stage(cfg, stage_dir: str) -> dict:
-    """One stage (config.stage) in stage_dir; returns its summary."""
-    if cfg.stage == "eval":
-        return eval_run.run(cfg, stage_dir)
-    if cfg.stage == "rct":
-        return rct.run(cfg, stage_dir)
-    hooks = rct.InRun.hooks(cfg, stage_dir) + EvalDuringTraining.hooks(cfg, stage_dir)
-    summary = loop.run(cfg, stage_dir, hooks=hooks)
-    summary.pop("state", None)
-    return summary
+def run_stage(cfg, stage_dir: str, name: str = "", group_dir: str = "", chain: dict | None = None) -> dict:
+    """One stage (config.stage) in stage_dir, named `name` in the run in `group_dir` (by default the stage alone,
+    named by its kind), chained to earlier stages as `chain` says; returns its summary."""
+    with tracking.stage_run(cfg, stage_dir, name or cfg.stage, group_dir or stage_dir, chain) as tracked:
+        if cfg.stage == "eval":
+            return eval_run.run(cfg, stage_dir)
+        if cfg.stage == "rct":
+            summary = rct.run(cfg, stage_dir)
+        else:
+            hooks = rct.InRun.hooks(cfg, stage_dir) + EvalDuringTraining.hooks(cfg, stage_dir)
+            summary = loop.run(cfg, stage_dir, hooks=hooks)
+            summary.pop("state", None)
+        tracked.summarize({f"final/{k}": v for k, v in summary.get("final", {}).items()})
+        return summary
 
 
 def describe(name: str, cfg, settings) -> str:
@@ -131,7 +135,9 @@ def _minutes(seconds: float) -> str:
 def run(c, workdir: str) -> dict:
     """Run every stage not yet done; returns {"stage": "recipe", "stages": [(name, summary), ...]}."""
     plan = stage_configs(c, workdir)
-    done, start = [], time.perf_counter()
+    for _, cfg, _ in plan:  # a missing wandb package is said before the first stage, not after it
+        tracking.check(cfg)
+    done, start, ran = [], time.perf_counter(), False
     for k, (name, cfg, stage_dir) in enumerate(plan, 1):
         marker = os.path.join(stage_dir, "stage_done.json")
         where = f"[{k}/{len(plan)}] {name}"
@@ -143,7 +149,8 @@ def run(c, workdir: str) -> dict:
         announce(f"== {where} starts: {describe(name, cfg, c.stage_settings[name])} -> {stage_dir}")
         began = time.perf_counter()
         distributed.set_stage(name)
-        summary = run_stage(cfg, stage_dir)
+        chain = {k: c.stage_settings[name][k] for k in CHAIN_KEYS if c.stage_settings[name].get(k, "")}
+        summary, ran = run_stage(cfg, stage_dir, name, workdir, chain), True
         now = time.perf_counter()
         announce(f"== {where} {'interrupted' if summary.get('preempted') else 'done'} in {_minutes(now - began)} "
                  f"({_minutes(now - start)} since the start)")
@@ -159,6 +166,10 @@ def run(c, workdir: str) -> dict:
     if jax.process_index() == 0:
         files.write_text(os.path.join(workdir, "recipe_summary.md"),
                          summary_table(done) + ("\n" + comparison(evals) if evals else ""))
+    if ran:  # the summary's own W&B run, in the stages' group
+        with tracking.stage_run(c, workdir, "recipe", workdir, {"stages": list(c.stages)}, kind="recipe") as tracked:
+            tracked.log_result({"recipe/stages": tracking.Table(["stage", "kind", "result"], stage_rows(done)),
+                                "recipe/evaluations": evaluations_table(c, plan, evals)})
     return {"stage": "recipe", "stages": done, "workdir": workdir, "complete": True, "evals": evals}
 
 
@@ -179,8 +190,26 @@ def comparison(evals: dict[str, dict]) -> str:
             "0 in the mean):\n\n" + comparison_table(evals))
 
 
+def evaluations_table(c, plan, evals: dict[str, dict]) -> tracking.Table:
+    """The evaluations side by side (an ablation's arms): a row per evaluation stage with the model it evaluated,
+    its MCG-RoPE gaps, and each task's headline metric (8-modality mean, ×100)."""
+    columns, rows = headline_rows(evals)
+    gaps = {name: "{}/{}".format(*cfg.data.mrope_gaps) for name, cfg, _ in plan}
+    described = [[c.stage_settings[name].get("model_from", "") or "the last trained model", gaps[name]]
+                 for name in evals]
+    return tracking.Table(["evaluation", "model", "MCG-RoPE gaps", *columns],
+                          [[row[0], *d, *(None if v is None else 100 * v for v in row[1:])]
+                           for row, d in zip(rows, described)])
+
+
 def summary_table(stages) -> str:
-    lines = ["| stage | kind | result |", "|---|---|---|"]
+    return "\n".join(["| stage | kind | result |", "|---|---|---|"]
+                     + [f"| {name} | {kind} | {result} |" for name, kind, result in stage_rows(stages)]) + "\n"
+
+
+def stage_rows(stages) -> list[list[str]]:
+    """[stage name, kind, what it did or scored] per stage."""
+    rows = []
     for name, s in stages:
         if s.get("stage") == "eval":
             parts = []
@@ -201,5 +230,5 @@ def summary_table(stages) -> str:
                            f"{total['corrected']} corrected")
         if s.get("eval_curve"):  # evaluations during training
             result += "; evaluated at " + "; ".join(f"step {p['step']}: {format_point(p)}" for p in s["eval_curve"])
-        lines.append(f"| {name} | {s.get('stage', '?')} | {result} |")
-    return "\n".join(lines) + "\n"
+        rows.append([name, s.get("stage", "?"), result])
+    return rows

@@ -315,16 +315,18 @@ SKIPPING = textwrap.dedent('''
 
 @pytest.mark.slow
 @pytest.mark.multihost
-def test_a_host_that_skips_a_collective_ends_the_run_with_one_line(setup, tmp_path):
+def test_a_host_that_skips_a_collective_ends_the_run_with_one_line(setup, tmp_path, monkeypatch):
     """Host 1 leaves out the last collective of a training stage (the skipped-items count, after the final
     checkpoint): host 0 waits --collective_timeout seconds, then stops with one line naming itself, the collective
     and the stage, exit status 3, instead of waiting forever; the checkpoint it had saved resumes, and the resumed
-    run exports the Hugging Face layout (every host gives its shards of the parameters; full vocabulary)."""
+    run exports the Hugging Face layout (every host gives its shards of the parameters; full vocabulary). Both
+    runs log to Weights & Biases (offline): host 0 only, the resumed run continuing the same W&B run."""
     data, recipe = setup
     work, port = tmp_path / "run", free_port()
+    monkeypatch.setenv("WANDB_MODE", "offline")
     args = [f"--config={recipe}", f"--workdir={work}", *data_args(data), "--config.stages=()", "--config.stage=sft",
-            "--config.model.compact_vocab=", "--config.train.steps=4", "--config.checkpoint.save_every=2",
-            "--collective_timeout=30"]
+            "--config.model.compact_vocab=", "--config.train.wandb_project=clinkd-test", "--config.train.log_every=1",
+            "--config.train.steps=4", "--config.checkpoint.save_every=2", "--collective_timeout=30"]
     multi = lambda i: [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
     procs = [subprocess.Popen([sys.executable, "-c", SKIPPING, *args, *multi(i)], cwd=ROOT, env=env_with(2),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
@@ -344,6 +346,12 @@ def test_a_host_that_skips_a_collective_ends_the_run_with_one_line(setup, tmp_pa
 
     exported = {k: v for f in glob.glob(str(work / "export_hf" / "*.safetensors")) for k, v in load_file(f).items()}
     assert len(exported) > 20 and all(np.isfinite(v).all() for v in exported.values())
+    import wandb_files
+
+    first, again = (wandb_files.read(d) for d in wandb_files.offline_runs(str(work)))  # process 0's, each run
+    assert first["run"]["id"] == again["run"]["id"] and (first["exit_code"], again["exit_code"]) == (1, 0)
+    assert [row["_step"] for row in first["history"] + again["history"]] == [1, 2, 3, 4, 5, 6]
+    assert [row["train/loss"] for row in first["history"] + again["history"]] == [losses(work)[s] for s in range(1, 7)]
 
 
 @pytest.mark.slow

@@ -56,6 +56,8 @@ CASES = [
     (MAIN, lambda f: [DEMO, "--config.optimm.learning_rate=1"], "config error", "no field 'optimm'"),
     (MAIN, lambda f: [DEMO, "--config.train.steps=abc"], "config error", "--config.train.steps=abc"),
     (MAIN, lambda f: [DEMO, "--wrkdir=/x"], "config error", "Did you mean: workdir"),
+    (MAIN, lambda f: [DEMO, "--config.train.wandb_tags=('arm',)"], "config error",
+     "train.wandb_tags=('arm',) is set but train.wandb_project is empty"),
     (MAIN, lambda f: [DEMO, "--workdir=gs://bucket/run"], "config error", "mount the bucket with gcsfuse"),
     (MAIN, lambda f: ["--config=nofile.py"], "config error", "--config=nofile.py: no such file"),
     (MAIN, lambda f: [f"--config={f / 'raises.py'}"], "config error", "ZeroDivisionError"),

@@ -20,7 +20,7 @@ import shutil
 
 import jax
 
-from clinkd_jax import files
+from clinkd_jax import files, tracking
 from clinkd_jax.data import records as records_lib
 from clinkd_jax.eval import config as eval_config
 from clinkd_jax.eval import run as eval_run
@@ -87,6 +87,7 @@ class EvalDuringTraining:
         point = {"step": step, **{t: mean_value(t, m) for t, m in result["means"].items()}}
         self.curve.append(point)
         log.info("evaluation at step %d: %s", step, format_point(point))
+        tracking.active().log(step, {f"eval/{t}": 100 * v for t, v in point.items() if t != "step" and v is not None})
         if jax.process_index() == 0:
             with files.Lines(os.path.join(self.workdir, CURVE)) as f:
                 f.write_json(point)

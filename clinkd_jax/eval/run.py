@@ -29,7 +29,7 @@ import os
 
 import jax
 
-from clinkd_jax import distributed, files
+from clinkd_jax import distributed, files, tracking
 from clinkd_jax.data import image as image_lib
 from clinkd_jax.data import records as records_lib
 from clinkd_jax.data.dataset import eval_image_dir, eval_records, task_of, test_files
@@ -285,7 +285,11 @@ def scored(c, workdir: str, pred_files: dict, generated: dict, read_skips, skips
         files.write_json(os.path.join(workdir, "metrics.json"), {"tasks": results, "skipped": skipped,
                                                                  "generated": generated, "predictions": pred_files})
         if reports:
-            write_reports(c, workdir, results, preds, eval_image_dir(c, workdir), read_skips.counts)
+            images = eval_image_dir(c, workdir)
+            write_reports(c, workdir, results, preds, images, read_skips.counts)
+            values, summary = report.tracked(results, preds, images, c.eval.gallery_per_modality, c.seed)
+            tracking.active().log_result(values)
+            tracking.active().summarize(summary)
     for what, log_ in (("not scorable", read_skips), ("scored as misses", skips)):
         if log_.total:
             log.warning("%s: %s", what, log_.report())

@@ -48,6 +48,11 @@ class Train:
     loss_backward: Literal[losses.LOSS_BACKWARDS] = "fused"
     log_every: int = 10
     progress: bool = True
+    # Weights & Biases (clinkd_jax.tracking; pip install 'clinkd_jax[wandb]'): a project name logs every stage there
+    wandb_project: str = ""
+    wandb_entity: str = ""  # the team or user; "" = the logged-in account's default
+    wandb_run_name: str = ""  # the W&B group of this run's stages; "" = the workdir's name and a random suffix
+    wandb_tags: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,7 +26,7 @@ import os
 import jax
 import numpy as np
 
-from clinkd_jax import files
+from clinkd_jax import files, tracking
 from clinkd_jax.data import dataset, markup
 from clinkd_jax.data import image as image_lib
 from clinkd_jax.data.records import Record, SkipLog, Turn, text_problem
@@ -257,3 +257,4 @@ class InRun:
         summary = {"stage": "rct", "round": k, "step": step, "final": counts, "workdir": self.round_dir(k)}
         write_round(self.round_dir(k), corrected, summary)
         self.rounds.append({"round": k, "step": step, **counts})
+        tracking.active().log(step, {f"rct/{name}": v for name, v in counts.items()})

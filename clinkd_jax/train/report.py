@@ -1,5 +1,6 @@
 """Run reporting: a progress bar (loss, learning rate, tokens/s), metrics.jsonl, TensorBoard events and
-a loss-curve PNG, all in the workdir (written by process 0 only)."""
+a loss-curve PNG, all in the workdir (written by process 0 only), and the stage's W&B run where there is one
+(`clinkd_jax.tracking`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import time
 import jax
 from PIL import Image, ImageDraw
 
-from clinkd_jax import files
+from clinkd_jax import files, tracking
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class MetricsWriter:
         self.history.append((step, metrics))
         if not self.main:
             return
+        tracking.active().log(step, {f"train/{k}": v for k, v in metrics.items()})
         self._jsonl.write_json({"step": step, **metrics})
         if self._tb is not None:
             self._tb.scalars(step, {f"train/{k}": v for k, v in metrics.items()})
