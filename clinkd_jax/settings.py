@@ -47,6 +47,18 @@ class AtLeast:
 
 
 @dataclasses.dataclass(frozen=True)
+class Within:
+    """A number field's closed range."""
+
+    low: float
+    high: float
+
+    def __call__(self, field: str, value) -> None:
+        if not self.low <= value <= self.high:
+            raise ConfigError(f"{field}={value} must be in [{self.low}, {self.high}]")
+
+
+@dataclasses.dataclass(frozen=True)
 class IsDType:
     empty_ok: bool = False  # "" = another field's dtype
 

@@ -58,6 +58,9 @@ setup_env() {  # $1 = version, $2 = venv dir, $3 = locked (default: the constrai
     pip_quiet "$venv/bin/python" -m pip install -q "torch==2.13.0" || return 1
   fi
   # 3.12: libtpu (clinkd_jax.aot), gradio (clinkd_jax.serve) and Playwright (its browser test)
-  if [ "$v" = "3.11" ]; then extras="cpu,test"; else extras="cpu,test,tpu,serve,browser"; fi
-  pip_quiet "$venv/bin/python" -m pip install -q "${pins[@]}" -e ".[$extras]" || return 1
+  # 3.11: TRL (a live reference; it needs torch, held at the pinned CPU wheel in the same install)
+  if [ "$v" = "3.11" ]; then extras="cpu,test,reference"; else extras="cpu,test,tpu,serve,browser"; fi
+  local held=()
+  [ "$v" = "3.11" ] && held=("torch==2.13.0")
+  pip_quiet "$venv/bin/python" -m pip install -q "${pins[@]}" -e ".[$extras]" "${held[@]}" || return 1
 }

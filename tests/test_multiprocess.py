@@ -289,9 +289,9 @@ def test_pseudo_label_writer_on_two_hosts(setup, tmp_path):
         a, b = one.get(r), two.get(r)
         np.testing.assert_array_equal(a["positions"], b["positions"])
         np.testing.assert_allclose(b["logp"], a["logp"], rtol=1e-5, atol=1e-6)
-    bad = subprocess.run([sys.executable, *args(tmp_path / "bad"), "--config.kd.divergence=reverse"], cwd=ROOT,
+    bad = subprocess.run([sys.executable, *args(tmp_path / "bad"), "--config.teacher.positions=own"], cwd=ROOT,
                          env=env_with(1), capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "config error: kd.divergence='reverse'" in bad.stderr
+    assert bad.returncode == 2 and "config error: teacher.positions='own'" in bad.stderr
 
 
 # process 1 leaves out one host-level collective, as a host out of step would; everything else is the user's command

@@ -95,7 +95,7 @@ CASES = [
      "no *.safetensors files"),
     (CONVERT, lambda f: ["orbax-to-hf", "--src", str(f / "empty"), "--dst", str(f / "o")], "config error",
      "not a clinkd_jax params directory"),
-    (PSEUDO, lambda f: [DEMO, "--config.kd.divergence=reverse"], "config error", "kd.divergence='reverse'"),
+    (PSEUDO, lambda f: [DEMO, "--config.teacher.positions=own"], "config error", "teacher.positions='own'"),
     (PSEUDO, lambda f: [DEMO, "--config.kd.top_kk=3"], "config error", "did you mean kd.top_k"),
     (PREDICT, lambda f: [f"--model={f}", "--task=vg", "--question=x", f"--image={f / 'text.png'}"], "data error",
      "text.png: cannot read the image header"),

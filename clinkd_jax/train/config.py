@@ -5,6 +5,7 @@ compiled, naming the field."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Annotated, Literal
 
 import jax
@@ -12,9 +13,11 @@ import numpy as np
 
 from clinkd_jax import settings
 from clinkd_jax.models.config import ConfigError
-from clinkd_jax.settings import DTYPE, AtLeast, IsDType
+from clinkd_jax.settings import DTYPE, AtLeast, IsDType, Within
 from clinkd_jax.train import losses
 from clinkd_jax.train import state as state_lib
+
+log = logging.getLogger("clinkd_jax.train")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +68,11 @@ class KD:
     # the released mask cost KD students first-token decisions (task, object name); docs/recipe.md, the demo ablation
     mask: Literal[losses.KD_MASKS] = "released"
     reduction: Literal[losses.KD_REDUCTIONS] = "sum"  # sum: released
-    divergence: Literal[losses.KD_DIVERGENCES] = "forward"  # forward KL(teacher||student) | reverse
+    # forward_kl: KL(teacher||student), ClinKD's | reverse_kl: KL(student||teacher) | jsd: GKD's generalised
+    # Jensen-Shannon divergence with jsd_beta (losses.divergence); "forward" and "reverse", the earlier names, still
+    # read. On a pseudo-label store the reverse KL and the JSD also weigh the mass outside the top k (one bucket)
+    divergence: Literal[losses.KD_DIVERGENCES + tuple(losses.LEGACY_DIVERGENCES)] = "forward_kl"
+    jsd_beta: Annotated[float, Within(0, 1)] = 0.5  # the teacher's weight: 0 = forward KL, 1 = reverse KL (TRL's)
     use_ce: bool = True  # False: L = L_KD only
     # rows whose loss is computed together: the released per-device micro-batch (2; DDP averaged the devices'
     # losses), so the loss does not change with the data-parallel width; 0 = one sum over the whole global batch
@@ -114,15 +121,14 @@ SECTIONS = {"optim": Optim, "train": Train, "kd": KD, "checkpoint": Checkpoint, 
 
 def kd_config(c) -> losses.KDConfig:
     fields = {k: v for k, v in c.kd.to_dict().items() if k in losses.KDConfig.__dataclass_fields__}
-    return losses.KDConfig(**{**fields, "token_weights": losses.resolve_token_weights(c.kd.token_weights)})
+    divergence = losses.LEGACY_DIVERGENCES.get(c.kd.divergence, c.kd.divergence)
+    return losses.KDConfig(**{**fields, "divergence": divergence,
+                              "token_weights": losses.resolve_token_weights(c.kd.token_weights)})
 
 
 def pseudo_label_switches(c) -> None:
     """What a pseudo-label store cannot represent (it holds the teacher's top-k under the student's
     position ids), refused for the writer and for a run reading one."""
-    if c.kd.divergence != "forward":
-        raise ConfigError(f"kd.divergence={c.kd.divergence!r}: pseudo-labels hold the teacher's top-k only; the "
-                          "reverse KL needs the teacher's whole distribution (use online distillation)")
     if c.teacher.positions != "shared":
         raise ConfigError(f"teacher.positions={c.teacher.positions!r}: pseudo-labels are computed with the "
                           "student's position ids (teacher.positions=shared)")
@@ -147,6 +153,9 @@ def check_settings(c) -> None:
             kd_config(c)
         except (TypeError, ValueError) as e:
             raise ConfigError(str(e)) from None
+        if c.kd.divergence in losses.LEGACY_DIVERGENCES:
+            log.warning("kd.divergence=%r is read as %r, its name now", c.kd.divergence,
+                        losses.LEGACY_DIVERGENCES[c.kd.divergence])
     _rct_in_run(c)
     _data_shapes(c)
     if len(c.mesh.shape) != 3:

@@ -8,6 +8,7 @@ hidden states right there, in its forward pass, so nothing of the logits is kept
 Distillation as released (clinkd-spec §2.2), with every switch of §6:
     p = softmax(z_T / T)[:V_S],  log q = log_softmax(z_S / T)          (float32, teacher cut to the student vocab)
     KL_t = sum_v p_v (log p_v - log q_v)                                 forward KL(teacher || student)
+           (kd.divergence: or the reverse KL, or GKD's generalised Jensen-Shannon divergence; `divergence`)
     mask: "released" = labels[t] != -100 (unshifted, the released off-by-one) | "aligned" = labels[t+1] != -100
     L_KD = sum_t w_t M_t KL_t    ("sum", released)  or  that / sum_t M_t  ("mean")
     L_CE = mean over supervised next-token targets
@@ -41,7 +42,8 @@ IGNORE = -100
 LOSS_BACKWARDS = ("fused", "autodiff")  # train.loss_backward: see `chunked_loss`
 KD_MASKS = ("released", "aligned")
 KD_REDUCTIONS = ("sum", "mean")
-KD_DIVERGENCES = ("forward", "reverse")
+KD_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+LEGACY_DIVERGENCES = {"forward": "forward_kl", "reverse": "reverse_kl"}  # kd.divergence's earlier names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +52,8 @@ class KDConfig:
     temperature: float = 0.5
     mask: str = "released"  # "released" (unshifted labels) | "aligned" (next-token labels)
     reduction: str = "sum"  # "sum" (released) | "mean"
-    divergence: str = "forward"  # "forward" KL(teacher||student) | "reverse" KL(student||teacher)
+    divergence: str = "forward_kl"  # KL(teacher||student) | "reverse_kl" KL(student||teacher) | "jsd" (`divergence`)
+    jsd_beta: float = 0.5  # "jsd": the teacher's weight in the mixture; 0 = forward KL, 1 = reverse KL (TRL's)
     use_ce: bool = True  # False: L = L_KD alone (the released trainer's other branch)
     sum_rows: int = 2  # rows per loss group: the released per-device micro-batch; 0 = the whole batch
     token_weights: Callable[[jax.Array, jax.Array], jax.Array] | None = None  # None: w = 1 (released)
@@ -61,6 +64,8 @@ class KDConfig:
                 raise ValueError(f"kd.{name}={getattr(self, name)!r} is not one of {allowed}")
         if self.temperature <= 0:
             raise ValueError(f"kd.temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.jsd_beta <= 1:
+            raise ValueError(f"kd.jsd_beta must be in [0, 1], got {self.jsd_beta}")
         if self.alpha < 0:
             raise ValueError(f"kd.alpha must be >= 0, got {self.alpha}")
         if self.sum_rows < 0:
@@ -130,6 +135,36 @@ def forward_kl(t: jax.Array, s: jax.Array) -> jax.Array:
     return jnp.sum(p * (t - s), axis=-1) - lse_t[..., 0] + jax.nn.logsumexp(s, axis=-1)
 
 
+def divergence(kind: str, beta: float, log_p: jax.Array, log_q: jax.Array) -> jax.Array:
+    """D(teacher p || student q) over the last axis, from log-probabilities (the vocabulary, or the cached top-k
+    tokens and a tail bucket). "forward_kl" KL(p||q); "reverse_kl" KL(q||p); "jsd" the generalised Jensen-Shannon
+    divergence of GKD (Agarwal et al. 2024), beta KL(p||m) + (1 - beta) KL(q||m) with m = beta p + (1 - beta) q, in
+    TRL's convention: beta = 0 is the forward KL and beta = 1 the reverse KL (exactly, not the mixture's limit,
+    which is 0). A bucket the teacher gives no mass to adds nothing to KL(p||.) (p log p -> 0)."""
+    if kind == "jsd" and beta in (0, 1):
+        kind = "forward_kl" if beta == 0 else "reverse_kl"
+    p, q = jnp.exp(log_p), jnp.exp(log_q)
+    if kind == "forward_kl":
+        return jnp.sum(p * (log_p - log_q), axis=-1)
+    if kind == "reverse_kl":
+        return jnp.sum(q * (log_q - log_p), axis=-1)
+    log_m = jnp.logaddexp(log_p + jnp.log(beta), log_q + jnp.log1p(-beta))
+    kl_p = jnp.sum(jnp.where(p > 0, p * (log_p - log_m), 0.0), axis=-1)
+    return beta * kl_p + (1 - beta) * jnp.sum(q * (log_q - log_m), axis=-1)
+
+
+def with_tail(log_p_k: jax.Array, log_q_k: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The cached top-k tokens' log-probabilities (.., k) and one more bucket for the mass outside them, (.., k + 1)
+    each: the distributions the divergences that weigh the student's own mass compare on a pseudo-label store (the
+    student's mass outside the teacher's top k is where it disagrees most). A tail the teacher gives nothing gets
+    the smallest float32 instead of log 0."""
+    def and_tail(lp):
+        rest = 1.0 - jnp.sum(jnp.exp(lp), axis=-1, keepdims=True)
+        return jnp.concatenate([lp, jnp.log(jnp.maximum(rest, jnp.finfo(jnp.float32).tiny))], axis=-1)
+
+    return and_tail(log_p_k), and_tail(log_q_k)
+
+
 def _chunks(x, chunk):
     """(B, L, ...) -> (L/chunk, B, chunk, ...), zero-padding L up to a multiple of `chunk`."""
     b, length = x.shape[:2]
@@ -179,18 +214,18 @@ def _scored(kd: KDConfig, distill: bool, head, teacher_head, x) -> dict[str, jax
         log_q = jnp.take_along_axis(jax.nn.log_softmax(logits / kd.temperature, axis=-1), x["tk_ids"], axis=-1)
         log_p = x["tk_logp"].astype(jnp.float32)
         w = _weighted(kd, x["w"], log_p, log_q)
-        kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+        if kd.divergence == "forward_kl":  # the k stored tokens, as the teacher's mass is there
+            kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+        else:
+            kl = divergence(kd.divergence, kd.jsd_beta, *with_tail(log_p, log_q))
     else:
         t_logits = jax.lax.stop_gradient(teacher_head(x["th"]).astype(jnp.float32))[..., :vocab]
         t, s = t_logits / kd.temperature, logits / kd.temperature
-        if kd.divergence == "forward" and kd.token_weights is None:
+        if kd.divergence == "forward_kl" and kd.token_weights is None:
             kl, w = forward_kl(t, s), x["w"]
         else:
             log_p, log_q = jax.nn.log_softmax(t, axis=-1), jax.nn.log_softmax(s, axis=-1)
-            if kd.divergence == "forward":
-                kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
-            else:
-                kl = jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1)
+            kl = divergence(kd.divergence, kd.jsd_beta, log_p, log_q)
             w = _weighted(kd, x["w"], log_p, log_q)
     out["kd_sum"] = rows(jnp.where(m, kl * w, 0.0))
     out["kd_count"] = rows(m).astype(jnp.float32)

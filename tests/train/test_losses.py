@@ -32,6 +32,18 @@ def log_softmax(z, xp=np):
     return z - xp.log(xp.exp(z).sum(-1, keepdims=True))
 
 
+def divergence_ref(lp, lq, kd: L.KDConfig, xp=np):
+    """Per position, from the teacher's and the student's log-probabilities: KL(p||q), KL(q||p), or the
+    generalised JSD with the mixture m = beta p + (1 - beta) q formed in probability space."""
+    p, q = xp.exp(lp), xp.exp(lq)
+    if kd.divergence == "forward_kl":
+        return (p * (lp - lq)).sum(-1)
+    if kd.divergence == "reverse_kl":
+        return (q * (lq - lp)).sum(-1)
+    lm = xp.log(kd.jsd_beta * p + (1 - kd.jsd_beta) * q)
+    return kd.jsd_beta * (p * (lp - lm)).sum(-1) + (1 - kd.jsd_beta) * (q * (lq - lm)).sum(-1)
+
+
 def reference(hs, ht, ws, wt, labels, weights, kd: L.KDConfig, xp=np):
     """Line by line the formula in clinkd-spec §2.2 on dense logits (float64 in NumPy; `xp=jnp`: the same in
     float32 JAX, to differentiate)."""
@@ -43,7 +55,7 @@ def reference(hs, ht, ws, wt, labels, weights, kd: L.KDConfig, xp=np):
     ce = -xp.sum(xp.where(m, xp.take_along_axis(logp[:, :-1], xp.clip(tgt, 0, None)[..., None], -1)[..., 0],
                           0)) / m.sum()
     lp, lq = log_softmax(zt / kd.temperature, xp), log_softmax(zs / kd.temperature, xp)
-    kl = (xp.exp(lp) * (lp - lq)).sum(-1) if kd.divergence == "forward" else (xp.exp(lq) * (lq - lp)).sum(-1)
+    kl = divergence_ref(lp, lq, kd, xp)
     if kd.mask == "released":
         mask = labels != -100
     else:
@@ -55,10 +67,10 @@ def reference(hs, ht, ws, wt, labels, weights, kd: L.KDConfig, xp=np):
     return ce, l_kd, total
 
 
-SWITCHES = [L.KDConfig(mask=m, reduction=r, divergence=d, alpha=a, temperature=t)
+SWITCHES = [L.KDConfig(mask=m, reduction=r, divergence=d, alpha=a, temperature=t, jsd_beta=0.3)
             for (m, r, d), (a, t) in itertools.product(
                 itertools.product(("released", "aligned"), ("sum", "mean"),
-                                  ("forward", "reverse")), ((0.5, 0.5), (1.0, 2.0)))]
+                                  L.KD_DIVERGENCES), ((0.5, 0.5), (1.0, 2.0)))]
 
 
 @pytest.mark.parametrize("kd", SWITCHES,
@@ -87,7 +99,8 @@ def test_kd_only_branch_and_plain_ce():
     assert "loss_kd" not in sft
 
 
-KD_VARIANTS = (None, L.KDConfig(), L.KDConfig(mask="aligned", divergence="reverse", reduction="mean"),
+KD_VARIANTS = (None, L.KDConfig(), L.KDConfig(mask="aligned", divergence="reverse_kl", reduction="mean"),
+               L.KDConfig(divergence="jsd", jsd_beta=0.7, temperature=2.0),
                L.KDConfig(sum_rows=1, use_ce=False, alpha=2.0),
                L.KDConfig(temperature=0.7, token_weights=L.confidence_margin))
 
@@ -300,3 +313,33 @@ def test_cached_topk_with_full_vocab_equals_online(mask, token_weights):
     np.testing.assert_allclose(grad(teacher=L.CachedTopK(ids, vals, jnp.ones((B, T), bool))),
                                grad(teacher=L.OnlineTeacher(f32(ht), lambda h: h @ f32(wt))),
                                rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd"])
+def test_cached_topk_tail_bucket(divergence):
+    """The reverse KL and the JSD on a pseudo-label store compare the k stored tokens plus one bucket for the rest
+    of each distribution: with k = V that bucket is empty and the online values come back (atol 1e-5: the empty
+    bucket holds a float32 rounding of 1 - sum p); with k = 4, the divergence of the two 5-bucket distributions
+    (float64 NumPy, rtol 1e-5)."""
+    hs, ht, ws, wt, labels, _ = data(4)
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    kd = L.KDConfig(divergence=divergence, jsd_beta=0.3, temperature=0.7)
+    logp = jax.nn.log_softmax(f32(ht @ wt)[..., :VS] / kd.temperature, axis=-1)
+    online = L.token_losses(f32(hs), lambda h: h @ f32(ws), jnp.asarray(labels), chunk=4, kd=kd,
+                            teacher=L.OnlineTeacher(f32(ht), lambda h: h @ f32(wt)))
+    for k in (VS, 4):
+        vals, ids = jax.lax.top_k(logp, k)
+        cached = L.token_losses(f32(hs), lambda h: h @ f32(ws), jnp.asarray(labels), chunk=4, kd=kd,
+                                teacher=L.CachedTopK(ids, vals, jnp.ones((B, T), bool)))
+        if k == VS:
+            np.testing.assert_allclose(cached["kd_sum"], online["kd_sum"], rtol=1e-5, atol=1e-5)
+            continue
+        p_k = np.exp(np.asarray(vals, np.float64))
+        q = np.exp(log_softmax(hs @ ws / kd.temperature))
+        q_k = np.take_along_axis(q, np.asarray(ids), -1)
+        p5 = np.concatenate([p_k, 1 - p_k.sum(-1, keepdims=True)], -1)
+        q5 = np.concatenate([q_k, 1 - q_k.sum(-1, keepdims=True)], -1)
+        per_token = divergence_ref(np.log(p5), np.log(q5), kd)
+        expected = np.sum(np.where(labels != -100, per_token, 0.0), axis=1)
+        np.testing.assert_allclose(cached["kd_sum"], expected, rtol=1e-5)
+        assert np.all(np.asarray(cached["kd_sum"]) > 0)

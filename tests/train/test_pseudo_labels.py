@@ -124,12 +124,12 @@ def test_a_run_refuses_a_store_it_cannot_use(tmp_path):
 
     validate(kd_run(**{"kd.pseudo_labels": str(path)}))
     for field, value, message in (("mask", "aligned", "kd.mask='aligned' but the pseudo-labels .* kd.mask='released'"),
-                                  ("temperature", 2.0, "kd.temperature=2.0 but .* kd.temperature=0.5"),
-                                  ("divergence", "reverse",
-                                   "kd.divergence='reverse': pseudo-labels hold the teacher's top-k")):
+                                  ("temperature", 2.0, "kd.temperature=2.0 but .* kd.temperature=0.5")):
         bad = kd_run(**{"kd.pseudo_labels": str(path), f"kd.{field}": value})
         with pytest.raises(ConfigError, match=message):
             validate(bad)
+    for divergence in ("reverse_kl", "jsd"):  # on the top k and a tail bucket
+        validate(kd_run(**{"kd.pseudo_labels": str(path), "kd.divergence": divergence}))
     own = kd_run(**{"teacher.positions": "own"})
     with pytest.raises(ConfigError, match="teacher.positions='own': pseudo-labels are computed with the student's"):
         pseudo_label_switches(own)  # what the writer checks first
