@@ -9,7 +9,10 @@
 # On every worker:
 #   ~/clinkd_jax     this checkout as it is (tracked and untracked files, not the git-ignored ones)
 #   ~/clinkd_venv    Python --python (default 3.12) made by uv, whatever Python the image ships, with
-#                    clinkd_jax[eval] and jax[tpu]
+#                    clinkd_jax[eval,wandb] and jax[tpu]
+#   ~/.clinkd_env    the Weights & Biases variables set where this script runs (WANDB_API_KEY, WANDB_MODE,
+#                    WANDB_BASE_URL, WANDB_ENTITY), readable by the worker's user only; the run reads it (a key
+#                    never goes on a command line)
 #   ~/gcs/<bucket>   the bucket, mounted with gcsfuse. The workdir is ~/gcs/<bucket>/<path>/<run name>: one
 #                    folder all workers share, as Orbax needs (every host writes its own shards of a
 #                    checkpoint) and as chained stages need (each host reads the params an earlier stage
@@ -52,14 +55,21 @@ trap 'rm -rf "${SRC%/*}"' EXIT  # the local copy of the sources: gone once they 
 if [ "$DRY" = 1 ]; then echo "git ls-files -z -co --exclude-standard | tar --null -czf $SRC -T -"
 else git ls-files -z -co --exclude-standard | tar --null --ignore-failed-read -czf "$SRC" -T - 2>/dev/null; fi
 run gcloud compute tpus tpu-vm scp "$SRC" "$NAME:~/clinkd_jax_src.tgz" --zone "$ZONE" --worker=all
+ENV_FILE=${SRC%/*}/clinkd_env
+(umask 077; : > "$ENV_FILE")
+for v in WANDB_API_KEY WANDB_MODE WANDB_BASE_URL WANDB_ENTITY; do
+  if [ -n "${!v:-}" ]; then printf 'export %s=%q\n' "$v" "${!v}" >> "$ENV_FILE"; fi
+done
+run gcloud compute tpus tpu-vm scp "$ENV_FILE" "$NAME:~/.clinkd_env" --zone "$ZONE" --worker=all
 
 # one set-up script for every worker; $HOME and $PATH are the worker's
 on_workers "set -euo pipefail
+chmod 600 ~/.clinkd_env
 rm -rf ~/clinkd_jax && mkdir -p ~/clinkd_jax && tar -xzf ~/clinkd_jax_src.tgz -C ~/clinkd_jax
 export PATH=\$HOME/.local/bin:\$PATH
 command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh
 uv venv --allow-existing --python $(printf %q "$PY") ~/clinkd_venv
-uv pip install --python ~/clinkd_venv/bin/python -e \"\$HOME/clinkd_jax[eval]\" 'jax[tpu]'
+uv pip install --python ~/clinkd_venv/bin/python -e \"\$HOME/clinkd_jax[eval,wandb]\" 'jax[tpu]'
 if ! command -v gcsfuse >/dev/null; then
   echo \"deb https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list
   curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /etc/apt/trusted.gpg.d/gcsfuse.asc >/dev/null
@@ -70,7 +80,8 @@ mountpoint -q \"$MOUNT\" || gcsfuse --implicit-dirs $(printf %q "$BUCKET_NAME") 
 
 # the run: the same command on every worker; each argument quoted for the worker's shell
 ARGS=$(printf '%q ' "--config=$CONFIG" --config.checkpoint.commit_files=True "$@")  # overrides last: they win
-on_workers "cd ~/clinkd_jax && ~/clinkd_venv/bin/python -m clinkd_jax.main --distributed --workdir=\"$WORKDIR\" $ARGS"
+on_workers "cd ~/clinkd_jax && . ~/.clinkd_env && ~/clinkd_venv/bin/python -m clinkd_jax.main --distributed \
+--workdir=\"$WORKDIR\" $ARGS"
 
 echo "outputs: gs://$BUCKET_NAME/${PREFIX:+$PREFIX/}$RUN_NAME"
 echo "delete the TPU with: gcloud compute tpus tpu-vm delete $NAME --zone $ZONE"

@@ -50,7 +50,8 @@ if verb == "ssh":
     cmd, port = opt("--command"), os.environ["STUB_PORT"]
     procs = []
     for i, w in enumerate(chosen):
-        env = {**os.environ, "HOME": w, "SLURM_JOB_ID": "1", "SLURM_STEP_NODELIST": "127.0.0.1",
+        local = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}  # a worker is another machine
+        env = {**local, "HOME": w, "SLURM_JOB_ID": "1", "SLURM_STEP_NODELIST": "127.0.0.1",
                "SLURM_NTASKS": str(len(chosen)), "SLURM_PROCID": str(i), "SLURM_LOCALID": "0",
                "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}"}
         log = open(os.path.join(w, f"ssh_{len(os.listdir(w))}.log"), "w")
@@ -108,9 +109,12 @@ def tpu(env, *args):
 def test_tpu_launcher_runs_its_commands_on_every_worker(tmp_path):
     """Create, ship, install, mount, run on both workers with --distributed, all from the script's own
     commands; overrides with tuples, JSON, quotes, spaces and `$` reach the run exactly as typed; the
-    workdir is one folder in the bucket, shared by the workers, with commit-file checkpoints."""
-    env = stub_env(tmp_path)
+    workdir is one folder in the bucket, shared by the workers, with commit-file checkpoints. The W&B variables
+    set here reach the workers in a file only their user reads (never on a command line), and process 0 logs."""
+    key = "local-key-" + "0" * 30
+    env = {**stub_env(tmp_path), "WANDB_API_KEY": key, "WANDB_MODE": "offline"}
     overrides = ["--config.train.steps=2", "--config.data.batch_size=2", "--config.data.text_buckets=(256, 320)",
+                 "--config.train.wandb_project=clinkd-tpu", "--config.train.log_every=1",
                  "--config.data.patch_buckets=(64,)", "--config.data.max_pixels=12544",
                  f"--config.model.text_overrides={TINY}", "--config.model.compact_vocab=data",
                  "--config.data.demo_train_per_image=2", "--config.mesh.shape=(1, -1, 1)",
@@ -134,7 +138,15 @@ def test_tpu_launcher_runs_its_commands_on_every_worker(tmp_path):
         assert (tmp_path / "vm" / f"worker_{w}" / "clinkd_jax" / "clinkd_jax" / "main.py").is_file()
     installs = (tmp_path / "uv.log").read_text()
     assert "venv --allow-existing --python 3.12" in installs
-    assert "clinkd_jax[eval]" in installs and "jax[tpu]" in installs
+    assert "clinkd_jax[eval,wandb]" in installs and "jax[tpu]" in installs
+    for w in (0, 1):
+        shipped = tmp_path / "vm" / f"worker_{w}" / ".clinkd_env"
+        assert shipped.stat().st_mode & 0o777 == 0o600 and f"WANDB_API_KEY={key}" in shipped.read_text()
+    assert key not in (tmp_path / "gcloud.log").read_text()  # no command line carried it
+    import wandb_files
+
+    (logged,) = [wandb_files.read(d) for d in wandb_files.offline_runs(str(work))]  # process 0's only
+    assert [row["_step"] for row in logged["history"]] == [1, 2] and logged["exit_code"] == 0
     again = tpu(env, "--name", "vm", "--zone", "us-west4-a", "--type", "v5litepod-8", "--bucket", "gs://bkt/runs",
                 "--config", "configs/demo_train.py", "--run-name", "r1", "--", *overrides)
     assert again.returncode == 0  # the VM exists: not created again; the finished run is resumed, not redone
