@@ -168,8 +168,9 @@ def run(c, workdir: str) -> dict:
                          summary_table(done) + ("\n" + comparison(evals) if evals else ""))
     if ran:  # the summary's own W&B run, in the stages' group
         with tracking.stage_run(c, workdir, "recipe", workdir, {"stages": list(c.stages)}, kind="recipe") as tracked:
-            tracked.log_result({"recipe/stages": tracking.Table(["stage", "kind", "result"], stage_rows(done)),
-                                "recipe/evaluations": evaluations_table(c, plan, evals)})
+            if tracked.enabled:
+                tracked.log_result({"recipe/stages": tracking.Table(["stage", "kind", "result"], stage_rows(done)),
+                                    "recipe/evaluations": evaluations_table(c, plan, evals)})
     return {"stage": "recipe", "stages": done, "workdir": workdir, "complete": True, "evals": evals}
 
 

@@ -74,6 +74,8 @@ def check(c) -> None:
 class Run:
     """Where a stage's reports go besides its files: nowhere (no project set, or a process other than 0)."""
 
+    enabled = False  # whether what is handed to it goes anywhere (skip making what only W&B would show)
+
     def log(self, step: int, values: dict) -> None:
         """Scalars of training step `step`."""
 
@@ -86,6 +88,8 @@ class Run:
 
 class WandbRun(Run):
     """A W&B run kept across resumes: its id and the last step logged live in `state_path`."""
+
+    enabled = True
 
     def __init__(self, run, state_path: str, state: dict):
         self.run, self.state_path, self.state = run, state_path, state

@@ -287,9 +287,10 @@ def scored(c, workdir: str, pred_files: dict, generated: dict, read_skips, skips
         if reports:
             images = eval_image_dir(c, workdir)
             write_reports(c, workdir, results, preds, images, read_skips.counts)
-            values, summary = report.tracked(results, preds, images, c.eval.gallery_per_modality, c.seed)
-            tracking.active().log_result(values)
-            tracking.active().summarize(summary)
+            if tracking.active().enabled:  # the gallery's images are read again only for W&B
+                values, summary = report.tracked(results, preds, images, c.eval.gallery_per_modality, c.seed)
+                tracking.active().log_result(values)
+                tracking.active().summarize(summary)
     for what, log_ in (("not scorable", read_skips), ("scored as misses", skips)):
         if log_.total:
             log.warning("%s: %s", what, log_.report())
