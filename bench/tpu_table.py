@@ -24,7 +24,8 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-# setup -> (config file, overrides): the paper's runs, one stage each
+GKD = {"stage": "kd", "kd.on_policy_fraction": 0.5, "kd.divergence": "jsd", "kd.max_new_tokens": 80}
+# setup -> (config file, overrides[, the program when the stage compiles several]): the paper's runs, one stage each
 SETUPS = {
     "sft_7b": ("configs/clinkd_qwen2vl_7b.py", {"stage": "sft"}),
     "kd_7b_2b": ("configs/clinkd_2b_from_7b.py", {"stage": "kd"}),
@@ -32,6 +33,9 @@ SETUPS = {
     "kd_7b_7b": ("configs/clinkd_qwen2vl_7b.py", {"stage": "kd", "teacher.hf_dir": "/ckpt/Qwen2-VL-7B-Instruct"}),
     "kd_q25_7b_3b": ("configs/clinkd_qwen25vl_7b_to_3b.py", {"stage": "kd"}),  # window-attention towers
     "kd_q3_8b_2b": ("configs/clinkd_qwen3vl_8b_to_2b.py", {"stage": "kd"}),  # DeepStack, learned positions
+    # on-policy distillation (configs/clinkd_2b_from_7b_onpolicy.py's kd stage): the student's 80-token answers
+    # generated, then scored by the teacher and trained on, in one step
+    "kd_7b_2b_on_policy": ("configs/clinkd_2b_from_7b.py", GKD, "train_kd_on_policy"),
 }
 SLICES = "v4-8,v4-32,v5e-16,v5e-64,v5p-8,v5p-16,v6e-8"
 LEVERS = [  # (name, overrides) against the setup as configured
@@ -55,11 +59,12 @@ def measure(setup: str, slice_name: str, per_chip: int, overrides: dict, workdir
     from clinkd_jax.sharding import run_mesh
 
     s = slices.parse(slice_name)
-    path, base = SETUPS[setup]
+    path, base, *program = SETUPS[setup]
     c = programs.config_file(os.path.join(ROOT, path), stages=(), **{
         "model.attention": "splash", **base, "data.batch_size": per_chip * s.chips, **overrides})
     mesh, rules = run_mesh(c, s.devices())
-    (p,) = [p for p in programs.programs(c, workdir, mesh, rules, "largest") if p.name.startswith("train")]
+    (p,) = [p for p in programs.programs(c, workdir, mesh, rules, "largest")
+            if (p.name == program[0] if program else p.name.startswith("train"))]
     out = {"setup": setup, "slice": slice_name, "per_chip": per_chip, "remat": c.model.remat,
            "mesh": dict(mesh.shape), "hbm": s.hbm_bytes}
     try:

@@ -7,6 +7,14 @@ batch and optimizer (AdamW on the LLM, vision frozen).
     python bench/train_step.py --family qwen3_vl     # 16 px patches, position table, DeepStack, the Qwen3 LLM
     python bench/train_step.py --size small    # a smaller geometry for a quick look
     python bench/train_step.py --profile /tmp/prof   # also the top ops by self time, JAX trace + torch.profiler
+    python bench/train_step.py --modes gkd     # on-policy distillation: generation + teacher scoring + update
+
+The on-policy step ("gkd"): each row's prompt (image and question; the data's answer is the row's last
+`GKD_ANSWER` tokens) is answered by the student, sampled at temperature 1 for exactly --new-tokens tokens (no stop
+token can be drawn), the teacher scores the answered rows and the student is updated on GKD's JSD (beta 0.5) alone.
+PyTorch: transformers' `generate` with the image, then TRL's `GKDTrainer.generalized_jsd_loss` (TRL 1.16's
+GKDTrainer itself cannot run this step: its generation and its forward passes give the models input ids and masks
+only, no pixel values, so a VLM student and teacher would see image placeholders without the image).
 
 Each (framework, step) runs in its own process so peak RSS is its own. Tokens/s counts supervised
 target tokens. Both sides print model TFLOP/s and, where the chip's peak is known, MFU two ways: model
@@ -95,7 +103,10 @@ def mrope(s):
     return [t, (half - t) // 2, half - t - (half - t) // 2]
 
 
-def make_batch(s, seed=0, patch=14):
+GKD_ANSWER = 16  # the data's answer in a "gkd" row (its prompt is the rest): on-policy steps replace it
+
+
+def make_batch(s, seed=0, patch=14, mode="sft"):
     rng = np.random.default_rng(seed)
     g = s["side"] // patch
     n_img = (g // 2) ** 2
@@ -105,7 +116,7 @@ def make_batch(s, seed=0, patch=14):
     ids[:, 5 : 5 + n_img] = vocab - 6
     ids[:, 5 + n_img] = vocab - 3
     labels = ids.copy()
-    labels[:, : 6 + n_img + 8] = -100
+    labels[:, : s["length"] - GKD_ANSWER if mode == "gkd" else 6 + n_img + 8] = -100
     pixels = rng.standard_normal((b * g * g, 3 * 2 * patch * patch)).astype(np.float32)
     return ids, labels, pixels, np.array([[1, g, g]] * b), n_img
 
@@ -122,9 +133,15 @@ def model_flops(s, mode, args):
     tower forward only, the KD teacher forward only)."""
     from clinkd_jax.models import flops
 
-    ids, labels, _, _, n_img = make_batch(s, patch=patch_of(args.family))
-    teacher = model_config(SIZES[args.teacher_size or args.size], args.family) if mode == "kd" else None
-    total = flops.train_step_flops(model_config(s, args.family), s["batch"], s["length"], [4 * n_img], teacher=teacher)
+    ids, labels, _, _, n_img = make_batch(s, patch=patch_of(args.family), mode=mode)
+    cfg = model_config(s, args.family)
+    teacher = model_config(SIZES[args.teacher_size or args.size], args.family) if mode != "sft" else None
+    if mode == "gkd":  # generation, then a step over prompt + answer (ours pads the prompt to the row's length)
+        n, prompt = args.new_tokens, s["length"] - GKD_ANSWER
+        total = (flops.generate_flops(cfg, s["batch"], prompt, [4 * n_img], n)
+                 + flops.train_step_flops(cfg, s["batch"], prompt + n, [4 * n_img], teacher=teacher))
+        return total, total * n / (prompt + n)
+    total = flops.train_step_flops(cfg, s["batch"], s["length"], [4 * n_img], teacher=teacher)
     return total, total * float((labels[:, 1:] != -100).sum()) / ids.size
 
 
@@ -151,7 +168,7 @@ def run_torch(s, mode, steps, warmup, profile="", args=None):
                                                                          transformers.Qwen2VLForConditionalGeneration)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32  # GPU: bf16 weights and compute (the usual recipe)
-    ids, labels, pixels, grid, _ = make_batch(s, patch=patch_of(args.family))
+    ids, labels, pixels, grid, _ = make_batch(s, patch=patch_of(args.family), mode=mode)
     t = lambda x: torch.from_numpy(np.asarray(x)).to(dev)
     kw = dict(input_ids=t(ids), attention_mask=torch.ones_like(t(ids)), pixel_values=t(pixels).to(dtype),
               image_grid_thw=t(grid),
@@ -160,7 +177,7 @@ def run_torch(s, mode, steps, warmup, profile="", args=None):
     for p in student.model.visual.parameters():
         p.requires_grad_(False)
     teacher = None
-    if mode == "kd":
+    if mode != "sft":
         teacher = cls._from_config(hf_config(SIZES[args.teacher_size or args.size], args.family),
                                    attn_implementation="sdpa").to(dev, dtype).eval()
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0)
@@ -183,7 +200,10 @@ def run_torch(s, mode, steps, warmup, profile="", args=None):
         opt.step()
         return float(loss)
 
-    out = timed(step, steps, warmup, (lab[:, 1:] != -100).sum().item(), base_rss)
+    tokens = (lab[:, 1:] != -100).sum().item()
+    if mode == "gkd":
+        step, tokens = _torch_gkd_step(s, args, student, teacher, opt, kw), s["batch"] * args.new_tokens
+    out = timed(step, steps, warmup, tokens, base_rss)
     if dev == "cuda":
         out["device_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     add_mfu(out, s, mode, torch.cuda.get_device_name() if dev == "cuda" else "cpu", args)
@@ -191,6 +211,38 @@ def run_torch(s, mode, steps, warmup, profile="", args=None):
         out["profile"] = profiling.torch_top_ops(step)
     out["device"] = dev
     return out
+
+
+def _torch_gkd_step(s, args, student, teacher, opt, kw):
+    """The on-policy step in PyTorch: transformers' generate with the image, TRL's GKD loss on the answers."""
+    import torch
+    from trl.experimental.gkd import GKDTrainer
+
+    prompt = s["length"] - GKD_ANSWER
+    n = args.new_tokens
+    image = {k: kw[k] for k in ("pixel_values", "image_grid_thw")}
+
+    def step():
+        with torch.no_grad():
+            cut = {k: kw[k][:, :prompt] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+            seq = student.generate(**cut, **image,
+                                   max_new_tokens=n, min_new_tokens=n, do_sample=True, temperature=1.0, top_p=1.0,
+                                   top_k=0, eos_token_id=None, pad_token_id=0)
+        labels = seq.clone()
+        labels[:, :prompt] = -100
+        full = dict(input_ids=seq, attention_mask=torch.ones_like(seq), mm_token_type_ids=(seq == s["vocab"] - 6).int(),
+                    **image)
+        logits = student(**full).logits
+        with torch.no_grad():
+            t_logits = teacher(**full).logits[..., : logits.shape[-1]]
+        loss = GKDTrainer.generalized_jsd_loss(logits[:, :-1], t_logits[:, :-1], labels[:, 1:], beta=0.5)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        return float(loss)
+
+    return step
 
 
 # --------------------------------------------------------------------------------------------- jax
@@ -207,7 +259,7 @@ def run_jax(s, mode, steps, warmup, profile="", args=None):
     from clinkd_jax.train import steps as steps_lib
 
     cfg = model_config(s, args.family)  # random weights, drawn on the device: speed does not depend on their values
-    ids, labels, pixels, grid, n_img = make_batch(s, patch=patch_of(args.family))
+    ids, labels, pixels, grid, n_img = make_batch(s, patch=patch_of(args.family), mode=mode)
     pos, _ = positions.get_rope_index(ids, grid, image_token_id=cfg.image_token_id)
     n = s["side"] // patch_of(args.family)
     per_image = [[(pixels[i * n * n : (i + 1) * n * n], tuple(grid[i]))] for i in range(s["batch"])]
@@ -223,15 +275,27 @@ def run_jax(s, mode, steps, warmup, profile="", args=None):
                                                               mu_dtype=args.mu_dtype))
     state = jax.jit(functools.partial(state_lib.create, tx=tx), donate_argnums=0)(init_params(model, jax.random.key(0)))
     teacher = teacher_params = kd = None
-    if mode == "kd":  # the teacher's weights in the compute dtype, as a published checkpoint loads
+    if mode != "sft":  # the teacher's weights in the compute dtype, as a published checkpoint loads
         t_cfg = model_config(SIZES[args.teacher_size or args.size], args.family)
         teacher = Qwen2VL(t_cfg, param_dtype=compute, **kw)
         teacher_params = init_params(teacher, jax.random.key(1))
         kd = losses.KDConfig()
     source = None if teacher is None else steps_lib.TeacherSource("online", teacher)
     loss = steps_lib.LossSettings(kd=kd, chunk=args.chunk, backward=args.loss_backward)
-    fn = jax.jit(functools.partial(steps_lib.train_step, model=model, tx=tx, loss=loss, teacher=source,
-                                   frozen=("visual/.*",)), donate_argnums=(0,))
+    step_fn, tokens = steps_lib.train_step, int((labels[:, 1:] != -100).sum())
+    if mode == "gkd":  # the student's answers, exactly --new-tokens each (no stop id can be sampled), GKD's JSD
+        from clinkd_jax.infer.generate import SamplingConfig
+        from clinkd_jax.train import on_policy
+
+        sampling = SamplingConfig(max_new_tokens=args.new_tokens, temperature=1.0, stop_token_ids=(s["vocab"],),
+                                  pad_token_id=0)
+        step_fn = functools.partial(on_policy.sampled_step, sampler=on_policy.Sampler("student", sampling, 0))
+        loss = steps_lib.LossSettings(kd=losses.KDConfig(divergence="jsd", jsd_beta=0.5, temperature=1.0,
+                                                         use_ce=False, mask="aligned"),
+                                      chunk=args.chunk, backward=args.loss_backward)
+        batch["record_index"], tokens = np.arange(s["batch"], dtype=np.int32), s["batch"] * args.new_tokens
+    fn = jax.jit(functools.partial(step_fn, model=model, tx=tx, loss=loss, teacher=source, frozen=("visual/.*",)),
+                 donate_argnums=(0,))
     compiled = fn.lower(state, teacher_params, batch).compile()
     mem = compiled.memory_analysis()
     base_rss = rss_mb()
@@ -241,7 +305,7 @@ def run_jax(s, mode, steps, warmup, profile="", args=None):
         holder["state"], m = compiled(holder["state"], teacher_params, batch)
         return float(m["loss"])
 
-    out = timed(step, steps, warmup, int((labels[:, 1:] != -100).sum()), base_rss)
+    out = timed(step, steps, warmup, tokens, base_rss)
     if profile:
         rows, total = profiling.jax_top_ops(step, compiled.as_text(), os.path.join(profile, f"jax_{mode}"))
         out["profile"] = profiling.format_jax(rows, total)
@@ -293,6 +357,7 @@ def main():
                     help="runtime.vision_query_block: 0 all rows | rows per block")
     ap.add_argument("--mu-dtype", default="", help="optim.mu_dtype: '' (float32) | bfloat16")
     ap.add_argument("--batch", type=int, default=0, help="rows per step (0: the size's own)")
+    ap.add_argument("--new-tokens", type=int, default=32, help="gkd: tokens each answer is sampled to")
     ap.add_argument("--teacher-size", default="", choices=["", *sorted(SIZES)], help="KD teacher ('': --size)")
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="the chip's peak, where flops.PEAK_BF16 lacks it")
     machine.add_malloc_flag(ap)
@@ -326,6 +391,8 @@ def main():
           f"vision_query_block={args.vision_query_block} "
           f"mu_dtype={args.mu_dtype or 'float32'} "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    if "gkd" in args.modes:
+        print(f"gkd: {args.new_tokens} sampled tokens per row, trained on alone (tokens/s counts them)")
     print(f"{'step':5} {'framework':9} {'step s':>8} {'tokens/s':>10} {'peak RSS MB':>12} {'XLA temp MB':>12} "
           f"{'model TFLOP/s':>14}")
     for (framework, mode), r in sorted(results.items(), key=lambda kv: (kv[0][1] != "sft", kv[0][0])):
@@ -333,7 +400,7 @@ def main():
               f"{r.get('xla_temp_mb', float('nan')):12.1f} {r['model_tflops']:14.3f}"
               + (f"  MFU {r['mfu']:.1%} (supervised positions only: {r['mfu_supervised']:.1%})" if "mfu" in r else "")
               + (f"  device peak {r['device_peak_mb']:.0f} MB" if "device_peak_mb" in r else ""))
-    for mode in ("sft", "kd"):
+    for mode in ("sft", "kd", "gkd"):
         if ("jax", mode) in results and ("torch", mode) in results:
             ratio = results[("jax", mode)]["tokens_per_s"] / results[("torch", mode)]["tokens_per_s"]
             mem = results[("jax", mode)]["peak_rss_mb"] / results[("torch", mode)]["peak_rss_mb"]

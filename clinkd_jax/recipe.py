@@ -116,10 +116,25 @@ def describe(name: str, cfg, settings) -> str:
     steps = f"{cfg.train.steps} steps" if cfg.train.steps > 0 else f"{cfg.data.num_epochs} epoch(s)"
     if cfg.stage == "kd":
         what = (f"ClinKD distillation from {settings.get('teacher_from', '') or 'the teacher'} "
-                f"(alpha {cfg.kd.alpha}, T {cfg.kd.temperature})")
+                f"(alpha {cfg.kd.alpha}, T {cfg.kd.temperature}{sampled_answers(cfg)})")
     else:
         what = "supervised fine-tuning" + (" with Reflective Correction rounds" if cfg.rct.every_steps > 0 else "")
     return f"{what}, {steps}, {gaps}"
+
+
+def sampled_answers(cfg) -> str:
+    """A distillation stage's divergence and answers sampled in the step, as a clause ("" for ClinKD's own)."""
+    k = cfg.kd
+    out = "" if k.divergence in ("forward_kl", "forward") else f", {k.divergence}"
+    out += f" beta {k.jsd_beta}" if k.divergence == "jsd" else ""
+    if k.on_policy_fraction > 0:
+        out += f", on-policy on {100 * k.on_policy_fraction:g} % of the steps"
+    return out + (", on the teacher's sampled answers" if k.seq_kd else "")
+
+
+def trained_as(cfg) -> str:
+    """How a training stage trained its model, in a few words (an ablation table's column)."""
+    return f"KD{sampled_answers(cfg)}" if cfg.stage == "kd" else "SFT"
 
 
 def announce(line: str) -> None:
@@ -192,13 +207,19 @@ def comparison(evals: dict[str, dict]) -> str:
 
 
 def evaluations_table(c, plan, evals: dict[str, dict]) -> tracking.Table:
-    """The evaluations side by side (an ablation's arms): a row per evaluation stage with the model it evaluated,
-    its MCG-RoPE gaps, and each task's headline metric (8-modality mean, ×100)."""
+    """The evaluations side by side (an ablation's arms): a row per evaluation stage with the model it evaluated, how
+    that model was trained, its MCG-RoPE gaps, and each task's headline metric (8-modality mean, ×100)."""
     columns, rows = headline_rows(evals)
-    gaps = {name: "{}/{}".format(*cfg.data.mrope_gaps) for name, cfg, _ in plan}
-    described = [[c.stage_settings[name].get("model_from", "") or "the last trained model", gaps[name]]
+    gaps, trained, last = {}, {}, ""
+    for name, cfg, _ in plan:
+        gaps[name] = "{}/{}".format(*cfg.data.mrope_gaps)
+        if cfg.stage in ("sft", "kd"):
+            trained[name] = last = trained_as(cfg)
+        source = c.stage_settings[name].get("model_from", "")
+        trained.setdefault(name, trained.get(source, "") if source else last)  # an evaluation: its model's
+    described = [[c.stage_settings[name].get("model_from", "") or "the last trained model", trained[name], gaps[name]]
                  for name in evals]
-    return tracking.Table(["evaluation", "model", "MCG-RoPE gaps", *columns],
+    return tracking.Table(["evaluation", "model", "training", "MCG-RoPE gaps", *columns],
                           [[row[0], *d, *(None if v is None else 100 * v for v in row[1:])]
                            for row, d in zip(rows, described)])
 

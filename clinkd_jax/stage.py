@@ -80,8 +80,9 @@ class StageContext:
         return dataset.pipeline_config(self.c, (self.encoder.image_pad_id, self.encoder.pad_id), model_cfg,
                                        self.mesh, self.rules, **changes)
 
-    def device_batch(self, batch: dict) -> dict:
-        return pipeline.device_batch(batch, self.mesh, self.rules, self.c.data.batch_size)
+    def device_batch(self, batch: dict, with_records: bool = False) -> dict:
+        """This host's rows -> the step's global arrays; `with_records`: with each row's record_index (sampling)."""
+        return pipeline.device_batch(batch, self.mesh, self.rules, self.c.data.batch_size, with_records)
 
 
 def encoder_for(c, vocab_ids=None, tokenizer: str = "") -> text.ChatEncoder:

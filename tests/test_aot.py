@@ -129,8 +129,8 @@ def test_out_of_memory_errors_are_read_as_does_not_fit():
     assert report.out_of_memory("INVALID_ARGUMENT: bad shape") is None
 
 
-@pytest.mark.parametrize("name", ["clinkd_qwen2vl_7b", "clinkd_2b_from_7b", "clinkd_qwen25vl_7b_to_3b",
-                                  "clinkd_qwen3vl_8b_to_2b"])
+@pytest.mark.parametrize("name", ["clinkd_qwen2vl_7b", "clinkd_2b_from_7b", "clinkd_2b_from_7b_onpolicy",
+                                  "clinkd_qwen25vl_7b_to_3b", "clinkd_qwen3vl_8b_to_2b"])
 def test_paper_configs_are_read_without_their_data_or_checkpoints(tmp_path, name):
     """What `python -m clinkd_jax.aot --config=configs/<paper>.py` does before it compiles: every stage of the
     recipe is checked by the run's own checks of its settings (those that read no file: nothing stands in for the
@@ -150,6 +150,10 @@ def test_paper_configs_are_read_without_their_data_or_checkpoints(tmp_path, name
     kinds = {p.name for p in progs}
     assert {"train_sft", "train_kd"} <= kinds and any(k.startswith("generate") for k in kinds), kinds
     assert all(p.flops > 0 and p.bucket[0] == 2048 for p in progs if p.name.startswith("train")), progs
+    if name.endswith("onpolicy"):  # the student's answers (80 tokens), and the step on the data's answers
+        (gkd,) = [p for p in progs if p.name == "train_kd_on_policy"]
+        (kd,) = [p for p in progs if p.name == "train_kd"]
+        assert gkd.dims["new_tokens"] == 80 and gkd.flops > kd.flops
     with pytest.raises(ConfigError, match="no field 'remat_policy' in model; did you mean model.remat"):
         programs.config_file(os.path.join(ROOT, "configs", f"{name}.py"), **{"model.remat_policy": "full"})
     for field, value, says in (("kd.divergence", "sideways", "kd.divergence='sideways'"),

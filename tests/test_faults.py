@@ -73,6 +73,20 @@ def kill_when(command, reached, what):
     pytest.fail(f"the run ended (exit {p.returncode}) before {what}:\n{''.join(lines)[-3000:]}")
 
 
+def uninterrupted_then(tmp_path, *extra):
+    """(reference workdir, workdir, command): the command run to its end in the reference workdir, and the same
+    command for the workdir a test interrupts."""
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    finish(main_command(ref, tmp_path / "demo", *extra))
+    return ref, run, main_command(run, tmp_path / "demo", *extra)
+
+
+def same_params(a, b):
+    (_, x), (_, y) = (checkpoint.load_params(str(w / "params")) for w in (a, b))
+    for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y)):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+
 def rows(path):
     return [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
 
@@ -87,13 +101,10 @@ def test_sigkill_anywhere_in_training_then_the_same_command_ends_as_an_uninterru
     killed mid-step (after step 2), then during step 3's asynchronous save, then inside the RCT round; each time
     the same command again. The final run resumes from the last complete step, redoes the round, and its per-step
     losses, parameters and corrections equal an uninterrupted run's."""
-    demo = tmp_path / "demo"
-    rct = ["--config.rct.every_steps=4", "--config.rct.rounds=1", "--config.rct.num_items=2",
-           "--config.rct.samples=2", "--config.rct.max_new_tokens=4", "--config.rct.batch_size=2",
-           "--config.checkpoint.async_save=True"]
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    finish(main_command(ref, demo, *rct))
-    command = main_command(run, demo, *rct)
+    ref, run, command = uninterrupted_then(
+        tmp_path, "--config.rct.every_steps=4", "--config.rct.rounds=1", "--config.rct.num_items=2",
+        "--config.rct.samples=2", "--config.rct.max_new_tokens=4", "--config.rct.batch_size=2",
+        "--config.checkpoint.async_save=True")
     kill_when(command, lambda line: line is None and lines_in(run / "metrics.jsonl") >= 2, "step 2")
     assert not glob.glob(str(run / "checkpoints" / "3"))
     kill_when(command, lambda line: line is None and os.path.isdir(run / "checkpoints" / "3.orbax-checkpoint-tmp"),
@@ -108,9 +119,24 @@ def test_sigkill_anywhere_in_training_then_the_same_command_ends_as_an_uninterru
     assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 7))  # each step once
     assert [r["loss"] for r in got] == [r["loss"] for r in want]
     assert open(run / "rct_round_1" / "corrected.jsonl").read() == open(ref / "rct_round_1" / "corrected.jsonl").read()
-    (_, want_params), (_, got_params) = (checkpoint.load_params(str(w / "params")) for w in (ref, run))
-    for x, y in zip(jax.tree.leaves(want_params), jax.tree.leaves(got_params)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    same_params(ref, run)
+
+
+def test_sigkill_in_on_policy_distillation_then_the_same_command_draws_and_learns_as_an_uninterrupted_run(tmp_path):
+    """Distillation on-policy on half of the steps (seed 0: steps 3-6 sample the student's answers), killed after
+    step 4, resumed from step 3's checkpoint: the same steps are on-policy, the same answers are sampled, and the
+    per-step losses and the final parameters equal an uninterrupted run's exactly."""
+    ref, run, command = uninterrupted_then(
+        tmp_path, "--config.stage=kd", "--config.teacher.preset=tiny_qwen", f"--config.teacher.text_overrides={SMALL}",
+        "--config.teacher.dtype=float32", "--config.kd.on_policy_fraction=0.5", "--config.kd.max_new_tokens=8",
+        "--config.kd.divergence=jsd")
+    kill_when(command, lambda line: line is None and lines_in(run / "metrics.jsonl") >= 4, "step 4")
+    assert "resumed from step 3 " in finish(command)
+    got, want = rows(run / "metrics.jsonl"), rows(ref / "metrics.jsonl")
+    assert [r["on_policy"] for r in got] == [r["on_policy"] for r in want] == [0, 0, 1, 1, 1, 1]
+    assert [r["step"] for r in got] == list(range(1, 7)) and [r["loss"] for r in got] == [r["loss"] for r in want]
+    assert [r["answer_tokens"] for r in got[2:]] == [r["answer_tokens"] for r in want[2:]]
+    same_params(ref, run)
 
 
 def test_sigkill_while_predictions_or_pseudo_labels_are_written_then_every_item_once(tmp_path):

@@ -59,14 +59,16 @@ RECIPE = textwrap.dedent('''
         # SFT packs conversations into rows (data.pack), distillation does not: both plans meet several hosts.
         # The student is a Qwen2.5-VL (56 px windows: 4 per 112 px image) taught by the Qwen2-VL SFT model.
         # kd3: a Qwen3-VL student (16 px patches, DeepStack) taught by a fresh Qwen3-VL (no teacher of another
-        # family reads its patches); first, so that the sizes file the test reads last is the Qwen2-VL stages';
-        # sft names its own source (a preset), else it would start from kd3's Qwen3-VL.
+        # family reads its patches), on-policy on half of its steps (GKD: the student's sampled answers); first, so
+        # that the sizes file the test reads last is the Qwen2-VL stages'; sft names its own source (a preset), else
+        # it would start from kd3's Qwen3-VL.
         student = {"preset": "tiny_qwen", "family": "qwen2_5_vl", "vision_overrides": {"window_size": 56}}
         qwen3 = {"preset": "tiny_qwen", "family": "qwen3_vl"}
         fresh = {"preset": "tiny_qwen"}
         c.stage_settings = ConfigDict({"sft": {"stage": "sft", "data": {"pack": True}, "model": fresh},
                                        "kd": {"stage": "kd", "teacher_from": "sft", "model": student},
-                                       "kd3": {"stage": "kd", "model": qwen3, "teacher": qwen3}})
+                                       "kd3": {"stage": "kd", "model": qwen3, "teacher": qwen3,
+                                               "kd": {"on_policy_fraction": 0.5, "max_new_tokens": 8}}})
         return c
 ''')
 
@@ -161,9 +163,9 @@ def losses(workdir):
 @pytest.mark.multihost
 def test_sft_and_kd_with_buckets_and_epochs_agree_with_one_process(setup, tmp_path, monkeypatch):
     """2 processes x 2 devices against 1 process x 4: the three stages finish their 2 epochs in step, with the
-    same number of steps and the same losses; each process compiles the step exactly once per batch shape
-    its loop meets (jax logs each compile; a state that changed sharding, commitment or weak types after the
-    first step would compile it again)."""
+    same number of steps and the same losses (kd3's on-policy steps too: the same answers sampled on either
+    mesh); each process compiles each step exactly once per batch shape its loop meets (jax logs each compile; a
+    state that changed sharding, commitment or weak types after the first step would compile it again)."""
     data, recipe = setup
     monkeypatch.setenv("JAX_LOG_COMPILES", "1")
     one = start(1, 4, [f"--config={recipe}", f"--workdir={tmp_path / 'one'}", *data_args(data)])
@@ -178,13 +180,16 @@ def test_sft_and_kd_with_buckets_and_epochs_agree_with_one_process(setup, tmp_pa
         shapes = [json.load(open(tmp_path / run / stage / "summary.json"))["batch_shapes"]
                   for stage in ("sft", "kd", "kd3")]
         for text in texts:
-            assert text.count("Compiling jit(train_step) ") == sum(shapes) and min(shapes) >= 2, (run, shapes)
+            compiled = text.count("Compiling jit(train_step) ") + text.count("Compiling jit(sampled_step) ")
+            assert compiled == sum(shapes) and min(shapes) >= 2, (run, shapes)
     for stage in ("sft", "kd", "kd3"):
         one, two = losses(tmp_path / "one" / stage), losses(tmp_path / "two" / stage)
         summary = json.load(open(tmp_path / "two" / stage / "summary.json"))
         assert summary["epochs"] == 2 and summary["steps"] == len(one) == len(two) > 10, stage
         for step in one:
             assert two[step] == pytest.approx(one[step], rel=1e-5), (stage, step)
+    on = [json.loads(line)["on_policy"] for line in open(tmp_path / "two" / "kd3" / "metrics.jsonl")]
+    assert 0 < sum(on) < len(on)  # both kinds of step ran
     student = json.load(open(tmp_path / "two" / "kd" / "params" / "model_config.json"))
     assert student["model_type"] == "qwen2_5_vl" and student["vision_config"]["window_size"] == 56
     qwen3 = json.load(open(tmp_path / "two" / "kd3" / "params" / "model_config.json"))

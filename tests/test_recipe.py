@@ -136,11 +136,17 @@ def test_demo_ablation_plan():
     from configs import demo, demo_ablation
 
     plan = {name: cfg for name, cfg, _ in recipe.stage_configs(demo_ablation.get_config(), "/w")}
-    arms = ["clinkd", "no_mcg", "no_kd", "neither"]
+    arms = ["clinkd", "no_mcg", "no_kd", "neither", "gkd_half", "gkd_all"]
     assert list(plan) == ["teacher", *arms, *(f"eval_{a}" for a in arms)]
     gaps = {a: tuple(plan[a].data.mrope_gaps) for a in arms}
-    assert gaps == {"clinkd": (2, 2), "no_mcg": (1, 1), "no_kd": (2, 2), "neither": (1, 1)}
-    assert {a: plan[a].stage for a in arms} == {"clinkd": "kd", "no_mcg": "kd", "no_kd": "sft", "neither": "sft"}
+    assert gaps == {"clinkd": (2, 2), "no_mcg": (1, 1), "no_kd": (2, 2), "neither": (1, 1), "gkd_half": (2, 2),
+                    "gkd_all": (2, 2)}
+    assert {a: plan[a].stage for a in arms} == {"clinkd": "kd", "no_mcg": "kd", "no_kd": "sft", "neither": "sft",
+                                                "gkd_half": "kd", "gkd_all": "kd"}
+    # the on-policy arms: GKD's JSD (beta 0.5) on half or all of the steps; ClinKD's arms as before
+    assert [(plan[a].kd.on_policy_fraction, plan[a].kd.divergence, plan[a].kd.jsd_beta) for a in arms if a[:3] == "gkd"
+            ] == [(0.5, "jsd", 0.5), (1.0, "jsd", 0.5)]
+    assert all(plan[a].kd.on_policy_fraction == 0 and plan[a].kd.divergence == "forward_kl" for a in arms[:4])
     for a in arms:  # the same fresh student, the same steps and seed; evaluated with its own positions
         assert plan[a].model.preset == "tiny_qwen" and plan[a].model.orbax_dir == ""
         assert plan[a].train.steps == plan["clinkd"].train.steps and plan[a].seed == plan["clinkd"].seed
@@ -153,8 +159,8 @@ def test_demo_ablation_plan():
     assert drop(plan["teacher"].to_dict()) == drop(same.to_dict())  # the demo's teacher
 
 
-@pytest.mark.parametrize("name", ["clinkd_qwen2vl_7b", "clinkd_2b_from_7b", "clinkd_qwen25vl_7b_to_3b",
-                                  "clinkd_qwen3vl_8b_to_2b"])
+@pytest.mark.parametrize("name", ["clinkd_qwen2vl_7b", "clinkd_2b_from_7b", "clinkd_2b_from_7b_onpolicy",
+                                  "clinkd_qwen25vl_7b_to_3b", "clinkd_qwen3vl_8b_to_2b"])
 def test_paper_configs(name):
     import importlib
 
@@ -165,6 +171,9 @@ def test_paper_configs(name):
     plan = {n: cfg for n, cfg, _ in recipe.stage_configs(c, "/w")}
     assert plan["kd"].model.hf_dir.endswith("Instruct") and plan["sft"].model.orbax_dir == "/w/kd/params"
     assert plan["eval"].model.orbax_dir == "/w/sft_rct/params"
+    on_policy = (plan["kd"].kd.on_policy_fraction, plan["kd"].kd.divergence, plan["kd"].kd.max_new_tokens)
+    assert on_policy == ((0.5, "jsd", 80) if name.endswith("onpolicy") else (0.0, "forward_kl", 80))
+    assert all(plan[n].kd.on_policy_fraction == 0 for n in plan if n != "kd")  # only the kd stage samples
     # ablations from the table in docs/recipe.md are plain overrides of this config
     c.stages = ("kd", "sft", "eval")  # no RCT
     assert {n: cfg for n, cfg, _ in recipe.stage_configs(c, "/w")}["eval"].model.orbax_dir == "/w/sft/params"

@@ -175,9 +175,9 @@ def test_a_recipe_logs_each_stage_and_its_summary_and_resumes_its_runs(tmp_path,
     stages = W.media(rec, W.logged(row, "recipe/stages"))
     assert [r[:2] for r in stages["data"]] == [["teacher", "sft"], ["eval", "eval"]]
     evals = W.media(rec, W.logged(row, "recipe/evaluations"))
-    assert evals["columns"][:3] == ["evaluation", "model", "MCG-RoPE gaps"] and evals["data"][0][:3] == \
-        ["eval", "the last trained model", "2/2"]
-    assert evals["data"][0][3] == pytest.approx(100 * metrics["VG"]["mean"])
+    assert evals["columns"][:4] == ["evaluation", "model", "training", "MCG-RoPE gaps"] and evals["data"][0][:4] == \
+        ["eval", "the last trained model", "SFT", "2/2"]
+    assert evals["data"][0][4] == pytest.approx(100 * metrics["VG"]["mean"])
 
     # killed after step 3 was logged but before its checkpoint: the rerun resumes at step 2, computes step 3 again
     # and does not log it twice; the evaluation runs again and logs its result as its run's next entry
@@ -204,9 +204,13 @@ def test_the_ablation_arms_are_the_rows_of_the_recipe_table():
     evals = {f"eval_{arm}": {"VG": {"metric": "Recall@0.5", "mean": 0.1 * k, "per_modality": {}, "count": {}}}
              for k, arm in enumerate(demo_ablation.ARMS)}
     table = recipe.evaluations_table(c, plan, evals)
-    assert table.columns == ["evaluation", "model", "MCG-RoPE gaps", "VG Recall@0.5"]
-    assert table.rows == [["eval_clinkd", "clinkd", "2/2", 0.0], ["eval_no_mcg", "no_mcg", "1/1", 10.0],
-                          ["eval_no_kd", "no_kd", "2/2", 20.0], ["eval_neither", "neither", "1/1", pytest.approx(30.0)]]
+    assert table.columns == ["evaluation", "model", "training", "MCG-RoPE gaps", "VG Recall@0.5"]
+    gkd = "KD, jsd beta 0.5, on-policy on {} % of the steps"
+    assert table.rows == [["eval_clinkd", "clinkd", "KD", "2/2", 0.0], ["eval_no_mcg", "no_mcg", "KD", "1/1", 10.0],
+                          ["eval_no_kd", "no_kd", "SFT", "2/2", 20.0],
+                          ["eval_neither", "neither", "SFT", "1/1", pytest.approx(30.0)],
+                          ["eval_gkd_half", "gkd_half", gkd.format(50), "2/2", 40.0],
+                          ["eval_gkd_all", "gkd_all", gkd.format(100), "2/2", 50.0]]
 
 
 def test_no_w_and_b_account_is_one_config_error_before_the_stage(tmp_path, monkeypatch, fresh_wandb):

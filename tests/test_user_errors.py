@@ -50,6 +50,7 @@ def medgrit(files, name):
             f"--config.data.train_files=('{files / name}',)"]
 
 
+ON_POLICY = ["--config.stage=kd", "--config.teacher.preset=tiny_qwen", "--config.kd.on_policy_fraction=0.5"]
 # (command, arguments (a function of the files folder), the line's start, text the line must hold)
 CASES = [
     (MAIN, lambda f: [DEMO, "--config.optim.lrate=1"], "config error", "did you mean optim.learning_rate"),
@@ -71,6 +72,14 @@ CASES = [
                       + str(f / "images"), f"--config.data.train_files=('{f / 'no_ids.json'}',)"], "config error",
      "data.demo_dir='/d' has no effect"),
     (MAIN, lambda f: [DEMO, "--config.kd.pseudo_labels=/p"], "config error", "has no effect in stage 'sft'"),
+    # on-policy distillation: the teacher scores the student's answers in the step, so it must read the same batch
+    (MAIN, lambda f: [DEMO, *ON_POLICY, "--config.teacher.family=qwen3_vl"], "config error",
+     "the teacher (qwen3_vl: 16 px patches"),
+    (MAIN, lambda f: [DEMO, *ON_POLICY, "--config.kd.pseudo_labels=/p"], "config error",
+     "kd.on_policy_fraction=0.5: the teacher must score answers written in the step"),
+    (MAIN, lambda f: [DEMO, *ON_POLICY, "--config.data.pack=True"], "config error", "set data.pack=False"),
+    (MAIN, lambda f: [DEMO, *ON_POLICY, "--config.kd.on_policy_fraction=1.5"], "config error",
+     "kd.on_policy_fraction=1.5 must be in [0, 1]"),
     (MAIN, lambda f: [DEMO, *medgrit(f, "missing.json")], "config error", "missing.json does not exist"),
     (MAIN, lambda f: [DEMO, *medgrit(f, "not_json.json")], "data error", "not_json.json: not valid JSON"),
     (MAIN, lambda f: [DEMO, *medgrit(f, "a_dict.json")], "data error", "expected a JSON list of items"),

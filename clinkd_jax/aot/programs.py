@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import os
 from typing import Callable
 
 import jax
+import numpy as np
 from ml_collections import ConfigDict
 
 from clinkd_jax import cli, recipe, settings, sharding
@@ -185,25 +187,47 @@ def train_programs(name, c, student: Geometry, teacher: Geometry | None, mesh, r
     pcfg = dataset.pipeline_config(c, (student.cfg.image_token_id, 0), student.cfg, mesh, rules, host_rows=False)
     out = []
     for bucket in _buckets(c.data.text_buckets, c.data.patch_buckets, buckets):
-
-        def lower(counts, bucket=bucket):
-            tc, s_cfg = _twin(c, student.cfg, counts, "")
-            _, t_cfg = (None, None) if online is None else _twin(c, online.cfg, counts, "teacher_")
-            prog = program_lib.build(tc, s_cfg, mesh, rules, teacher_cfg=t_cfg, loss_unrolled=counts is not None)
-            batch = pipeline.empty_batch(pcfg, bucket, top_k)
-            batch = sharding.abstract_batch({k: v for k, v in batch.items() if k not in pipeline.HOST_ONLY}, mesh,
-                                            rules)
-            with sharding.use_mesh(mesh, rules):
-                return prog.step.lower(prog.abstract_state(), prog.abstract_teacher(online and online.dtype), batch)
-
         dims, base = _dims(student.cfg)
         if online is not None:
             t_dims, t_base = _dims(online.cfg, "teacher_")
             dims, base = dims | t_dims, base | t_base
-        flops = flops_lib.train_step_flops(student.cfg, c.data.batch_size, bucket[0], [bucket[1]],
-                                           teacher=online and online.cfg, train_vision=not _vision_frozen(c))
-        out.append(Program(kind, name, bucket, lower, dims, flops, base=base))
+        frozen = _vision_frozen(c)
+        step_flops = lambda length, bucket=bucket: flops_lib.train_step_flops(
+            student.cfg, c.data.batch_size, length, [bucket[1]], teacher=online and online.cfg, train_vision=not frozen)
+        sampled = train_config.sampled_answers(c)
+        n = c.kd.max_new_tokens
+        if not (sampled and c.kd.seq_kd):  # the step on the data's answers
+            lower = functools.partial(_lower_train, c, student, online, mesh, rules, pcfg, bucket, top_k, "step")
+            out.append(Program(kind, name, bucket, lower, dims, step_flops(bucket[0]), base=base))
+        for which, by, frac in (("step", online, c.kd.seq_kd), ("on_policy_step", student, c.kd.on_policy_fraction)):
+            if not (sampled and frac):
+                continue  # the answers sampled in a step: by the teacher (kd.seq_kd) or the student (on-policy)
+            lower = functools.partial(_lower_train, c, student, online, mesh, rules, pcfg, bucket, top_k, which)
+            flops = step_flops(bucket[0] + n) + flops_lib.generate_flops(by.cfg, c.data.batch_size, bucket[0],
+                                                                         [bucket[1]], n)
+            program = "train_kd_on_policy" if which == "on_policy_step" else "train_kd_seq_kd"
+            out.append(Program(program, name, bucket, lower, dims | {"new_tokens": n}, flops, base=base,
+                               notes=(f"generates {n} tokens per row, then trains on the prompt and the answer",)))
     return out
+
+
+def _lower_train(c, student: Geometry, online: Geometry | None, mesh, rules, pcfg, bucket, top_k: int, which: str,
+                 counts):
+    """A training program (`which`: TrainProgram.step or .on_policy_step) lowered at `bucket`, for twin `counts`."""
+    tc, s_cfg = _twin(c, student.cfg, counts, "")
+    _, t_cfg = (None, None) if online is None else _twin(c, online.cfg, counts, "teacher_")
+    if counts is not None and "new_tokens" in counts:
+        tc.kd.max_new_tokens = counts["new_tokens"]
+    # the tokenizer's stop and pad ids: any ids of the vocabulary compile the same program
+    prog = program_lib.build(tc, s_cfg, mesh, rules, teacher_cfg=t_cfg, loss_unrolled=counts is not None,
+                             tokens=((s_cfg.eos_token_id,), 0))
+    batch = {k: v for k, v in pipeline.empty_batch(pcfg, bucket, top_k).items() if k not in pipeline.HOST_ONLY}
+    if prog.samples:
+        batch["record_index"] = np.zeros((c.data.batch_size,), np.int32)
+    batch = sharding.abstract_batch(batch, mesh, rules)
+    with sharding.use_mesh(mesh, rules):
+        return getattr(prog, which).lower(prog.abstract_state(), prog.abstract_teacher(online and online.dtype),
+                                          batch)
 
 
 def _vision_frozen(c) -> bool:

@@ -331,6 +331,10 @@ def make_batches(records: Sequence[Record], encoder: text_lib.ChatEncoder, cfg: 
 HOST_ONLY = ("sample_mask", "decode_offsets", "record_index")  # batch fields the jitted steps do not read
 
 
-def device_batch(batch: dict, mesh, rules, global_batch: int) -> dict:
-    """This host's rows of a global training batch -> the global arrays a jitted step takes."""
-    return sharding.place_batch({k: v for k, v in batch.items() if k not in HOST_ONLY}, mesh, rules, global_batch)
+def device_batch(batch: dict, mesh, rules, global_batch: int, with_records: bool = False) -> dict:
+    """This host's rows of a global training batch -> the global arrays a jitted step takes; `with_records`: also
+    record_index (int32), which keys the answers a step samples (clinkd_jax.train.on_policy)."""
+    out = {k: v for k, v in batch.items() if k not in HOST_ONLY}
+    if with_records:
+        out["record_index"] = batch["record_index"].astype(np.int32)
+    return sharding.place_batch(out, mesh, rules, global_batch)

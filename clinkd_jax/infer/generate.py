@@ -48,7 +48,8 @@ class SamplingConfig:
 
 
 def sample_token(logits_bv: jax.Array, rng: jax.Array, s: SamplingConfig) -> jax.Array:
-    """Greedy when temperature is 0, else temperature / top-k / top-p sampling (HF's warper order)."""
+    """Greedy when temperature is 0, else temperature / top-k / top-p sampling (HF's warper order); `rng` one key
+    or one per row."""
     if s.temperature == 0:
         return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
     logits = logits_bv.astype(jnp.float32) / s.temperature
@@ -63,12 +64,24 @@ def sample_token(logits_bv: jax.Array, rng: jax.Array, s: SamplingConfig) -> jax
         keep = mass_before < s.top_p  # the first token is always kept
         cutoff = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < cutoff, neg, logits)
-    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+    if rng.ndim == 0:
+        return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+    return jax.vmap(lambda key, row: jax.random.categorical(key, row))(rng, logits).astype(jnp.int32)
+
+
+def _draw(rng: jax.Array, index) -> tuple[jax.Array, jax.Array]:
+    """(the key to go on with, the key(s) for token `index`). One key: split at every token (the batch's draws
+    depend on the batch). A (B,) array of keys, one per row: token `index` of row b uses fold_in(key_b, index), so
+    a row's sample depends on its key alone, not on the rows beside it nor on how the batch is sharded."""
+    if rng.ndim == 0:
+        return jax.random.split(rng)
+    return rng, jax.vmap(jax.random.fold_in, (0, None))(rng, index)
 
 
 def generate(params, batch: dict, rng: jax.Array, *, model: Qwen2VL, sampling: SamplingConfig, cache_dtype=None):
     """New tokens (B, max_new_tokens) int32 for left-padded prompts; rows stop at their first stop token
-    (kept) and are filled with pad_token_id after it. Rows with no prompt token (batch filler) stop at once."""
+    (kept) and are filled with pad_token_id after it. Rows with no prompt token (batch filler) stop at once.
+    `rng`: one key for the batch, or one per row (`_draw`)."""
     b, p = batch["input_ids"].shape
     n = sampling.max_new_tokens
     variables = {"params": params}
@@ -79,7 +92,7 @@ def generate(params, batch: dict, rng: jax.Array, *, model: Qwen2VL, sampling: S
     stop = jnp.asarray(sampling.stop_token_ids, jnp.int32)
     offsets = batch["decode_offsets"].astype(jnp.int32)
 
-    rng, sub = jax.random.split(rng)
+    rng, sub = _draw(rng, 0)
     first_logits = model.apply(variables, out["hidden"][:, -1:], method=Qwen2VL.logits)[:, 0]
     first = sample_token(first_logits, sub, sampling)
     if n == 1:  # no decode step: nothing to lay out for one
@@ -99,7 +112,7 @@ def generate(params, batch: dict, rng: jax.Array, *, model: Qwen2VL, sampling: S
         pos = jnp.broadcast_to((cache.index + offsets)[None, :, None], (3, b, 1))
         o = decoder.apply({"params": decoder_params}, prev, jnp.ones((b, 1), jnp.int32), pos, cache=cache,
                           return_hidden=True)
-        rng, sub = jax.random.split(rng)
+        rng, sub = _draw(rng, step)
         tok = jnp.where(done, sampling.pad_token_id, sample_token(last_logits(o["hidden"][:, -1]), sub, sampling))
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], step, axis=1)
         return step + 1, o["cache"], tokens, done | jnp.isin(tok, stop), rng

@@ -82,6 +82,14 @@ class KD:
     token_weights: str = ""
     pseudo_labels: str = ""  # a pseudo-label store (python -m clinkd_jax.train.pseudo_labels): no teacher forward
     top_k: int = 64  # entries per token when writing pseudo-labels
+    # On-policy distillation (GKD, clinkd_jax.train.on_policy): on this fraction of the steps, drawn from the seed and
+    # the step, the student answers each row's question itself and the loss is kd.divergence alone on its answer,
+    # scored by the teacher in the same step. 0 = ClinKD's KD on the data's answers only
+    on_policy_fraction: Annotated[float, Within(0, 1)] = 0.0
+    seq_kd: bool = False  # the other steps train on the teacher's sampled answers instead of the data's
+    sample_temperature: Annotated[float, AtLeast(0)] = 1.0  # of those answers (GKD's; 0 = greedy)
+    sample_top_p: Annotated[float, Within(0.01, 1)] = 1.0
+    max_new_tokens: Annotated[int, AtLeast(1)] = 80  # answer length cap (ClinKD's evaluation's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +171,26 @@ def check_settings(c) -> None:
     cached = c.stage == "kd" and bool(c.kd.pseudo_labels)
     if cached:
         pseudo_label_switches(c)
+    _sampled_answers(c)
     settings.check(c, SECTIONS, teacher_required=c.stage == "kd" and not cached)
+
+
+def sampled_answers(c) -> bool:
+    """Whether a stage trains on answers sampled in the step (on-policy, or the teacher's with kd.seq_kd)."""
+    return c.stage == "kd" and (c.kd.on_policy_fraction > 0 or c.kd.seq_kd)
+
+
+def _sampled_answers(c) -> None:
+    """What sampling answers in the step cannot work with."""
+    if not sampled_answers(c):
+        return
+    what = f"kd.on_policy_fraction={c.kd.on_policy_fraction}" if c.kd.on_policy_fraction else "kd.seq_kd=True"
+    if c.kd.pseudo_labels:
+        raise ConfigError(f"{what}: the teacher must score answers written in the step; kd.pseudo_labels holds "
+                          "scores of the data's answers only (unset it to run the teacher online)")
+    if c.data.pack:
+        raise ConfigError(f"{what}: a sampled answer replaces a row's answer, and a packed row holds several "
+                          "conversations (set data.pack=False)")
 
 
 def _rct_in_run(c) -> None:

@@ -109,7 +109,7 @@ class _Training:
     start: int = 0
     step: int = 0
     metrics: dict = dataclasses.field(default_factory=dict)
-    shapes: set = dataclasses.field(default_factory=set)  # batch shapes met: the step compiles once for each
+    shapes: set = dataclasses.field(default_factory=set)  # (program, batch shape) met: each compiles once
 
     @property
     def c(self):
@@ -155,8 +155,8 @@ def _set_up(stage: StageContext, hooks: tuple) -> tuple[_Training, Any]:
     recs = stage.training_records(read_skips)
     t = _Training(stage, hooks, cfg, teacher_params, ckpt, recs, read_skips, start=ckpt.latest_step() or 0)
     t.data = t.batches(t.start, read_skips)
-    t.prog = program.build(c, cfg, stage.mesh, stage.rules, teacher_cfg=t_cfg,
-                           total_updates=_total_updates(c, t.data))
+    t.prog = program.build(c, cfg, stage.mesh, stage.rules, teacher_cfg=t_cfg, total_updates=_total_updates(c, t.data),
+                           tokens=(stage.encoder.stop_ids, stage.encoder.pad_id))
     return t, params
 
 
@@ -190,8 +190,11 @@ def _train(t: _Training) -> bool:
             batch = next(t.data, None)
             if batch is None:
                 break
-            _note_shape(t, batch)
-            t.state, t.metrics = t.prog.step(t.state, t.teacher_params, t.stage.device_batch(batch))
+            step = t.prog.step_for(t.step)
+            _note_shape(t, batch, on_policy=step is t.prog.on_policy_step)
+            t.state, t.metrics = step(t.state, t.teacher_params, t.stage.device_batch(batch, t.prog.samples))
+            if t.prog.on_policy_step is not None:
+                t.metrics["on_policy"] = float(step is t.prog.on_policy_step)
             t.step += 1
             clock = _step_end(t, writer, stop, clock)
             if stop.received is not None:
@@ -209,12 +212,13 @@ def _train(t: _Training) -> bool:
     return stop.received is not None
 
 
-def _note_shape(t: _Training, batch: dict) -> None:
-    shape = tuple((k, np.shape(v)) for k, v in sorted(batch.items()))
+def _note_shape(t: _Training, batch: dict, on_policy: bool) -> None:
+    shape = (on_policy, *((k, np.shape(v)) for k, v in sorted(batch.items())))
     if shape not in t.shapes:
         t.shapes |= {shape}
         named = ", ".join(f"{k} {np.shape(batch[k])}" for k in ("input_ids", "pixel_values") if k in batch)
-        log.info("step %d: a new batch shape (%s); the step compiles for it once", t.step + 1, named)
+        log.info("step %d: a new batch shape (%s); the %sstep compiles for it once", t.step + 1, named,
+                 "on-policy " if on_policy else "")
 
 
 def _step_end(t: _Training, writer: MetricsWriter, stop: StopSignal, clock: float) -> float:

@@ -14,11 +14,12 @@ import jax
 
 from clinkd_jax import settings, sharding
 from clinkd_jax.checkpoint import abstract_with_shardings
+from clinkd_jax.infer.generate import SamplingConfig
 from clinkd_jax.models.config import Qwen2VLConfig
 from clinkd_jax.models.qwen2vl import Qwen2VL, abstract_params
+from clinkd_jax.train import on_policy, steps
 from clinkd_jax.train import state as state_lib
-from clinkd_jax.train import steps
-from clinkd_jax.train.config import kd_config
+from clinkd_jax.train.config import kd_config, sampled_answers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +31,15 @@ class TrainProgram:
     state_shardings: state_lib.TrainState
     teacher_shardings: Any  # None without an online teacher
     step: Any  # jitted (state, teacher params, batch) -> (state, metrics); the state is donated
+    on_policy_step: Any = None  # the same on the student's own answers (kd.on_policy_fraction > 0), else None
+    draws: tuple[int, float] = (0, 0.0)  # (seed, kd.on_policy_fraction): which steps are on-policy
+    samples: bool = False  # its steps sample answers (on-policy or kd.seq_kd): batches carry record_index
+
+    def step_for(self, step: int):
+        """The jitted step that micro-step `step` (the state's step before it) runs."""
+        seed, fraction = self.draws
+        on = self.on_policy_step is not None and on_policy.drawn(seed, step, fraction)
+        return self.on_policy_step if on else self.step
 
     def abstract_state(self) -> state_lib.TrainState:
         """The train state as ShapeDtypeStructs on their shardings (nothing allocated)."""
@@ -53,9 +63,10 @@ def optim_config(c, total_updates: int) -> state_lib.OptimConfig:
 
 
 def build(c, cfg: Qwen2VLConfig, mesh, rules, *, teacher_cfg: Qwen2VLConfig | None = None, total_updates: int = 1,
-          loss_unrolled: bool = False) -> TrainProgram:
+          loss_unrolled: bool = False, tokens: tuple[tuple[int, ...], int] | None = None) -> TrainProgram:
     """The step of stage `c.stage` ("sft" or "kd") for student geometry `cfg` (and the online teacher's
-    `teacher_cfg`) on `mesh`. `loss_unrolled`: the loss's chunk loop as straight-line code (aot's cost twins)."""
+    `teacher_cfg`) on `mesh`. `loss_unrolled`: the loss's chunk loop as straight-line code (aot's cost twins).
+    `tokens`: (stop ids, pad id) of the stage's tokenizer, for the steps that sample answers (`on_policy`)."""
     opt = optim_config(c, total_updates)
     sched = state_lib.schedule(opt)
     loss = steps.LossSettings(kd=kd_config(c) if c.stage == "kd" else None, chunk=c.train.loss_chunk,
@@ -69,6 +80,19 @@ def build(c, cfg: Qwen2VLConfig, mesh, rules, *, teacher_cfg: Qwen2VLConfig | No
     tx = state_lib.optimizer_for(model, opt)
     st_sh = state_lib.state_shardings(model, tx, mesh, rules)
     t_sh = None if teacher is None else sharding.tree_shardings(abstract_params(teacher), mesh, rules)
-    step = steps.jit_train_step(st_sh, t_sh, None, model=model, tx=tx, loss=loss, teacher=source,
-                                lr_schedule=lambda s: sched(s // opt.grad_accum), frozen=opt.frozen)
-    return TrainProgram(model, teacher, opt, tx, st_sh, t_sh, step)
+    train = dict(model=model, tx=tx, lr_schedule=lambda s: sched(s // opt.grad_accum), frozen=opt.frozen)
+    if not sampled_answers(c):
+        return TrainProgram(model, teacher, opt, tx, st_sh, t_sh, steps.jit_train_step(st_sh, t_sh, None, loss=loss,
+                                                                                      teacher=source, **train))
+    if tokens is None:
+        raise ValueError("a step that samples answers needs the tokenizer's stop and pad ids (tokens=)")
+    k = c.kd
+    sampling = SamplingConfig(max_new_tokens=k.max_new_tokens, temperature=k.sample_temperature,
+                              top_p=k.sample_top_p, stop_token_ids=tuple(tokens[0]), pad_token_id=tokens[1])
+    sampled = lambda by, lo: on_policy.jit_sampled_step(st_sh, t_sh, sampler=on_policy.Sampler(by, sampling, c.seed),
+                                                        teacher=source, loss=lo, **train)
+    step = (sampled("teacher", loss) if k.seq_kd
+            else steps.jit_train_step(st_sh, t_sh, None, loss=loss, teacher=source, **train))
+    gkd = dataclasses.replace(loss, kd=dataclasses.replace(loss.kd, use_ce=False, mask="aligned"))
+    student = sampled("student", gkd) if k.on_policy_fraction > 0 else None
+    return TrainProgram(model, teacher, opt, tx, st_sh, t_sh, step, student, (c.seed, k.on_policy_fraction), True)
