@@ -116,13 +116,13 @@ def describe(name: str, cfg, settings) -> str:
     steps = f"{cfg.train.steps} steps" if cfg.train.steps > 0 else f"{cfg.data.num_epochs} epoch(s)"
     if cfg.stage == "kd":
         what = (f"ClinKD distillation from {settings.get('teacher_from', '') or 'the teacher'} "
-                f"(alpha {cfg.kd.alpha}, T {cfg.kd.temperature}{sampled_answers(cfg)})")
+                f"(alpha {cfg.kd.alpha}, T {cfg.kd.temperature}{kd_clause(cfg)})")
     else:
         what = "supervised fine-tuning" + (" with Reflective Correction rounds" if cfg.rct.every_steps > 0 else "")
     return f"{what}, {steps}, {gaps}"
 
 
-def sampled_answers(cfg) -> str:
+def kd_clause(cfg) -> str:
     """A distillation stage's divergence and answers sampled in the step, as a clause ("" for ClinKD's own)."""
     k = cfg.kd
     out = "" if k.divergence in ("forward_kl", "forward") else f", {k.divergence}"
@@ -134,7 +134,7 @@ def sampled_answers(cfg) -> str:
 
 def trained_as(cfg) -> str:
     """How a training stage trained its model, in a few words (an ablation table's column)."""
-    return f"KD{sampled_answers(cfg)}" if cfg.stage == "kd" else "SFT"
+    return f"KD{kd_clause(cfg)}" if cfg.stage == "kd" else "SFT"
 
 
 def announce(line: str) -> None:

@@ -191,10 +191,11 @@ def _train(t: _Training) -> bool:
             if batch is None:
                 break
             step = t.prog.step_for(t.step)
-            _note_shape(t, batch, on_policy=step is t.prog.on_policy_step)
+            on = step is t.prog.on_policy_step
+            _note_shape(t, batch, on_policy=on)
             t.state, t.metrics = step(t.state, t.teacher_params, t.stage.device_batch(batch, t.prog.samples))
-            if t.prog.on_policy_step is not None:
-                t.metrics["on_policy"] = float(step is t.prog.on_policy_step)
+            if t.prog.on_policy_step is not None:  # runs that have on-policy steps say which ones were
+                t.metrics["on_policy"] = float(on)
             t.step += 1
             clock = _step_end(t, writer, stop, clock)
             if stop.received is not None:
