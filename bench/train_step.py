@@ -271,7 +271,7 @@ def run_jax(s, mode, steps, warmup, profile="", args=None):
     kw = dict(dtype=compute, scan_unroll=args.scan_unroll, attention_impl=args.attention,
               attention_loop=args.attention_loop, vision_query_block=args.vision_query_block)
     model = Qwen2VL(cfg, remat=args.remat, **kw)
-    tx = state_lib.optimizer_for(model, state_lib.OptimConfig(learning_rate=1e-5, grad_clip=1.0,
+    tx = state_lib.optimizer(state_lib.OptimConfig(learning_rate=1e-5, grad_clip=1.0,
                                                               mu_dtype=args.mu_dtype))
     state = jax.jit(functools.partial(state_lib.create, tx=tx), donate_argnums=0)(init_params(model, jax.random.key(0)))
     teacher = teacher_params = kd = None

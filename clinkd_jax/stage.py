@@ -49,6 +49,11 @@ class StageContext:
             return self.model.geometry().vocab_ids
         return compact_vocab(self.c, self.workdir)
 
+    @functools.cached_property
+    def rows(self) -> tuple[int, int]:
+        """The rows [start, stop) of every global batch that this process's devices hold: the rows it loads."""
+        return sharding.process_rows(self.c.data.batch_size, self.mesh, self.rules)
+
     def load_model(self, dtype: str | None = None):
         """(geometry, params) of the model on the stage's mesh (`dtype`: None = a checkpoint's own)."""
         return self.model.load(self.mesh, self.rules, self.c.seed, self.vocab_ids, dtype)
@@ -78,7 +83,7 @@ class StageContext:
 
     def pipeline_config(self, model_cfg, **changes):
         return dataset.pipeline_config(self.c, (self.encoder.image_pad_id, self.encoder.pad_id), model_cfg,
-                                       self.mesh, self.rules, **changes)
+                                       self.rows, **changes)
 
     def device_batch(self, batch: dict, with_records: bool = False) -> dict:
         """This host's rows -> the step's global arrays; `with_records`: with each row's record_index (sampling)."""

@@ -184,7 +184,7 @@ def train_programs(name, c, student: Geometry, teacher: Geometry | None, mesh, r
     if online is not None:
         same_inputs(student.cfg, online.cfg, "the teacher")
     # all rows (a slice's hosts); the token ids fill the filler batches, whose shapes do not depend on them
-    pcfg = dataset.pipeline_config(c, (student.cfg.image_token_id, 0), student.cfg, mesh, rules, host_rows=False)
+    pcfg = dataset.pipeline_config(c, (student.cfg.image_token_id, 0), student.cfg, None)
     out = []
     for bucket in _buckets(c.data.text_buckets, c.data.patch_buckets, buckets):
         dims, base = _dims(student.cfg)

@@ -10,7 +10,7 @@ import re
 
 import jax
 
-from clinkd_jax import distributed, sharding
+from clinkd_jax import distributed
 from clinkd_jax.data import demo, pipeline, records
 from clinkd_jax.data import image as image_lib
 
@@ -94,15 +94,15 @@ def sizes_cache(c, workdir: str) -> str:
     return c.data.sizes_cache or os.path.join(workdir, "data_sizes.json")
 
 
-def pipeline_config(c, token_ids: tuple[int, int], model_cfg, mesh, rules, host_rows: bool = True,
+def pipeline_config(c, token_ids: tuple[int, int], model_cfg, rows: tuple[int, int] | None,
                     **changes) -> pipeline.PipelineConfig:
     """The training pipeline's settings for a model of `model_cfg` (its image processing), whose image-pad and pad
-    token ids are `token_ids`; this process loads the global batch rows its devices hold (`host_rows`; False: all
-    rows, for a mesh of devices this process does not run, `clinkd_jax.aot`)."""
+    token ids are `token_ids`; this process loads the global batch's `rows` [start, stop) (those its devices hold,
+    `sharding.process_rows`; None: all rows, for a mesh of devices this process does not run, `clinkd_jax.aot`)."""
     d = c.data
     image = image_lib.for_model(model_cfg, d.min_pixels, d.max_pixels)
     return dataclasses.replace(pipeline.PipelineConfig(
-        batch_size=d.batch_size, rows=sharding.process_rows(d.batch_size, mesh, rules) if host_rows else None,
+        batch_size=d.batch_size, rows=rows,
         text_buckets=tuple(d.text_buckets), patch_buckets=tuple(d.patch_buckets), image=image,
         mrope_gaps=tuple(d.mrope_gaps),
         seed=c.seed, shuffle=d.shuffle, num_epochs=d.num_epochs or None, worker_count=d.worker_count,

@@ -132,8 +132,9 @@ def run(c, workdir: str, hooks=()) -> dict:
         raise ConfigError("rct.every_steps: in-run RCT rounds are a step-end hook; run the stage with "
                           "clinkd_jax.recipe.run_stage (as clinkd_jax.main does)")
     os.makedirs(workdir, exist_ok=True)
-    t, params = _set_up(StageContext.of(c, workdir), tuple(hooks))
-    with sharding.use_mesh(t.stage.mesh, t.stage.rules):
+    stage = StageContext.of(c, workdir)
+    with sharding.use_mesh(stage.mesh, stage.rules):
+        t, params = _set_up(stage, tuple(hooks))
         _restore_or_init(t, params)
         del params
         preempted = _train(t)

@@ -77,7 +77,7 @@ def build(c, cfg: Qwen2VLConfig, mesh, rules, *, teacher_cfg: Qwen2VLConfig | No
     if c.stage == "kd":
         source = steps.TeacherSource("cached") if teacher is None else steps.TeacherSource(
             "online", teacher, c.teacher.positions)
-    tx = state_lib.optimizer_for(model, opt)
+    tx = state_lib.optimizer(opt)
     st_sh = state_lib.state_shardings(model, tx, mesh, rules)
     t_sh = None if teacher is None else sharding.tree_shardings(abstract_params(teacher), mesh, rules)
     train = dict(model=model, tx=tx, lr_schedule=lambda s: sched(s // opt.grad_accum), frozen=opt.frozen)

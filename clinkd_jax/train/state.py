@@ -87,13 +87,20 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(optax.init_empty_state, update)
 
 
-def make_optimizer(cfg: OptimConfig, params) -> optax.GradientTransformation:
+def optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    """AdamW as `cfg` sets it, on whatever parameter tree it is given: leaves whose path matches `cfg.frozen`
+    get no optimizer state and no update (labelled when the state is made, so no model is needed here)."""
     inner = [clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip else []
     inner.append(optax.adamw(schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                              mu_dtype=cfg.mu_dtype or None))
-    labels = trainable_labels(params, cfg.frozen)
-    if "trainable" not in jax.tree.leaves(labels):
-        raise ValueError(f"optim.frozen={cfg.frozen} freezes every parameter")
+
+    def labels(params):
+        out = trainable_labels(params, cfg.frozen)
+        leaves = jax.tree.leaves(out)  # none for optax's stand-in when it maps the state's structure
+        if leaves and "trainable" not in leaves:
+            raise ValueError(f"optim.frozen={cfg.frozen} freezes every parameter")
+        return out
+
     tx = optax.multi_transform({"trainable": optax.chain(*inner), "frozen": optax.set_to_zero()}, labels)
     return optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum) if cfg.grad_accum > 1 else tx
 
@@ -102,9 +109,6 @@ def param_shapes(model: Qwen2VL):
     return jax.tree.map(lambda b: b.value, abstract_params(model),
                         is_leaf=lambda b: isinstance(b, flax.linen.Partitioned))
 
-
-def optimizer_for(model: Qwen2VL, cfg: OptimConfig) -> optax.GradientTransformation:
-    return make_optimizer(cfg, param_shapes(model))
 
 
 def create(params, tx: optax.GradientTransformation) -> TrainState:

@@ -91,7 +91,7 @@ def test_restore_onto_another_mesh(tmp_path):
     saved = loop.run(c, str(tmp_path / "r"))["state"]
     cfg = ModelSource.of(c, "model").geometry()
     model = Qwen2VL(cfg)
-    tx = state_lib.optimizer_for(model, state_lib.OptimConfig(frozen=tuple(c.optim.frozen)))
+    tx = state_lib.optimizer(state_lib.OptimConfig(frozen=tuple(c.optim.frozen)))
     mesh = sharding.make_mesh((2, 2, 2))
     target = checkpoint.abstract_with_shardings(state_lib.abstract_state(model, tx),
                                                 state_lib.state_shardings(model, tx, mesh))

@@ -149,7 +149,7 @@ def sampled_loss(world, batch, student_params, teacher_params, kd, teacher_posit
 def step_metrics(world, fn, batch, student_params, teacher_params, kd, teacher_positions, **kw):
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     model = world.student
-    tx = state_lib.optimizer_for(model, state_lib.OptimConfig(frozen=()))
+    tx = state_lib.optimizer(state_lib.OptimConfig(frozen=()))
     with sharding.use_mesh(mesh):
         state = state_lib.create(student_params, tx).replace(step=jnp.int32(STEP))
         step = jax.jit(functools.partial(fn, teacher=steps.TeacherSource("online", world.teacher, teacher_positions),

@@ -53,7 +53,7 @@ def test_cached_full_vocab_equals_online(tmp_path, batches_of_family, family, ma
         b.update(teacher_topk_ids=ids, teacher_topk_logp=logp, teacher_topk_valid=valid)
         cached.append(b)
 
-    tx = state_lib.optimizer_for(student, state_lib.OptimConfig(learning_rate=1e-3, total_steps=4))
+    tx = state_lib.optimizer(state_lib.OptimConfig(learning_rate=1e-3, total_steps=4))
     loss = steps.LossSettings(kd=kd, chunk=64)
     online = one_device_step(model=student, tx=tx, loss=loss, teacher=steps.TeacherSource("online", teacher))
     offline = one_device_step(model=student, tx=tx, loss=loss, teacher=steps.TeacherSource("cached"))

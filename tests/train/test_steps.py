@@ -41,7 +41,7 @@ def _one_device():
 
 def run(model, params, batches, n, teacher=None, teacher_params=None, kd=None, opt=OPT, mesh=None):
     mesh = mesh or sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    tx = state_lib.optimizer_for(model, opt)
+    tx = state_lib.optimizer(opt)
     st_sh = state_lib.state_shardings(model, tx, mesh)
     t_sh = None if teacher is None else sharding.tree_shardings(
         abstract_params(teacher), mesh)
@@ -169,7 +169,7 @@ def test_gradient_accumulation_averages_micro_batches(tiny_and_batches):
     a, b = feed(batches[0]), feed(batches[1])
     acc_opt = state_lib.OptimConfig(learning_rate=1e-3, grad_accum=2, total_steps=10)
     one_opt = state_lib.OptimConfig(learning_rate=1e-3, grad_accum=1, total_steps=10)
-    tx2, tx1 = state_lib.optimizer_for(model, acc_opt), state_lib.optimizer_for(model, one_opt)
+    tx2, tx1 = state_lib.optimizer(acc_opt), state_lib.optimizer(one_opt)
     step2 = one_device_step(model=model, tx=tx2, loss=steps.LossSettings(chunk=64), frozen=acc_opt.frozen)
     st = on_one_device(state_lib.create(params, tx2))
     st, _ = step2(st, None, a)
