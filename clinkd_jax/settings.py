@@ -26,6 +26,7 @@ from clinkd_jax.data import text
 from clinkd_jax.data.demo import LAYOUTS
 from clinkd_jax.data.markup import BOX_FORMATS, BOX_MARKUPS
 from clinkd_jax.model_source import ModelSource, same_tokenizer
+from clinkd_jax.models import lora as lora_lib
 from clinkd_jax.models.attention import IMPLS
 from clinkd_jax.models.config import ConfigError
 from clinkd_jax.models.layers import REMAT_POLICIES
@@ -206,6 +207,21 @@ class Data:
 
 
 @dataclasses.dataclass(frozen=True)
+class Lora:
+    """Low-rank adapters (LoRA, through qwix; clinkd_jax.models.lora) on the model being trained: only the adapters
+    train, hold optimizer state and go into the training checkpoints (the base is read from its own checkpoint at
+    every start); the trained model (params/, export_hf/) is the base with the adapters folded in."""
+
+    rank: Annotated[int, AtLeast(0, "must be 0 (off: full fine-tuning) or the adapters' rank")] = 0
+    alpha: float = 16.0  # the adapters' update is scaled by alpha / rank
+    dropout: Annotated[float, Within(0, 1)] = 0.0  # on the adapters' inputs, training steps only
+    # regexes over layer paths, named as Hugging Face names them: the LLM's attention and MLP projections by
+    # default; clinkd_jax.models.lora has VISION and MERGER for the vision tower and the merger (their adapters
+    # train only when optim.frozen, which freezes "visual/.*" by default, leaves them out)
+    targets: tuple = (lora_lib.LLM,)
+
+
+@dataclasses.dataclass(frozen=True)
 class Runtime:
     """How the model runs on this machine: loops, layouts and unrolling that change speed and memory, not
     results. They used to be model.* fields; a value still set there is read while runtime.* keeps its default
@@ -235,7 +251,7 @@ class Mesh:
     shape: tuple = (1, -1, 1)  # data, fsdp, tensor; -1 = the remaining devices (without -1: the first devices)
 
 
-SECTIONS = {"model": Model, "teacher": Teacher, "data": Data, "runtime": Runtime, "mesh": Mesh}
+SECTIONS = {"model": Model, "teacher": Teacher, "data": Data, "lora": Lora, "runtime": Runtime, "mesh": Mesh}
 RUNTIME_DEFAULTS = dataclasses.asdict(Runtime())
 _WARNED: set[str] = set()
 
@@ -254,10 +270,15 @@ def runtime(c) -> dict:
     return {k: runtime_field(c, k)[1] for k in RUNTIME_DEFAULTS}
 
 
-def model_module(c, cfg, dtype: str | None = None, **training) -> Qwen2VL:
+def model_module(c, cfg, dtype: str | None = None, adapters: bool = False, dropout: bool = False,
+                 **training) -> Qwen2VL:
     """The module for geometry `cfg` as run config `c` sets it up: its compute dtype and attention kernel, and how
-    it runs here (runtime.*); `training` adds param_dtype / remat for the model being trained."""
-    return Qwen2VL(cfg, dtype=dtype or c.model.dtype, attention_impl=c.model.attention, **runtime(c), **training)
+    it runs here (runtime.*); `training` adds param_dtype / remat for the model being trained; `adapters`: with
+    the `lora` section's adapters (none at rank 0), and their dropout with `dropout` (an apply then takes a
+    "dropout" rng)."""
+    model = Qwen2VL(cfg, dtype=dtype or c.model.dtype, attention_impl=c.model.attention, **runtime(c), **training)
+    lora = lora_lib.config(c.lora) if adapters else None
+    return model if lora is None else lora_lib.adapted(model, lora, training=dropout)
 
 
 def check_runtime(c) -> None:

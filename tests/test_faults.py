@@ -122,21 +122,38 @@ def test_sigkill_anywhere_in_training_then_the_same_command_ends_as_an_uninterru
     same_params(ref, run)
 
 
+KD = ("--config.stage=kd", "--config.teacher.preset=tiny_qwen", f"--config.teacher.text_overrides={SMALL}",
+      "--config.teacher.dtype=float32")
+
+
+def killed_after_step_4(tmp_path, *extra):
+    """The command with `extra` run to its end, and again killed after step 4 and rerun: both runs' metrics rows,
+    after checking the rerun resumed from step 3, logged each step once, with the same losses, and wrote the same
+    parameters."""
+    ref, run, command = uninterrupted_then(tmp_path, *extra)
+    kill_when(command, lambda line: line is None and lines_in(run / "metrics.jsonl") >= 4, "step 4")
+    assert "resumed from step 3 " in finish(command)
+    got, want = rows(run / "metrics.jsonl"), rows(ref / "metrics.jsonl")
+    assert [r["step"] for r in got] == list(range(1, 7)) and [r["loss"] for r in got] == [r["loss"] for r in want]
+    same_params(ref, run)
+    return got, want
+
+
 def test_sigkill_in_on_policy_distillation_then_the_same_command_draws_and_learns_as_an_uninterrupted_run(tmp_path):
     """Distillation on-policy on half of the steps (seed 0: steps 3-6 sample the student's answers), killed after
     step 4, resumed from step 3's checkpoint: the same steps are on-policy, the same answers are sampled, and the
     per-step losses and the final parameters equal an uninterrupted run's exactly."""
-    ref, run, command = uninterrupted_then(
-        tmp_path, "--config.stage=kd", "--config.teacher.preset=tiny_qwen", f"--config.teacher.text_overrides={SMALL}",
-        "--config.teacher.dtype=float32", "--config.kd.on_policy_fraction=0.5", "--config.kd.max_new_tokens=8",
-        "--config.kd.divergence=jsd")
-    kill_when(command, lambda line: line is None and lines_in(run / "metrics.jsonl") >= 4, "step 4")
-    assert "resumed from step 3 " in finish(command)
-    got, want = rows(run / "metrics.jsonl"), rows(ref / "metrics.jsonl")
+    got, want = killed_after_step_4(tmp_path, *KD, "--config.kd.on_policy_fraction=0.5", "--config.kd.max_new_tokens=8",
+                                    "--config.kd.divergence=jsd")
     assert [r["on_policy"] for r in got] == [r["on_policy"] for r in want] == [0, 0, 1, 1, 1, 1]
-    assert [r["step"] for r in got] == list(range(1, 7)) and [r["loss"] for r in got] == [r["loss"] for r in want]
     assert [r["answer_tokens"] for r in got[2:]] == [r["answer_tokens"] for r in want[2:]]
-    same_params(ref, run)
+
+
+def test_sigkill_in_lora_distillation_then_the_same_command_ends_as_an_uninterrupted_run(tmp_path):
+    """Distillation into a LoRA student (adapters with dropout; the base read again at each start), killed after
+    step 4, resumed from step 3's checkpoint of the adapters: the per-step losses and the written (folded) model
+    equal an uninterrupted run's exactly."""
+    killed_after_step_4(tmp_path, *KD, "--config.lora.rank=4", "--config.lora.alpha=8.0", "--config.lora.dropout=0.1")
 
 
 def test_sigkill_while_predictions_or_pseudo_labels_are_written_then_every_item_once(tmp_path):

@@ -57,7 +57,8 @@ RECIPE = textwrap.dedent('''
         c.mesh.shape = (1, -1, 1)
         c.stages = ("kd3", "sft", "kd")
         # SFT packs conversations into rows (data.pack), distillation does not: both plans meet several hosts.
-        # The student is a Qwen2.5-VL (56 px windows: 4 per 112 px image) taught by the Qwen2-VL SFT model.
+        # The student is a Qwen2.5-VL (56 px windows: 4 per 112 px image) with LoRA adapters (rank 4), taught by
+        # the Qwen2-VL SFT model.
         # kd3: a Qwen3-VL student (16 px patches, DeepStack) taught by a fresh Qwen3-VL (no teacher of another
         # family reads its patches), on-policy on half of its steps (GKD: the student's sampled answers); first, so
         # that the sizes file the test reads last is the Qwen2-VL stages'; sft names its own source (a preset), else
@@ -66,7 +67,8 @@ RECIPE = textwrap.dedent('''
         qwen3 = {"preset": "tiny_qwen", "family": "qwen3_vl"}
         fresh = {"preset": "tiny_qwen"}
         c.stage_settings = ConfigDict({"sft": {"stage": "sft", "data": {"pack": True}, "model": fresh},
-                                       "kd": {"stage": "kd", "teacher_from": "sft", "model": student},
+                                       "kd": {"stage": "kd", "teacher_from": "sft", "model": student,
+                                              "lora": {"rank": 4, "alpha": 8.0}},
                                        "kd3": {"stage": "kd", "model": qwen3, "teacher": qwen3,
                                                "kd": {"on_policy_fraction": 0.5, "max_new_tokens": 8}}})
         return c
@@ -164,8 +166,9 @@ def losses(workdir):
 def test_sft_and_kd_with_buckets_and_epochs_agree_with_one_process(setup, tmp_path, monkeypatch):
     """2 processes x 2 devices against 1 process x 4: the three stages finish their 2 epochs in step, with the
     same number of steps and the same losses (kd3's on-policy steps too: the same answers sampled on either
-    mesh); each process compiles each step exactly once per batch shape its loop meets (jax logs each compile; a
-    state that changed sharding, commitment or weak types after the first step would compile it again)."""
+    mesh; kd's LoRA student too); each process compiles each step exactly once per batch shape its loop meets
+    (jax logs each compile; a state that changed sharding, commitment or weak types after the first step would
+    compile it again)."""
     data, recipe = setup
     monkeypatch.setenv("JAX_LOG_COMPILES", "1")
     one = start(1, 4, [f"--config={recipe}", f"--workdir={tmp_path / 'one'}", *data_args(data)])

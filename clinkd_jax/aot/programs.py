@@ -41,6 +41,7 @@ from clinkd_jax.infer import prompts
 from clinkd_jax.model_source import ModelSource, same_inputs
 from clinkd_jax.models import config as model_config
 from clinkd_jax.models import flops as flops_lib
+from clinkd_jax.models import lora as lora_lib
 from clinkd_jax.models import presets
 from clinkd_jax.models.config import ConfigError
 from clinkd_jax.models.qwen2vl import param_shardings
@@ -191,9 +192,11 @@ def train_programs(name, c, student: Geometry, teacher: Geometry | None, mesh, r
         if online is not None:
             t_dims, t_base = _dims(online.cfg, "teacher_")
             dims, base = dims | t_dims, base | t_base
-        frozen = _vision_frozen(c)
+        lora = lora_lib.config(c.lora)
+        frozen = _vision_frozen(c) or (lora is not None and not any(t.startswith("visual") for t in lora.targets))
         step_flops = lambda length, bucket=bucket: flops_lib.train_step_flops(
-            student.cfg, c.data.batch_size, length, [bucket[1]], teacher=online and online.cfg, train_vision=not frozen)
+            student.cfg, c.data.batch_size, length, [bucket[1]], teacher=online and online.cfg, train_vision=not frozen,
+            adapters=lora is not None)
         sampled = train_config.sampled_answers(c)
         n = c.kd.max_new_tokens
         if not (sampled and c.kd.seq_kd):  # the step on the data's answers
@@ -227,7 +230,7 @@ def _lower_train(c, student: Geometry, online: Geometry | None, mesh, rules, pcf
     batch = sharding.abstract_batch(batch, mesh, rules)
     with sharding.use_mesh(mesh, rules):
         return getattr(prog, which).lower(prog.abstract_state(), prog.abstract_teacher(online and online.dtype),
-                                          batch)
+                                          batch, *prog.abstract_base())
 
 
 def _vision_frozen(c) -> bool:

@@ -9,6 +9,8 @@ Per row of L text positions (image tokens, prompt and padding included) holding 
                       has one more per DeepStack level)
     trained parts     x 3 (forward, and a backward pass of twice its FLOPs: input and weight gradients)
     frozen parts      x 1 (forward only: a frozen vision tower gets no backward pass)
+    LoRA              x 2 for a tower with adapters (forward, and input gradients: its frozen weights get none;
+                      the adapters' own FLOPs, rank << width, are left out); x 2 for the LLM under a vision adapter
     KD                + the teacher's forward (same formulas, x 1)
 
 "causal pairs" is L (L + 1) / 2 with `causal=True` (what a causal kernel needs) and L^2 without (what a
@@ -65,11 +67,13 @@ def forward_flops(cfg: Qwen2VLConfig, length: int, image_patches=(), *, causal: 
 
 
 def train_step_flops(cfg: Qwen2VLConfig, rows: int, length: int, image_patches=(), *, teacher: Qwen2VLConfig | None
-                     = None, train_vision: bool = False, causal: bool = True) -> float:
+                     = None, train_vision: bool = False, causal: bool = True, adapters: bool = False) -> float:
     """Model FLOPs of one optimizer step over `rows` rows like the one `forward_flops` describes (the LLM is
-    trained; the vision tower too if `train_vision`); with `teacher`, its forward pass is added."""
+    trained; the vision tower too if `train_vision`; with `adapters`, LoRA adapters are what is trained there);
+    with `teacher`, its forward pass is added."""
     f = forward_flops(cfg, length, image_patches, causal=causal)
-    total = 3 * f["llm"] + (3 if train_vision else 1) * f["vision"]
+    trained = 2 if adapters else 3
+    total = trained * f["llm"] + (trained if train_vision else 1) * f["vision"]
     if teacher is not None:
         total += sum(forward_flops(teacher, length, image_patches, causal=causal).values())
     return rows * total

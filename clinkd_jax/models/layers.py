@@ -74,7 +74,7 @@ class Dense(nn.Module):
             bias = self.param("bias", named(nn.initializers.zeros_init(), self.names[-len(features):]), features,
                               self.param_dtype)
             y = y + bias.astype(self.dtype)
-        return y
+        return y.astype(self.dtype)  # a LoRA adapter's float32 update (qwix) stays out of the compute dtype
 
 
 def dense(

@@ -203,7 +203,7 @@ class Qwen2Model(nn.Module):
             self.layers = nn.scan(
             maybe_remat(Qwen2DecoderLayer, self.remat),
                 variable_axes={"params": 0},
-                split_rngs={"params": True},
+                split_rngs={"params": True, "dropout": True},  # LoRA dropout: its own draws per layer
                 in_axes=(0,) + (nn.broadcast,) * 6,
                 length=c.num_hidden_layers,
                 unroll=min(self.scan_unroll, c.num_hidden_layers),

@@ -181,7 +181,7 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.scan(
             maybe_remat(VisionBlock, self.remat),
             variable_axes={"params": 0},
-            split_rngs={"params": True},
+            split_rngs={"params": True, "dropout": True},  # LoRA dropout: its own draws per layer
             # then per block: whether it attends over the whole image, and its DeepStack slot (-1: none)
             in_axes=(nn.broadcast,) * 5 + (0, 0),
             length=self.cfg.depth,

@@ -191,6 +191,9 @@ def _sampled_answers(c) -> None:
     if c.data.pack:
         raise ConfigError(f"{what}: a sampled answer replaces a row's answer, and a packed row holds several "
                           "conversations (set data.pack=False)")
+    if c.lora.rank:
+        raise ConfigError(f"{what}: sampling answers in the step does not run a LoRA student yet (lora.rank="
+                          f"{c.lora.rank}); distil off-policy (kd.on_policy_fraction=0, kd.seq_kd=False) or fully")
 
 
 def _rct_in_run(c) -> None:

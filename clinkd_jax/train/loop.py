@@ -35,6 +35,8 @@ import numpy as np
 
 from clinkd_jax import checkpoint, distributed, files, hf_checkpoint, sharding
 from clinkd_jax.data import dataset, pipeline, records
+from clinkd_jax.model_source import ModelSource
+from clinkd_jax.models import lora as lora_lib
 from clinkd_jax.models.config import Qwen2VLConfig
 from clinkd_jax.stage import StageContext
 from clinkd_jax.train import program
@@ -110,6 +112,7 @@ class _Training:
     step: int = 0
     metrics: dict = dataclasses.field(default_factory=dict)
     shapes: set = dataclasses.field(default_factory=set)  # (program, batch shape) met: each compiles once
+    base: tuple = ()  # (a LoRA model's frozen base params,): the step's last argument; () without LoRA
 
     @property
     def c(self):
@@ -118,6 +121,22 @@ class _Training:
     @property
     def workdir(self) -> str:
         return self.stage.workdir
+
+    def model_params(self):
+        """The trained model's params as the plain model reads them: with LoRA, the base with the adapters
+        folded in (what hooks, params/ and export_hf/ get)."""
+        if not self.base:
+            return self.state.params
+        fold = lambda base, adapters: lora_lib.fold(lora_lib.merge(base, adapters), self.prog.lora)
+        return jax.jit(fold, out_shardings=self.prog.base_shardings)(self.base[0], self.state.params)
+
+    @functools.cached_property
+    def base_digest(self) -> list[float]:
+        return lora_lib.base_digest(self.base[0]) if self.base else []  # the base never changes in a run
+
+    def saved(self) -> dict:
+        """What a checkpoint keeps beside the state: the data's position and, with LoRA, the base's digest."""
+        return self.data.get_state() | ({"lora_base": self.base_digest} if self.base else {})
 
     def batches(self, step: int, skips=None):
         """The batch iterator over the records and the files the hooks had added by `step`."""
@@ -164,11 +183,18 @@ def _set_up(stage: StageContext, hooks: tuple) -> tuple[_Training, Any]:
 def _restore_or_init(t: _Training, params) -> None:
     """The latest readable checkpoint (state, data position, the hooks' rounds), else a fresh state."""
     restored = t.ckpt.restore(t.prog.abstract_state())
+    if t.prog.lora is not None:  # the loaded params are the frozen base; the state holds the adapters
+        t.base, params = (params,), None if restored else lora_lib.init_adapters(
+            t.prog.model, jax.random.fold_in(jax.random.key(t.c.seed), 2), t.prog.state_shardings.params)
     if restored is None:
         create = jax.jit(functools.partial(state_lib.create, tx=t.prog.tx), out_shardings=t.prog.state_shardings)
         t.state = create(params)
         return
     latest, (t.start, t.state, data_state) = t.start, restored
+    if t.base and not lora_lib.same_base(data_state.get("lora_base", []), t.base_digest):
+        raise ConfigError(f"{t.ckpt.directory}: its LoRA adapters were trained on another base than "
+                          f"{ModelSource.of(t.c, 'model').describe()}; resume with the base they were trained on, or "
+                          "start in a new workdir")
     if t.start != latest and t.hooks:  # the latest step was damaged: the pool as it was at the step read
         t.data = t.batches(t.start, t.read_skips)
     t.data.set_state(data_state)
@@ -194,7 +220,8 @@ def _train(t: _Training) -> bool:
             step = t.prog.step_for(t.step)
             on = step is t.prog.on_policy_step
             _note_shape(t, batch, on_policy=on)
-            t.state, t.metrics = step(t.state, t.teacher_params, t.stage.device_batch(batch, t.prog.samples))
+            placed = t.stage.device_batch(batch, t.prog.samples)
+            t.state, t.metrics = step(t.state, t.teacher_params, placed, *t.base)
             if t.prog.on_policy_step is not None:  # runs that have on-policy steps say which ones were
                 t.metrics["on_policy"] = float(on)
             t.step += 1
@@ -206,7 +233,7 @@ def _train(t: _Training) -> bool:
             if t.metrics and not math.isfinite(float(t.metrics["loss"])):
                 raise NonFiniteLoss(f"non-finite loss at step {t.step}; the last good checkpoint is step "
                                     f"{t.ckpt.latest_step()} in {t.ckpt.directory}")
-            t.ckpt.save(t.step, t.state, t.data.get_state(), c.to_dict(), force=True)
+            t.ckpt.save(t.step, t.state, t.saved(), c.to_dict(), force=True)
     finally:
         stop.close()
         t.ckpt.close()
@@ -243,7 +270,7 @@ def _step_end(t: _Training, writer: MetricsWriter, stop: StopSignal, clock: floa
         clock = time.perf_counter()
         writer.write(step, t.metrics)
     for h in due:  # e.g. a correction round with the current params
-        h(step, t.state.params, HookContext(t.stage, t.cfg, t.recs))
+        h(step, t.model_params(), HookContext(t.stage, t.cfg, t.recs))
     if grows:  # the pool grows from the next step
         old, t.data = t.data, t.batches(step)
         t.data.set_state({"epoch": old.epoch, "batch": old.batch})  # the stream goes on, not epoch 0
@@ -251,13 +278,13 @@ def _step_end(t: _Training, writer: MetricsWriter, stop: StopSignal, clock: floa
     if due:
         clock = time.perf_counter()  # the hooks' time is not training throughput
     if saving:
-        t.ckpt.save(step, t.state, t.data.get_state(), c.to_dict(), force=grows or preempted)
+        t.ckpt.save(step, t.state, t.saved(), c.to_dict(), force=grows or preempted)
     return clock
 
 
 def _finish(t: _Training, preempted: bool) -> dict:
     """The trained params (and the Hugging Face export) unless preempted, and the run's summary."""
-    c, params, template, assets = t.c, t.state.params, t.stage.encoder.template, t.stage.tokenizer_dir
+    c, params, template, assets = t.c, t.model_params(), t.stage.encoder.template, t.stage.tokenizer_dir
     if not preempted and c.checkpoint.save_params:
         where = os.path.join(t.workdir, "params")
         checkpoint.save_params(where, params, t.cfg, assets_from=assets, chat_template=template)

@@ -15,6 +15,7 @@ import jax
 from clinkd_jax import settings, sharding
 from clinkd_jax.checkpoint import abstract_with_shardings
 from clinkd_jax.infer.generate import SamplingConfig
+from clinkd_jax.models import lora as lora_lib
 from clinkd_jax.models.config import Qwen2VLConfig
 from clinkd_jax.models.qwen2vl import Qwen2VL, abstract_params
 from clinkd_jax.train import on_policy, steps
@@ -34,6 +35,9 @@ class TrainProgram:
     on_policy_step: Any = None  # the same on the student's own answers (kd.on_policy_fraction > 0), else None
     draws: tuple[int, float] = (0, 0.0)  # (seed, kd.on_policy_fraction): which steps are on-policy
     samples: bool = False  # its steps sample answers (on-policy or kd.seq_kd): batches carry record_index
+    trained: Any = None  # the trained params' boxed abstract tree (the whole model's, or its LoRA adapters)
+    lora: lora_lib.LoraConfig | None = None  # adapters only are trained; the base is the step's 4th argument
+    base_shardings: Any = None  # the frozen base's shardings (with lora)
 
     def step_for(self, step: int):
         """The jitted step that micro-step `step` (the state's step before it) runs."""
@@ -43,7 +47,15 @@ class TrainProgram:
 
     def abstract_state(self) -> state_lib.TrainState:
         """The train state as ShapeDtypeStructs on their shardings (nothing allocated)."""
-        return abstract_with_shardings(state_lib.abstract_state(self.model, self.tx), self.state_shardings)
+        return abstract_with_shardings(state_lib.abstract_state(self.trained, self.tx), self.state_shardings)
+
+    def abstract_base(self) -> tuple:
+        """(the frozen LoRA base's params as ShapeDtypeStructs on their shardings,): the step's last argument; ()
+        without LoRA."""
+        if self.lora is None:
+            return ()
+        return (abstract_with_shardings(state_lib.unboxed(lora_lib.split(abstract_params(self.model))[0]),
+                                        self.base_shardings),)
 
     def abstract_teacher(self, dtype) -> Any:
         """The teacher's params as ShapeDtypeStructs of `dtype` on their shardings (None without a teacher)."""
@@ -68,22 +80,30 @@ def build(c, cfg: Qwen2VLConfig, mesh, rules, *, teacher_cfg: Qwen2VLConfig | No
     `teacher_cfg`) on `mesh`. `loss_unrolled`: the loss's chunk loop as straight-line code (aot's cost twins).
     `tokens`: (stop ids, pad id) of the stage's tokenizer, for the steps that sample answers (`on_policy`)."""
     opt = optim_config(c, total_updates)
-    sched = state_lib.schedule(opt)
+    sched, tx = state_lib.schedule(opt), state_lib.optimizer(opt)
     loss = steps.LossSettings(kd=kd_config(c) if c.stage == "kd" else None, chunk=c.train.loss_chunk,
                               backward=c.train.loss_backward, unrolled=loss_unrolled)
-    model = settings.model_module(c, cfg, param_dtype=c.model.param_dtype, remat=c.model.remat)
+    model = settings.model_module(c, cfg, param_dtype=c.model.param_dtype, remat=c.model.remat, adapters=True)
     teacher = None if teacher_cfg is None else settings.model_module(c, teacher_cfg, c.teacher.dtype)
     source = None
     if c.stage == "kd":
         source = steps.TeacherSource("cached") if teacher is None else steps.TeacherSource(
             "online", teacher, c.teacher.positions)
-    tx = state_lib.optimizer(opt)
-    st_sh = state_lib.state_shardings(model, tx, mesh, rules)
+    trained, lora, base_sh = abstract_params(model), lora_lib.config(c.lora), None
+    if lora is not None:  # the adapters are the trained params; the base is a frozen input of the step
+        base, trained = lora_lib.split(trained)
+        lora_lib.check(trained, lora, opt.frozen)
+        base_sh = sharding.tree_shardings(base, mesh, rules)
+    st_sh = state_lib.state_shardings(trained, tx, mesh, rules)
     t_sh = None if teacher is None else sharding.tree_shardings(abstract_params(teacher), mesh, rules)
     train = dict(model=model, tx=tx, lr_schedule=lambda s: sched(s // opt.grad_accum), frozen=opt.frozen)
+    if lora is not None and lora.dropout:  # the step's module drops the adapters' inputs, from (seed, step)
+        train |= dict(model=settings.model_module(c, cfg, param_dtype=c.model.param_dtype, remat=c.model.remat,
+                                                  adapters=True, dropout=True), dropout_seed=c.seed)
+    parts = dict(trained=trained, lora=lora, base_shardings=base_sh)
     if not sampled_answers(c):
-        return TrainProgram(model, teacher, opt, tx, st_sh, t_sh, steps.jit_train_step(st_sh, t_sh, None, loss=loss,
-                                                                                      teacher=source, **train))
+        return TrainProgram(model, teacher, opt, tx, st_sh, t_sh, steps.jit_train_step(
+            st_sh, t_sh, None, base_sh, loss=loss, teacher=source, **train), **parts)
     if tokens is None:
         raise ValueError("a step that samples answers needs the tokenizer's stop and pad ids (tokens=)")
     k = c.kd
@@ -95,4 +115,5 @@ def build(c, cfg: Qwen2VLConfig, mesh, rules, *, teacher_cfg: Qwen2VLConfig | No
             else steps.jit_train_step(st_sh, t_sh, None, loss=loss, teacher=source, **train))
     gkd = dataclasses.replace(loss, kd=dataclasses.replace(loss.kd, use_ce=False, mask="aligned"))
     student = sampled("student", gkd) if k.on_policy_fraction > 0 else None
-    return TrainProgram(model, teacher, opt, tx, st_sh, t_sh, step, student, (c.seed, k.on_policy_fraction), True)
+    return TrainProgram(model, teacher, opt, tx, st_sh, t_sh, step, student, (c.seed, k.on_policy_fraction), True,
+                        **parts)

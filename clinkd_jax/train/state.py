@@ -18,7 +18,8 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from clinkd_jax.models.qwen2vl import Qwen2VL, abstract_params, param_shardings
+from clinkd_jax import sharding
+from clinkd_jax.models.qwen2vl import Qwen2VL, abstract_params
 
 SCHEDULES = ("cosine", "constant")
 
@@ -105,25 +106,30 @@ def optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     return optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum) if cfg.grad_accum > 1 else tx
 
 
-def param_shapes(model: Qwen2VL):
-    return jax.tree.map(lambda b: b.value, abstract_params(model),
-                        is_leaf=lambda b: isinstance(b, flax.linen.Partitioned))
+def unboxed(params):
+    """A boxed (logically named) abstract parameter tree -> its ShapeDtypeStructs."""
+    return jax.tree.map(lambda b: b.value, params, is_leaf=lambda b: isinstance(b, flax.linen.Partitioned))
 
+
+def param_shapes(model: Qwen2VL):
+    return unboxed(abstract_params(model))
 
 
 def create(params, tx: optax.GradientTransformation) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def abstract_state(model: Qwen2VL, tx) -> TrainState:
-    return jax.eval_shape(lambda: create(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), param_shapes(model)), tx))
+def abstract_state(params, tx) -> TrainState:
+    """The state of trained `params` (a boxed abstract tree: `abstract_params(model)`, or a LoRA model's adapters)
+    as ShapeDtypeStructs."""
+    return jax.eval_shape(lambda: create(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), unboxed(params)), tx))
 
 
-def state_shardings(model: Qwen2VL, tx, mesh, rules=None) -> TrainState:
-    """NamedShardings for every leaf of the TrainState: params by their logical names, optimizer moments
-    like their params, counters replicated."""
-    abstract = abstract_state(model, tx)
-    p_sh = param_shardings(model, mesh, rules)
+def state_shardings(params, tx, mesh, rules=None) -> TrainState:
+    """NamedShardings for every leaf of the TrainState of trained `params` (as `abstract_state`): params by their
+    logical names, optimizer moments like their params, counters replicated."""
+    abstract = abstract_state(params, tx)
+    p_sh = sharding.tree_shardings(params, mesh, rules or sharding.DEFAULT_RULES)
     replicated = NamedSharding(mesh, P())
     opt_sh = optax.tree_map_params(
         tx, lambda leaf, s: leaf if isinstance(leaf, optax.MaskedNode) else s, abstract.opt_state, p_sh,

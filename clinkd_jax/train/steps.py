@@ -14,6 +14,7 @@ import functools
 import jax
 import optax
 
+from clinkd_jax.models import lora as lora_lib
 from clinkd_jax.models.qwen2vl import Qwen2VL
 from clinkd_jax.train import losses
 from clinkd_jax.train import state as state_lib
@@ -29,8 +30,9 @@ def model_inputs(batch, position_key: str = "position_ids") -> dict:
     return out
 
 
-def hidden_and_head(model: Qwen2VL, params, batch, position_key="position_ids"):
-    hidden = model.apply({"params": params}, **model_inputs(batch, position_key), return_hidden=True)["hidden"]
+def hidden_and_head(model: Qwen2VL, params, batch, position_key="position_ids", rngs=None):
+    hidden = model.apply({"params": params}, **model_inputs(batch, position_key), return_hidden=True,
+                         rngs=rngs)["hidden"]
     head = lambda h: model.apply({"params": params}, h, method=Qwen2VL.logits)
     return hidden, head
 
@@ -75,6 +77,7 @@ def train_step(
     state: TrainState,
     teacher_params,
     batch: dict,
+    base_params=None,
     *,
     model: Qwen2VL,
     tx: optax.GradientTransformation,
@@ -82,9 +85,12 @@ def train_step(
     teacher: TeacherSource | None = None,
     lr_schedule=None,
     frozen: tuple[str, ...] = (),
+    dropout_seed: int | None = None,
 ):
     """One optimizer micro-step: SFT without a `teacher`, ClinKD distillation (`loss.kd`) from its signal with
-    one. `teacher_params`: the online teacher's (None otherwise)."""
+    one. `teacher_params`: the online teacher's (None otherwise). `base_params`: a LoRA model's frozen base, whose
+    adapters are `state.params` (None: the state holds the whole model). `dropout_seed`: the adapters' dropout
+    draws from (seed, step)."""
     if (teacher is None) != (loss.kd is None):
         raise ValueError("distillation takes loss.kd and a teacher source; SFT neither")
     signal = None if teacher is None else teacher.signal(teacher_params, batch)
@@ -93,7 +99,11 @@ def train_step(
     def loss_fn(params):
         if labels is not None:  # no backward pass at all through frozen parts (the vision tower)
             params = jax.tree.map(lambda p, lab: jax.lax.stop_gradient(p) if lab == "frozen" else p, params, labels)
-        hidden, head = hidden_and_head(model, params, batch)
+        if base_params is not None:
+            params = lora_lib.merge(base_params, params)
+        rngs = None if dropout_seed is None else {"dropout": jax.random.fold_in(jax.random.key(dropout_seed),
+                                                                                state.step)}
+        hidden, head = hidden_and_head(model, params, batch, rngs=rngs)
         out = losses.chunked_loss(hidden, head, batch["labels"], kd=loss.kd, backward=loss.backward, chunk=loss.chunk,
                                   teacher=signal, unrolled=loss.unrolled)
         return out["loss"], out
@@ -107,11 +117,12 @@ def train_step(
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def jit_train_step(state_sh, teacher_sh, batch_sh, **kw):
-    """jit with shardings; the train state is donated, the teacher never is."""
+def jit_train_step(state_sh, teacher_sh, batch_sh, base_sh=None, **kw):
+    """jit with shardings; the train state is donated, the teacher and a LoRA base (`base_sh`: the step takes
+    it as a 4th argument) never are."""
     return jax.jit(
         functools.partial(train_step, **kw),
-        in_shardings=(state_sh, teacher_sh, batch_sh),
+        in_shardings=(state_sh, teacher_sh, batch_sh) + (() if base_sh is None else (base_sh,)),
         out_shardings=(state_sh, None),
         donate_argnums=(0,),
     )

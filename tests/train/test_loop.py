@@ -17,6 +17,7 @@ from ml_collections import ConfigDict
 from clinkd_jax import checkpoint, sharding
 from clinkd_jax.model_source import ModelSource, tokenizer_dir
 from clinkd_jax.models import Qwen2VL
+from clinkd_jax.models.qwen2vl import abstract_params
 from clinkd_jax.stage import encoder_for
 from clinkd_jax.train import loop
 from clinkd_jax.train import state as state_lib
@@ -93,8 +94,8 @@ def test_restore_onto_another_mesh(tmp_path):
     model = Qwen2VL(cfg)
     tx = state_lib.optimizer(state_lib.OptimConfig(frozen=tuple(c.optim.frozen)))
     mesh = sharding.make_mesh((2, 2, 2))
-    target = checkpoint.abstract_with_shardings(state_lib.abstract_state(model, tx),
-                                                state_lib.state_shardings(model, tx, mesh))
+    target = checkpoint.abstract_with_shardings(state_lib.abstract_state(abstract_params(model), tx),
+                                                state_lib.state_shardings(abstract_params(model), tx, mesh))
     ckpt = checkpoint.TrainCheckpointer(str(tmp_path / "r" / "checkpoints"))
     step, restored, data_state = ckpt.restore(target)
     ckpt.close()

@@ -42,7 +42,7 @@ def _one_device():
 def run(model, params, batches, n, teacher=None, teacher_params=None, kd=None, opt=OPT, mesh=None):
     mesh = mesh or sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     tx = state_lib.optimizer(opt)
-    st_sh = state_lib.state_shardings(model, tx, mesh)
+    st_sh = state_lib.state_shardings(abstract_params(model), tx, mesh)
     t_sh = None if teacher is None else sharding.tree_shardings(
         abstract_params(teacher), mesh)
     with sharding.use_mesh(mesh):
