@@ -376,6 +376,17 @@ class _ShardWriter:
                 os.remove(self.path + ".data")
 
 
+def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict) -> None:
+    """One safetensors file of `tensors`, whole or not at all (a full disk is one error)."""
+    shard = _ShardWriter(os.path.join(os.path.dirname(path), "." + os.path.basename(path)))
+    try:
+        for key, tensor in tensors.items():
+            shard.add(key, tensor)
+        shard.finish(path, metadata)
+    finally:
+        shard.discard()
+
+
 def save_hf_checkpoint(
     params: dict,
     cfg: Qwen2VLConfig,

@@ -33,7 +33,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from clinkd_jax import checkpoint, distributed, files, hf_checkpoint, sharding
+from clinkd_jax import checkpoint, distributed, files, hf_checkpoint, peft_adapters, sharding
 from clinkd_jax.data import dataset, pipeline, records
 from clinkd_jax.model_source import ModelSource
 from clinkd_jax.models import lora as lora_lib
@@ -294,6 +294,9 @@ def _finish(t: _Training, preempted: bool) -> dict:
         hf_checkpoint.save_hf_checkpoint(params, t.cfg, where, dtype=c.checkpoint.export_dtype,
                                          assets_from=assets, chat_template=template)
         checkpoint.write_answer_settings(where, c)
+        if t.base:  # the adapters alone, for peft on transformers' model of the base
+            peft_adapters.save_peft(os.path.join(t.workdir, "export_peft"), t.cfg, t.state.params, t.prog.lora,
+                                    ModelSource.of(c, "model").describe())
     data = t.data
     summary = {"stage": c.stage, "steps": t.step, "start_step": t.start, "final": t.metrics,
                "skipped": data.skips_all_hosts(), "workdir": t.workdir, "preempted": preempted,

@@ -114,7 +114,8 @@ def lora_config(stage="sft", **changes):
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax's reads left in flight
 @pytest.mark.parametrize("dropout", [0.0, 0.1])  # the adapters' dropout draws from (seed, step): a resume too
 def test_a_lora_run_checkpoints_the_adapters_resumes_exactly_and_writes_the_folded_model(tmp_path, dropout):
-    straight = loop.run(lora_config(**{"train.steps": 6, "lora.dropout": dropout}), str(tmp_path / "a"))
+    straight = loop.run(lora_config(**{"train.steps": 6, "lora.dropout": dropout, "checkpoint.export_hf": True}),
+                        str(tmp_path / "a"))
     loop.run(lora_config(**{"train.steps": 3, "lora.dropout": dropout}), str(tmp_path / "b"))
     resumed = loop.run(lora_config(**{"train.steps": 6, "lora.dropout": dropout}), str(tmp_path / "b"))
     assert resumed["start_step"] == 3
@@ -133,6 +134,10 @@ def test_a_lora_run_checkpoints_the_adapters_resumes_exactly_and_writes_the_fold
     expect = lora_lib.fold(lora_lib.merge(base, straight["state"].params), lora_lib.config(c.lora))
     assert cfg == base_cfg
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=1e-6), written, expect)
+    # export_hf/ is that model in Hugging Face's layout; export_peft/ the adapters alone (tests/models/test_lora_peft)
+    peft = json.load(open(tmp_path / "a" / "export_peft" / "adapter_config.json"))
+    assert peft["r"] == 4 and len(peft["target_modules"]) == 7 * 2  # 7 projections x tiny_qwen's 2 layers
+    assert os.path.isfile(tmp_path / "a" / "export_hf" / "model.safetensors")
 
 
 @pytest.mark.e2e

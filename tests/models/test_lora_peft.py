@@ -1,0 +1,48 @@
+"""LoRA adapters written in PEFT's format (`clinkd_jax.peft_adapters`) load onto transformers' model of each family
+with `peft` (`PeftModel.from_pretrained`) and compute what our adapted model computes: logits within 1e-4 (float32,
+the parity tests' tolerance) with adapters on the LLM, the vision tower and the mergers."""
+
+import jax
+import numpy as np
+import pytest
+import reference as R
+
+from clinkd_jax import peft_adapters
+from clinkd_jax.hf_checkpoint import load_hf_checkpoint
+from clinkd_jax.models import Qwen2VL
+from clinkd_jax.models import lora as lora_lib
+
+pytestmark = pytest.mark.torch
+ATOL = 1e-4
+LORA = lora_lib.LoraConfig(rank=4, alpha=8.0, targets=(lora_lib.LLM, lora_lib.VISION, lora_lib.MERGER))
+
+
+def trained_adapters(model, seed=1):
+    """Adapters as training leaves them: A and B both away from their init, large enough to move the logits."""
+    adapters = lora_lib.init_adapters(lora_lib.adapted(model, LORA), jax.random.key(seed), None)
+    keys = iter(jax.random.split(jax.random.key(seed + 1), 10_000))
+    return jax.tree.map(lambda x: 0.1 * jax.random.normal(next(keys), x.shape, x.dtype), adapters)
+
+
+@pytest.mark.parametrize("name", ["gqa2_untied", "q25_win56_gqa2", "q3_ds2_gqa2"])  # the three families
+def test_peft_loads_our_adapters_onto_transformers_and_computes_what_we_do(name, tmp_path):
+    from peft import PeftModel
+
+    cfg, base = load_hf_checkpoint(f"{R.GOLDEN}/{name}")
+    adapters = trained_adapters(Qwen2VL(cfg))
+    modules = peft_adapters.save_peft(str(tmp_path), cfg, adapters, LORA, f"{R.GOLDEN}/{name}")
+    assert any(".visual.merger." in m for m in modules) and any(".visual.blocks." in m for m in modules)
+
+    inputs, _ = R.load_golden(name)
+    x = R.jax_inputs(inputs)[0]
+    adapted = lora_lib.adapted(Qwen2VL(cfg), LORA)
+    ours = np.asarray(jax.jit(adapted.apply)({"params": lora_lib.merge(base, adapters)}, **x)["logits"])
+    plain = np.asarray(jax.jit(Qwen2VL(cfg).apply)({"params": base}, **x)["logits"])
+
+    model = R.hf_model_class(name).from_pretrained(f"{R.GOLDEN}/{name}", attn_implementation="eager").eval()
+    peft_model = PeftModel.from_pretrained(model, str(tmp_path)).eval()
+    assert sum("lora_A" in n for n, _ in peft_model.named_parameters()) == len(modules)  # every adapter loaded
+    theirs = R.hf_outputs(peft_model.base_model.model, inputs)["logits"]
+    valid = inputs["attention_mask"].astype(bool)
+    assert np.abs(ours - plain)[valid].max() > 0.1  # the adapters change the answer: the comparison means something
+    np.testing.assert_allclose(ours[valid], theirs[valid], atol=ATOL, rtol=0)
