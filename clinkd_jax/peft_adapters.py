@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import flax
 import jax
 import numpy as np
 
 from clinkd_jax import files, hf_checkpoint
+from clinkd_jax.models import lora as lora_lib
 from clinkd_jax.models.config import ConfigError, Qwen2VLConfig
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -77,5 +79,69 @@ def save_peft(path: str, cfg: Qwen2VLConfig, adapters, lora, base: str) -> list[
 
 
 def read_config(path: str) -> dict:
-    with open(os.path.join(path, CONFIG)) as f:
-        return json.load(f)
+    try:
+        with open(os.path.join(path, CONFIG)) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"lora.adapter_dir={path!r}: no readable {CONFIG} ({e})") from None
+
+
+def _names(rule_key: str, cfg: Qwen2VLConfig) -> tuple[str, ...]:
+    """The module names an adapter file may use for a rule's weight: transformers 5's, and the published keys'
+    (adapters made on transformers 4, where Qwen2-VL's modules were `model.layers...` / `visual...`)."""
+    return module_name(rule_key), hf_checkpoint.published_key(cfg, rule_key).removesuffix(".weight")
+
+
+def load_peft(path: str, cfg: Qwen2VLConfig):
+    """(LoraConfig, adapters) of the PEFT LoRA adapter in `path` (made here or by `peft`) for a model of geometry
+    `cfg`: lora_A^T and lora_B^T as our A and B, stacked over the layers (a layer the adapter leaves out gets
+    zeros: no update). What this reading cannot represent is refused by name."""
+    from safetensors.numpy import load_file
+
+    conf = read_config(path)
+    for key, ok in (("peft_type", conf.get("peft_type") == "LORA"), ("use_rslora", not conf.get("use_rslora")),
+                    ("use_dora", not conf.get("use_dora")), ("rank_pattern", not conf.get("rank_pattern")),
+                    ("alpha_pattern", not conf.get("alpha_pattern"))):
+        if not ok:
+            raise ConfigError(f"lora.adapter_dir={path!r}: {CONFIG} has {key}={conf.get(key)!r}; only plain LoRA "
+                              "adapters (one rank and alpha, no rsLoRA or DoRA) are read")
+    import ml_dtypes  # noqa: F401  (numpy reads bfloat16 tensors through it)
+
+    try:
+        raw = load_file(os.path.join(path, WEIGHTS))
+    except Exception as e:  # missing, cut short, not safetensors
+        raise ConfigError(f"lora.adapter_dir={path!r}: {WEIGHTS} cannot be read ({e})") from None
+    left = {k.removeprefix("base_model.model.").replace(".default.", "."): v.astype(np.float32)
+            for k, v in raw.items()}
+    r = int(conf["r"])
+    adapters, targets = {}, []
+    for rule in hf_checkpoint.rules_for(cfg):
+        if rule.path[-1] != "kernel":
+            continue
+        layers = range(rule.stacked) if rule.stacked else (None,)
+        pairs = []
+        for i in layers:
+            key = rule.hf.format(i=i) if rule.stacked else rule.hf
+            name = next((n for n in _names(key, cfg) if f"{n}.lora_A.weight" in left), None)
+            pairs.append(None if name is None else (left.pop(f"{name}.lora_A.weight").T,
+                                                     left.pop(f"{name}.lora_B.weight").T))
+        if not any(pairs):
+            continue
+        a_shape, b_shape = next(p for p in pairs if p)[0].shape, next(p for p in pairs if p)[1].shape
+        pairs = [p or (np.zeros(a_shape, np.float32), np.zeros(b_shape, np.float32)) for p in pairs]
+        for a, b in pairs:
+            if a.shape[1] != r or rule.to_hf(a @ b).shape != (b.shape[1], a.shape[0]):
+                raise ConfigError(f"lora.adapter_dir={path!r}: the adapter on {'/'.join(rule.path[:-1])} does not "
+                                  "fit this model's layer (another model, or not a Linear of rank r)")
+        a, b = (np.stack(x) if rule.stacked else x[0] for x in zip(*pairs))
+        node = adapters
+        for part in rule.path[:-1]:
+            node = node.setdefault(part, {})
+        node["kernel_lora_a"], node["kernel_lora_b"] = a, b
+        targets.append(re.escape("/".join(rule.path[:-1])))
+    if left:
+        raise ConfigError(f"lora.adapter_dir={path!r}: adapters on modules this model has no Linear for: "
+                          f"{sorted({k.rsplit('.lora_', 1)[0] for k in left})[:5]}")
+    if not targets:
+        raise ConfigError(f"lora.adapter_dir={path!r}: {WEIGHTS} holds no LoRA weights")
+    return lora_lib.LoraConfig(r, float(conf["lora_alpha"]), tuple(targets)), adapters

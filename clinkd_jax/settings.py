@@ -219,6 +219,10 @@ class Lora:
     # default; clinkd_jax.models.lora has VISION and MERGER for the vision tower and the merger (their adapters
     # train only when optim.frozen, which freezes "visual/.*" by default, leaves them out)
     targets: tuple = (lora_lib.LLM,)
+    # a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors: export_peft/ of a run here, or one
+    # `peft` saved) folded into the model as it is loaded: the evaluation stage reads the adapted model (its rank,
+    # alpha and layers are the adapter's; the fields above are not read). Training from one: not yet
+    adapter_dir: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

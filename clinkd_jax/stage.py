@@ -17,10 +17,11 @@ from typing import Any
 
 import jax
 
-from clinkd_jax import files, settings, sharding
+from clinkd_jax import files, peft_adapters, settings, sharding
 from clinkd_jax.data import dataset, pipeline, records, text
 from clinkd_jax.data import vocab as vocab_lib
 from clinkd_jax.model_source import ModelSource, same_inputs, tokenizer_dir
+from clinkd_jax.models import lora as lora_lib
 from clinkd_jax.models.qwen2vl import Qwen2VL
 
 log = logging.getLogger("clinkd_jax.setup")
@@ -55,8 +56,17 @@ class StageContext:
         return sharding.process_rows(self.c.data.batch_size, self.mesh, self.rules)
 
     def load_model(self, dtype: str | None = None):
-        """(geometry, params) of the model on the stage's mesh (`dtype`: None = a checkpoint's own)."""
-        return self.model.load(self.mesh, self.rules, self.c.seed, self.vocab_ids, dtype)
+        """(geometry, params) of the model on the stage's mesh (`dtype`: None = a checkpoint's own), with the PEFT
+        adapter `lora.adapter_dir` folded in when one is named."""
+        cfg, params = self.model.load(self.mesh, self.rules, self.c.seed, self.vocab_ids, dtype)
+        where = self.c.get("lora", {}).get("adapter_dir", "")
+        if not where:
+            return cfg, params
+        lora, adapters = peft_adapters.load_peft(where, cfg)
+        log.info("%s: a LoRA adapter of rank %d on %d layer groups, folded into the model", where, lora.rank,
+                 len(lora.targets))
+        fold = lambda p, a: lora_lib.fold(lora_lib.merge(p, a), lora)
+        return cfg, jax.jit(fold, out_shardings=jax.tree.map(lambda x: x.sharding, params))(params, adapters)
 
     def load_teacher(self, student_cfg, what: str = "the teacher", seed_offset: int = 1):
         """(geometry, params) of config.teacher, checked to read the student's batches as the student does."""

@@ -164,6 +164,9 @@ def check_settings(c) -> None:
         if c.kd.divergence in losses.LEGACY_DIVERGENCES:
             log.warning("kd.divergence=%r is read as %r, its name now", c.kd.divergence,
                         losses.LEGACY_DIVERGENCES[c.kd.divergence])
+    if c.lora.adapter_dir:
+        raise ConfigError(f"lora.adapter_dir={c.lora.adapter_dir!r}: training from a PEFT adapter is not there yet "
+                          "(evaluate with it: stage eval; or train new adapters: lora.rank)")
     _rct_in_run(c)
     _data_shapes(c)
     if len(c.mesh.shape) != 3:

@@ -46,3 +46,34 @@ def test_peft_loads_our_adapters_onto_transformers_and_computes_what_we_do(name,
     valid = inputs["attention_mask"].astype(bool)
     assert np.abs(ours - plain)[valid].max() > 0.1  # the adapters change the answer: the comparison means something
     np.testing.assert_allclose(ours[valid], theirs[valid], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["gqa2_untied", "q25_win56_gqa2", "q3_ds2_gqa2"])
+def test_an_adapter_made_by_peft_is_read_and_folded_into_our_model(name, tmp_path):
+    """peft's own adapter (LoRA on some LLM projections and the vision tower's qkv; saved by save_pretrained):
+    `lora.adapter_dir` reads it and our model with it folded in computes what peft's model computes."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model = R.hf_model_class(name).from_pretrained(f"{R.GOLDEN}/{name}", attn_implementation="eager").eval()
+    targets = r".*language_model\.layers\.\d+\.(self_attn\.(q|v)_proj|mlp\.down_proj)|.*visual\.blocks\.\d+\.attn\.qkv"
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets)).eval()
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # B away from its zero init, so that the adapter changes the logits
+        for n, p in peft_model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    peft_model.save_pretrained(str(tmp_path))
+    inputs, _ = R.load_golden(name)
+    theirs = R.hf_outputs(peft_model.base_model.model, inputs)["logits"]
+
+    cfg, base = load_hf_checkpoint(f"{R.GOLDEN}/{name}")
+    lora, adapters = peft_adapters.load_peft(str(tmp_path), cfg)
+    assert lora.rank == 4 and lora.alpha == 8 and len(lora.targets) == 4
+    x = R.jax_inputs(inputs)[0]
+    ours = np.asarray(jax.jit(Qwen2VL(cfg).apply)({"params": lora_lib.fold(lora_lib.merge(base, adapters), lora)},
+                                                  **x)["logits"])
+    plain = np.asarray(jax.jit(Qwen2VL(cfg).apply)({"params": base}, **x)["logits"])
+    valid = inputs["attention_mask"].astype(bool)
+    assert np.abs(ours - plain)[valid].max() > 0.1
+    np.testing.assert_allclose(ours[valid], theirs[valid], atol=ATOL, rtol=0)

@@ -20,6 +20,7 @@ from clinkd_jax.models import Qwen2VL
 from clinkd_jax.models import lora as lora_lib
 from clinkd_jax.models.config import ConfigError
 from clinkd_jax.models.qwen2vl import abstract_params, init_params
+from clinkd_jax.stage import StageContext
 from clinkd_jax.train import loop, steps
 from clinkd_jax.train import state as state_lib
 
@@ -138,6 +139,10 @@ def test_a_lora_run_checkpoints_the_adapters_resumes_exactly_and_writes_the_fold
     peft = json.load(open(tmp_path / "a" / "export_peft" / "adapter_config.json"))
     assert peft["r"] == 4 and len(peft["target_modules"]) == 7 * 2  # 7 projections x tiny_qwen's 2 layers
     assert os.path.isfile(tmp_path / "a" / "export_hf" / "model.safetensors")
+    # lora.adapter_dir reads export_peft/ back onto the base: the model an evaluation loads is the one written
+    c.stage, c.lora.rank, c.lora.adapter_dir = "eval", 0, str(tmp_path / "a" / "export_peft")
+    _, loaded = StageContext.of(c, str(tmp_path / "e")).load_model(c.model.param_dtype)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=1e-6), loaded, written)
 
 
 @pytest.mark.e2e
@@ -167,6 +172,7 @@ def test_distillation_into_a_lora_student(tmp_path):
     ({"lora.targets": (lora_lib.VISION,)}, "freezes every adapter"),  # optim.frozen keeps visual/.* out
     ({"stage": "kd", "teacher.preset": "tiny_qwen", "kd.on_policy_fraction": 0.5}, "does not run a LoRA student"),
     ({"lora.rank": -1}, "lora.rank=-1 must be 0"),
+    ({"lora.adapter_dir": "/x"}, "training from a PEFT adapter is not there yet"),
 ])
 def test_what_an_adapter_cannot_take_is_refused_by_name(tmp_path, changes, message):
     with pytest.raises(ConfigError) as e:
