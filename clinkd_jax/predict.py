@@ -65,9 +65,10 @@ class Question:
     box_units: str = "pixels"  # "pixels" of the image as given | "1000" (Med-GRIT's scale)
 
 
-def predict_config(model_dir: str, config_file: str = ""):
+def predict_config(model_dir: str, config_file: str = "", adapter: str = ""):
     """The run config the model is asked under: `config_file` (a run's config) or configs/base.py, updated with
-    the settings saved beside the model (unless a config file was given), pointed at the model."""
+    the settings saved beside the model (unless a config file was given), pointed at the model (with the PEFT
+    LoRA `adapter` folded in as it loads, when one is named)."""
     if not config_file and not os.path.isfile(BASE_CONFIG):
         raise UserError(f"{BASE_CONFIG} not found (run from a clinkd_jax clone), or pass --config=<a run config>")
     c = cli.load_config_file(config_file or BASE_CONFIG)
@@ -85,6 +86,7 @@ def predict_config(model_dir: str, config_file: str = ""):
                     "image budget); pass --config=<its run config> if it was trained otherwise", where,
                     checkpoint.ANSWER_SETTINGS, tuple(c.data.mrope_gaps))
     source.put(c.model)
+    c.lora.adapter_dir = adapter
     c.model.compact_vocab = ""
     c.model.family = ""
     c.train.progress = False
@@ -156,8 +158,8 @@ class Predictor:
     """A model loaded and placed once, asked about images in batches of its run's prompt buckets (one compile per
     bucket); `clinkd_jax.serve` keeps one for its page."""
 
-    def __init__(self, model_dir: str, config_file: str = "", batch_size: int = 0):
-        self.c = c = predict_config(model_dir, config_file)
+    def __init__(self, model_dir: str, config_file: str = "", batch_size: int = 0, adapter: str = ""):
+        self.c = c = predict_config(model_dir, config_file, adapter)
         stage = StageContext.of(c, "")  # no workdir: a checkpoint's vocabulary is its own, nothing is written
         cfg, params = stage.load_model()
         self.generator = gen_lib.Generator(stage.module(cfg), params, stage.mesh, stage.rules)
@@ -228,6 +230,8 @@ def define_model_flags() -> None:
     flags.DEFINE_string("config", "", "a run config whose data/eval settings to ask with (default: those saved "
                         "with the model, else configs/base.py)")
     flags.DEFINE_float("max_megapixels", 40.0, "larger images are refused (decoded in memory first)")
+    flags.DEFINE_string("adapter", "", "a PEFT LoRA adapter (a LoRA run's export_peft/, or one peft saved) folded "
+                        "into --model as it loads")
 
 
 def define_flags() -> None:
@@ -304,7 +308,7 @@ def main(argv):
     if FLAGS.images is None:  # one image: its faults are the command's error, before the model is loaded
         img = read_image(paths[0], window, FLAGS.max_megapixels)
         question_text(q, (img.height, img.width), paths[0])
-    predictor = Predictor(FLAGS.model, FLAGS.config, FLAGS.batch_size or (0 if FLAGS.images else 1))
+    predictor = Predictor(FLAGS.model, FLAGS.config, FLAGS.batch_size or (0 if FLAGS.images else 1), FLAGS.adapter)
     if FLAGS.images is None:
         result = predictor.ask([(paths[0], img)], q)[0]
         if FLAGS.out:

@@ -164,7 +164,7 @@ def main(argv):
     for noisy in ("absl", "jax", "orbax", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     check_flags()
-    predictor = predict.Predictor(FLAGS.model, FLAGS.config, 1)
+    predictor = predict.Predictor(FLAGS.model, FLAGS.config, 1, FLAGS.adapter)
     page = build_page(predictor, FLAGS.examples_dir, FLAGS.max_megapixels, FLAGS.verbose)
     first = examples(FLAGS.examples_dir)[0]  # compiled before the first visitor asks (demo-sized images)
     predictor.ask([("warm-up", predict.read_image(first[0]))], predict.Question("vg", demo.OBJECTS[0]))

@@ -117,6 +117,34 @@ def test_one_dicom_with_a_window_and_a_box(model_dir, tmp_path):
     np.testing.assert_array_equal(drawn[inside], windowed[inside])  # the window asked for, untouched inside
 
 
+def test_a_lora_adapter_is_folded_into_the_model_asked(model_dir, tmp_path):
+    """--adapter (a PEFT LoRA adapter): the model asked is the checkpoint with the adapter folded in, and the
+    command answers with it."""
+    import jax
+
+    from clinkd_jax import peft_adapters
+    from clinkd_jax.models import Qwen2VL
+    from clinkd_jax.models import lora as lora_lib
+    from clinkd_jax.stage import StageContext
+
+    c = predict.predict_config(model_dir)
+    cfg, base = StageContext.of(c, "").load_model()
+    lora = lora_lib.LoraConfig(rank=4, alpha=8.0)
+    keys = iter(jax.random.split(jax.random.key(5), 1000))
+    adapters = jax.tree.map(lambda x: 0.1 * jax.random.normal(next(keys), x.shape, x.dtype),
+                            lora_lib.init_adapters(lora_lib.adapted(Qwen2VL(cfg), lora), jax.random.key(4), None))
+    peft_adapters.save_peft(str(tmp_path / "adapter"), cfg, adapters, lora, model_dir)
+    asked = predict.Predictor(model_dir, adapter=str(tmp_path / "adapter")).generator.params
+    expect = lora_lib.fold(lora_lib.merge(base, adapters), lora)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=1e-6), asked, expect)
+    assert not np.allclose(asked["model"]["layers"]["self_attn"]["q_proj"]["kernel"],
+                           base["model"]["layers"]["self_attn"]["q_proj"]["kernel"])
+    image = tmp_path / "one.png"
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(image)
+    p = run_predict(f"--model={model_dir}", f"--adapter={tmp_path / 'adapter'}", f"--image={image}", "--task=mii")
+    assert json.loads(p.stdout.strip().splitlines()[-1])["task"] == "mii"
+
+
 def test_boxes_on_both_scales_and_drawn():
     answer = "<ref>cyst</ref><box>(100,200),(500,600)</box>"
     boxes = predict.boxes_of(answer, (300, 400))
