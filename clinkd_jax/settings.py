@@ -220,8 +220,8 @@ class Lora:
     # train only when optim.frozen, which freezes "visual/.*" by default, leaves them out)
     targets: tuple = (lora_lib.LLM,)
     # a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors: export_peft/ of a run here, or one
-    # `peft` saved) folded into the model as it is loaded: the evaluation stage reads the adapted model (its rank,
-    # alpha and layers are the adapter's; the fields above are not read). Training from one: not yet
+    # `peft` saved), with its own rank, alpha and layers (rank above: 0 or the adapter's; alpha and targets are not
+    # read): training stages train on from it; evaluation (and predict / serve --adapter) fold it into the model
     adapter_dir: str = ""
 
 
@@ -274,14 +274,12 @@ def runtime(c) -> dict:
     return {k: runtime_field(c, k)[1] for k in RUNTIME_DEFAULTS}
 
 
-def model_module(c, cfg, dtype: str | None = None, adapters: bool = False, dropout: bool = False,
+def model_module(c, cfg, dtype: str | None = None, lora: lora_lib.LoraConfig | None = None, dropout: bool = False,
                  **training) -> Qwen2VL:
     """The module for geometry `cfg` as run config `c` sets it up: its compute dtype and attention kernel, and how
-    it runs here (runtime.*); `training` adds param_dtype / remat for the model being trained; `adapters`: with
-    the `lora` section's adapters (none at rank 0), and their dropout with `dropout` (an apply then takes a
-    "dropout" rng)."""
+    it runs here (runtime.*); `training` adds param_dtype / remat for the model being trained; with `lora`, its
+    adapters, and their dropout with `dropout` (an apply then takes a "dropout" rng)."""
     model = Qwen2VL(cfg, dtype=dtype or c.model.dtype, attention_impl=c.model.attention, **runtime(c), **training)
-    lora = lora_lib.config(c.lora) if adapters else None
     return model if lora is None else lora_lib.adapted(model, lora, training=dropout)
 
 

@@ -55,11 +55,11 @@ class StageContext:
         """The rows [start, stop) of every global batch that this process's devices hold: the rows it loads."""
         return sharding.process_rows(self.c.data.batch_size, self.mesh, self.rules)
 
-    def load_model(self, dtype: str | None = None):
+    def load_model(self, dtype: str | None = None, adapter: bool = True):
         """(geometry, params) of the model on the stage's mesh (`dtype`: None = a checkpoint's own), with the PEFT
-        adapter `lora.adapter_dir` folded in when one is named."""
+        adapter `lora.adapter_dir` folded in when one is named (`adapter`: a training run keeps it apart)."""
         cfg, params = self.model.load(self.mesh, self.rules, self.c.seed, self.vocab_ids, dtype)
-        where = self.c.get("lora", {}).get("adapter_dir", "")
+        where = self.c.get("lora", {}).get("adapter_dir", "") if adapter else ""
         if not where:
             return cfg, params
         lora, adapters = peft_adapters.load_peft(where, cfg)

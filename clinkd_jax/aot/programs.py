@@ -192,11 +192,12 @@ def train_programs(name, c, student: Geometry, teacher: Geometry | None, mesh, r
         if online is not None:
             t_dims, t_base = _dims(online.cfg, "teacher_")
             dims, base = dims | t_dims, base | t_base
-        lora = lora_lib.config(c.lora)
-        frozen = _vision_frozen(c) or (lora is not None and not any(t.startswith("visual") for t in lora.targets))
+        lora = lora_lib.config(c.lora)  # (an adapter_dir's own targets are not read here: the LLM's assumed)
+        adapters = lora is not None or bool(c.lora.adapter_dir)
+        frozen = _vision_frozen(c) or (adapters and not any(t.startswith("visual") for t in c.lora.targets))
         step_flops = lambda length, bucket=bucket: flops_lib.train_step_flops(
             student.cfg, c.data.batch_size, length, [bucket[1]], teacher=online and online.cfg, train_vision=not frozen,
-            adapters=lora is not None)
+            adapters=adapters)
         sampled = train_config.sampled_answers(c)
         n = c.kd.max_new_tokens
         if not (sampled and c.kd.seq_kd):  # the step on the data's answers

@@ -164,9 +164,6 @@ def check_settings(c) -> None:
         if c.kd.divergence in losses.LEGACY_DIVERGENCES:
             log.warning("kd.divergence=%r is read as %r, its name now", c.kd.divergence,
                         losses.LEGACY_DIVERGENCES[c.kd.divergence])
-    if c.lora.adapter_dir:
-        raise ConfigError(f"lora.adapter_dir={c.lora.adapter_dir!r}: training from a PEFT adapter is not there yet "
-                          "(evaluate with it: stage eval; or train new adapters: lora.rank)")
     _rct_in_run(c)
     _data_shapes(c)
     if len(c.mesh.shape) != 3:
@@ -194,7 +191,7 @@ def _sampled_answers(c) -> None:
     if c.data.pack:
         raise ConfigError(f"{what}: a sampled answer replaces a row's answer, and a packed row holds several "
                           "conversations (set data.pack=False)")
-    if c.lora.rank:
+    if c.lora.rank or c.lora.adapter_dir:
         raise ConfigError(f"{what}: sampling answers in the step does not run a LoRA student yet (lora.rank="
                           f"{c.lora.rank}); distil off-policy (kd.on_policy_fraction=0, kd.seq_kd=False) or fully")
 

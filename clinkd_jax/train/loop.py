@@ -164,7 +164,7 @@ def _set_up(stage: StageContext, hooks: tuple) -> tuple[_Training, Any]:
     """Student (and online teacher), checkpoints, records, data and the compiled step; the student's initial
     params (used unless a checkpoint is restored)."""
     c = stage.c
-    cfg, params = stage.load_model(c.model.param_dtype)
+    cfg, params = stage.load_model(c.model.param_dtype, adapter=False)  # a LoRA run's base: the adapters train
     t_cfg = teacher_params = None
     if c.stage == "kd" and not c.kd.pseudo_labels:
         t_cfg, teacher_params = stage.load_teacher(cfg)
@@ -184,8 +184,7 @@ def _restore_or_init(t: _Training, params) -> None:
     """The latest readable checkpoint (state, data position, the hooks' rounds), else a fresh state."""
     restored = t.ckpt.restore(t.prog.abstract_state())
     if t.prog.lora is not None:  # the loaded params are the frozen base; the state holds the adapters
-        t.base, params = (params,), None if restored else lora_lib.init_adapters(
-            t.prog.model, jax.random.fold_in(jax.random.key(t.c.seed), 2), t.prog.state_shardings.params)
+        t.base, params = (params,), None if restored else _adapters_to_start(t)
     if restored is None:
         create = jax.jit(functools.partial(state_lib.create, tx=t.prog.tx), out_shardings=t.prog.state_shardings)
         t.state = create(params)
@@ -202,6 +201,14 @@ def _restore_or_init(t: _Training, params) -> None:
         h.resume(t.start)
     log.info("resumed from step %d (epoch %d, batch %d of %d)", t.start, t.data.epoch, t.data.batch,
              t.data.batches_per_epoch)
+
+
+def _adapters_to_start(t: _Training):
+    """A LoRA run's first adapters, on their shards: lora.adapter_dir's, else fresh ones (A random, B zero)."""
+    shardings = t.prog.state_shardings.params
+    if t.prog.start_adapters is not None:
+        return jax.device_put(t.prog.start_adapters, shardings)
+    return lora_lib.init_adapters(t.prog.model, jax.random.fold_in(jax.random.key(t.c.seed), 2), shardings)
 
 
 def _train(t: _Training) -> bool:

@@ -12,11 +12,11 @@ from typing import Any
 
 import jax
 
-from clinkd_jax import settings, sharding
+from clinkd_jax import peft_adapters, settings, sharding
 from clinkd_jax.checkpoint import abstract_with_shardings
 from clinkd_jax.infer.generate import SamplingConfig
 from clinkd_jax.models import lora as lora_lib
-from clinkd_jax.models.config import Qwen2VLConfig
+from clinkd_jax.models.config import ConfigError, Qwen2VLConfig
 from clinkd_jax.models.qwen2vl import Qwen2VL, abstract_params
 from clinkd_jax.train import on_policy, steps
 from clinkd_jax.train import state as state_lib
@@ -38,6 +38,7 @@ class TrainProgram:
     trained: Any = None  # the trained params' boxed abstract tree (the whole model's, or its LoRA adapters)
     lora: lora_lib.LoraConfig | None = None  # adapters only are trained; the base is the step's 4th argument
     base_shardings: Any = None  # the frozen base's shardings (with lora)
+    start_adapters: Any = None  # the adapters a run starts from (lora.adapter_dir; host arrays), else fresh ones
 
     def step_for(self, step: int):
         """The jitted step that micro-step `step` (the state's step before it) runs."""
@@ -83,13 +84,21 @@ def build(c, cfg: Qwen2VLConfig, mesh, rules, *, teacher_cfg: Qwen2VLConfig | No
     sched, tx = state_lib.schedule(opt), state_lib.optimizer(opt)
     loss = steps.LossSettings(kd=kd_config(c) if c.stage == "kd" else None, chunk=c.train.loss_chunk,
                               backward=c.train.loss_backward, unrolled=loss_unrolled)
-    model = settings.model_module(c, cfg, param_dtype=c.model.param_dtype, remat=c.model.remat, adapters=True)
+    lora, start = lora_lib.config(c.lora), None
+    if c.lora.adapter_dir:  # training on from a PEFT adapter: its rank, alpha and layers
+        lora, start = peft_adapters.load_peft(c.lora.adapter_dir, cfg)
+        if c.lora.rank not in (0, lora.rank):
+            raise ConfigError(f"lora.rank={c.lora.rank} but lora.adapter_dir={c.lora.adapter_dir!r} has rank "
+                              f"{lora.rank} (leave lora.rank at 0 to take the adapter's)")
+        lora = dataclasses.replace(lora, dropout=float(c.lora.dropout))
+    training = dict(param_dtype=c.model.param_dtype, remat=c.model.remat)
+    model = settings.model_module(c, cfg, lora=lora, **training)
     teacher = None if teacher_cfg is None else settings.model_module(c, teacher_cfg, c.teacher.dtype)
     source = None
     if c.stage == "kd":
         source = steps.TeacherSource("cached") if teacher is None else steps.TeacherSource(
             "online", teacher, c.teacher.positions)
-    trained, lora, base_sh = abstract_params(model), lora_lib.config(c.lora), None
+    trained, base_sh = abstract_params(model), None
     if lora is not None:  # the adapters are the trained params; the base is a frozen input of the step
         base, trained = lora_lib.split(trained)
         lora_lib.check(trained, lora, opt.frozen)
@@ -98,9 +107,8 @@ def build(c, cfg: Qwen2VLConfig, mesh, rules, *, teacher_cfg: Qwen2VLConfig | No
     t_sh = None if teacher is None else sharding.tree_shardings(abstract_params(teacher), mesh, rules)
     train = dict(model=model, tx=tx, lr_schedule=lambda s: sched(s // opt.grad_accum), frozen=opt.frozen)
     if lora is not None and lora.dropout:  # the step's module drops the adapters' inputs, from (seed, step)
-        train |= dict(model=settings.model_module(c, cfg, param_dtype=c.model.param_dtype, remat=c.model.remat,
-                                                  adapters=True, dropout=True), dropout_seed=c.seed)
-    parts = dict(trained=trained, lora=lora, base_shardings=base_sh)
+        train |= dict(model=settings.model_module(c, cfg, lora=lora, dropout=True, **training), dropout_seed=c.seed)
+    parts = dict(trained=trained, lora=lora, base_shardings=base_sh, start_adapters=start)
     if not sampled_answers(c):
         return TrainProgram(model, teacher, opt, tx, st_sh, t_sh, steps.jit_train_step(
             st_sh, t_sh, None, base_sh, loss=loss, teacher=source, **train), **parts)

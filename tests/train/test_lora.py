@@ -143,6 +143,11 @@ def test_a_lora_run_checkpoints_the_adapters_resumes_exactly_and_writes_the_fold
     c.stage, c.lora.rank, c.lora.adapter_dir = "eval", 0, str(tmp_path / "a" / "export_peft")
     _, loaded = StageContext.of(c, str(tmp_path / "e")).load_model(c.model.param_dtype)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=1e-6), loaded, written)
+    # and a training run trains on from it: one step at learning rate 0 writes the same model again
+    on = loop.run(lora_config(**{"train.steps": 1, "lora.rank": 0, "lora.adapter_dir": c.lora.adapter_dir,
+                                 "optim.learning_rate": 0.0}), str(tmp_path / "on"))
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=1e-6), on["state"].params,
+                 straight["state"].params)
 
 
 @pytest.mark.e2e
@@ -172,7 +177,7 @@ def test_distillation_into_a_lora_student(tmp_path):
     ({"lora.targets": (lora_lib.VISION,)}, "freezes every adapter"),  # optim.frozen keeps visual/.* out
     ({"stage": "kd", "teacher.preset": "tiny_qwen", "kd.on_policy_fraction": 0.5}, "does not run a LoRA student"),
     ({"lora.rank": -1}, "lora.rank=-1 must be 0"),
-    ({"lora.adapter_dir": "/x"}, "training from a PEFT adapter is not there yet"),
+    ({"lora.adapter_dir": "/x"}, "lora.adapter_dir='/x': no readable adapter_config.json"),
 ])
 def test_what_an_adapter_cannot_take_is_refused_by_name(tmp_path, changes, message):
     with pytest.raises(ConfigError) as e:
