@@ -1,6 +1,7 @@
 """LoRA adapters written in PEFT's format (`clinkd_jax.peft_adapters`) load onto transformers' model of each family
 with `peft` (`PeftModel.from_pretrained`) and compute what our adapted model computes: logits within 1e-4 (float32,
-the parity tests' tolerance) with adapters on the LLM, the vision tower and the mergers."""
+the parity tests' tolerance) and the same greedy tokens, with adapters on the LLM, the vision tower and the
+mergers; and an adapter peft made is read and folded into our model with the same logits."""
 
 import jax
 import numpy as np
@@ -9,6 +10,7 @@ import reference as R
 
 from clinkd_jax import peft_adapters
 from clinkd_jax.hf_checkpoint import load_hf_checkpoint
+from clinkd_jax.infer import generate as G
 from clinkd_jax.models import Qwen2VL
 from clinkd_jax.models import lora as lora_lib
 
@@ -46,6 +48,17 @@ def test_peft_loads_our_adapters_onto_transformers_and_computes_what_we_do(name,
     valid = inputs["attention_mask"].astype(bool)
     assert np.abs(ours - plain)[valid].max() > 0.1  # the adapters change the answer: the comparison means something
     np.testing.assert_allclose(ours[valid], theirs[valid], atol=ATOL, rtol=0)
+
+    # the same greedy answers: transformers' generate on peft's model, ours on the folded weights (a run's export)
+    prompts = R.generation_prompts(patch=R.patch_size(name))
+    their_tokens = R.hf_generate(peft_model.base_model.model, prompts, R.GEN_NEW_TOKENS, eos_token_id=255)
+    sampling = G.SamplingConfig(max_new_tokens=R.GEN_NEW_TOKENS, stop_token_ids=(255,), pad_token_id=0)
+    folded = lora_lib.fold(lora_lib.merge(base, adapters), LORA)
+    our_tokens = np.asarray(G.Generator(Qwen2VL(cfg), folded)(R.jax_generation_batch(prompts), sampling))
+    np.testing.assert_array_equal(our_tokens[:, : their_tokens.shape[1]], their_tokens)
+    with peft_model.disable_adapter():  # and without the adapters the answers differ
+        assert (R.hf_generate(peft_model.base_model.model, prompts, R.GEN_NEW_TOKENS, eos_token_id=255)
+                != their_tokens).any()
 
 
 @pytest.mark.parametrize("name", ["gqa2_untied", "q25_win56_gqa2", "q3_ds2_gqa2"])
