@@ -36,6 +36,9 @@ SETUPS = {
     # on-policy distillation (configs/clinkd_2b_from_7b_onpolicy.py's kd stage): the student's 80-token answers
     # generated, then scored by the teacher and trained on, in one step
     "kd_7b_2b_on_policy": ("configs/clinkd_2b_from_7b.py", GKD, "train_kd_on_policy"),
+    # LoRA: rank 16 on the LLM's attention and MLP, the rest of the paper config as it is (the base frozen)
+    "sft_7b_lora": ("configs/clinkd_qwen2vl_7b.py", {"stage": "sft", "lora.rank": 16}),
+    "kd_7b_2b_lora": ("configs/clinkd_2b_from_7b.py", {"stage": "kd", "lora.rank": 16}),
 }
 SLICES = "v4-8,v4-32,v5e-16,v5e-64,v5p-8,v5p-16,v6e-8"
 LEVERS = [  # (name, overrides) against the setup as configured
