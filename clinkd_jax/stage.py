@@ -65,8 +65,7 @@ class StageContext:
         lora, adapters = peft_adapters.load_peft(where, cfg)
         log.info("%s: a LoRA adapter of rank %d on %d layer groups, folded into the model", where, lora.rank,
                  len(lora.targets))
-        fold = lambda p, a: lora_lib.fold(lora_lib.merge(p, a), lora)
-        return cfg, jax.jit(fold, out_shardings=jax.tree.map(lambda x: x.sharding, params))(params, adapters)
+        return cfg, lora_lib.folder(lora, jax.tree.map(lambda x: x.sharding, params))(params, adapters)
 
     def load_teacher(self, student_cfg, what: str = "the teacher", seed_offset: int = 1):
         """(geometry, params) of config.teacher, checked to read the student's batches as the student does."""

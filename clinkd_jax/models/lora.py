@@ -112,6 +112,12 @@ def fold(params, lora: LoraConfig) -> dict:
     return flax.traverse_util.unflatten_dict(out)
 
 
+def folder(lora: LoraConfig, shardings):
+    """jitted (base, adapters) -> the plain model's params (`fold` of `merge`) on `shardings`; build it once and
+    call it as often as needed (each new jit of it would compile again)."""
+    return jax.jit(lambda base, adapters: fold(merge(base, adapters), lora), out_shardings=shardings)
+
+
 def base_digest(base) -> list[float]:
     """A LoRA base's fingerprint, kept beside its adapters' checkpoints: each weight's sum (float32), in tree order.
     Another base (another checkpoint, seed or size) changes it; the same base on another mesh sums in another

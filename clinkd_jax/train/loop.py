@@ -125,10 +125,11 @@ class _Training:
     def model_params(self):
         """The trained model's params as the plain model reads them: with LoRA, the base with the adapters
         folded in (what hooks, params/ and export_hf/ get)."""
-        if not self.base:
-            return self.state.params
-        fold = lambda base, adapters: lora_lib.fold(lora_lib.merge(base, adapters), self.prog.lora)
-        return jax.jit(fold, out_shardings=self.prog.base_shardings)(self.base[0], self.state.params)
+        return self._fold(self.base[0], self.state.params) if self.base else self.state.params
+
+    @functools.cached_property
+    def _fold(self):  # compiled once per run, not once per hook call
+        return lora_lib.folder(self.prog.lora, self.prog.base_shardings)
 
     @functools.cached_property
     def base_digest(self) -> list[float]:
@@ -291,7 +292,8 @@ def _step_end(t: _Training, writer: MetricsWriter, stop: StopSignal, clock: floa
 
 def _finish(t: _Training, preempted: bool) -> dict:
     """The trained params (and the Hugging Face export) unless preempted, and the run's summary."""
-    c, params, template, assets = t.c, t.model_params(), t.stage.encoder.template, t.stage.tokenizer_dir
+    c, template, assets = t.c, t.stage.encoder.template, t.stage.tokenizer_dir
+    params = t.model_params() if not preempted and (c.checkpoint.save_params or c.checkpoint.export_hf) else None
     if not preempted and c.checkpoint.save_params:
         where = os.path.join(t.workdir, "params")
         checkpoint.save_params(where, params, t.cfg, assets_from=assets, chat_template=template)
