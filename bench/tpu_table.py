@@ -39,6 +39,9 @@ SETUPS = {
     # LoRA: rank 16 on the LLM's attention and MLP, the rest of the paper config as it is (the base frozen)
     "sft_7b_lora": ("configs/clinkd_qwen2vl_7b.py", {"stage": "sft", "lora.rank": 16}),
     "kd_7b_2b_lora": ("configs/clinkd_2b_from_7b.py", {"stage": "kd", "lora.rank": 16}),
+    # QLoRA: the frozen base's weights nf4 (lora.base_quant); a LoRA student distilled from an int8 teacher
+    "sft_7b_qlora": ("configs/clinkd_qwen2vl_7b.py", {"stage": "sft", "lora.rank": 16, "lora.base_quant": "nf4"}),
+    "kd_7b_2b_lora_int8": ("configs/clinkd_2b_from_7b.py", {"stage": "kd", "lora.rank": 16, "teacher.quant": "int8"}),
 }
 SLICES = "v4-8,v4-32,v5e-16,v5e-64,v5p-8,v5p-16,v6e-8"
 LEVERS = [  # (name, overrides) against the setup as configured

@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from clinkd_jax import distributed, files
 from clinkd_jax import sharding as sharding_lib
 from clinkd_jax.data import processor
-from clinkd_jax.hf_checkpoint import CheckpointError, copy_assets
+from clinkd_jax.hf_checkpoint import CheckpointError, copy_assets, write_side_files
 from clinkd_jax.models.config import Qwen2VLConfig
 from clinkd_jax.models.qwen2vl import Qwen2VL, param_shardings
 
@@ -34,10 +34,12 @@ ANSWER_SETTINGS = "answer_settings.json"
 
 
 def save_params(path: str, params, cfg: Qwen2VLConfig, *, assets_from: str | None = None,
-                chat_template: str | None = None) -> None:
+                chat_template: str | None = None, side_files: dict | None = None) -> None:
     """Params + model_config.json; with `assets_from`, the tokenizer files it holds go to hf_assets/ and
     `chat_template` (the template the run used) to hf_assets/chat_template.jinja, so a later stage, and an
-    export, use exactly the tokenizer and template this model was trained with."""
+    export, use exactly the tokenizer and template this model was trained with. `side_files`: {name: JSON value}
+    written beside the params (e.g. answer_settings_file(c)). model_config.json is written last: a directory
+    without it is no model, so a save cut short is never read as one missing its processor or answer settings."""
     path = os.path.abspath(path)
     try:
         with ocp.StandardCheckpointer() as ckptr:
@@ -48,10 +50,11 @@ def save_params(path: str, params, cfg: Qwen2VLConfig, *, assets_from: str | Non
             raise files.disk_full(os.path.join(path, "params"), sum(x.nbytes for x in jax.tree.leaves(params))) from e
         raise
     if jax.process_index() == 0:
-        files.write_json(os.path.join(path, CONFIG_FILE), cfg.to_hf_dict())
         if assets_from:
             copy_assets(assets_from, os.path.join(path, ASSETS_DIR), chat_template)
         processor.write(os.path.join(path, ASSETS_DIR), cfg)
+        write_side_files(path, side_files)
+        files.write_json(os.path.join(path, CONFIG_FILE), cfg.to_hf_dict())
 
 
 # what decides how a trained model is asked a question (saved beside its params as ANSWER_SETTINGS)
@@ -65,11 +68,11 @@ def answer_settings(c) -> dict:
     return {part: {k: c[part][k] for k in keys} for part, keys in ANSWER_FIELDS.items()}
 
 
-def write_answer_settings(path: str, c) -> None:
-    """How the model in `path` is asked under run config `c` (prompt template, MCG-RoPE gaps, box markup, image
-    budget, decoding: ANSWER_FIELDS), so `clinkd_jax.predict` and `serve` ask it as its own run evaluated it."""
-    if jax.process_index() == 0:
-        files.write_json(os.path.join(path, ANSWER_SETTINGS), answer_settings(c), indent=1)
+def answer_settings_file(c) -> dict:
+    """The side file (for save_params / save_hf_checkpoint) that says how the saved model is asked under run config
+    `c` (prompt template, MCG-RoPE gaps, box markup, image budget, decoding: ANSWER_FIELDS), so
+    `clinkd_jax.predict` and `serve` ask it as its own run evaluated it."""
+    return {ANSWER_SETTINGS: answer_settings(c)}
 
 
 def load_config(path: str) -> Qwen2VLConfig:

@@ -396,6 +396,7 @@ def save_hf_checkpoint(
     max_shard_bytes: int = 4 * 1024**3,
     assets_from: str | None = None,
     chat_template: str | None = None,
+    side_files: dict | None = None,
 ) -> list[str]:
     """Write the published layout: config.json, model.safetensors or model-0000k-of-0000n + index.
 
@@ -403,6 +404,7 @@ def save_hf_checkpoint(
     bfloat16). Streams tensor by tensor: the host never holds more than one tensor. Only process 0 writes
     (every process takes part in gathering sharded leaves). Tokenizer, chat template and processor files
     are copied from `assets_from` when given (`chat_template` overrides the template); returns their names.
+    `side_files`: {name: JSON value} written beside the weights. config.json is written last.
     """
     if cfg.vocab_ids is not None:
         raise ConfigError(f"{path}: the model has a compact vocabulary ({len(cfg.vocab_ids)} of the tokenizer's ids); "
@@ -442,10 +444,16 @@ def save_hf_checkpoint(
     copied = copy_assets(assets_from, path, chat_template) if assets_from or chat_template else []
     if processor.write(path, cfg) and processor.FILE not in copied:  # how its pixels are made travels with it
         copied.append(processor.FILE)
+    write_side_files(path, side_files)
     hf_config = cfg.to_hf_dict()
     hf_config["torch_dtype"] = {"bfloat16": "bfloat16", "float16": "float16"}.get(str(stored), "float32")
     files.write_json(os.path.join(path, "config.json"), hf_config)  # last: a directory without it is no model
     return copied
+
+
+def write_side_files(path: str, side_files: dict | None) -> None:
+    for name, value in (side_files or {}).items():
+        files.write_json(os.path.join(path, name), value, indent=1)
 
 
 def copy_assets(src: str | None, dst: str, chat_template: str | None = None) -> list[str]:

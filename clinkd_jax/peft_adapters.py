@@ -86,12 +86,6 @@ def read_config(path: str) -> dict:
         raise ConfigError(f"lora.adapter_dir={path!r}: no readable {CONFIG} ({e})") from None
 
 
-def _names(rule_key: str, cfg: Qwen2VLConfig) -> tuple[str, ...]:
-    """The module names an adapter file may use for a rule's weight: transformers 5's, and the published keys'
-    (adapters made on transformers 4, where Qwen2-VL's modules were `model.layers...` / `visual...`)."""
-    return module_name(rule_key), hf_checkpoint.published_key(cfg, rule_key).removesuffix(".weight")
-
-
 def load_peft(path: str, cfg: Qwen2VLConfig):
     """(LoraConfig, adapters) of the PEFT LoRA adapter in `path` (made here or by `peft`) for a model of geometry
     `cfg`: lora_A^T and lora_B^T as our A and B, stacked over the layers (a layer the adapter leaves out gets
@@ -122,7 +116,10 @@ def load_peft(path: str, cfg: Qwen2VLConfig):
         pairs = []
         for i in layers:
             key = rule.hf.format(i=i) if rule.stacked else rule.hf
-            name = next((n for n in _names(key, cfg) if f"{n}.lora_A.weight" in left), None)
+            # transformers 5's module name, else the published key's (adapters made on transformers 4, where
+            # Qwen2-VL's modules were `model.layers...` / `visual...`)
+            names = module_name(key), hf_checkpoint.published_key(cfg, key).removesuffix(".weight")
+            name = next((n for n in names if f"{n}.lora_A.weight" in left), None)
             pairs.append(None if name is None else (left.pop(f"{name}.lora_A.weight").T,
                                                      left.pop(f"{name}.lora_B.weight").T))
         if not any(pairs):

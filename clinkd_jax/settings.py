@@ -27,6 +27,7 @@ from clinkd_jax.data.demo import LAYOUTS
 from clinkd_jax.data.markup import BOX_FORMATS, BOX_MARKUPS
 from clinkd_jax.model_source import ModelSource, same_tokenizer
 from clinkd_jax.models import lora as lora_lib
+from clinkd_jax.models import quant
 from clinkd_jax.models.attention import IMPLS
 from clinkd_jax.models.config import ConfigError
 from clinkd_jax.models.layers import REMAT_POLICIES
@@ -156,6 +157,9 @@ class Teacher:
     vision_overrides: dict = _overrides()
     dtype: DTYPE = "bfloat16"
     positions: Literal["shared", "own"] = "shared"  # "shared": the student's MCG-RoPE ids (released) | "own": (1, 1)
+    # the online teacher's weights quantised as lora.base_quant's are (weights only), to free memory: "" | int8 |
+    # int4 | nf4; it scores in teacher.dtype
+    quant: Literal[("", *quant.QTYPES)] = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,6 +227,10 @@ class Lora:
     # `peft` saved), with its own rank, alpha and layers (rank above: 0 or the adapter's; alpha and targets are not
     # read): training stages train on from it; evaluation (and predict / serve --adapter) fold it into the model
     adapter_dir: str = ""
+    # QLoRA: the frozen base read quantised by the train step (weights only, one scale per output channel; every
+    # matmul of both towers, not the embeddings, patch embedding or LM head): "" (off) | int8 | int4 | nf4. The
+    # adapters train against it; params/ and export_hf/ fold them into its dequantised weights
+    base_quant: Literal[("", *quant.QTYPES)] = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,13 +282,11 @@ def runtime(c) -> dict:
     return {k: runtime_field(c, k)[1] for k in RUNTIME_DEFAULTS}
 
 
-def model_module(c, cfg, dtype: str | None = None, lora: lora_lib.LoraConfig | None = None, dropout: bool = False,
-                 **training) -> Qwen2VL:
+def model_module(c, cfg, dtype: str | None = None, **training) -> Qwen2VL:
     """The module for geometry `cfg` as run config `c` sets it up: its compute dtype and attention kernel, and how
-    it runs here (runtime.*); `training` adds param_dtype / remat for the model being trained; with `lora`, its
-    adapters, and their dropout with `dropout` (an apply then takes a "dropout" rng)."""
-    model = Qwen2VL(cfg, dtype=dtype or c.model.dtype, attention_impl=c.model.attention, **runtime(c), **training)
-    return model if lora is None else lora_lib.adapted(model, lora, training=dropout)
+    it runs here (runtime.*); `training` adds param_dtype / remat for the model being trained (its LoRA adapters:
+    `lora.adapted`)."""
+    return Qwen2VL(cfg, dtype=dtype or c.model.dtype, attention_impl=c.model.attention, **runtime(c), **training)
 
 
 def check_runtime(c) -> None:

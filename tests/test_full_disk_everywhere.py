@@ -35,9 +35,9 @@ FILLS = [
     ("teacher/loss.png", 1, ["loss.png"]),
     ("teacher/params/params.orbax-checkpoint-tmp/_METADATA", 1, ["params/params.orbax-checkpoint-tmp/*"],
      "teacher/params/params"),
-    ("teacher/params/model_config.json", 1, ["params/model_config.json"]),
     ("teacher/params/hf_assets/vocab.json", 1, ["params/hf_assets/*"]),  # one loop copies them all
     ("teacher/params/answer_settings.json", 1, ["params/answer_settings.json"]),
+    ("teacher/params/model_config.json", 1, ["params/model_config.json"]),  # last: without it, no model
     ("teacher/summary.json", 1, ["summary.json"]),
     ("teacher/stage_done.json", 1, ["stage_done.json"]),
     ("rct/corrected.jsonl", 1, ["corrected.jsonl", "rct_round_N/corrected.jsonl"]),  # the same writer (a stage,

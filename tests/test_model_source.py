@@ -1,10 +1,13 @@
 """Where a model comes from, as one value (clinkd_jax.model_source.ModelSource): read from a config section, found
 from a folder a user names, written back into a config section; nothing else in the package chooses a source."""
 
+import json
 import os
 import subprocess
 import sys
 
+import flax
+import jax
 import pytest
 from ml_collections import ConfigDict
 
@@ -85,3 +88,38 @@ def test_nothing_else_chooses_a_source():
     outside = [line for line in found.splitlines() if not line.startswith("clinkd_jax/model_source.py")]
     assert not outside, "\n".join(outside)
     assert sys.modules.get("clinkd_jax.run_setup") is None
+
+
+@pytest.mark.parametrize("writer", ["params", "export_hf"])
+def test_a_save_cut_short_is_no_model(tmp_path, monkeypatch, writer):
+    """The file that makes a folder a model (model_config.json / config.json) is written after the processor file
+    and the answer settings: a full disk at the answer settings leaves a folder `--model` refuses, not a model that
+    would be asked with the defaults; the same save again completes it."""
+    from clinkd_jax import files, hf_checkpoint
+    from clinkd_jax.models import presets
+    from clinkd_jax.models.qwen2vl import Qwen2VL, dummy_inputs
+
+    cfg = presets.PRESETS["tiny_qwen"]()
+    params = flax.linen.unbox(Qwen2VL(cfg).init(jax.random.key(0), **dummy_inputs(cfg))["params"])
+    side = checkpoint.answer_settings_file(base.get_config())
+    where = str(tmp_path / writer)
+    save = {"params": lambda: checkpoint.save_params(where, params, cfg, side_files=side),
+            "export_hf": lambda: hf_checkpoint.save_hf_checkpoint(params, cfg, where, side_files=side)}[writer]
+    real = files.write_text
+
+    def full_at_answers(path, text):
+        if path.endswith(checkpoint.ANSWER_SETTINGS):
+            raise files.disk_full(path)
+        return real(path, text)
+
+    monkeypatch.setattr(files, "write_text", full_at_answers)
+    with pytest.raises(files.DiskFull):
+        save()
+    assert not {checkpoint.CONFIG_FILE, "config.json"} & set(os.listdir(where))
+    with pytest.raises(checkpoint.CheckpointError, match="neither a Hugging Face model directory"):
+        ModelSource.find(where)
+    monkeypatch.setattr(files, "write_text", real)
+    save()
+    assert ModelSource.find(where).where == where
+    saved = json.load(open(os.path.join(where, checkpoint.ANSWER_SETTINGS)))
+    assert saved == json.loads(json.dumps(side[checkpoint.ANSWER_SETTINGS]))  # (tuples come back as lists)

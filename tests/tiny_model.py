@@ -34,6 +34,6 @@ def save(d: str, seed: int = 3) -> str:
     c = eval_config()
     c.seed = seed
     cfg, params = StageContext.of(c, "").load_model()
-    checkpoint.save_params(d, params, cfg, assets_from=text.bundled_qwen2_tokenizer_dir())
-    checkpoint.write_answer_settings(d, c)
+    checkpoint.save_params(d, params, cfg, assets_from=text.bundled_qwen2_tokenizer_dir(),
+                           side_files=checkpoint.answer_settings_file(c))
     return d

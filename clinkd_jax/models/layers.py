@@ -34,7 +34,7 @@ def named(init, names: Sequence[str | None]):
     return wrapped
 
 
-def contract(x: jax.Array, kernel: jax.Array, n: int) -> jax.Array:
+def contract(x: jax.Array, kernel, n: int, features: tuple[int, ...]) -> jax.Array:
     """x (..., K1..Kn) . kernel (K1..Kn, F...) -> (..., F...) as one 2-D GEMM: (M, K) . (K, F).
 
     The same matmul as a dot_general over the trailing axes, but its gradient differs in layout: autodiff of
@@ -42,8 +42,8 @@ def contract(x: jax.Array, kernel: jax.Array, n: int) -> jax.Array:
     then copies an operand into a transposed layout first (the SwiGLU backward wrote its (tokens, mlp)
     gradient transposed: 17 ms a layer at the bench's medium size, 1 ms untransposed). Flat, it is a plain
     (M, K)^T (M, F) GEMM. Merging leading axes is a free reshape on every backend."""
-    lead, features = x.shape[: x.ndim - n], kernel.shape[n:]
-    y = jnp.dot(x.reshape(math.prod(lead), -1), kernel.reshape(math.prod(kernel.shape[:n]), -1))
+    lead, k = x.shape[: x.ndim - n], math.prod(x.shape[x.ndim - n:])
+    y = jnp.dot(x.reshape(math.prod(lead), k), kernel.reshape(k, math.prod(features)))
     return y.reshape(*lead, *features)
 
 
@@ -69,7 +69,9 @@ class Dense(nn.Module):
         kernel = self.param("kernel", named(nn.initializers.normal(INIT_STD), self.names), shape, self.param_dtype)
         if axis != tuple(range(x.ndim - len(axis), x.ndim)):
             x = jnp.moveaxis(x, axis, tuple(range(x.ndim - len(axis), x.ndim)))
-        y = contract(x.astype(self.dtype), kernel.astype(self.dtype), len(axis))
+        if isinstance(kernel, jax.Array):  # (not a quantized base weight: qwix's matmul reads those as they are)
+            kernel = kernel.astype(self.dtype)
+        y = contract(x.astype(self.dtype), kernel, len(axis), features)
         if self.use_bias:
             bias = self.param("bias", named(nn.initializers.zeros_init(), self.names[-len(features):]), features,
                               self.param_dtype)

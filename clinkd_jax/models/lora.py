@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import qwix
 
+from clinkd_jax.models import quant
 from clinkd_jax.models.config import ConfigError
 from clinkd_jax.models.qwen2vl import Qwen2VL, dummy_inputs
 
@@ -38,6 +39,7 @@ class LoraConfig:
     alpha: float
     targets: tuple[str, ...] = (LLM,)
     dropout: float = 0.0
+    base_quant: str = ""  # QLoRA: the frozen base's weights quantised (clinkd_jax.models.quant.QTYPES) in the step
 
     @property
     def scale(self) -> float:
@@ -48,15 +50,23 @@ def config(section) -> LoraConfig | None:
     """The run config's `lora` section as a LoraConfig (None: rank 0, full fine-tuning)."""
     if not section.rank:
         return None
-    return LoraConfig(int(section.rank), float(section.alpha), tuple(section.targets), float(section.dropout))
+    return LoraConfig(int(section.rank), float(section.alpha), tuple(section.targets), float(section.dropout),
+                      section.base_quant)
+
+
+def quantised_layers(lora: LoraConfig) -> tuple[str, ...]:
+    """The layers whose weights QLoRA quantises: the adapted ones and every other matmul of both towers."""
+    return (*lora.targets, quant.LAYERS)
 
 
 def adapted(model: Qwen2VL, lora: LoraConfig, training: bool = False) -> Qwen2VL:
-    """`model` with adapters on the `lora.targets` layers; dropout on the adapters' inputs only when `training`
-    (a step that passes a "dropout" rng)."""
-    rate = lora.dropout if training else 0.0
-    rules = [qwix.LoraRule(module_path=t, rank=lora.rank, alpha=lora.alpha, dropout=rate) for t in lora.targets]
-    return qwix.apply_lora_to_model(model, qwix.LoraProvider(rules))
+    """`model` with adapters on the `lora.targets` layers. `training`: the train step's module, with dropout on the
+    adapters' inputs (the step passes a "dropout" rng) and, with `lora.base_quant`, reading the base quantised
+    (`quant.plan(model, lora.base_quant, quantised_layers(lora)).quantize`'s params). Initialise with the other."""
+    rate, qtype = (lora.dropout, lora.base_quant) if training else (0.0, "")
+    rules = [qwix.LoraRule(module_path=t, rank=lora.rank, alpha=lora.alpha, dropout=rate, weight_qtype=qtype or None)
+             for t in lora.targets]
+    return qwix.apply_lora_to_model(model, qwix.LoraProvider(rules + quant.rules(qtype, (quant.LAYERS,))))
 
 
 def split(params) -> tuple[dict, dict]:
@@ -91,9 +101,12 @@ def check(adapters, lora: LoraConfig, frozen: tuple[str, ...] = ()) -> None:
         raise ConfigError(f"optim.frozen={tuple(frozen)} freezes every adapter of lora.targets={lora.targets}")
 
 
-def init_adapters(model: Qwen2VL, rng: jax.Array, shardings):
-    """Fresh adapters of an adapted `model` on their shards (A random, B zero); the base weights the same init
-    would make are never computed (only the adapters leave the jitted function)."""
+def init_adapters(model: Qwen2VL, rng: jax.Array, shardings, start=None):
+    """A LoRA run's first adapters on their shards: `start` (read from lora.adapter_dir) if given, else fresh ones
+    of an adapted `model` (A random, B zero; the base weights the same init would make are never computed: only
+    the adapters leave the jitted function)."""
+    if start is not None:
+        return jax.device_put(start, shardings)
     init = lambda r: split(flax.linen.unbox(model.init(r, **dummy_inputs(model.cfg))["params"]))[1]
     return jax.jit(init, out_shardings=shardings)(rng)
 
@@ -112,10 +125,12 @@ def fold(params, lora: LoraConfig) -> dict:
     return flax.traverse_util.unflatten_dict(out)
 
 
-def folder(lora: LoraConfig, shardings):
-    """jitted (base, adapters) -> the plain model's params (`fold` of `merge`) on `shardings`; build it once and
-    call it as often as needed (each new jit of it would compile again)."""
-    return jax.jit(lambda base, adapters: fold(merge(base, adapters), lora), out_shardings=shardings)
+def folder(lora: LoraConfig, shardings, base_quant: quant.Quantization | None = None):
+    """jitted (base, adapters) -> the plain model's params (`fold` of `merge`) on `shardings`; a base quantised as
+    `base_quant` says is dequantised first (what the adapters trained against). Build it once and call it as often
+    as needed (each new jit of it would compile again)."""
+    plain = (lambda base: base) if base_quant is None else base_quant.dequantize
+    return jax.jit(lambda base, adapters: fold(merge(plain(base), adapters), lora), out_shardings=shardings)
 
 
 def base_digest(base) -> list[float]:

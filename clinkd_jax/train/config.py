@@ -172,7 +172,18 @@ def check_settings(c) -> None:
     if cached:
         pseudo_label_switches(c)
     _sampled_answers(c)
+    _quantised(c)
     settings.check(c, SECTIONS, teacher_required=c.stage == "kd" and not cached)
+
+
+def _quantised(c) -> None:
+    """A quantised model is a frozen one the train step reads: a LoRA base, the online teacher."""
+    if c.lora.base_quant and not (c.lora.rank or c.lora.adapter_dir):
+        raise ConfigError(f"lora.base_quant={c.lora.base_quant!r}: only a LoRA run's frozen base is quantised "
+                          "(set lora.rank or lora.adapter_dir; full fine-tuning trains every weight)")
+    if c.teacher.quant and (c.stage != "kd" or c.kd.pseudo_labels):
+        raise ConfigError(f"teacher.quant={c.teacher.quant!r}: only stage 'kd''s online teacher is quantised "
+                          f"(stage={c.stage!r}, kd.pseudo_labels={c.kd.pseudo_labels!r})")
 
 
 def sampled_answers(c) -> bool:

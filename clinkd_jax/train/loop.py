@@ -37,6 +37,7 @@ from clinkd_jax import checkpoint, distributed, files, hf_checkpoint, peft_adapt
 from clinkd_jax.data import dataset, pipeline, records
 from clinkd_jax.model_source import ModelSource
 from clinkd_jax.models import lora as lora_lib
+from clinkd_jax.models import quant
 from clinkd_jax.models.config import Qwen2VLConfig
 from clinkd_jax.stage import StageContext
 from clinkd_jax.train import program
@@ -129,7 +130,7 @@ class _Training:
 
     @functools.cached_property
     def _fold(self):  # compiled once per run, not once per hook call
-        return lora_lib.folder(self.prog.lora, self.prog.base_shardings)
+        return lora_lib.folder(self.prog.lora, self.prog.plain_shardings, self.prog.base_quant)
 
     @functools.cached_property
     def base_digest(self) -> list[float]:
@@ -178,6 +179,7 @@ def _set_up(stage: StageContext, hooks: tuple) -> tuple[_Training, Any]:
     t.data = t.batches(t.start, read_skips)
     t.prog = program.build(c, cfg, stage.mesh, stage.rules, teacher_cfg=t_cfg, total_updates=_total_updates(c, t.data),
                            tokens=(stage.encoder.stop_ids, stage.encoder.pad_id))
+    t.teacher_params = quant.quantizer(t.prog.teacher_quant, t.prog.teacher_shardings)(t.teacher_params)
     return t, params
 
 
@@ -185,7 +187,10 @@ def _restore_or_init(t: _Training, params) -> None:
     """The latest readable checkpoint (state, data position, the hooks' rounds), else a fresh state."""
     restored = t.ckpt.restore(t.prog.abstract_state())
     if t.prog.lora is not None:  # the loaded params are the frozen base; the state holds the adapters
-        t.base, params = (params,), None if restored else _adapters_to_start(t)
+        t.base = (quant.quantizer(t.prog.base_quant, t.prog.base_shardings)(params),)  # (lora.base_quant)
+        params = None if restored else lora_lib.init_adapters(
+            t.prog.model, jax.random.fold_in(jax.random.key(t.c.seed), 2), t.prog.state_shardings.params,
+            start=t.prog.start_adapters)
     if restored is None:
         create = jax.jit(functools.partial(state_lib.create, tx=t.prog.tx), out_shardings=t.prog.state_shardings)
         t.state = create(params)
@@ -202,14 +207,6 @@ def _restore_or_init(t: _Training, params) -> None:
         h.resume(t.start)
     log.info("resumed from step %d (epoch %d, batch %d of %d)", t.start, t.data.epoch, t.data.batch,
              t.data.batches_per_epoch)
-
-
-def _adapters_to_start(t: _Training):
-    """A LoRA run's first adapters, on their shards: lora.adapter_dir's, else fresh ones (A random, B zero)."""
-    shardings = t.prog.state_shardings.params
-    if t.prog.start_adapters is not None:
-        return jax.device_put(t.prog.start_adapters, shardings)
-    return lora_lib.init_adapters(t.prog.model, jax.random.fold_in(jax.random.key(t.c.seed), 2), shardings)
 
 
 def _train(t: _Training) -> bool:
@@ -296,13 +293,12 @@ def _finish(t: _Training, preempted: bool) -> dict:
     params = t.model_params() if not preempted and (c.checkpoint.save_params or c.checkpoint.export_hf) else None
     if not preempted and c.checkpoint.save_params:
         where = os.path.join(t.workdir, "params")
-        checkpoint.save_params(where, params, t.cfg, assets_from=assets, chat_template=template)
-        checkpoint.write_answer_settings(where, c)
+        checkpoint.save_params(where, params, t.cfg, assets_from=assets, chat_template=template,
+                               side_files=checkpoint.answer_settings_file(c))
     if not preempted and c.checkpoint.export_hf:
         where = os.path.join(t.workdir, "export_hf")
-        hf_checkpoint.save_hf_checkpoint(params, t.cfg, where, dtype=c.checkpoint.export_dtype,
-                                         assets_from=assets, chat_template=template)
-        checkpoint.write_answer_settings(where, c)
+        hf_checkpoint.save_hf_checkpoint(params, t.cfg, where, dtype=c.checkpoint.export_dtype, assets_from=assets,
+                                         chat_template=template, side_files=checkpoint.answer_settings_file(c))
         if t.base:  # the adapters alone, for peft on transformers' model of the base
             peft_adapters.save_peft(os.path.join(t.workdir, "export_peft"), t.cfg, t.state.params, t.prog.lora,
                                     ModelSource.of(c, "model").describe())

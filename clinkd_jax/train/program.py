@@ -16,6 +16,7 @@ from clinkd_jax import peft_adapters, settings, sharding
 from clinkd_jax.checkpoint import abstract_with_shardings
 from clinkd_jax.infer.generate import SamplingConfig
 from clinkd_jax.models import lora as lora_lib
+from clinkd_jax.models import quant
 from clinkd_jax.models.config import ConfigError, Qwen2VLConfig
 from clinkd_jax.models.qwen2vl import Qwen2VL, abstract_params
 from clinkd_jax.train import on_policy, steps
@@ -37,8 +38,11 @@ class TrainProgram:
     samples: bool = False  # its steps sample answers (on-policy or kd.seq_kd): batches carry record_index
     trained: Any = None  # the trained params' boxed abstract tree (the whole model's, or its LoRA adapters)
     lora: lora_lib.LoraConfig | None = None  # adapters only are trained; the base is the step's 4th argument
-    base_shardings: Any = None  # the frozen base's shardings (with lora)
+    base_shardings: Any = None  # the frozen base's shardings as the step takes it (with lora; quantised or not)
     start_adapters: Any = None  # the adapters a run starts from (lora.adapter_dir; host arrays), else fresh ones
+    base_quant: quant.Quantization | None = None  # QLoRA: how the base is quantised for the step
+    plain_shardings: Any = None  # the base's shardings unquantised (the folded model's)
+    teacher_quant: quant.Quantization | None = None  # teacher.quant: how the online teacher is quantised
 
     def step_for(self, step: int):
         """The jitted step that micro-step `step` (the state's step before it) runs."""
@@ -55,7 +59,8 @@ class TrainProgram:
         without LoRA."""
         if self.lora is None:
             return ()
-        return (abstract_with_shardings(state_lib.unboxed(lora_lib.split(abstract_params(self.model))[0]),
+        base = state_lib.unboxed(lora_lib.split(abstract_params(self.model))[0])
+        return (abstract_with_shardings(base if self.base_quant is None else self.base_quant.abstract(base),
                                         self.base_shardings),)
 
     def abstract_teacher(self, dtype) -> Any:
@@ -63,6 +68,7 @@ class TrainProgram:
         if self.teacher is None:
             return None
         shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), state_lib.param_shapes(self.teacher))
+        shapes = shapes if self.teacher_quant is None else self.teacher_quant.abstract(shapes)
         return abstract_with_shardings(shapes, self.teacher_shardings)
 
 
@@ -84,31 +90,39 @@ def build(c, cfg: Qwen2VLConfig, mesh, rules, *, teacher_cfg: Qwen2VLConfig | No
     sched, tx = state_lib.schedule(opt), state_lib.optimizer(opt)
     loss = steps.LossSettings(kd=kd_config(c) if c.stage == "kd" else None, chunk=c.train.loss_chunk,
                               backward=c.train.loss_backward, unrolled=loss_unrolled)
-    lora, start = lora_lib.config(c.lora), None
+    training = dict(param_dtype=c.model.param_dtype, remat=c.model.remat)
+    plain = settings.model_module(c, cfg, **training)
+    teacher = None if teacher_cfg is None else settings.model_module(c, teacher_cfg, c.teacher.dtype)
     if c.lora.adapter_dir:  # training on from a PEFT adapter: its rank, alpha and layers
         lora, start = peft_adapters.load_peft(c.lora.adapter_dir, cfg)
         if c.lora.rank not in (0, lora.rank):
             raise ConfigError(f"lora.rank={c.lora.rank} but lora.adapter_dir={c.lora.adapter_dir!r} has rank "
                               f"{lora.rank} (leave lora.rank at 0 to take the adapter's)")
-        lora = dataclasses.replace(lora, dropout=float(c.lora.dropout))
-    training = dict(param_dtype=c.model.param_dtype, remat=c.model.remat)
-    model = settings.model_module(c, cfg, lora=lora, **training)
-    teacher = None if teacher_cfg is None else settings.model_module(c, teacher_cfg, c.teacher.dtype)
+        lora = dataclasses.replace(lora, dropout=float(c.lora.dropout), base_quant=c.lora.base_quant)
+    else:
+        lora, start = lora_lib.config(c.lora), None
+    model = plain if lora is None else lora_lib.adapted(plain, lora)
+    train = dict(model=model, frozen=opt.frozen)
+    if lora is not None and (lora.dropout or lora.base_quant):  # the step's own module; dropout draws from (seed, step)
+        train |= dict(model=lora_lib.adapted(plain, lora, training=True), dropout_seed=c.seed)
+    t_quant = None if teacher is None else quant.plan(teacher, c.teacher.quant)
     source = None
     if c.stage == "kd":
         source = steps.TeacherSource("cached") if teacher is None else steps.TeacherSource(
-            "online", teacher, c.teacher.positions)
-    trained, base_sh = abstract_params(model), None
+            "online", quant.quantized(teacher, c.teacher.quant), c.teacher.positions)
+    trained, base_sh, base_quant, plain_sh = abstract_params(model), None, None, None
     if lora is not None:  # the adapters are the trained params; the base is a frozen input of the step
         base, trained = lora_lib.split(trained)
         lora_lib.check(trained, lora, opt.frozen)
-        base_sh = sharding.tree_shardings(base, mesh, rules)
+        base_quant = quant.plan(plain, lora.base_quant, lora_lib.quantised_layers(lora))
+        base_sh = plain_sh = sharding.tree_shardings(base, mesh, rules)
+        base_sh = plain_sh if base_quant is None else base_quant.shardings(plain_sh)
     st_sh = state_lib.state_shardings(trained, tx, mesh, rules)
     t_sh = None if teacher is None else sharding.tree_shardings(abstract_params(teacher), mesh, rules)
-    train = dict(model=model, tx=tx, lr_schedule=lambda s: sched(s // opt.grad_accum), frozen=opt.frozen)
-    if lora is not None and lora.dropout:  # the step's module drops the adapters' inputs, from (seed, step)
-        train |= dict(model=settings.model_module(c, cfg, lora=lora, dropout=True, **training), dropout_seed=c.seed)
-    parts = dict(trained=trained, lora=lora, base_shardings=base_sh, start_adapters=start)
+    t_sh = t_sh if t_quant is None else t_quant.shardings(t_sh)
+    train |= dict(tx=tx, lr_schedule=lambda s: sched(s // opt.grad_accum))
+    parts = dict(trained=trained, lora=lora, base_shardings=base_sh, start_adapters=start, base_quant=base_quant,
+                 plain_shardings=plain_sh, teacher_quant=t_quant)
     if not sampled_answers(c):
         return TrainProgram(model, teacher, opt, tx, st_sh, t_sh, steps.jit_train_step(
             st_sh, t_sh, None, base_sh, loss=loss, teacher=source, **train), **parts)
