@@ -8,6 +8,7 @@ batch and optimizer (AdamW on the LLM, vision frozen).
     python bench/train_step.py --size small    # a smaller geometry for a quick look
     python bench/train_step.py --profile /tmp/prof   # also the top ops by self time, JAX trace + torch.profiler
     python bench/train_step.py --modes gkd     # on-policy distillation: generation + teacher scoring + update
+    python bench/train_step.py --lora 16       # LoRA (rank 16 on the LLM's projections) vs transformers + peft
 
 The on-policy step ("gkd"): each row's prompt (image and question; the data's answer is the row's last
 `GKD_ANSWER` tokens) is answered by the student, sampled at temperature 1 for exactly --new-tokens tokens (no stop
@@ -15,6 +16,11 @@ token can be drawn), the teacher scores the answered rows and the student is upd
 PyTorch: transformers' `generate` with the image, then TRL's `GKDTrainer.generalized_jsd_loss` (TRL 1.16's
 GKDTrainer itself cannot run this step: its generation and its forward passes give the models input ids and masks
 only, no pixel values, so a VLM student and teacher would see image placeholders without the image).
+
+--lora R: the student's LLM attention and MLP projections get rank-R adapters (alpha 2R) and only they train: ours
+through qwix (clinkd_jax.models.lora, the base a frozen input of the step; `--base-quant int8|int4|nf4` reads it
+quantised, QLoRA), PyTorch through peft's `get_peft_model` on the same modules (no QLoRA there: bitsandbytes has no
+CPU path).
 
 Each (framework, step) runs in its own process so peak RSS is its own. Tokens/s counts supervised
 target tokens. Both sides print model TFLOP/s and, where the chip's peak is known, MFU two ways: model
@@ -141,7 +147,8 @@ def model_flops(s, mode, args):
         total = (flops.generate_flops(cfg, s["batch"], prompt, [4 * n_img], n)
                  + flops.train_step_flops(cfg, s["batch"], prompt + n, [4 * n_img], teacher=teacher))
         return total, total * n / (prompt + n)
-    total = flops.train_step_flops(cfg, s["batch"], s["length"], [4 * n_img], teacher=teacher)
+    total = flops.train_step_flops(cfg, s["batch"], s["length"], [4 * n_img], teacher=teacher,
+                                   adapters=args.lora > 0)
     return total, total * float((labels[:, 1:] != -100).sum()) / ids.size
 
 
@@ -176,6 +183,12 @@ def run_torch(s, mode, steps, warmup, profile="", args=None):
     student = cls._from_config(hf_config(s, args.family), attn_implementation="sdpa").to(dev, dtype).train()
     for p in student.model.visual.parameters():
         p.requires_grad_(False)
+    if args.lora:  # adapters on the LLM's projections (the same layers as ours); peft freezes everything else
+        import peft
+
+        student = peft.get_peft_model(student, peft.LoraConfig(
+            r=args.lora, lora_alpha=2 * args.lora, lora_dropout=0.0,
+            target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"))
     teacher = None
     if mode != "sft":
         teacher = cls._from_config(hf_config(SIZES[args.teacher_size or args.size], args.family),
@@ -204,6 +217,7 @@ def run_torch(s, mode, steps, warmup, profile="", args=None):
     if mode == "gkd":
         step, tokens = _torch_gkd_step(s, args, student, teacher, opt, kw), s["batch"] * args.new_tokens
     out = timed(step, steps, warmup, tokens, base_rss)
+    out["trained_params"] = sum(p.numel() for group in opt.param_groups for p in group["params"])
     if dev == "cuda":
         out["device_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     add_mfu(out, s, mode, torch.cuda.get_device_name() if dev == "cuda" else "cpu", args)
@@ -273,7 +287,18 @@ def run_jax(s, mode, steps, warmup, profile="", args=None):
     model = Qwen2VL(cfg, remat=args.remat, **kw)
     tx = state_lib.optimizer(state_lib.OptimConfig(learning_rate=1e-5, grad_clip=1.0,
                                                               mu_dtype=args.mu_dtype))
-    state = jax.jit(functools.partial(state_lib.create, tx=tx), donate_argnums=0)(init_params(model, jax.random.key(0)))
+    trained, base = init_params(model, jax.random.key(0)), ()
+    if args.lora:  # the adapters train; the base (quantised with --base-quant) is the step's last argument
+        from clinkd_jax.models import lora as lora_lib
+        from clinkd_jax.models import quant
+
+        lora = lora_lib.LoraConfig(args.lora, 2.0 * args.lora, base_quant=args.base_quant)
+        q = quant.plan(model, lora.base_quant, lora_lib.quantised_layers(lora))
+        base = (jax.jit(q.quantize)(trained) if q else trained,)
+        trained = lora_lib.init_adapters(lora_lib.adapted(model, lora), jax.random.key(2), None)
+        model = lora_lib.adapted(model, lora, training=True)
+    trained_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trained)
+    state = jax.jit(functools.partial(state_lib.create, tx=tx), donate_argnums=0)(trained)
     teacher = teacher_params = kd = None
     if mode != "sft":  # the teacher's weights in the compute dtype, as a published checkpoint loads
         t_cfg = model_config(SIZES[args.teacher_size or args.size], args.family)
@@ -296,16 +321,17 @@ def run_jax(s, mode, steps, warmup, profile="", args=None):
         batch["record_index"], tokens = np.arange(s["batch"], dtype=np.int32), s["batch"] * args.new_tokens
     fn = jax.jit(functools.partial(step_fn, model=model, tx=tx, loss=loss, teacher=source, frozen=("visual/.*",)),
                  donate_argnums=(0,))
-    compiled = fn.lower(state, teacher_params, batch).compile()
+    compiled = fn.lower(state, teacher_params, batch, *base).compile()
     mem = compiled.memory_analysis()
     base_rss = rss_mb()
     holder = {"state": state}
 
     def step():
-        holder["state"], m = compiled(holder["state"], teacher_params, batch)
+        holder["state"], m = compiled(holder["state"], teacher_params, batch, *base)
         return float(m["loss"])
 
     out = timed(step, steps, warmup, tokens, base_rss)
+    out["trained_params"] = sum(x.size for x in jax.tree.leaves(trained_shapes))
     if profile:
         rows, total = profiling.jax_top_ops(step, compiled.as_text(), os.path.join(profile, f"jax_{mode}"))
         out["profile"] = profiling.format_jax(rows, total)
@@ -359,6 +385,8 @@ def main():
     ap.add_argument("--batch", type=int, default=0, help="rows per step (0: the size's own)")
     ap.add_argument("--new-tokens", type=int, default=32, help="gkd: tokens each answer is sampled to")
     ap.add_argument("--teacher-size", default="", choices=["", *sorted(SIZES)], help="KD teacher ('': --size)")
+    ap.add_argument("--lora", type=int, default=0, help="LoRA rank on the student's LLM projections (0: full)")
+    ap.add_argument("--base-quant", default="", choices=("", "int8", "int4", "nf4"), help="with --lora: QLoRA's base")
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="the chip's peak, where flops.PEAK_BF16 lacks it")
     machine.add_malloc_flag(ap)
     ap.add_argument("--child", default="")  # internal: "<framework>:<mode>"
@@ -391,6 +419,10 @@ def main():
           f"vision_query_block={args.vision_query_block} "
           f"mu_dtype={args.mu_dtype or 'float32'} "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    if args.lora:
+        trained = {f: r["trained_params"] for (f, _), r in results.items()}
+        print(f"LoRA rank {args.lora} (alpha {2 * args.lora}) on the LLM's projections; clinkd_jax's base: "
+              f"{args.base_quant or 'float32'}, PyTorch's: float32 (peft); parameters trained: {trained}")
     if "gkd" in args.modes:
         print(f"gkd: {args.new_tokens} sampled tokens per row, trained on alone (tokens/s counts them)")
     print(f"{'step':5} {'framework':9} {'step s':>8} {'tokens/s':>10} {'peak RSS MB':>12} {'XLA temp MB':>12} "

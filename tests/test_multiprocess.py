@@ -57,8 +57,8 @@ RECIPE = textwrap.dedent('''
         c.mesh.shape = (1, -1, 1)
         c.stages = ("kd3", "sft", "kd")
         # SFT packs conversations into rows (data.pack), distillation does not: both plans meet several hosts.
-        # The student is a Qwen2.5-VL (56 px windows: 4 per 112 px image) with LoRA adapters (rank 4), taught by
-        # the Qwen2-VL SFT model.
+        # The student is a Qwen2.5-VL (56 px windows: 4 per 112 px image) with LoRA adapters (rank 4) on an int8 base
+        # (QLoRA), taught by the Qwen2-VL SFT model read in int8.
         # kd3: a Qwen3-VL student (16 px patches, DeepStack) taught by a fresh Qwen3-VL (no teacher of another
         # family reads its patches), on-policy on half of its steps (GKD: the student's sampled answers); first, so
         # that the sizes file the test reads last is the Qwen2-VL stages'; sft names its own source (a preset), else
@@ -68,7 +68,8 @@ RECIPE = textwrap.dedent('''
         fresh = {"preset": "tiny_qwen"}
         c.stage_settings = ConfigDict({"sft": {"stage": "sft", "data": {"pack": True}, "model": fresh},
                                        "kd": {"stage": "kd", "teacher_from": "sft", "model": student,
-                                              "lora": {"rank": 4, "alpha": 8.0}},
+                                              "lora": {"rank": 4, "alpha": 8.0, "base_quant": "int8"},
+                                              "teacher": {"quant": "int8"}},
                                        "kd3": {"stage": "kd", "model": qwen3, "teacher": qwen3,
                                                "kd": {"on_policy_fraction": 0.5, "max_new_tokens": 8}}})
         return c

@@ -99,8 +99,9 @@ def plan(model: Qwen2VL, qtype: str, layers: tuple[str, ...] = (LAYERS,)) -> Qua
         raise ValueError(f"quantisation {qtype!r}: one of {QTYPES}")
     probe = qwix.apply_lora_to_model(model, qwix.LoraProvider([qwix.LoraRule(module_path=p, rank=1, alpha=1.0)
                                                               for p in layers]))
-    boxed = jax.eval_shape(lambda: probe.init(jax.random.key(0), **dummy_inputs(model.cfg)))["params"]
-    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(flax.linen.unbox(boxed)))
+    init = lambda: flax.linen.unbox(probe.init(jax.random.key(0), **dummy_inputs(model.cfg))["params"])
+    shapes = jax.eval_shape(init)  # (unboxed while traced: outside, the boxes' constraints need real arrays)
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes))
     found = []
     for path, a in flat.items():
         if path[-1].endswith("_lora_a"):

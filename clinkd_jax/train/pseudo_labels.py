@@ -25,6 +25,8 @@ from jax.sharding import NamedSharding
 from clinkd_jax import cli, distributed, files, sharding
 from clinkd_jax.data import dataset, pipeline, records
 from clinkd_jax.data import pseudo_labels as store
+from clinkd_jax.models import quant
+from clinkd_jax.models.qwen2vl import param_shardings
 from clinkd_jax.stage import StageContext
 from clinkd_jax.train import steps
 from clinkd_jax.train.config import kd_config, pseudo_label_switches
@@ -117,7 +119,9 @@ def write_store(c, workdir: str) -> None:
     mesh, rules = stage.mesh, stage.rules
     s_cfg = stage.model.geometry(stage.vocab_ids)
     t_cfg, t_params = stage.load_teacher(s_cfg)
-    teacher = stage.module(t_cfg, c.teacher.dtype)
+    plain = stage.module(t_cfg, c.teacher.dtype)
+    q, teacher = quant.plan(plain, c.teacher.quant), quant.quantized(plain, c.teacher.quant)  # (teacher.quant)
+    t_params = quant.quantizer(q, q and q.shardings(param_shardings(plain, mesh, rules)))(t_params)
     skips = records.SkipLog(strict=c.data.strict)
     recs = stage.training_records(skips)
     pcfg = stage.pipeline_config(s_cfg, shuffle=False, num_epochs=1, pseudo_labels=None, teacher_mrope_gaps=None,

@@ -170,3 +170,25 @@ def test_what_quantisation_cannot_take_is_refused_by_name(tmp_path, changes, mes
     with pytest.raises(ConfigError) as e:
         loop.run(lora_config(**{"train.steps": 1, **changes}), str(tmp_path))
     assert message in str(e.value)
+
+
+@pytest.mark.e2e
+def test_pseudo_labels_of_a_quantised_teacher_teach_a_lora_student(tmp_path):
+    """The pseudo-label writer reads the teacher as teacher.quant says (its top-k log-probs move, the positions do
+    not), and a LoRA student on a quantised base trains from the store."""
+    from clinkd_jax.data import pseudo_labels as store
+    from clinkd_jax.train import pseudo_labels
+
+    teacher = {"teacher.preset": "tiny_qwen", "teacher.dtype": "float32", "kd.top_k": 4,
+               "teacher.text_overrides": {**SMALL, "intermediate_size": 96}}
+    for quantised in ("int4", ""):
+        pseudo_labels.write_store(lora_config("kd", **teacher, **{"teacher.quant": quantised}),
+                                  str(tmp_path / f"w{quantised}"))
+    q, plain = (store.PseudoLabelReader(str(tmp_path / w / "pseudo_labels")) for w in ("wint4", "w"))
+    assert q.meta["entries"] == plain.meta["entries"] > 0
+    np.testing.assert_array_equal(q.get(0)["positions"], plain.get(0)["positions"])
+    assert not np.array_equal(q.get(0)["logp"], plain.get(0)["logp"])
+    out = loop.run(lora_config("kd", **{"kd.pseudo_labels": str(tmp_path / "wint4" / "pseudo_labels"), "kd.top_k": 4,
+                                        "train.steps": 3, "lora.base_quant": "int8"}), str(tmp_path / "s"))
+    assert np.isfinite(out["final"]["loss"]) and out["final"]["loss_kd"] > 0
+    assert all(k.endswith(lora_lib.SUFFIXES) for k in flax.traverse_util.flatten_dict(out["state"].params, sep="/"))
