@@ -22,6 +22,7 @@ from clinkd_jax.data import dataset, pipeline, records, text
 from clinkd_jax.data import vocab as vocab_lib
 from clinkd_jax.model_source import ModelSource, same_inputs, tokenizer_dir
 from clinkd_jax.models import lora as lora_lib
+from clinkd_jax.models import quant
 from clinkd_jax.models.qwen2vl import Qwen2VL
 
 log = logging.getLogger("clinkd_jax.setup")
@@ -55,17 +56,26 @@ class StageContext:
         """The rows [start, stop) of every global batch that this process's devices hold: the rows it loads."""
         return sharding.process_rows(self.c.data.batch_size, self.mesh, self.rules)
 
-    def load_model(self, dtype: str | None = None, adapter: bool = True):
-        """(geometry, params) of the model on the stage's mesh (`dtype`: None = a checkpoint's own), with the PEFT
-        adapter `lora.adapter_dir` folded in when one is named (`adapter`: a training run keeps it apart)."""
-        cfg, params = self.model.load(self.mesh, self.rules, self.c.seed, self.vocab_ids, dtype)
-        where = self.c.get("lora", {}).get("adapter_dir", "") if adapter else ""
+    def load_base(self, dtype: str | None = None):
+        """(geometry, params) of the model on the stage's mesh as its source holds them (`dtype`: None = a
+        checkpoint's own): what a training run starts from (a LoRA run keeps lora.adapter_dir's adapters apart)."""
+        return self.model.load(self.mesh, self.rules, self.c.seed, self.vocab_ids, dtype)
+
+    def load_model(self, dtype: str | None = None):
+        """`load_base`'s model with the PEFT adapter `lora.adapter_dir` folded in when one is named: what an
+        evaluation, RCT or predict reads."""
+        cfg, params = self.load_base(dtype)
+        where = self.c.get("lora", {}).get("adapter_dir", "")
         if not where:
             return cfg, params
         lora, adapters = peft_adapters.load_peft(where, cfg)
         log.info("%s: a LoRA adapter of rank %d on %d layer groups, folded into the model", where, lora.rank,
                  len(lora.targets))
-        return cfg, lora_lib.folder(lora, jax.tree.map(lambda x: x.sharding, params))(params, adapters)
+        plain = jax.tree.map(lambda x: x.sharding, params)
+        # lora.base_quant: an adapter QLoRA trained is folded into the dequantised base it trained against
+        q = quant.plan(self.module(cfg), self.c.get("lora", {}).get("base_quant", ""), lora_lib.quantised_layers(lora))
+        params = quant.quantizer(q, q and q.shardings(plain))(params)
+        return cfg, lora_lib.folder(lora, plain, q)(params, adapters)
 
     def load_teacher(self, student_cfg, what: str = "the teacher", seed_offset: int = 1):
         """(geometry, params) of config.teacher, checked to read the student's batches as the student does."""

@@ -149,11 +149,14 @@ def test_sigkill_in_on_policy_distillation_then_the_same_command_draws_and_learn
     assert [r["answer_tokens"] for r in got[2:]] == [r["answer_tokens"] for r in want[2:]]
 
 
-def test_sigkill_in_lora_distillation_then_the_same_command_ends_as_an_uninterrupted_run(tmp_path):
-    """Distillation into a LoRA student (adapters with dropout; the base read again at each start), killed after
-    step 4, resumed from step 3's checkpoint of the adapters: the per-step losses and the written (folded) model
-    equal an uninterrupted run's exactly."""
-    killed_after_step_4(tmp_path, *KD, "--config.lora.rank=4", "--config.lora.alpha=8.0", "--config.lora.dropout=0.1")
+@pytest.mark.parametrize("quantised", [(), ("--config.lora.base_quant=nf4", "--config.teacher.quant=int8")],
+                         ids=["lora", "qlora"])
+def test_sigkill_in_lora_distillation_then_the_same_command_ends_as_an_uninterrupted_run(tmp_path, quantised):
+    """Distillation into a LoRA student (adapters with dropout; the base read again at each start; QLoRA: read and
+    quantised again, from an int8 teacher), killed after step 4, resumed from step 3's checkpoint of the adapters:
+    the per-step losses and the written (folded) model equal an uninterrupted run's exactly."""
+    killed_after_step_4(tmp_path, *KD, "--config.lora.rank=4", "--config.lora.alpha=8.0", "--config.lora.dropout=0.1",
+                        *quantised)
 
 
 def test_sigkill_while_predictions_or_pseudo_labels_are_written_then_every_item_once(tmp_path):

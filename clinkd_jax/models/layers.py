@@ -69,8 +69,11 @@ class Dense(nn.Module):
         kernel = self.param("kernel", named(nn.initializers.normal(INIT_STD), self.names), shape, self.param_dtype)
         if axis != tuple(range(x.ndim - len(axis), x.ndim)):
             x = jnp.moveaxis(x, axis, tuple(range(x.ndim - len(axis), x.ndim)))
-        if isinstance(kernel, jax.Array):  # (not a quantized base weight: qwix's matmul reads those as they are)
+        if isinstance(kernel, jax.Array):
             kernel = kernel.astype(self.dtype)
+        else:  # a quantised weight (models/quant.py), which qwix's matmul reads as it is: gathered here, still in its
+            # integers (else XLA dequantises every layer's shard at once, before the scan, and gathers the floats)
+            kernel = jax.tree.map(lambda a: constrain(a, (None,) * a.ndim), kernel)
         y = contract(x.astype(self.dtype), kernel, len(axis), features)
         if self.use_bias:
             bias = self.param("bias", named(nn.initializers.zeros_init(), self.names[-len(features):]), features,

@@ -166,7 +166,7 @@ def _set_up(stage: StageContext, hooks: tuple) -> tuple[_Training, Any]:
     """Student (and online teacher), checkpoints, records, data and the compiled step; the student's initial
     params (used unless a checkpoint is restored)."""
     c = stage.c
-    cfg, params = stage.load_model(c.model.param_dtype, adapter=False)  # a LoRA run's base: the adapters train
+    cfg, params = stage.load_base(c.model.param_dtype)  # a LoRA run's base: the adapters train beside it
     t_cfg = teacher_params = None
     if c.stage == "kd" and not c.kd.pseudo_labels:
         t_cfg, teacher_params = stage.load_teacher(cfg)

@@ -110,16 +110,16 @@ def build(c, cfg: Qwen2VLConfig, mesh, rules, *, teacher_cfg: Qwen2VLConfig | No
     if c.stage == "kd":
         source = steps.TeacherSource("cached") if teacher is None else steps.TeacherSource(
             "online", quant.quantized(teacher, c.teacher.quant), c.teacher.positions)
-    trained, base_sh, base_quant, plain_sh = abstract_params(model), None, None, None
+    trained, base, base_quant = abstract_params(model), None, None
     if lora is not None:  # the adapters are the trained params; the base is a frozen input of the step
         base, trained = lora_lib.split(trained)
         lora_lib.check(trained, lora, opt.frozen)
         base_quant = quant.plan(plain, lora.base_quant, lora_lib.quantised_layers(lora))
-        base_sh = plain_sh = sharding.tree_shardings(base, mesh, rules)
-        base_sh = plain_sh if base_quant is None else base_quant.shardings(plain_sh)
     st_sh = state_lib.state_shardings(trained, tx, mesh, rules)
-    t_sh = None if teacher is None else sharding.tree_shardings(abstract_params(teacher), mesh, rules)
-    t_sh = t_sh if t_quant is None else t_quant.shardings(t_sh)
+    t_boxed = None if teacher is None else abstract_params(teacher)
+    plain_sh, t_sh = (None if x is None else sharding.tree_shardings(x, mesh, rules) for x in (base, t_boxed))
+    # the frozen models as the step reads them: quantised (lora.base_quant, teacher.quant) or not
+    base_sh, t_sh = (sh if q is None else q.shardings(sh) for sh, q in ((plain_sh, base_quant), (t_sh, t_quant)))
     train |= dict(tx=tx, lr_schedule=lambda s: sched(s // opt.grad_accum))
     parts = dict(trained=trained, lora=lora, base_shardings=base_sh, start_adapters=start, base_quant=base_quant,
                  plain_shardings=plain_sh, teacher_quant=t_quant)
