@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from clinkd_jax.sharding import constrain
@@ -69,7 +70,7 @@ class Dense(nn.Module):
         kernel = self.param("kernel", named(nn.initializers.normal(INIT_STD), self.names), shape, self.param_dtype)
         if axis != tuple(range(x.ndim - len(axis), x.ndim)):
             x = jnp.moveaxis(x, axis, tuple(range(x.ndim - len(axis), x.ndim)))
-        if isinstance(kernel, jax.Array):
+        if isinstance(kernel, jax.Array | np.ndarray):
             kernel = kernel.astype(self.dtype)
         else:  # a quantised weight (models/quant.py), which qwix's matmul reads as it is: gathered here, still in its
             # integers (else XLA dequantises every layer's shard at once, before the scan, and gathers the floats)
